@@ -1,0 +1,149 @@
+"""The ``fspo`` command line: fspo synth | fspo synth stats | fspo serve-model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+console = Console(stderr=True)
+out = Console()
+if not out.is_terminal:  # piped or captured: do not squeeze tables into 80 columns
+    out = Console(width=132)
+
+
+@contextmanager
+def progress_bar(description: str) -> Iterator[Callable[[int, int, str], None]]:
+    """A progress bar on stderr, driven by the engine's ``progress(done, total, stage)`` callback."""
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stage]}"),
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False) as bar:
+        task = bar.add_task(description, total=None, stage="")
+
+        def update(done: int, total: int, stage: str) -> None:
+            bar.update(task, completed=done, total=total, stage=stage)
+
+        yield update
+
+
+def stats_table(stats: Sequence[dict[str, Any]], title: str = "Synthetic datasets") -> Table:
+    from .synth.stats import stats_rows
+
+    table = Table(title=title, title_justify="left")
+    table.add_column("", style="bold")
+    columns = [dict(stats_rows(s)) for s in stats]
+    for s in stats:
+        name = s["domain"] + (" (random)" if s["mode"] == "random" else "")
+        table.add_column(name, justify="right")
+    for label in columns[0]:
+        table.add_row(label, *[c[label] for c in columns])
+    return table
+
+
+def _synth_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fspo synth", description="Generate a synthetic preference dataset "
+                                "(procedural world by default, or an LLM through --llm).")
+    p.add_argument("--domain", default="elix", help="reviews | elix | roleplay | path/to/domain.yaml (default: elix)")
+    p.add_argument("--users", type=int, default=1000)
+    p.add_argument("--pairs-per-user", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, help="output directory (default: data/<domain>-<users>x<pairs>)")
+    p.add_argument("--mode", choices=["structured", "random"], default="structured",
+                   help="random = the unstructured ablation: labels not tied to personas, no refinement")
+    p.add_argument("--questions", type=int, default=None, help="questions drawn from the domain's bank (default: all)")
+    p.add_argument("--responses-per-question", type=int, default=16)
+    p.add_argument("--max-rounds", type=int, default=3, help="iterative persona improvement rounds")
+    p.add_argument("--llm", default=None, metavar="SPEC",
+                   help="use an LLM instead of the procedural world: http://HOST:PORT/v1#MODEL or a local model directory")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    return p
+
+
+def _stats_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fspo synth stats", description="Sizes, self-consistency and diversity of datasets.")
+    p.add_argument("datasets", nargs="+", type=Path)
+    p.add_argument("--no-embeddings", action="store_true", help="skip the MiniLM embedding diversity (faster)")
+    p.add_argument("--json", action="store_true")
+    return p
+
+
+def cmd_synth(argv: list[str]) -> int:
+    args = _synth_parser().parse_args(argv)
+    out_dir = args.out or Path("data") / f"{Path(args.domain).stem}-{args.users}x{args.pairs_per_user}"
+    options = dict(domain=args.domain, users=args.users, pairs_per_user=args.pairs_per_user, seed=args.seed, mode=args.mode,
+                   questions=args.questions, responses_per_question=args.responses_per_question, max_rounds=args.max_rounds)
+    with progress_bar(f"synth {Path(args.domain).stem}") as update:
+        if args.llm:
+            from .synth.llm_pipeline import generate_with_llm
+
+            info = generate_with_llm(llm=args.llm, out_dir=out_dir, overwrite=args.overwrite, progress=update, **options)
+        else:
+            from .synth import generate_dataset
+
+            info = generate_dataset(out_dir=out_dir, overwrite=args.overwrite, progress=update, **options)
+    if args.json:
+        out.print_json(json.dumps(info.to_dict()))
+    else:
+        c = info.manifest["counts"]
+        q = info.manifest["quality"]
+        out.print(f"wrote {info.path}: {c['preferences']:,} pairs, {c['users']:,} users, {c['questions']:,} questions, "
+                  f"{c['responses']:,} responses; order-swap agreement {q['order_swap_agreement_initial']:.3f} → "
+                  f"{q['order_swap_agreement_final']:.3f} after refinement")
+    return 0
+
+
+def cmd_stats(argv: list[str]) -> int:
+    args = _stats_parser().parse_args(argv)
+    from .synth.stats import dataset_stats
+
+    stats = [dataset_stats(p, embeddings=not args.no_embeddings) for p in args.datasets]
+    if args.json:
+        out.print_json(json.dumps(stats))
+    else:
+        out.print(stats_table(stats))
+    return 0
+
+
+USAGE = """usage: fspo COMMAND [ARGS]
+
+commands:
+  synth         generate a synthetic preference dataset (fspo synth --help)
+  synth stats   print sizes, self-consistency and diversity of datasets
+  serve-model   serve a local model over an OpenAI-compatible API (fspo serve-model --help)
+"""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    from .llm import LLMError
+    from .synth import DatasetError, DomainError
+
+    try:
+        if argv[:2] == ["synth", "stats"]:
+            return cmd_stats(argv[2:])
+        if argv[:1] == ["synth"]:
+            return cmd_synth(argv[1:])
+        if argv[:1] == ["serve-model"]:
+            from .serve import serve_model_main
+
+            return serve_model_main(argv[1:])
+    except (DomainError, DatasetError, LLMError, ValueError) as e:
+        console.print(f"[red]error:[/red] {e}", highlight=False, markup=True)
+        return 2
+    except KeyboardInterrupt:
+        console.print("interrupted; nothing half-written was published")
+        return 130
+    print(USAGE, file=sys.stderr if argv else sys.stdout)
+    return 0 if not argv or argv[0] in ("-h", "--help") else 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
