@@ -125,7 +125,7 @@ class _Quality:
             "order_swap_agreement_initial": round(self.consistent_by_round[0] / c, 4),
             "order_swap_agreement_final": round(self.consistent_by_round[-1] / c, 4),
             "repeat_agreement": round(self.repeat_agree / max(self.repeat_asked, 1), 4),
-            "transitivity_violation_rate": round(self.triples_cyclic / max(self.triples, 1), 4),
+            "transitivity_violation_rate": round(self.triples_cyclic / self.triples, 4) if self.triples else None,
             "triples_checked": self.triples,
             "candidate_pairs": self.candidates,
             "refinement_rounds_histogram": self.rounds_hist,
@@ -176,22 +176,8 @@ def _run(cfg: SynthConfig, dom: Domain, writer: DatasetWriter, progress: Progres
     rng = np.random.default_rng([cfg.seed, 1])
     qs = world.build_questions(dom, rng, cfg.questions, cfg.test_topic_frac)
     resp = world.build_responses(dom, qs, cfg.responses_per_question, cfg.seed)
-    writer.write("questions", pa.table({
-        "question_id": pa.array(np.arange(len(qs.text), dtype=np.int32)),
-        "split": pa.array(qs.split.tolist()),
-        "topic": pa.array(qs.topic),
-        "text": pa.array(qs.text),
-    }, schema=QUESTIONS_SCHEMA))
-    rcols: dict[str, Any] = {
-        "response_id": pa.array(np.arange(len(resp.text), dtype=np.int32)),
-        "question_id": pa.array(resp.question_id),
-        "source": pa.array(["procedural"] * len(resp.text)),
-        "text": pa.array(resp.text),
-    }
-    for t, trait in enumerate(dom.traits):
-        names = np.asarray([v.name for v in trait.values], dtype=object)
-        rcols[f"trait_{trait.name}"] = pa.array(names[resp.values[:, t]].tolist(), pa.string())
-    writer.write("responses", pa.table(rcols, schema=responses_schema(trait_names)))
+    write_questions(writer, qs)
+    write_responses(writer, dom, resp.text, resp.question_id, resp.values, ["procedural"] * len(resp.text))
 
     q = _Quality(rounds=cfg.max_rounds if cfg.mode == "structured" else 0, combos_possible=int(np.prod(dom.trait_sizes)))
     total = cfg.users * cfg.pairs_per_user
@@ -202,22 +188,12 @@ def _run(cfg: SynthConfig, dom: Domain, writer: DatasetWriter, progress: Progres
         brng = np.random.default_rng([cfg.seed, 2, block])
         users, pairs = _label_block(cfg, dom, qs, resp, users_rng=brng, n=n, start=start, quality=q)
         is_test = brng.random(n) < cfg.test_user_frac
-        writer.write("users", _users_table(dom, users, is_test, u_schema))
-        m = len(pairs["user_row"])
-        qid = pairs["question_id"]
-        writer.write("preferences", pa.table({
-            "pair_id": pa.array(np.arange(next_pair, next_pair + m, dtype=np.int64)),
-            "user_id": pa.array(users.user_id[pairs["user_row"]]),
-            "question_id": pa.array(qid.astype(np.int32)),
-            "chosen_id": pa.array(pairs["chosen"].astype(np.int32)),
-            "rejected_id": pa.array(pairs["rejected"].astype(np.int32)),
-            "user_split": pa.array(np.where(is_test[pairs["user_row"]], "test", "train").tolist()),
-            "question_split": pa.array(qs.split[qid].tolist()),
-            "margin": pa.array(pairs["margin"].astype(np.float32)),
-            "repeat_agree": pa.array(pairs["repeat_agree"]),
-            "round": pa.array(pairs["round"].astype(np.int8)),
-        }, schema=PREFERENCES_SCHEMA))
-        next_pair += m
+        writer.write("users", users_table(dom, users, is_test, u_schema))
+        rows = pairs["user_row"]
+        next_pair += write_preferences(
+            writer, first_pair_id=next_pair, user_id=users.user_id[rows], question_id=pairs["question_id"],
+            chosen=pairs["chosen"], rejected=pairs["rejected"], user_test=is_test[rows], question_split=qs.split[pairs["question_id"]],
+            margin=pairs["margin"], repeat_agree=pairs["repeat_agree"], label_round=pairs["round"])
         if progress:
             progress(min(next_pair + q.pairs_missing, total), total, "pairs")
     return {
@@ -366,13 +342,61 @@ def _check_transitivity(cfg: SynthConfig, dom: Domain, users: world.Users, resp:
     quality.triples_cyclic += int((cyclic & ok).sum())
 
 
-def _users_table(dom: Domain, users: world.Users, is_test: np.ndarray, schema: pa.Schema) -> pa.Table:
+def write_questions(writer: DatasetWriter, qs: world.Questions) -> None:
+    writer.write("questions", pa.table({
+        "question_id": pa.array(np.arange(len(qs.text), dtype=np.int32)),
+        "split": pa.array(qs.split.tolist()),
+        "topic": pa.array(qs.topic),
+        "text": pa.array(qs.text),
+    }, schema=QUESTIONS_SCHEMA))
+
+
+def write_responses(writer: DatasetWriter, dom: Domain, texts: list[str], question_id: np.ndarray, values: np.ndarray,
+                    source: list[str]) -> None:
+    cols: dict[str, Any] = {
+        "response_id": pa.array(np.arange(len(texts), dtype=np.int32)),
+        "question_id": pa.array(question_id.astype(np.int32)),
+        "source": pa.array(source, pa.string()),
+        "text": pa.array(texts, pa.string()),
+    }
+    for t, trait in enumerate(dom.traits):
+        names = np.asarray([v.name for v in trait.values], dtype=object)
+        cols[f"trait_{trait.name}"] = pa.array(names[values[:, t]].tolist(), pa.string())
+    writer.write("responses", pa.table(cols, schema=responses_schema([t.name for t in dom.traits])))
+
+
+def write_preferences(writer: DatasetWriter, *, first_pair_id: int, user_id: np.ndarray, question_id: np.ndarray,
+                      chosen: np.ndarray, rejected: np.ndarray, user_test: np.ndarray, question_split: np.ndarray,
+                      margin: np.ndarray, repeat_agree: np.ndarray, label_round: np.ndarray) -> int:
+    """Append labeled pairs; returns how many."""
+    m = len(user_id)
+    writer.write("preferences", pa.table({
+        "pair_id": pa.array(np.arange(first_pair_id, first_pair_id + m, dtype=np.int64)),
+        "user_id": pa.array(user_id.astype(np.int64)),
+        "question_id": pa.array(question_id.astype(np.int32)),
+        "chosen_id": pa.array(chosen.astype(np.int32)),
+        "rejected_id": pa.array(rejected.astype(np.int32)),
+        "user_split": pa.array(np.where(user_test, "test", "train").tolist(), pa.string()),
+        "question_split": pa.array(question_split.tolist(), pa.string()),
+        "margin": pa.array(margin.astype(np.float32)),
+        "repeat_agree": pa.array(repeat_agree.astype(bool)),
+        "round": pa.array(label_round.astype(np.int8)),
+    }, schema=PREFERENCES_SCHEMA))
+    return m
+
+
+def users_table(dom: Domain, users: world.Users, is_test: np.ndarray, schema: pa.Schema,
+                 descriptions: tuple[list[str], list[str]] | None = None) -> pa.Table:
+    """The users table; descriptions (final, initial) default to the procedural persona texts."""
     n = len(users)
+    if descriptions is None:
+        descriptions = ([world.persona_description(dom, users, i) for i in range(n)],
+                        [world.persona_description(dom, users, i, initial=True) for i in range(n)])
     cols: dict[str, Any] = {
         "user_id": pa.array(users.user_id),
         "split": pa.array(np.where(is_test, "test", "train").tolist()),
-        "description": pa.array([world.persona_description(dom, users, i) for i in range(n)]),
-        "description_initial": pa.array([world.persona_description(dom, users, i, initial=True) for i in range(n)]),
+        "description": pa.array(descriptions[0], pa.string()),
+        "description_initial": pa.array(descriptions[1], pa.string()),
         "refinement_rounds": pa.array(users.rounds),
     }
     for j, a in enumerate(dom.attribute_names):

@@ -122,7 +122,8 @@ def stats_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
         "users (train/test)": f"{z['users']:,} ({z['users_train']:,}/{z['users_test']:,})",
         "questions (test)": f"{z['questions']:,} ({z['questions_test']:,})",
         "order-swap agreement: initial → final": f"{c['order_swap_agreement_initial']:.3f} → {c['order_swap_agreement_final']:.3f}",
-        "stated traits: initial → final": f"{c['stated_trait_fraction_initial']:.2f} → {c['stated_trait_fraction_final']:.2f}",
+        "stated traits: initial → final": f"{c['stated_trait_fraction_initial']:.2f} → "
+                                          + ("free text" if c["stated_trait_fraction_final"] is None else f"{c['stated_trait_fraction_final']:.2f}"),
     }
     rows = []
     for label, key in ROWS:

@@ -1,0 +1,711 @@
+"""One interface for chat LLMs used by the data engine (persona writing, labeling, judging, ...).
+
+Two back ends share the ``ChatBackend`` protocol:
+
+- ``OpenAICompatBackend`` talks to any OpenAI-compatible server (vLLM's, a hosted one, or our own
+  ``fspo serve-model``) with concurrent, retried HTTP requests;
+- ``TransformersBackend`` runs a local Hugging Face causal-LM directory (optionally with LoRA
+  adapters) with batched ``generate``; it is also the engine behind ``fspo serve-model``.
+
+``backend_from_spec`` turns a one-string spec (as used in configs and on the CLI) into a back end.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import httpx
+
+ProgressFn = Callable[[int, int], None]
+
+_ROLES = ("system", "user", "assistant")
+
+
+class LLMError(RuntimeError):
+    """An LLM call failed; the message is one line naming the endpoint or model and the cause."""
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """One chat completion to run.
+
+    ``messages`` are OpenAI-format ``{"role", "content"}`` dicts. ``temperature == 0`` means greedy.
+    ``choices`` constrains the reply to exactly one of the given strings.
+    """
+
+    messages: list[dict[str, str]]
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    choices: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.messages, list) or not self.messages:
+            raise ValueError("messages must be a non-empty list of {'role', 'content'} objects")
+        for i, message in enumerate(self.messages):
+            if not isinstance(message, dict):
+                raise ValueError(f"messages[{i}] must be an object with 'role' and 'content'")
+            if message.get("role") not in _ROLES:
+                raise ValueError(
+                    f"messages[{i}].role must be one of {', '.join(_ROLES)}, got {message.get('role')!r}"
+                )
+            if not isinstance(message.get("content"), str):
+                raise ValueError(f"messages[{i}].content must be a string")
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if not _is_number(self.temperature) or not 0 <= self.temperature <= 100:
+            raise ValueError(f"temperature must be a number >= 0, got {self.temperature!r}")
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise ValueError(f"seed must be an integer or null, got {self.seed!r}")
+        if self.choices is not None:
+            if (
+                isinstance(self.choices, str)
+                or not isinstance(self.choices, list | tuple)
+                or not self.choices
+            ):
+                raise ValueError("choices must be a non-empty list of non-empty strings")
+            if not all(isinstance(c, str) and c for c in self.choices):
+                raise ValueError("choices must be a non-empty list of non-empty strings")
+            object.__setattr__(self, "choices", tuple(self.choices))
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@runtime_checkable
+class ChatBackend(Protocol):
+    """Anything that answers a batch of chat requests, in input order."""
+
+    name: str
+
+    def chat(self, requests: Sequence[ChatRequest], *, progress: ProgressFn | None = None) -> list[str]: ...
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+# ---------------------------------------------------------------------------------------------
+# OpenAI-compatible HTTP back end
+
+
+class _Retryable(Exception):
+    """A failure worth retrying; ``message`` is the final LLMError text if retries run out."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+
+
+class OpenAICompatBackend:
+    """Chat through an OpenAI-compatible ``/chat/completions`` endpoint.
+
+    Requests run concurrently (``max_concurrency`` threads) and come back in input order.
+    Connection errors, timeouts, HTTP 429 / 5xx and malformed 200 replies are retried
+    ``max_retries`` times with exponential backoff (``backoff_s * 2**attempt``); other 4xx fail at
+    once. ``ChatRequest.choices`` is sent as vLLM's ``guided_choice``; a reply outside the choices
+    (a server that ignores the field) is returned as is.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        *,
+        api_key: str | None = None,
+        max_concurrency: int = 8,
+        max_retries: int = 3,
+        timeout_s: float = 60.0,
+        backoff_s: float = 0.5,
+    ) -> None:
+        if not base_url.startswith(("http://", "https://")):
+            raise ValueError(f"base_url must start with http:// or https://, got {base_url!r}")
+        if not model:
+            raise ValueError("model must be a non-empty name")
+        if max_concurrency < 1 or max_retries < 0 or timeout_s <= 0 or backoff_s < 0:
+            raise ValueError("need max_concurrency >= 1, max_retries >= 0, timeout_s > 0, backoff_s >= 0")
+        self.base_url = base_url.rstrip("/")
+        self.model = model
+        self.name = f"{self.base_url}#{model}"
+        self.max_concurrency = max_concurrency
+        self.max_retries = max_retries
+        self.timeout_s = timeout_s
+        self.backoff_s = backoff_s
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._url = f"{self.base_url}/chat/completions"
+        self._client = httpx.Client(
+            timeout=timeout_s,
+            headers=headers,
+            limits=httpx.Limits(max_connections=max_concurrency, max_keepalive_connections=max_concurrency),
+        )
+
+    def close(self) -> None:
+        """Close the HTTP connection pool."""
+        self._client.close()
+
+    def __enter__(self) -> OpenAICompatBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def chat(self, requests: Sequence[ChatRequest], *, progress: ProgressFn | None = None) -> list[str]:
+        """Run ``requests`` concurrently; return the replies in input order or raise ``LLMError``."""
+        total = len(requests)
+        results: list[str | None] = [None] * total
+        if total == 0:
+            return []
+        pool = ThreadPoolExecutor(max_workers=min(self.max_concurrency, total), thread_name_prefix="llm-http")
+        try:
+            futures = {pool.submit(self._chat_one, request): i for i, request in enumerate(requests)}
+            pending = set(futures)
+            done_count = 0
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    results[futures[future]] = future.result()  # re-raises the first LLMError
+                    done_count += 1
+                    if progress is not None:
+                        progress(done_count, total)
+        finally:
+            # On failure, drop queued requests instead of sending them; running ones finish alone.
+            pool.shutdown(wait=False, cancel_futures=True)
+        return [r for r in results if r is not None]
+
+    def _body(self, request: ChatRequest) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "model": self.model,
+            "messages": request.messages,
+            "max_tokens": request.max_tokens,
+            "temperature": request.temperature,
+            "top_p": request.top_p,
+        }
+        if request.seed is not None:
+            body["seed"] = request.seed
+        if request.choices is not None:
+            body["guided_choice"] = list(request.choices)
+        return body
+
+    def _chat_one(self, request: ChatRequest) -> str:
+        body = self._body(request)
+        attempts = 1 + self.max_retries
+        for attempt in range(attempts):
+            try:
+                return self._post(body)
+            except _Retryable as failure:
+                if attempt == attempts - 1:
+                    suffix = f" (gave up after {attempts} attempts)" if attempts > 1 else ""
+                    raise LLMError(failure.message + suffix) from None
+                delay = self.backoff_s * 2**attempt
+                if failure.retry_after is not None:
+                    delay = max(delay, min(failure.retry_after, 60.0))
+                time.sleep(delay)
+        raise AssertionError("unreachable")
+
+    def _post(self, body: dict[str, Any]) -> str:
+        try:
+            response = self._client.post(self._url, json=body)
+        except httpx.ConnectError as exc:
+            cause = (
+                "connection refused"
+                if "refused" in str(exc).lower()
+                else _one_line(str(exc) or type(exc).__name__)
+            )
+            raise _Retryable(f"cannot reach LLM endpoint {self.base_url}: {cause}") from None
+        except httpx.ConnectTimeout:
+            raise _Retryable(
+                f"cannot reach LLM endpoint {self.base_url}: connect timed out after {self.timeout_s:g}s"
+            ) from None
+        except httpx.TimeoutException:
+            raise _Retryable(f"LLM endpoint {self._url} timed out after {self.timeout_s:g}s") from None
+        except httpx.TransportError as exc:
+            cause = _one_line(str(exc) or type(exc).__name__)
+            raise _Retryable(f"cannot reach LLM endpoint {self.base_url}: {cause}") from None
+
+        status = response.status_code
+        if status == 429 or status >= 500:
+            raise _Retryable(
+                f"LLM endpoint {self._url} failed with HTTP {status}: {_error_detail(response)}",
+                retry_after=_retry_after(response),
+            )
+        if status >= 400:
+            raise LLMError(
+                f"LLM endpoint {self._url} rejected the request (HTTP {status}): {_error_detail(response)}"
+            )
+        try:
+            content = response.json()["choices"][0]["message"]["content"]
+        except (ValueError, KeyError, IndexError, TypeError):
+            content = None
+        if not isinstance(content, str):
+            raise _Retryable(
+                f"LLM endpoint {self._url} returned a malformed response: "
+                f"expected JSON with choices[0].message.content, got {_one_line(response.text, 120)!r}"
+            )
+        return content
+
+
+def _error_detail(response: httpx.Response) -> str:
+    try:
+        error = response.json().get("error")
+        message = error.get("message") if isinstance(error, dict) else error
+        if message:
+            return _one_line(str(message))
+    except (ValueError, AttributeError):
+        pass
+    return _one_line(response.text) or response.reason_phrase
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    try:
+        return float(response.headers.get("retry-after", ""))
+    except ValueError:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Local transformers back end
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A finished local completion with OpenAI-style accounting."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" (EOS or a constrained choice) or "length"
+
+
+_DTYPES = ("float32", "float16", "bfloat16", "auto")
+
+
+class TransformersBackend:
+    """Chat with a local Hugging Face causal-LM directory (optionally with LoRA adapters).
+
+    The model loads once. Prompts go through the tokenizer's chat template (or the tiny model's
+    ``### Role:`` template when the tokenizer has none) and are generated in left-padded batches
+    of ``batch_size``: greedy when ``temperature == 0``, otherwise sampled per row with a
+    ``torch.Generator`` seeded from ``request.seed`` when given. Requests with ``choices`` are not
+    generated: each choice is scored by its summed log-prob as a continuation of the prompt and
+    the best is returned, which is exact constrained choice.
+
+    The backend is thread-safe: one lock serialises every use of the model.
+    """
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        *,
+        adapter_dir: str | Path | None = None,
+        device: str = "cpu",
+        dtype: str = "float32",
+        batch_size: int = 8,
+    ) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model_dir = Path(model_dir)
+        if not model_dir.is_dir():
+            raise LLMError(f"cannot load model: {model_dir} is not a directory")
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.model_dir = model_dir
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self.name = f"hf:{model_dir}"
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+            model = AutoModelForCausalLM.from_pretrained(
+                model_dir, dtype="auto" if dtype == "auto" else getattr(torch, dtype)
+            )
+        except (OSError, ValueError) as exc:
+            raise LLMError(f"cannot load model from {model_dir}: {_one_line(str(exc))}") from None
+        self.model: Any = model.to(self.device).eval()
+        self._lock = threading.RLock()
+        self._adapters: dict[str, Path] = {}
+        self._default_adapter: str | None = None
+
+        stop = self.model.generation_config.eos_token_id
+        stop_ids = set(stop if isinstance(stop, list) else [stop] if stop is not None else [])
+        if self.tokenizer.eos_token_id is not None:
+            stop_ids.add(self.tokenizer.eos_token_id)
+        if not stop_ids:
+            raise LLMError(
+                f"cannot use model at {model_dir}: neither its tokenizer nor its generation config has an EOS token"
+            )
+        self._stop_ids = stop_ids
+        pad = self.tokenizer.pad_token_id
+        self._pad_id: int = pad if pad is not None else min(stop_ids)
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        self.context_length: int | None = int(limit) if isinstance(limit, int) else None
+
+        if adapter_dir is not None:
+            self.load_adapter("default", adapter_dir)
+            self._default_adapter = "default"
+            self.name += f"+{adapter_dir}"
+
+    # -- adapters --------------------------------------------------------------------------------
+
+    @property
+    def adapters(self) -> dict[str, Path]:
+        """Loaded LoRA adapters by name."""
+        return dict(self._adapters)
+
+    def load_adapter(self, name: str, adapter_dir: str | Path) -> None:
+        """Load a peft adapter directory under ``name``; which adapter ``chat`` uses does not change."""
+        from peft import PeftModel
+
+        adapter_dir = Path(adapter_dir)
+        if not (adapter_dir / "adapter_config.json").is_file():
+            raise LLMError(f"cannot load adapter {name!r}: {adapter_dir} has no adapter_config.json")
+        with self._lock:
+            if name in self._adapters:
+                raise LLMError(f"cannot load adapter {name!r}: an adapter with that name is already loaded")
+            try:
+                if isinstance(self.model, PeftModel):
+                    self.model.load_adapter(adapter_dir, adapter_name=name)
+                else:
+                    self.model = PeftModel.from_pretrained(self.model, adapter_dir, adapter_name=name)
+            except (OSError, ValueError, RuntimeError) as exc:
+                raise LLMError(
+                    f"cannot load adapter {name!r} from {adapter_dir}: {_one_line(str(exc))}"
+                ) from None
+            self.model.to(self.device).eval()
+            self._adapters[name] = adapter_dir
+
+    @contextmanager
+    def use_adapter(self, name: str | None) -> Iterator[None]:
+        """Hold the model with adapter ``name`` active (``None``: the base model, adapters disabled)."""
+        with self._lock:
+            if name is not None and name not in self._adapters:
+                loaded = ", ".join(sorted(self._adapters)) or "none"
+                raise LLMError(f"unknown adapter {name!r} (loaded: {loaded})")
+            if not self._adapters:
+                yield
+            elif name is None:
+                with self.model.disable_adapter():
+                    yield
+            else:
+                previous = self.model.active_adapter
+                self.model.set_adapter(name, inference_mode=True)
+                try:
+                    yield
+                finally:
+                    self.model.set_adapter(previous, inference_mode=True)
+
+    # -- public entry points ---------------------------------------------------------------------
+
+    def chat(self, requests: Sequence[ChatRequest], *, progress: ProgressFn | None = None) -> list[str]:
+        """Answer ``requests`` in input order (with ``adapter_dir``'s adapter if one was given)."""
+        with self.use_adapter(self._default_adapter):
+            return [c.text for c in self.complete(requests, progress=progress)]
+
+    def complete(
+        self,
+        requests: Sequence[ChatRequest],
+        *,
+        progress: ProgressFn | None = None,
+        on_text: Callable[[str], None] | None = None,
+    ) -> list[Completion]:
+        """Run ``requests`` with the model as currently set (see ``use_adapter``).
+
+        ``on_text`` (single request only) receives the reply's text incrementally as it is
+        generated; the pieces concatenate to the final ``Completion.text``.
+        """
+        if on_text is not None and len(requests) != 1:
+            raise ValueError("on_text streaming needs exactly one request")
+        results: list[Completion | None] = [None] * len(requests)
+        total, done = len(requests), 0
+
+        # Under the lock: the Rust tokenizer is not safe to share across threads either.
+        with self._lock:
+            prompts = [self.prompt_ids(r.messages) for r in requests]
+            for request, ids in zip(requests, prompts, strict=True):
+                self._check_length(ids, request.max_tokens if request.choices is None else 1)
+            for i, request in enumerate(requests):
+                if request.choices is None:
+                    continue
+                scores = self.score_continuations(prompts[i], request.choices)
+                best = max(range(len(scores)), key=scores.__getitem__)
+                text = request.choices[best]
+                n_tokens = len(self._encode(text))
+                results[i] = Completion(text, len(prompts[i]), n_tokens, "stop")
+                if on_text is not None:
+                    on_text(text)
+                done += 1
+                if progress is not None:
+                    progress(done, total)
+
+            # Batch rows that share max_tokens (generate's one length budget), shortest prompts
+            # together to limit padding.
+            todo = sorted(
+                (i for i, r in enumerate(requests) if r.choices is None),
+                key=lambda i: (requests[i].max_tokens, len(prompts[i])),
+            )
+            while todo:
+                budget = requests[todo[0]].max_tokens
+                batch = [i for i in todo[: self.batch_size] if requests[i].max_tokens == budget]
+                todo = [i for i in todo if i not in batch]
+                outputs = self._generate(
+                    [prompts[i] for i in batch], [requests[i] for i in batch], budget, on_text
+                )
+                for i, completion in zip(batch, outputs, strict=True):
+                    results[i] = completion
+                done += len(batch)
+                if progress is not None:
+                    progress(done, total)
+        return [r for r in results if r is not None]
+
+    # -- building blocks -------------------------------------------------------------------------
+
+    def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of ``messages`` rendered with the chat template plus the assistant header."""
+        from modeling.tinymodel import CHAT_TEMPLATE
+
+        template = None if getattr(self.tokenizer, "chat_template", None) else CHAT_TEMPLATE
+        text = self.tokenizer.apply_chat_template(
+            messages, chat_template=template, add_generation_prompt=True, tokenize=False
+        )
+        # The template already writes any BOS it wants; adding special tokens again would double it.
+        return self._encode(text)
+
+    def _encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _check_length(self, ids: list[int], new_tokens: int) -> None:
+        if self.context_length is not None and len(ids) + new_tokens > self.context_length:
+            raise LLMError(
+                f"prompt of {len(ids)} tokens + {new_tokens} new tokens exceeds the context of "
+                f"{self.model_dir.name} ({self.context_length} tokens)"
+            )
+
+    def score_continuations(self, prompt: list[int], continuations: Sequence[str]) -> list[float]:
+        """Summed log-prob of each continuation's tokens given ``prompt`` (one float each)."""
+        import torch
+
+        encoded = [self._encode(c) for c in continuations]
+        scores: list[float] = []
+        with self._lock, torch.inference_mode():
+            for start in range(0, len(encoded), self.batch_size):
+                chunk = encoded[start : start + self.batch_size]
+                seqs = [prompt + c for c in chunk]
+                input_ids, attention_mask = self._left_pad(seqs)
+                # Left padding aligns every sequence's end, so the last (longest continuation + 1)
+                # positions hold every logit we need; keeping only those avoids a
+                # (batch x prompt x vocab) logits tensor on long prompts.
+                keep = max(len(c) for c in chunk) + 1
+                logits = self.model(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    position_ids=_position_ids(attention_mask),
+                    logits_to_keep=keep,
+                ).logits.float()
+                logprobs = torch.log_softmax(logits, dim=-1)
+                for row, cont in enumerate(chunk):
+                    # Token cont[j] sits at position -(len(cont) - j) of the row; the logit that
+                    # predicts it is one position earlier.
+                    n = len(cont)
+                    positions = torch.arange(keep - 1 - n, keep - 1, device=logprobs.device)
+                    targets = torch.tensor(cont, dtype=torch.long, device=logprobs.device)
+                    scores.append(float(logprobs[row, positions, targets].sum()))
+        return scores
+
+    def _left_pad(self, seqs: list[list[int]]) -> tuple[Any, Any]:
+        import torch
+
+        width = max(len(s) for s in seqs)
+        input_ids = torch.full((len(seqs), width), self._pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for row, seq in enumerate(seqs):
+            input_ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+            attention_mask[row, width - len(seq) :] = 1
+        return input_ids.to(self.device), attention_mask.to(self.device)
+
+    def _generate(
+        self,
+        prompts: list[list[int]],
+        requests: list[ChatRequest],
+        max_new_tokens: int,
+        on_text: Callable[[str], None] | None,
+    ) -> list[Completion]:
+        import torch
+        from transformers import GenerationConfig, LogitsProcessorList
+
+        input_ids, attention_mask = self._left_pad(prompts)
+        config = GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            do_sample=False,  # sampling, when asked, happens in _RowSampler so each row has its own RNG
+            eos_token_id=sorted(self._stop_ids),
+            pad_token_id=self._pad_id,
+        )
+        processors = LogitsProcessorList()
+        if any(r.temperature > 0 for r in requests):
+            processors.append(_RowSampler(requests, self.device))
+        streamer = _TextDeltaStreamer(self, on_text) if on_text is not None else None
+        with torch.inference_mode():
+            output = self.model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                generation_config=config,
+                logits_processor=processors,
+                streamer=streamer,
+            )
+        completions = []
+        for row, prompt in enumerate(prompts):
+            new_ids = output[row, input_ids.shape[1] :].tolist()
+            ids, finish = self._cut_at_stop(new_ids)
+            completions.append(
+                Completion(
+                    text=self._decode(ids),
+                    prompt_tokens=len(prompt),
+                    completion_tokens=len(ids) + (finish == "stop"),
+                    finish_reason=finish,
+                )
+            )
+        return completions
+
+    def _cut_at_stop(self, ids: list[int]) -> tuple[list[int], str]:
+        for j, token in enumerate(ids):
+            if token in self._stop_ids:
+                return ids[:j], "stop"
+        return ids, "length"
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+def _position_ids(attention_mask: Any) -> Any:
+    # Left padding shifts real tokens right; positions must still count from 0 at the first real
+    # token (pads get 0, they are masked anyway), as generate() does.
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+class _RowSampler:
+    """Logits processor that samples each row with its own temperature, top-p and RNG.
+
+    It returns scores that are -inf everywhere except the sampled token, so generate's greedy
+    step picks exactly that token; rows with temperature 0 pass through untouched (greedy).
+    """
+
+    def __init__(self, requests: list[ChatRequest], device: Any) -> None:
+        import torch
+
+        self.requests = requests
+        self.generators: list[Any] = []
+        for r in requests:
+            if r.seed is None:
+                self.generators.append(None)  # the global torch RNG
+            else:
+                g = torch.Generator(device=device)
+                g.manual_seed(r.seed)
+                self.generators.append(g)
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        out = scores.clone()
+        for row, request in enumerate(self.requests):
+            if request.temperature <= 0:
+                continue
+            probs = torch.softmax(scores[row].float() / request.temperature, dim=-1)
+            if request.top_p < 1:
+                sorted_probs, order = torch.sort(probs, descending=True)
+                # Keep the smallest prefix whose mass reaches top_p (always at least one token):
+                # a token is dropped when the mass before it already reaches top_p.
+                drop = (sorted_probs.cumsum(-1) - sorted_probs) >= request.top_p
+                sorted_probs[drop] = 0
+                probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+            token = torch.multinomial(probs, 1, generator=self.generators[row])
+            out[row] = float("-inf")
+            out[row, token] = 0.0
+        return out
+
+
+class _TextDeltaStreamer:
+    """A transformers streamer (batch of one) that reports newly decoded text as it appears.
+
+    It decodes the whole reply so far and emits the new suffix, holding back text that ends in an
+    incomplete UTF-8 sequence, so the pieces always concatenate to the final decoded reply.
+    """
+
+    def __init__(self, backend: TransformersBackend, on_text: Callable[[str], None]) -> None:
+        self.backend = backend
+        self.on_text = on_text
+        self.ids: list[int] = []
+        self.emitted = ""
+        self.seen_prompt = False
+        self.stopped = False
+
+    def put(self, value: Any) -> None:
+        if not self.seen_prompt:  # generate() first sends the prompt ids
+            self.seen_prompt = True
+            return
+        for token in value.reshape(-1).tolist():
+            if self.stopped or token in self.backend._stop_ids:
+                self.stopped = True
+                break
+            self.ids.append(token)
+        self._emit(final=False)
+
+    def end(self) -> None:
+        self._emit(final=True)
+
+    def _emit(self, *, final: bool) -> None:
+        text = self.backend._decode(self.ids)
+        if not final and text.endswith("\ufffd"):
+            return
+        if text.startswith(self.emitted) and len(text) > len(self.emitted):
+            self.on_text(text[len(self.emitted) :])
+            self.emitted = text
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def backend_from_spec(spec: str) -> ChatBackend:
+    """Build a back end from a one-string spec.
+
+    - ``http(s)://host:port/v1#model-name`` -> ``OpenAICompatBackend`` (API key from
+      ``OPENAI_API_KEY`` if set);
+    - ``hf:/path/to/dir`` or an existing directory -> ``TransformersBackend``; a peft adapter
+      directory loads on top of the base model its ``adapter_config.json`` names.
+    """
+    if spec.startswith(("http://", "https://")):
+        url, _, model = spec.partition("#")
+        if not model:
+            raise LLMError(
+                f"LLM spec {spec!r} needs the model name after '#', e.g. http://127.0.0.1:8000/v1#my-model"
+            )
+        return OpenAICompatBackend(url, model, api_key=os.environ.get("OPENAI_API_KEY"))
+    path = Path(spec[3:] if spec.startswith("hf:") else spec).expanduser()
+    if spec.startswith("hf:") or path.is_dir():
+        if not path.is_dir():
+            raise LLMError(f"LLM spec {spec!r}: {path} is not a directory")
+        if (path / "adapter_config.json").is_file():
+            import json
+
+            base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+            if not base or not Path(base).is_dir():
+                raise LLMError(f"LLM spec {spec!r}: adapter's base model {base!r} is not a local directory")
+            return TransformersBackend(base, adapter_dir=path)
+        return TransformersBackend(path)
+    raise LLMError(
+        f"unknown LLM spec {spec!r}: expected 'http(s)://host:port/v1#model' or 'hf:/path/to/model-dir'"
+    )

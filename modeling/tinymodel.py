@@ -1,0 +1,121 @@
+"""Tiny real models built offline: a byte-level BPE tokenizer trained on local text and a
+randomly initialised Llama-architecture causal LM.
+
+They are small enough for CPU tests and the embedded demo, and they load with the same
+``AutoTokenizer`` / ``AutoModelForCausalLM`` calls as a real checkpoint, so every code path that
+serves a 3B model also runs on them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+PAD_TOKEN = "<pad>"
+BOS_TOKEN = "<s>"
+EOS_TOKEN = "</s>"
+UNK_TOKEN = "<unk>"
+SPECIAL_TOKENS = [PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN]
+
+# Renders OpenAI-style messages as Markdown-ish sections:
+#   ### System:\n...\n### User:\n...\n### Assistant:\n
+# An assistant turn in the history ends with EOS so a model trained on rendered chats learns to stop.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "### {{ message['role'] | capitalize }}:\n{{ message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}"
+    # An explicit newline expression: HF renders templates with trim_blocks, which eats a literal
+    # newline right after a block tag.
+    "{{ '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}### Assistant:\n{% endif %}"
+)
+
+
+def train_tokenizer(texts: Iterable[str], out_dir: Path, vocab_size: int = 2048) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer on ``texts`` and save it (with a chat template) to ``out_dir``.
+
+    Byte-level means every string round-trips, whatever the training text covered. The vocabulary
+    may come out smaller than ``vocab_size`` when the text has fewer distinct merges.
+    """
+    if vocab_size < 256 + len(SPECIAL_TOKENS):
+        raise ValueError(
+            f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)} (256 bytes + specials), got {vocab_size}"
+        )
+    out_dir = Path(out_dir)
+    bpe = Tokenizer(models.BPE(unk_token=UNK_TOKEN))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(texts, trainer=trainer)
+    if bpe.get_vocab_size() <= 256 + len(SPECIAL_TOKENS):
+        raise ValueError("cannot train a tokenizer: the given texts are empty")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        unk_token=UNK_TOKEN,
+        # Streaming decodes a growing prefix; clean-up would rewrite " ." to "." and break that.
+        clean_up_tokenization_spaces=False,
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(out_dir)
+    return tokenizer
+
+
+def build_tiny_causal_lm(
+    out_dir: Path,
+    tokenizer: PreTrainedTokenizerFast,
+    *,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    intermediate_size: int = 128,
+    max_position_embeddings: int = 2048,
+    seed: int = 0,
+) -> Path:
+    """Save a randomly initialised (seeded) Llama causal LM and ``tokenizer`` to ``out_dir``.
+
+    The result loads with ``AutoModelForCausalLM.from_pretrained(out_dir)`` and
+    ``AutoTokenizer.from_pretrained(out_dir)``. Returns ``out_dir``.
+    """
+    if hidden_size % num_heads:
+        raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
+    out_dir = Path(out_dir)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        intermediate_size=intermediate_size,
+        max_position_embeddings=max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    # Seed a private RNG stream so building a model never perturbs the caller's global RNG.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tokenizer.model_max_length = max_position_embeddings
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
