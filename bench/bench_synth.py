@@ -31,7 +31,9 @@ DOMAIN = "elix"
 def run_fast(pairs: int, out: Path) -> None:
     from modeling.synth import generate_dataset
 
-    generate_dataset(out_dir=out, domain=DOMAIN, users=pairs // PAIRS_PER_USER, pairs_per_user=PAIRS_PER_USER, seed=0)
+    generate_dataset(
+        out_dir=out, domain=DOMAIN, users=pairs // PAIRS_PER_USER, pairs_per_user=PAIRS_PER_USER, seed=0
+    )
 
 
 def run_naive(pairs: int, out: Path) -> None:
@@ -57,7 +59,10 @@ def run_naive(pairs: int, out: Path) -> None:
                 vb = [rnd.randrange(k) for k in dom.trait_sizes]
                 cands.append((q, va, vb))
             for _round in range(4):
-                labels = [world.label_pair(dom, pref, weight, stated, va, vb, (rnd.random(), rnd.random()), cfg) for _, va, vb in cands]
+                labels = [
+                    world.label_pair(dom, pref, weight, stated, va, vb, (rnd.random(), rnd.random()), cfg)
+                    for _, va, vb in cands
+                ]
                 votes = [0] * T
                 for (_, va, vb), (_, ok) in zip(cands, labels, strict=True):
                     if not ok:
@@ -72,16 +77,25 @@ def run_naive(pairs: int, out: Path) -> None:
                     continue
                 kept += 1
                 topic = qs.topic[q]
-                ta, tb = world.render_response(dom, topic, va, rnd), world.render_response(dom, topic, vb, rnd)
+                ta, tb = (
+                    world.render_response(dom, topic, va, rnd),
+                    world.render_response(dom, topic, vb, rnd),
+                )
                 chosen, rejected = (ta, tb) if a_wins else (tb, ta)
-                f.write(json.dumps({"user_id": uid, "question": qs.text[q], "chosen": chosen, "rejected": rejected}) + "\n")
+                f.write(
+                    json.dumps(
+                        {"user_id": uid, "question": qs.text[q], "chosen": chosen, "rejected": rejected}
+                    )
+                    + "\n"
+                )
 
 
 def one(kind: str, pairs: int) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="bench-synth-"))
     try:
-        import modeling.synth  # noqa: F401 - imports are not part of the timing
         import numpy  # noqa: F401
+
+        import modeling.synth  # noqa: F401 - imports are not part of the timing
 
         base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         t0 = time.perf_counter()
@@ -89,8 +103,15 @@ def one(kind: str, pairs: int) -> dict:
         dt = time.perf_counter() - t0
         size = sum(p.stat().st_size for p in (tmp / "out").iterdir())
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return {"kind": kind, "pairs": pairs, "seconds": dt, "pairs_per_s": pairs / dt, "peak_rss_mb": peak / 1024,
-                "rss_after_imports_mb": base_rss / 1024, "bytes_on_disk": size}
+        return {
+            "kind": kind,
+            "pairs": pairs,
+            "seconds": dt,
+            "pairs_per_s": pairs / dt,
+            "peak_rss_mb": peak / 1024,
+            "rss_after_imports_mb": base_rss / 1024,
+            "bytes_on_disk": size,
+        }
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -106,18 +127,27 @@ def main() -> int:
     results = {}
     for n in args.sizes:
         for kind in ("fast", "naive"):
-            proc = subprocess.run([sys.executable, __file__, "--one", kind, str(n)], capture_output=True, text=True, check=True)
+            proc = subprocess.run(
+                [sys.executable, __file__, "--one", kind, str(n)], capture_output=True, text=True, check=True
+            )
             results[kind, n] = json.loads(proc.stdout.strip().splitlines()[-1])
             r = results[kind, n]
-            print(f"  {kind:5s} {n:>9,} pairs: {r['seconds']:7.2f} s, {r['pairs_per_s']:>10,.0f} pairs/s, "
-                  f"peak RSS {r['peak_rss_mb']:6.0f} MB", file=sys.stderr)
+            print(
+                f"  {kind:5s} {n:>9,} pairs: {r['seconds']:7.2f} s, {r['pairs_per_s']:>10,.0f} pairs/s, "
+                f"peak RSS {r['peak_rss_mb']:6.0f} MB",
+                file=sys.stderr,
+            )
     print(f"\nSynthetic engine vs naive row-by-row writer ({DOMAIN}, {PAIRS_PER_USER} pairs/user)\n")
-    print("| pairs | engine pairs/s | naive pairs/s | speed-up | engine peak RSS (MB) | naive peak RSS (MB) | engine time (s) |")
+    print(
+        "| pairs | engine pairs/s | naive pairs/s | speed-up | engine peak RSS (MB) | naive peak RSS (MB) | engine time (s) |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|")
     for n in args.sizes:
         f, v = results["fast", n], results["naive", n]
-        print(f"| {n:,} | {f['pairs_per_s']:,.0f} | {v['pairs_per_s']:,.0f} | {f['pairs_per_s'] / v['pairs_per_s']:.1f}x | "
-              f"{f['peak_rss_mb']:.0f} | {v['peak_rss_mb']:.0f} | {f['seconds']:.2f} |")
+        print(
+            f"| {n:,} | {f['pairs_per_s']:,.0f} | {v['pairs_per_s']:,.0f} | {f['pairs_per_s'] / v['pairs_per_s']:.1f}x | "
+            f"{f['peak_rss_mb']:.0f} | {v['peak_rss_mb']:.0f} | {f['seconds']:.2f} |"
+        )
     base = results["fast", args.sizes[0]]["rss_after_imports_mb"]
     print(f"\n(RSS after imports, before work: {base:.0f} MB)")
     return 0

@@ -11,7 +11,14 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 console = Console(stderr=True)
@@ -23,8 +30,16 @@ if not out.is_terminal:  # piped or captured: do not squeeze tables into 80 colu
 @contextmanager
 def progress_bar(description: str) -> Iterator[Callable[[int, int, str], None]]:
     """A progress bar on stderr, driven by the engine's ``progress(done, total, stage)`` callback."""
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stage]}"),
-                  TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False) as bar:
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[stage]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    ) as bar:
         task = bar.add_task(description, total=None, stage="")
 
         def update(done: int, total: int, stage: str) -> None:
@@ -48,29 +63,48 @@ def stats_table(stats: Sequence[dict[str, Any]], title: str = "Synthetic dataset
 
 
 def _synth_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fspo synth", description="Generate a synthetic preference dataset "
-                                "(procedural world by default, or an LLM through --llm).")
-    p.add_argument("--domain", default="elix", help="reviews | elix | roleplay | path/to/domain.yaml (default: elix)")
+    p = argparse.ArgumentParser(
+        prog="fspo synth",
+        description="Generate a synthetic preference dataset "
+        "(procedural world by default, or an LLM through --llm).",
+    )
+    p.add_argument(
+        "--domain", default="elix", help="reviews | elix | roleplay | path/to/domain.yaml (default: elix)"
+    )
     p.add_argument("--users", type=int, default=1000)
     p.add_argument("--pairs-per-user", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="output directory (default: data/<domain>-<users>x<pairs>)")
-    p.add_argument("--mode", choices=["structured", "random"], default="structured",
-                   help="random = the unstructured ablation: labels not tied to personas, no refinement")
-    p.add_argument("--questions", type=int, default=None, help="questions drawn from the domain's bank (default: all)")
+    p.add_argument(
+        "--mode",
+        choices=["structured", "random"],
+        default="structured",
+        help="random = the unstructured ablation: labels not tied to personas, no refinement",
+    )
+    p.add_argument(
+        "--questions", type=int, default=None, help="questions drawn from the domain's bank (default: all)"
+    )
     p.add_argument("--responses-per-question", type=int, default=16)
     p.add_argument("--max-rounds", type=int, default=3, help="iterative persona improvement rounds")
-    p.add_argument("--llm", default=None, metavar="SPEC",
-                   help="use an LLM instead of the procedural world: http://HOST:PORT/v1#MODEL or a local model directory")
+    p.add_argument(
+        "--llm",
+        default=None,
+        metavar="SPEC",
+        help="use an LLM instead of the procedural world: http://HOST:PORT/v1#MODEL or a local model directory",
+    )
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     return p
 
 
 def _stats_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fspo synth stats", description="Sizes, self-consistency and diversity of datasets.")
+    p = argparse.ArgumentParser(
+        prog="fspo synth stats", description="Sizes, self-consistency and diversity of datasets."
+    )
     p.add_argument("datasets", nargs="+", type=Path)
-    p.add_argument("--no-embeddings", action="store_true", help="skip the MiniLM embedding diversity (faster)")
+    p.add_argument(
+        "--no-embeddings", action="store_true", help="skip the MiniLM embedding diversity (faster)"
+    )
     p.add_argument("--json", action="store_true")
     return p
 
@@ -78,13 +112,23 @@ def _stats_parser() -> argparse.ArgumentParser:
 def cmd_synth(argv: list[str]) -> int:
     args = _synth_parser().parse_args(argv)
     out_dir = args.out or Path("data") / f"{Path(args.domain).stem}-{args.users}x{args.pairs_per_user}"
-    options = dict(domain=args.domain, users=args.users, pairs_per_user=args.pairs_per_user, seed=args.seed, mode=args.mode,
-                   questions=args.questions, responses_per_question=args.responses_per_question, max_rounds=args.max_rounds)
+    options = dict(
+        domain=args.domain,
+        users=args.users,
+        pairs_per_user=args.pairs_per_user,
+        seed=args.seed,
+        mode=args.mode,
+        questions=args.questions,
+        responses_per_question=args.responses_per_question,
+        max_rounds=args.max_rounds,
+    )
     with progress_bar(f"synth {Path(args.domain).stem}") as update:
         if args.llm:
             from .synth.llm_pipeline import generate_with_llm
 
-            info = generate_with_llm(llm=args.llm, out_dir=out_dir, overwrite=args.overwrite, progress=update, **options)
+            info = generate_with_llm(
+                llm=args.llm, out_dir=out_dir, overwrite=args.overwrite, progress=update, **options
+            )
         else:
             from .synth import generate_dataset
 
@@ -94,9 +138,11 @@ def cmd_synth(argv: list[str]) -> int:
     else:
         c = info.manifest["counts"]
         q = info.manifest["quality"]
-        out.print(f"wrote {info.path}: {c['preferences']:,} pairs, {c['users']:,} users, {c['questions']:,} questions, "
-                  f"{c['responses']:,} responses; order-swap agreement {q['order_swap_agreement_initial']:.3f} → "
-                  f"{q['order_swap_agreement_final']:.3f} after refinement")
+        out.print(
+            f"wrote {info.path}: {c['preferences']:,} pairs, {c['users']:,} users, {c['questions']:,} questions, "
+            f"{c['responses']:,} responses; order-swap agreement {q['order_swap_agreement_initial']:.3f} → "
+            f"{q['order_swap_agreement_final']:.3f} after refinement"
+        )
     return 0
 
 

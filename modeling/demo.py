@@ -29,12 +29,25 @@ def main(argv: list[str] | None = None) -> int:
     for domain, mode in runs:
         path = args.out / (domain if mode == "structured" else f"{domain}-random")
         with progress_bar(f"{domain} ({mode})") as update:
-            generate_dataset(out_dir=path, domain=domain, users=args.users, pairs_per_user=args.pairs_per_user, seed=0,
-                             mode=mode, overwrite=True, progress=update)
+            generate_dataset(
+                out_dir=path,
+                domain=domain,
+                users=args.users,
+                pairs_per_user=args.pairs_per_user,
+                seed=0,
+                mode=mode,
+                overwrite=True,
+                progress=update,
+            )
         paths.append(path)
     console.print("measuring diversity (MiniLM embeddings) ..." if not args.no_embeddings else "")
     stats = [dataset_stats(path, embeddings=not args.no_embeddings) for path in paths]
-    out.print(stats_table(stats, title=f"Synthetic preference data ({args.users:,} users x {args.pairs_per_user} pairs per domain)"))
+    out.print(
+        stats_table(
+            stats,
+            title=f"Synthetic preference data ({args.users:,} users x {args.pairs_per_user} pairs per domain)",
+        )
+    )
     out.print(f"datasets under {args.out}/ ; inspect one with: ./run fspo synth stats {paths[0]}")
     out.print(f"done in {time.perf_counter() - t0:.1f} s")
     return 0

@@ -22,8 +22,12 @@ def embed(texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
     """Unit-norm embeddings, one row per text: shape [len(texts), 384]."""
     if not texts:
         return np.zeros((0, 384), dtype=np.float32)
-    return np.asarray(_model().encode(list(texts), batch_size=batch_size, normalize_embeddings=True,
-                                      show_progress_bar=False), dtype=np.float32)
+    return np.asarray(
+        _model().encode(
+            list(texts), batch_size=batch_size, normalize_embeddings=True, show_progress_bar=False
+        ),
+        dtype=np.float32,
+    )
 
 
 def mean_pairwise_distance(emb: np.ndarray) -> float:

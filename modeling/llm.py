@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import random
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -443,8 +444,7 @@ class TransformersBackend:
                 if request.choices is None:
                     continue
                 scores = self.score_continuations(prompts[i], request.choices)
-                best = max(range(len(scores)), key=scores.__getitem__)
-                text = request.choices[best]
+                text = request.choices[_pick_choice(scores, request)]
                 n_tokens = len(self._encode(text))
                 results[i] = Completion(text, len(prompts[i]), n_tokens, "stop")
                 if on_text is not None:
@@ -589,6 +589,18 @@ class TransformersBackend:
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+def _pick_choice(scores: Sequence[float], request: ChatRequest) -> int:
+    """Greedy (temperature 0): the most likely choice. Otherwise sample a choice from the softmax of
+    its summed log-probs / temperature, seeded by the request's seed (as vLLM's guided_choice samples)."""
+    if request.temperature == 0:
+        return max(range(len(scores)), key=scores.__getitem__)
+    logits = [s / request.temperature for s in scores]
+    top = max(logits)
+    weights = [math.exp(x - top) for x in logits]
+    rnd = random.Random(request.seed) if request.seed is not None else random.Random()
+    return rnd.choices(range(len(scores)), weights=weights)[0]
 
 
 def _position_ids(attention_mask: Any) -> Any:

@@ -82,12 +82,17 @@ class Trait(_Strict):
             raise ValueError(f"trait {self.name!r}: value names must be unique")
         for v in self.values:
             if self.kind == "lexical" and (not v.markers or len(v.phrases) < 2):
-                raise ValueError(f"trait {self.name!r} value {v.name!r}: a lexical value needs markers and at least 2 phrases")
-            if self.kind == "length":
-                if v.sentences is None or not (1 <= v.sentences[0] <= v.sentences[1]):
-                    raise ValueError(f"trait {self.name!r} value {v.name!r}: a length value needs sentences: [min, max]")
+                raise ValueError(
+                    f"trait {self.name!r} value {v.name!r}: a lexical value needs markers and at least 2 phrases"
+                )
+            if self.kind == "length" and (v.sentences is None or not 1 <= v.sentences[0] <= v.sentences[1]):
+                raise ValueError(
+                    f"trait {self.name!r} value {v.name!r}: a length value needs sentences: [min, max]"
+                )
             if self.kind == "layout" and v.name not in LAYOUTS:
-                raise ValueError(f"trait {self.name!r}: layout values must be among {LAYOUTS}, got {v.name!r}")
+                raise ValueError(
+                    f"trait {self.name!r}: layout values must be among {LAYOUTS}, got {v.name!r}"
+                )
         if self.kind == "length":
             spans = sorted(v.sentences for v in self.values if v.sentences)
             for (_, hi), (lo, _) in itertools.pairwise(spans):
@@ -189,7 +194,10 @@ class Domain:
     def topics(self) -> list[str]:
         q = self.spec.questions
         names = list(q.slots)
-        return [q.topic.format(**dict(zip(names, combo, strict=True))) for combo in itertools.product(*q.slots.values())]
+        return [
+            q.topic.format(**dict(zip(names, combo, strict=True)))
+            for combo in itertools.product(*q.slots.values())
+        ]
 
     def trait_index(self, name: str) -> int:
         for i, t in enumerate(self.traits):
@@ -217,7 +225,9 @@ def load_domain(name_or_path: str | Path) -> Domain:
         where = f" at line {mark.line + 1}" if mark else ""
         raise DomainError(f"domain file {path}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
     if not isinstance(data, dict):
-        raise DomainError(f"domain file {path}: expected a mapping at the top level, got {type(data).__name__}")
+        raise DomainError(
+            f"domain file {path}: expected a mapping at the top level, got {type(data).__name__}"
+        )
     try:
         spec = DomainSpec.model_validate(data)
     except ValidationError as e:
@@ -225,7 +235,9 @@ def load_domain(name_or_path: str | Path) -> Domain:
         loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
         more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
         raise DomainError(f"domain file {path}: {loc}: {err['msg']}{more}") from None
-    domain = Domain(spec=spec, source=key if key in BUILTIN_DOMAINS else str(path), sha256=hashlib.sha256(raw).hexdigest())
+    domain = Domain(
+        spec=spec, source=key if key in BUILTIN_DOMAINS else str(path), sha256=hashlib.sha256(raw).hexdigest()
+    )
     try:
         _check_semantics(domain)
     except ValueError as e:
@@ -244,10 +256,14 @@ def _check_semantics(d: Domain) -> None:
         want = set(attrs[t.prior.given].values)
         if set(t.prior.table) != want:
             missing = sorted(want - set(t.prior.table)) or sorted(set(t.prior.table) - want)
-            raise ValueError(f"trait {t.name!r}: prior.table rows must match the values of {t.prior.given!r}; check {missing}")
+            raise ValueError(
+                f"trait {t.name!r}: prior.table rows must match the values of {t.prior.given!r}; check {missing}"
+            )
         for row_name, row in t.prior.table.items():
             if len(row) != len(t.values) or min(row) < 0 or sum(row) <= 0:
-                raise ValueError(f"trait {t.name!r}: prior row {row_name!r} needs {len(t.values)} non-negative weights")
+                raise ValueError(
+                    f"trait {t.name!r}: prior row {row_name!r} needs {len(t.values)} non-negative weights"
+                )
     for attr, by_value in s.persona.attribute_sentences.items():
         if attr not in attrs:
             raise ValueError(f"persona.attribute_sentences names unknown attribute {attr!r}")
@@ -263,9 +279,14 @@ def _check_semantics(d: Domain) -> None:
     if kinds.count("length") > 1 or kinds.count("layout") > 1:
         raise ValueError("a domain has at most one length trait and one layout trait")
     n_lexical = kinds.count("lexical")
-    length_min = min((v.sentences[0] for t in s.traits if t.kind == "length" for v in t.values if v.sentences), default=s.response.sentences[0])
+    length_min = min(
+        (v.sentences[0] for t in s.traits if t.kind == "length" for v in t.values if v.sentences),
+        default=s.response.sentences[0],
+    )
     if length_min < n_lexical:
-        raise ValueError(f"responses need at least {n_lexical} sentences (one per lexical trait); the shortest allowed is {length_min}")
+        raise ValueError(
+            f"responses need at least {n_lexical} sentences (one per lexical trait); the shortest allowed is {length_min}"
+        )
 
     # Exactness: each sentence is one sentence, and markers appear only where they belong.
     pats = [(ti, vi, p) for ti, ps in enumerate(d.marker_patterns) if ps for vi, p in enumerate(ps)]
@@ -298,7 +319,9 @@ def _check_semantics(d: Domain) -> None:
                 other = sorted(h - {(ti, vi)})
                 if other:
                     oti, ovi = other[0]
-                    raise ValueError(f"{where}: {ph!r} also contains a marker of {s.traits[oti].name}={s.traits[oti].values[ovi].name}")
+                    raise ValueError(
+                        f"{where}: {ph!r} also contains a marker of {s.traits[oti].name}={s.traits[oti].values[ovi].name}"
+                    )
 
 
 _FIELD = re.compile(r"{([^{}]*)}")
@@ -307,4 +330,6 @@ _FIELD = re.compile(r"{([^{}]*)}")
 def _check_fields(template: str, allowed: set[str], where: str) -> None:
     for name in _FIELD.findall(template):
         if name not in allowed:
-            raise ValueError(f"{where}: {template!r} uses unknown field {{{name}}}; allowed: {sorted(allowed)}")
+            raise ValueError(
+                f"{where}: {template!r} uses unknown field {{{name}}}; allowed: {sorted(allowed)}"
+            )

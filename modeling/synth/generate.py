@@ -88,7 +88,10 @@ class DatasetInfo:
     manifest: dict[str, Any]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"path": str(self.path), **{k: self.manifest[k] for k in ("domain", "mode", "counts", "quality")}}
+        return {
+            "path": str(self.path),
+            **{k: self.manifest[k] for k in ("domain", "mode", "counts", "quality")},
+        }
 
 
 @dataclass
@@ -125,7 +128,9 @@ class _Quality:
             "order_swap_agreement_initial": round(self.consistent_by_round[0] / c, 4),
             "order_swap_agreement_final": round(self.consistent_by_round[-1] / c, 4),
             "repeat_agreement": round(self.repeat_agree / max(self.repeat_asked, 1), 4),
-            "transitivity_violation_rate": round(self.triples_cyclic / self.triples, 4) if self.triples else None,
+            "transitivity_violation_rate": round(self.triples_cyclic / self.triples, 4)
+            if self.triples
+            else None,
             "triples_checked": self.triples,
             "candidate_pairs": self.candidates,
             "refinement_rounds_histogram": self.rounds_hist,
@@ -134,7 +139,9 @@ class _Quality:
             "users_short_of_pairs": self.users_short,
             "pairs_missing": self.pairs_missing,
             "preference_combo_entropy_bits": round(entropy, 4),
-            "preference_combo_entropy_normalized": round(entropy / np.log2(self.combos_possible), 4) if self.combos_possible > 1 else 0.0,
+            "preference_combo_entropy_normalized": round(entropy / np.log2(self.combos_possible), 4)
+            if self.combos_possible > 1
+            else 0.0,
             "preference_combos_seen": len(self.combo_counts),
             "preference_combos_possible": self.combos_possible,
             "labels_follow_persona": mode == "structured",
@@ -157,7 +164,9 @@ def generate_dataset(
     return generate(cfg, Path(out_dir), overwrite=overwrite, progress=progress)
 
 
-def generate(cfg: SynthConfig, out_dir: Path, *, overwrite: bool = False, progress: Progress | None = None) -> DatasetInfo:
+def generate(
+    cfg: SynthConfig, out_dir: Path, *, overwrite: bool = False, progress: Progress | None = None
+) -> DatasetInfo:
     dom = load_domain(cfg.domain)
     writer = DatasetWriter(out_dir, overwrite=overwrite)
     try:
@@ -179,7 +188,10 @@ def _run(cfg: SynthConfig, dom: Domain, writer: DatasetWriter, progress: Progres
     write_questions(writer, qs)
     write_responses(writer, dom, resp.text, resp.question_id, resp.values, ["procedural"] * len(resp.text))
 
-    q = _Quality(rounds=cfg.max_rounds if cfg.mode == "structured" else 0, combos_possible=int(np.prod(dom.trait_sizes)))
+    q = _Quality(
+        rounds=cfg.max_rounds if cfg.mode == "structured" else 0,
+        combos_possible=int(np.prod(dom.trait_sizes)),
+    )
     total = cfg.users * cfg.pairs_per_user
     next_pair = 0
     u_schema = users_schema(dom.attribute_names, trait_names)
@@ -191,9 +203,18 @@ def _run(cfg: SynthConfig, dom: Domain, writer: DatasetWriter, progress: Progres
         writer.write("users", users_table(dom, users, is_test, u_schema))
         rows = pairs["user_row"]
         next_pair += write_preferences(
-            writer, first_pair_id=next_pair, user_id=users.user_id[rows], question_id=pairs["question_id"],
-            chosen=pairs["chosen"], rejected=pairs["rejected"], user_test=is_test[rows], question_split=qs.split[pairs["question_id"]],
-            margin=pairs["margin"], repeat_agree=pairs["repeat_agree"], label_round=pairs["round"])
+            writer,
+            first_pair_id=next_pair,
+            user_id=users.user_id[rows],
+            question_id=pairs["question_id"],
+            chosen=pairs["chosen"],
+            rejected=pairs["rejected"],
+            user_test=is_test[rows],
+            question_split=qs.split[pairs["question_id"]],
+            margin=pairs["margin"],
+            repeat_agree=pairs["repeat_agree"],
+            label_round=pairs["round"],
+        )
         if progress:
             progress(min(next_pair + q.pairs_missing, total), total, "pairs")
     return {
@@ -209,8 +230,17 @@ def _run(cfg: SynthConfig, dom: Domain, writer: DatasetWriter, progress: Progres
     }
 
 
-def _label_block(cfg: SynthConfig, dom: Domain, qs: world.Questions, resp: world.Responses, *,
-                 users_rng: np.random.Generator, n: int, start: int, quality: _Quality) -> tuple[world.Users, dict[str, np.ndarray]]:
+def _label_block(
+    cfg: SynthConfig,
+    dom: Domain,
+    qs: world.Questions,
+    resp: world.Responses,
+    *,
+    users_rng: np.random.Generator,
+    n: int,
+    start: int,
+    quality: _Quality,
+) -> tuple[world.Users, dict[str, np.ndarray]]:
     """Sample a block of users, draw candidate pairs, label them (with refinement), keep the first
     ``pairs_per_user`` consistent ones per user."""
     rng = users_rng
@@ -297,7 +327,14 @@ def _label_block(cfg: SynthConfig, dom: Domain, qs: world.Questions, resp: world
     # Transitivity: three responses of one of the user's questions, all three pairs asked both ways.
     _check_transitivity(cfg, dom, users, resp, cq[:, 0], rng, quality)
 
-    quality.rounds_hist = [a + b for a, b in zip(quality.rounds_hist, np.bincount(users.rounds, minlength=len(quality.rounds_hist)).tolist(), strict=False)]
+    quality.rounds_hist = [
+        a + b
+        for a, b in zip(
+            quality.rounds_hist,
+            np.bincount(users.rounds, minlength=len(quality.rounds_hist)).tolist(),
+            strict=False,
+        )
+    ]
     quality.stated_initial += int(users.stated_initial.sum())
     quality.stated_final += int(users.stated.sum())
     quality.user_traits += n * T
@@ -315,15 +352,26 @@ def _label_block(cfg: SynthConfig, dom: Domain, qs: world.Questions, resp: world
     }
 
 
-def _check_transitivity(cfg: SynthConfig, dom: Domain, users: world.Users, resp: world.Responses,
-                        question: np.ndarray, rng: np.random.Generator, quality: _Quality) -> None:
+def _check_transitivity(
+    cfg: SynthConfig,
+    dom: Domain,
+    users: world.Users,
+    resp: world.Responses,
+    question: np.ndarray,
+    rng: np.random.Generator,
+    quality: _Quality,
+) -> None:
     K = cfg.responses_per_question
     if K < 3:
         return
     n = len(users)
     base = resp.offsets[question][:, None] + (rng.integers(0, K, size=(n, 1)) + np.arange(3)) % K  # [n, 3]
     vals = resp.values[base]  # [n, 3, T]
-    distinct = ~((vals[:, 0] == vals[:, 1]).all(-1) | (vals[:, 1] == vals[:, 2]).all(-1) | (vals[:, 0] == vals[:, 2]).all(-1))
+    distinct = ~(
+        (vals[:, 0] == vals[:, 1]).all(-1)
+        | (vals[:, 1] == vals[:, 2]).all(-1)
+        | (vals[:, 0] == vals[:, 2]).all(-1)
+    )
     w = (users.weight * users.stated)[:, None, :]
     u = world.utility(dom, users.pref[:, None, :], w, vals)  # [n, 3]
     wins = []
@@ -343,16 +391,28 @@ def _check_transitivity(cfg: SynthConfig, dom: Domain, users: world.Users, resp:
 
 
 def write_questions(writer: DatasetWriter, qs: world.Questions) -> None:
-    writer.write("questions", pa.table({
-        "question_id": pa.array(np.arange(len(qs.text), dtype=np.int32)),
-        "split": pa.array(qs.split.tolist()),
-        "topic": pa.array(qs.topic),
-        "text": pa.array(qs.text),
-    }, schema=QUESTIONS_SCHEMA))
+    writer.write(
+        "questions",
+        pa.table(
+            {
+                "question_id": pa.array(np.arange(len(qs.text), dtype=np.int32)),
+                "split": pa.array(qs.split.tolist()),
+                "topic": pa.array(qs.topic),
+                "text": pa.array(qs.text),
+            },
+            schema=QUESTIONS_SCHEMA,
+        ),
+    )
 
 
-def write_responses(writer: DatasetWriter, dom: Domain, texts: list[str], question_id: np.ndarray, values: np.ndarray,
-                    source: list[str]) -> None:
+def write_responses(
+    writer: DatasetWriter,
+    dom: Domain,
+    texts: list[str],
+    question_id: np.ndarray,
+    values: np.ndarray,
+    source: list[str],
+) -> None:
     cols: dict[str, Any] = {
         "response_id": pa.array(np.arange(len(texts), dtype=np.int32)),
         "question_id": pa.array(question_id.astype(np.int32)),
@@ -365,33 +425,57 @@ def write_responses(writer: DatasetWriter, dom: Domain, texts: list[str], questi
     writer.write("responses", pa.table(cols, schema=responses_schema([t.name for t in dom.traits])))
 
 
-def write_preferences(writer: DatasetWriter, *, first_pair_id: int, user_id: np.ndarray, question_id: np.ndarray,
-                      chosen: np.ndarray, rejected: np.ndarray, user_test: np.ndarray, question_split: np.ndarray,
-                      margin: np.ndarray, repeat_agree: np.ndarray, label_round: np.ndarray) -> int:
+def write_preferences(
+    writer: DatasetWriter,
+    *,
+    first_pair_id: int,
+    user_id: np.ndarray,
+    question_id: np.ndarray,
+    chosen: np.ndarray,
+    rejected: np.ndarray,
+    user_test: np.ndarray,
+    question_split: np.ndarray,
+    margin: np.ndarray,
+    repeat_agree: np.ndarray,
+    label_round: np.ndarray,
+) -> int:
     """Append labeled pairs; returns how many."""
     m = len(user_id)
-    writer.write("preferences", pa.table({
-        "pair_id": pa.array(np.arange(first_pair_id, first_pair_id + m, dtype=np.int64)),
-        "user_id": pa.array(user_id.astype(np.int64)),
-        "question_id": pa.array(question_id.astype(np.int32)),
-        "chosen_id": pa.array(chosen.astype(np.int32)),
-        "rejected_id": pa.array(rejected.astype(np.int32)),
-        "user_split": pa.array(np.where(user_test, "test", "train").tolist(), pa.string()),
-        "question_split": pa.array(question_split.tolist(), pa.string()),
-        "margin": pa.array(margin.astype(np.float32)),
-        "repeat_agree": pa.array(repeat_agree.astype(bool)),
-        "round": pa.array(label_round.astype(np.int8)),
-    }, schema=PREFERENCES_SCHEMA))
+    writer.write(
+        "preferences",
+        pa.table(
+            {
+                "pair_id": pa.array(np.arange(first_pair_id, first_pair_id + m, dtype=np.int64)),
+                "user_id": pa.array(user_id.astype(np.int64)),
+                "question_id": pa.array(question_id.astype(np.int32)),
+                "chosen_id": pa.array(chosen.astype(np.int32)),
+                "rejected_id": pa.array(rejected.astype(np.int32)),
+                "user_split": pa.array(np.where(user_test, "test", "train").tolist(), pa.string()),
+                "question_split": pa.array(question_split.tolist(), pa.string()),
+                "margin": pa.array(margin.astype(np.float32)),
+                "repeat_agree": pa.array(repeat_agree.astype(bool)),
+                "round": pa.array(label_round.astype(np.int8)),
+            },
+            schema=PREFERENCES_SCHEMA,
+        ),
+    )
     return m
 
 
-def users_table(dom: Domain, users: world.Users, is_test: np.ndarray, schema: pa.Schema,
-                 descriptions: tuple[list[str], list[str]] | None = None) -> pa.Table:
+def users_table(
+    dom: Domain,
+    users: world.Users,
+    is_test: np.ndarray,
+    schema: pa.Schema,
+    descriptions: tuple[list[str], list[str]] | None = None,
+) -> pa.Table:
     """The users table; descriptions (final, initial) default to the procedural persona texts."""
     n = len(users)
     if descriptions is None:
-        descriptions = ([world.persona_description(dom, users, i) for i in range(n)],
-                        [world.persona_description(dom, users, i, initial=True) for i in range(n)])
+        descriptions = (
+            [world.persona_description(dom, users, i) for i in range(n)],
+            [world.persona_description(dom, users, i, initial=True) for i in range(n)],
+        )
     cols: dict[str, Any] = {
         "user_id": pa.array(users.user_id),
         "split": pa.array(np.where(is_test, "test", "train").tolist()),

@@ -53,7 +53,10 @@ def prompts() -> dict[str, Any]:
 
 def _messages(step: str, **fields: str) -> list[dict[str, str]]:
     p = prompts()[step]
-    return [{"role": "system", "content": p["system"]}, {"role": "user", "content": p["user"].format(**fields)}]
+    return [
+        {"role": "system", "content": p["system"]},
+        {"role": "user", "content": p["user"].format(**fields)},
+    ]
 
 
 class Journal:
@@ -113,6 +116,16 @@ def parse_choice(reply: str) -> str | None:
     return found.pop() if len(found) == 1 else None
 
 
+def _seed(*parts: object) -> int:
+    """A per-call sampling seed derived from the run's seed and the call's identity (stable across runs)."""
+    return int.from_bytes(
+        hashlib.sha256(
+            repr(tuple(int(p) if isinstance(p, np.integer) else p for p in parts)).encode()
+        ).digest()[:4],
+        "big",
+    )
+
+
 def _first_line(text: str, limit: int = 400) -> str:
     for line in text.strip().splitlines():
         if line.strip():
@@ -120,8 +133,15 @@ def _first_line(text: str, limit: int = 400) -> str:
     return ""
 
 
-def generate_with_llm(*, llm: str | ChatBackend, out_dir: str | Path, overwrite: bool = False,
-                      progress: Progress | None = None, judge_temperature: float = 0.0, **options: Any) -> DatasetInfo:
+def generate_with_llm(
+    *,
+    llm: str | ChatBackend,
+    out_dir: str | Path,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+    judge_temperature: float = 0.0,
+    **options: Any,
+) -> DatasetInfo:
     """Generate a dataset with an LLM back end (a spec string for ``backend_from_spec`` or a backend)."""
     cfg = SynthConfig(**options)
     dom = load_domain(cfg.domain)
@@ -130,14 +150,27 @@ def generate_with_llm(*, llm: str | ChatBackend, out_dir: str | Path, overwrite:
         raise DatasetError(f"{out_dir} already exists (pass --overwrite to replace it)")
     backend = backend_from_spec(llm) if isinstance(llm, str) else llm
     work = out_dir.with_name(out_dir.name + ".work")
-    fingerprint = hashlib.sha256(json.dumps({"config": cfg.to_dict(), "domain": dom.sha256, "prompts": prompts()["version"],
-                                             "backend": backend.name, "judge_temperature": judge_temperature},
-                                            sort_keys=True).encode()).hexdigest()
-    work.mkdir(parents=True, exist_ok=True)
+    fingerprint = hashlib.sha256(
+        json.dumps(
+            {
+                "config": cfg.to_dict(),
+                "domain": dom.sha256,
+                "prompts": prompts()["version"],
+                "backend": backend.name,
+                "judge_temperature": judge_temperature,
+            },
+            sort_keys=True,
+        ).encode()
+    ).hexdigest()
     fp_path = work / "fingerprint"
+    if fp_path.exists() and fp_path.read_text() != fingerprint and overwrite:
+        shutil.rmtree(work)  # --overwrite: an interrupted run with other options is discarded too
+    work.mkdir(parents=True, exist_ok=True)
     if fp_path.exists() and fp_path.read_text() != fingerprint:
-        raise DatasetError(f"{work} holds an interrupted run with other options; rerun with those options to resume, "
-                           f"or delete {work}")
+        raise DatasetError(
+            f"{work} holds an interrupted run with other options; rerun with those options to resume, "
+            f"or delete {work}"
+        )
     fp_path.write_text(fingerprint)
     caller = _Caller(backend, Journal(work / "calls.jsonl"), progress)
     writer = DatasetWriter(out_dir, overwrite=overwrite)
@@ -155,22 +188,38 @@ def generate_with_llm(*, llm: str | ChatBackend, out_dir: str | Path, overwrite:
 def _style(dom: Domain, values: Sequence[int]) -> str:
     # The trait values' descriptions, as the reader would say them; the writer is steered by them.
     return "Write for a reader who says: " + " ".join(
-        f'"{trait.values[v].describe[0]}"' for trait, v in zip(dom.traits, values, strict=True))
+        f'"{trait.values[v].describe[0]}"' for trait, v in zip(dom.traits, values, strict=True)
+    )
 
 
-def _run(cfg: SynthConfig, dom: Domain, writer: DatasetWriter, call: _Caller, judge_temperature: float) -> dict[str, Any]:
+def _run(
+    cfg: SynthConfig, dom: Domain, writer: DatasetWriter, call: _Caller, judge_temperature: float
+) -> dict[str, Any]:
     seed = cfg.seed
     rng = np.random.default_rng([seed, 1])
     qs = world.build_questions(dom, rng, cfg.questions, cfg.test_topic_frac)
     title = dom.spec.title
 
     # 1. Questions, written from each topic (the template question is shown as an example).
-    qreplies = call.run("questions", [
-        (f"q{q}", ChatRequest(_messages("question", domain_title=title, topic=qs.topic[q]), max_tokens=64, temperature=1.0,
-                              seed=seed * 1_000_003 + q))
-        for q in range(len(qs.text))])
+    qreplies = call.run(
+        "questions",
+        [
+            (
+                f"q{q}",
+                ChatRequest(
+                    _messages("question", domain_title=title, topic=qs.topic[q]),
+                    max_tokens=64,
+                    temperature=1.0,
+                    seed=_seed(seed, "question", q),
+                ),
+            )
+            for q in range(len(qs.text))
+        ],
+    )
     written = [_first_line(qreplies[f"q{q}"], 300) for q in range(len(qs.text))]
-    qs.text = [w if len(w) >= 3 else qs.text[q] for q, w in enumerate(written)]  # an empty reply keeps the template
+    qs.text = [
+        w if len(w) >= 3 else qs.text[q] for q, w in enumerate(written)
+    ]  # an empty reply keeps the template
     write_questions(writer, qs)
 
     # 2. Responses, steered by sampled trait values (persona steering).
@@ -178,12 +227,30 @@ def _run(cfg: SynthConfig, dom: Domain, writer: DatasetWriter, call: _Caller, ju
     sizes = dom.trait_sizes
     picks = rng.integers(0, int(np.prod(sizes)), size=(len(qs.text), K))
     values = np.stack(np.unravel_index(picks.ravel(), sizes), axis=1).astype(np.int16)
-    rreplies = call.run("responses", [
-        (f"r{i}", ChatRequest(_messages("response", question=qs.text[i // K], style=_style(dom, values[i])),
-                              max_tokens=256, temperature=1.0, seed=seed * 1_000_003 + 7919 * i))
-        for i in range(len(values))])
+    rreplies = call.run(
+        "responses",
+        [
+            (
+                f"r{i}",
+                ChatRequest(
+                    _messages("response", question=qs.text[i // K], style=_style(dom, values[i])),
+                    max_tokens=256,
+                    temperature=1.0,
+                    seed=_seed(seed, "response", i),
+                ),
+            )
+            for i in range(len(values))
+        ],
+    )
     rtexts = [rreplies[f"r{i}"].strip() for i in range(len(values))]
-    write_responses(writer, dom, rtexts, np.repeat(np.arange(len(qs.text)), K), values, [f"llm:{call.backend.name}"] * len(rtexts))
+    write_responses(
+        writer,
+        dom,
+        rtexts,
+        np.repeat(np.arange(len(qs.text)), K),
+        values,
+        [f"llm:{call.backend.name}"] * len(rtexts),
+    )
 
     # 3. Personas from randomized attributes and preferences (domain randomization).
     urng = np.random.default_rng([seed, 2, 0])
@@ -192,10 +259,23 @@ def _run(cfg: SynthConfig, dom: Domain, writer: DatasetWriter, call: _Caller, ju
     is_test = urng.random(n) < cfg.test_user_frac
 
     def persona_call(u: int) -> ChatRequest:
-        attrs = "\n".join(f"- {a}: {dom.spec.attributes[a].values[users.attrs[u, j]]}" for j, a in enumerate(dom.attribute_names))
-        prefs = "\n".join(f"- {t.values[users.pref[u, ti]].describe[0]}" for ti, t in enumerate(dom.traits) if users.stated[u, ti])
-        return ChatRequest(_messages("persona", attributes=attrs, domain_title=title, preferences=prefs or "- (none stated)"),
-                           max_tokens=160, temperature=1.0, seed=seed * 1_000_003 + 31 * u)
+        attrs = "\n".join(
+            f"- {a}: {dom.spec.attributes[a].values[users.attrs[u, j]]}"
+            for j, a in enumerate(dom.attribute_names)
+        )
+        prefs = "\n".join(
+            f"- {t.values[users.pref[u, ti]].describe[0]}"
+            for ti, t in enumerate(dom.traits)
+            if users.stated[u, ti]
+        )
+        return ChatRequest(
+            _messages(
+                "persona", attributes=attrs, domain_title=title, preferences=prefs or "- (none stated)"
+            ),
+            max_tokens=160,
+            temperature=1.0,
+            seed=_seed(seed, "persona", u),
+        )
 
     preplies = call.run("personas", [(f"p{u}", persona_call(u)) for u in range(n)])
     desc_initial = [preplies[f"p{u}"].strip() for u in range(n)]
@@ -211,9 +291,16 @@ def _run(cfg: SynthConfig, dom: Domain, writer: DatasetWriter, call: _Caller, ju
 
     def judge_calls(u: int, c: int, tag: str, order: str, temperature: float) -> tuple[str, ChatRequest]:
         a, b = (ra[u, c], rb[u, c]) if order == "ab" else (rb[u, c], ra[u, c])
-        msgs = _messages("judge", persona=desc[u], question=qs.text[cq[u, c]], response_a=rtexts[a], response_b=rtexts[b])
-        return f"L{u}_{c}_{tag}_{order}", ChatRequest(msgs, max_tokens=2, temperature=temperature, choices=("A", "B"),
-                                                      seed=int(seed * 1_000_003 + 104729 * u + c))
+        msgs = _messages(
+            "judge", persona=desc[u], question=qs.text[cq[u, c]], response_a=rtexts[a], response_b=rtexts[b]
+        )
+        return f"L{u}_{c}_{tag}_{order}", ChatRequest(
+            msgs,
+            max_tokens=2,
+            temperature=temperature,
+            choices=("A", "B"),
+            seed=_seed(seed, "label", u, c, tag, order),
+        )
 
     quality = _Quality(rounds=cfg.max_rounds, combos_possible=int(np.prod(sizes)))
     a_wins = np.zeros((n, C), dtype=bool)
@@ -223,7 +310,12 @@ def _run(cfg: SynthConfig, dom: Domain, writer: DatasetWriter, call: _Caller, ju
     pending = np.ones(n, dtype=bool)
     for rnd in range(cfg.max_rounds + 1):
         us = np.flatnonzero(pending)
-        calls = [judge_calls(u, c, f"r{rnd}", o, judge_temperature) for u in us for c in range(C) for o in ("ab", "ba")]
+        calls = [
+            judge_calls(u, c, f"r{rnd}", o, judge_temperature)
+            for u in us
+            for c in range(C)
+            for o in ("ab", "ba")
+        ]
         replies = call.run(f"labels (round {rnd})", calls)
         for u in us:
             for c in range(C):
@@ -231,7 +323,9 @@ def _run(cfg: SynthConfig, dom: Domain, writer: DatasetWriter, call: _Caller, ju
                 second = parse_choice(replies[f"L{u}_{c}_r{rnd}_ba"])
                 unparsed += (first is None) + (second is None)
                 a_wins[u, c] = first == "A"
-                consistent[u, c] = first is not None and second is not None and (first == "A") == (second == "B")
+                consistent[u, c] = (
+                    first is not None and second is not None and (first == "A") == (second == "B")
+                )
                 label_round[u, c] = rnd
         quality.consistent_by_round[rnd] = int(consistent.sum())
         if rnd == cfg.max_rounds or cfg.mode == "random":
@@ -243,9 +337,19 @@ def _run(cfg: SynthConfig, dom: Domain, writer: DatasetWriter, call: _Caller, ju
         rcalls = []
         for u in refine:
             c = int(np.flatnonzero(~consistent[u])[0])
-            msgs = _messages("refine", persona=desc[u], question=qs.text[cq[u, c]], response_a=rtexts[ra[u, c]],
-                             response_b=rtexts[rb[u, c]])
-            rcalls.append((f"F{u}_{rnd}", ChatRequest(msgs, max_tokens=80, temperature=0.7, seed=int(seed * 1_000_003 + 13 * u + rnd))))
+            msgs = _messages(
+                "refine",
+                persona=desc[u],
+                question=qs.text[cq[u, c]],
+                response_a=rtexts[ra[u, c]],
+                response_b=rtexts[rb[u, c]],
+            )
+            rcalls.append(
+                (
+                    f"F{u}_{rnd}",
+                    ChatRequest(msgs, max_tokens=80, temperature=0.7, seed=_seed(seed, "refine", u, rnd)),
+                )
+            )
         freplies = call.run(f"refine (round {rnd + 1})", rcalls)
         pending[:] = False
         for u in refine:
@@ -268,8 +372,13 @@ def _run(cfg: SynthConfig, dom: Domain, writer: DatasetWriter, call: _Caller, ju
     # Asked once more, sampled: does the judge say the same?
     again_calls = [judge_calls(u, c, "repeat", "ab", 1.0) for u, c in zip(rows, cols, strict=True)]
     again = call.run("repeat asks", again_calls)
-    repeat_agree = np.asarray([parse_choice(again[k]) == ("A" if a_wins[u, c] else "B")
-                               for (k, _), u, c in zip(again_calls, rows, cols, strict=True)], dtype=bool)
+    repeat_agree = np.asarray(
+        [
+            parse_choice(again[k]) == ("A" if a_wins[u, c] else "B")
+            for (k, _), u, c in zip(again_calls, rows, cols, strict=True)
+        ],
+        dtype=bool,
+    )
     quality.repeat_asked, quality.repeat_agree = len(rows), int(repeat_agree.sum())
     quality.users_short = int((keep.sum(axis=1) < cfg.pairs_per_user).sum())
     quality.pairs_missing = int((cfg.pairs_per_user - keep.sum(axis=1)).sum())
@@ -287,9 +396,25 @@ def _run(cfg: SynthConfig, dom: Domain, writer: DatasetWriter, call: _Caller, ju
             trio = [int(cq[u, 0]) * K + k for k in range(3)]
             for x, y in ((0, 1), (1, 2), (2, 0)):
                 for order, (a, b) in (("ab", (trio[x], trio[y])), ("ba", (trio[y], trio[x]))):
-                    msgs = _messages("judge", persona=desc[u], question=qs.text[cq[u, 0]], response_a=rtexts[a], response_b=rtexts[b])
-                    tcalls.append((f"T{u}_{x}{y}_{order}", ChatRequest(msgs, max_tokens=2, temperature=judge_temperature,
-                                                                        choices=("A", "B"), seed=int(seed + u))))
+                    msgs = _messages(
+                        "judge",
+                        persona=desc[u],
+                        question=qs.text[cq[u, 0]],
+                        response_a=rtexts[a],
+                        response_b=rtexts[b],
+                    )
+                    tcalls.append(
+                        (
+                            f"T{u}_{x}{y}_{order}",
+                            ChatRequest(
+                                msgs,
+                                max_tokens=2,
+                                temperature=judge_temperature,
+                                choices=("A", "B"),
+                                seed=_seed(seed, "triple", u, x, y, order),
+                            ),
+                        )
+                    )
         treplies = call.run("transitivity", tcalls)
         for u in tri_users:
             wins, ok = [], True
@@ -302,18 +427,39 @@ def _run(cfg: SynthConfig, dom: Domain, writer: DatasetWriter, call: _Caller, ju
                 quality.triples_cyclic += int(all(wins) or not any(wins))
 
     aw = a_wins[rows, cols]
-    writer.write("users", users_table(dom, users, is_test, users_schema(dom.attribute_names, [t.name for t in dom.traits]),
-                                      descriptions=(desc, desc_initial)))
-    write_preferences(writer, first_pair_id=0, user_id=users.user_id[rows], question_id=cq[rows, cols],
-                      chosen=np.where(aw, ra[rows, cols], rb[rows, cols]), rejected=np.where(aw, rb[rows, cols], ra[rows, cols]),
-                      user_test=is_test[rows], question_split=qs.split[cq[rows, cols]], margin=np.full(len(rows), np.nan),
-                      repeat_agree=repeat_agree, label_round=label_round[rows, cols])
+    writer.write(
+        "users",
+        users_table(
+            dom,
+            users,
+            is_test,
+            users_schema(dom.attribute_names, [t.name for t in dom.traits]),
+            descriptions=(desc, desc_initial),
+        ),
+    )
+    write_preferences(
+        writer,
+        first_pair_id=0,
+        user_id=users.user_id[rows],
+        question_id=cq[rows, cols],
+        chosen=np.where(aw, ra[rows, cols], rb[rows, cols]),
+        rejected=np.where(aw, rb[rows, cols], ra[rows, cols]),
+        user_test=is_test[rows],
+        question_split=qs.split[cq[rows, cols]],
+        margin=np.full(len(rows), np.nan),
+        repeat_agree=repeat_agree,
+        label_round=label_round[rows, cols],
+    )
     summary = quality.summary(cfg.mode)
-    summary["stated_trait_fraction_final"] = None  # an LLM persona's refinements are free text, not trait flags
+    summary["stated_trait_fraction_final"] = (
+        None  # an LLM persona's refinements are free text, not trait flags
+    )
     summary["judge_replies_unparsed"] = unparsed
     if not len(rows):
-        raise LLMError(f"the LLM judge decided no pair consistently ({unparsed} unparseable replies); "
-                       "check the model and prompts — no dataset was written")
+        raise LLMError(
+            f"the LLM judge decided no pair consistently ({unparsed} unparseable replies); "
+            "check the model and prompts — no dataset was written"
+        )
     return {
         "domain": dom.name,
         "domain_source": dom.source,

@@ -35,11 +35,16 @@ def _distinct_ngrams(texts: list[str], n: int = 2) -> float:
     return len(seen) / max(total, 1)
 
 
-def dataset_stats(path: str | Path, *, embeddings: bool = True, sample: int = 256, seed: int = 0) -> dict[str, Any]:
+def dataset_stats(
+    path: str | Path, *, embeddings: bool = True, sample: int = 256, seed: int = 0
+) -> dict[str, Any]:
     """Sizes, consistency and diversity of the dataset at ``path`` as a nested dict."""
     ds = load_dataset(path)
     rng = np.random.default_rng(seed)
-    users = ds.table("users", ["split", "description", "refinement_rounds", *[f"attr_{a}" for a in ds.manifest["attributes"]]])
+    users = ds.table(
+        "users",
+        ["split", "description", "refinement_rounds", *[f"attr_{a}" for a in ds.manifest["attributes"]]],
+    )
     questions = ds.table("questions", ["split", "text"])
     responses = ds.table("responses", ["text"])
     prefs = ds.table("preferences", ["user_split", "question_split", "margin"])
@@ -65,9 +70,18 @@ def dataset_stats(path: str | Path, *, embeddings: bool = True, sample: int = 25
             "users_train": int(pc.sum(pc.equal(users.column("split"), "train")).as_py() or 0),
             "users_test": int(pc.sum(pc.equal(users.column("split"), "test")).as_py() or 0),
             "questions_test": int(pc.sum(pc.equal(questions.column("split"), "test")).as_py() or 0),
-            "pairs_train_users_train_questions": int(pc.sum(pc.and_(pc.equal(prefs.column("user_split"), "train"),
-                                                                    pc.equal(prefs.column("question_split"), "train"))).as_py() or 0),
-            "mean_response_words": round(float(np.mean([len(t.split()) for t in r_texts])), 1) if r_texts else 0.0,
+            "pairs_train_users_train_questions": int(
+                pc.sum(
+                    pc.and_(
+                        pc.equal(prefs.column("user_split"), "train"),
+                        pc.equal(prefs.column("question_split"), "train"),
+                    )
+                ).as_py()
+                or 0
+            ),
+            "mean_response_words": round(float(np.mean([len(t.split()) for t in r_texts])), 1)
+            if r_texts
+            else 0.0,
         },
         "consistency": {
             "order_swap_agreement_initial": quality["order_swap_agreement_initial"],
@@ -82,8 +96,10 @@ def dataset_stats(path: str | Path, *, embeddings: bool = True, sample: int = 25
         "diversity": {
             "preference_combo_entropy_normalized": quality.get("preference_combo_entropy_normalized"),
             "preference_combos_seen": quality.get("preference_combos_seen"),
-            "attribute_entropy_normalized": {a: round(_entropy_normalized(users.column(f"attr_{a}").to_pylist()), 4)
-                                             for a in ds.manifest["attributes"]},
+            "attribute_entropy_normalized": {
+                a: round(_entropy_normalized(users.column(f"attr_{a}").to_pylist()), 4)
+                for a in ds.manifest["attributes"]
+            },
             "distinct_persona_texts": round(len(set(descriptions)) / max(len(descriptions), 1), 4),
             "response_distinct_2": round(_distinct_ngrams(r_texts), 4),
         },
@@ -91,8 +107,12 @@ def dataset_stats(path: str | Path, *, embeddings: bool = True, sample: int = 25
     if embeddings:
         from ..embed import embed, mean_pairwise_distance
 
-        out["diversity"]["persona_embedding_distance"] = round(mean_pairwise_distance(embed(pick(descriptions))), 4)
-        out["diversity"]["question_embedding_distance"] = round(mean_pairwise_distance(embed(pick(q_texts))), 4)
+        out["diversity"]["persona_embedding_distance"] = round(
+            mean_pairwise_distance(embed(pick(descriptions))), 4
+        )
+        out["diversity"]["question_embedding_distance"] = round(
+            mean_pairwise_distance(embed(pick(q_texts))), 4
+        )
     return out
 
 
@@ -123,7 +143,11 @@ def stats_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
         "questions (test)": f"{z['questions']:,} ({z['questions_test']:,})",
         "order-swap agreement: initial → final": f"{c['order_swap_agreement_initial']:.3f} → {c['order_swap_agreement_final']:.3f}",
         "stated traits: initial → final": f"{c['stated_trait_fraction_initial']:.2f} → "
-                                          + ("free text" if c["stated_trait_fraction_final"] is None else f"{c['stated_trait_fraction_final']:.2f}"),
+        + (
+            "free text"
+            if c["stated_trait_fraction_final"] is None
+            else f"{c['stated_trait_fraction_final']:.2f}"
+        ),
     }
     rows = []
     for label, key in ROWS:
@@ -131,5 +155,16 @@ def stats_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
             rows.append((label, special[label]))
             continue
         v = s[key[0]].get(key[1])
-        rows.append((label, "—" if v is None else f"{v:,}" if isinstance(v, int) else f"{v:.3f}" if isinstance(v, float) else str(v)))
+        rows.append(
+            (
+                label,
+                "—"
+                if v is None
+                else f"{v:,}"
+                if isinstance(v, int)
+                else f"{v:.3f}"
+                if isinstance(v, float)
+                else str(v),
+            )
+        )
     return rows

@@ -15,6 +15,7 @@ looks finished.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -47,41 +48,53 @@ def users_schema(attributes: list[str], traits: list[str]) -> pa.Schema:
     ]
     fields += [pa.field(f"attr_{a}", pa.string()) for a in attributes]
     for t in traits:
-        fields += [pa.field(f"pref_{t}", pa.string()), pa.field(f"weight_{t}", pa.float32()),
-                   pa.field(f"stated_{t}", pa.bool_()), pa.field(f"stated_initial_{t}", pa.bool_())]
+        fields += [
+            pa.field(f"pref_{t}", pa.string()),
+            pa.field(f"weight_{t}", pa.float32()),
+            pa.field(f"stated_{t}", pa.bool_()),
+            pa.field(f"stated_initial_{t}", pa.bool_()),
+        ]
     return pa.schema(fields)
 
 
-QUESTIONS_SCHEMA = pa.schema([
-    pa.field("question_id", pa.int32()),
-    pa.field("split", pa.string()),
-    pa.field("topic", pa.string()),
-    pa.field("text", pa.string()),
-])
+QUESTIONS_SCHEMA = pa.schema(
+    [
+        pa.field("question_id", pa.int32()),
+        pa.field("split", pa.string()),
+        pa.field("topic", pa.string()),
+        pa.field("text", pa.string()),
+    ]
+)
 
 
 def responses_schema(traits: list[str]) -> pa.Schema:
-    return pa.schema([
-        pa.field("response_id", pa.int32()),
+    return pa.schema(
+        [
+            pa.field("response_id", pa.int32()),
+            pa.field("question_id", pa.int32()),
+            pa.field("source", pa.string()),
+            pa.field("text", pa.string()),
+            *[pa.field(f"trait_{t}", pa.string()) for t in traits],
+        ]
+    )
+
+
+PREFERENCES_SCHEMA = pa.schema(
+    [
+        pa.field("pair_id", pa.int64()),
+        pa.field("user_id", pa.int64()),
         pa.field("question_id", pa.int32()),
-        pa.field("source", pa.string()),
-        pa.field("text", pa.string()),
-        *[pa.field(f"trait_{t}", pa.string()) for t in traits],
-    ])
-
-
-PREFERENCES_SCHEMA = pa.schema([
-    pa.field("pair_id", pa.int64()),
-    pa.field("user_id", pa.int64()),
-    pa.field("question_id", pa.int32()),
-    pa.field("chosen_id", pa.int32()),
-    pa.field("rejected_id", pa.int32()),
-    pa.field("user_split", pa.string()),
-    pa.field("question_split", pa.string()),
-    pa.field("margin", pa.float32()),  # oracle utility(chosen) - utility(rejected) for the final persona; NaN from an LLM judge
-    pa.field("repeat_agree", pa.bool_()),  # asked again, the judge gave the same answer
-    pa.field("round", pa.int8()),  # refinement round in which the pair was labeled
-])
+        pa.field("chosen_id", pa.int32()),
+        pa.field("rejected_id", pa.int32()),
+        pa.field("user_split", pa.string()),
+        pa.field("question_split", pa.string()),
+        pa.field(
+            "margin", pa.float32()
+        ),  # oracle utility(chosen) - utility(rejected) for the final persona; NaN from an LLM judge
+        pa.field("repeat_agree", pa.bool_()),  # asked again, the judge gave the same answer
+        pa.field("round", pa.int8()),  # refinement round in which the pair was labeled
+    ]
+)
 
 
 class DatasetWriter:
@@ -100,7 +113,9 @@ class DatasetWriter:
 
     def write(self, table: str, batch: pa.Table) -> None:
         if table not in self._writers:
-            self._writers[table] = pq.ParquetWriter(self.tmp_dir / f"{table}.parquet", batch.schema, compression="zstd")
+            self._writers[table] = pq.ParquetWriter(
+                self.tmp_dir / f"{table}.parquet", batch.schema, compression="zstd"
+            )
         self._writers[table].write_table(batch)
         self.rows[table] += batch.num_rows
 
@@ -109,9 +124,17 @@ class DatasetWriter:
             w.close()
         missing = [t for t in TABLES if t not in self._writers]
         if missing:
-            raise DatasetError(f"refusing to publish {self.out_dir}: tables never written: {', '.join(missing)}")
-        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest, "counts": dict(self.rows),
-                    "complete": True, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            raise DatasetError(
+                f"refusing to publish {self.out_dir}: tables never written: {', '.join(missing)}"
+            )
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            **manifest,
+            "counts": dict(self.rows),
+            "complete": True,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
         (self.tmp_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
         if self.out_dir.exists():
             shutil.rmtree(self.out_dir)
@@ -120,10 +143,8 @@ class DatasetWriter:
 
     def abort(self) -> None:
         for w in self._writers.values():
-            try:
+            with contextlib.suppress(Exception):  # best effort while unwinding another error
                 w.close()
-            except Exception:  # noqa: BLE001 - best effort while unwinding another error
-                pass
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
 
 
@@ -143,14 +164,20 @@ class Dataset:
         try:
             return pq.read_table(path, columns=columns)
         except (OSError, pa.ArrowException) as e:
-            raise DatasetError(f"{path}: cannot read ({_one_line(e)}); the file is truncated or corrupt") from None
+            raise DatasetError(
+                f"{path}: cannot read ({_one_line(e)}); the file is truncated or corrupt"
+            ) from None
 
-    def iter_batches(self, name: str, batch_size: int = 65536, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
+    def iter_batches(
+        self, name: str, batch_size: int = 65536, columns: list[str] | None = None
+    ) -> Iterator[pa.RecordBatch]:
         path = self.path / f"{name}.parquet"
         try:
             yield from pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=columns)
         except (OSError, pa.ArrowException) as e:
-            raise DatasetError(f"{path}: cannot read ({_one_line(e)}); the file is truncated or corrupt") from None
+            raise DatasetError(
+                f"{path}: cannot read ({_one_line(e)}); the file is truncated or corrupt"
+            ) from None
 
 
 def load_dataset(path: str | Path) -> Dataset:
@@ -170,7 +197,9 @@ def load_dataset(path: str | Path) -> Dataset:
     if manifest.get("format") != FORMAT:
         raise DatasetError(f"{path}: format {manifest.get('format')!r} is not {FORMAT!r}")
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise DatasetError(f"{path}: format version {manifest.get('format_version')} is not supported (this code reads {FORMAT_VERSION})")
+        raise DatasetError(
+            f"{path}: format version {manifest.get('format_version')} is not supported (this code reads {FORMAT_VERSION})"
+        )
     if not manifest.get("complete"):
         raise DatasetError(f"{path}: the manifest does not mark the dataset complete")
     for t in TABLES:
@@ -180,7 +209,9 @@ def load_dataset(path: str | Path) -> Dataset:
         except FileNotFoundError:
             raise DatasetError(f"{path}: missing {t}.parquet") from None
         except (OSError, pa.ArrowException) as e:
-            raise DatasetError(f"{p}: cannot read ({_one_line(e)}); the file is truncated or corrupt") from None
+            raise DatasetError(
+                f"{p}: cannot read ({_one_line(e)}); the file is truncated or corrupt"
+            ) from None
         want = manifest.get("counts", {}).get(t)
         if want is not None and rows != want:
             raise DatasetError(f"{p}: has {rows} rows but the manifest says {want}")

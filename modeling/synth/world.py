@@ -81,7 +81,9 @@ def persona_description(domain: Domain, users: Users, i: int, *, initial: bool =
     sentence per stated preference."""
     spec = domain.spec
     c = users.text_choice[i]
-    fields = {name: spec.attributes[name].values[users.attrs[i, j]] for j, name in enumerate(domain.attribute_names)}
+    fields = {
+        name: spec.attributes[name].values[users.attrs[i, j]] for j, name in enumerate(domain.attribute_names)
+    }
     intro = spec.persona.intro
     parts = [intro[c[0] % len(intro)].format(**fields)]
     for j, name in enumerate(domain.attribute_names):
@@ -109,7 +111,9 @@ class Questions:
     split: np.ndarray  # [Q] "train" | "test" (held-out topics)
 
 
-def build_questions(domain: Domain, rng: np.random.Generator, n_questions: int | None, test_frac: float) -> Questions:
+def build_questions(
+    domain: Domain, rng: np.random.Generator, n_questions: int | None, test_frac: float
+) -> Questions:
     """All (template, topic) combinations, or a random subset of n_questions; topics are split so that
     held-out questions are about topics never seen in training."""
     topics = domain.topics
@@ -286,20 +290,34 @@ def judge_picks_first(margin: np.ndarray, rng: np.random.Generator, cfg: JudgeCo
     return np.where(tie, u < cfg.position_bias, decided)
 
 
-def label_both_orders(margin_ab: np.ndarray, rng: np.random.Generator, cfg: JudgeConfig) -> tuple[np.ndarray, np.ndarray]:
+def label_both_orders(
+    margin_ab: np.ndarray, rng: np.random.Generator, cfg: JudgeConfig
+) -> tuple[np.ndarray, np.ndarray]:
     """Ask (a, b) then (b, a). Returns (a_wins_first_ask, consistent)."""
     a_first = judge_picks_first(margin_ab, rng, cfg)
     a_second = ~judge_picks_first(-margin_ab, rng, cfg)
     return a_first, a_first == a_second
 
 
-def label_pair(domain: Domain, pref: Sequence[int], weight: Sequence[float], stated: Sequence[bool],
-               values_a: Sequence[int], values_b: Sequence[int], draws: Sequence[float], cfg: JudgeConfig) -> tuple[bool, bool]:
+def label_pair(
+    domain: Domain,
+    pref: Sequence[int],
+    weight: Sequence[float],
+    stated: Sequence[bool],
+    values_a: Sequence[int],
+    values_b: Sequence[int],
+    draws: Sequence[float],
+    cfg: JudgeConfig,
+) -> tuple[bool, bool]:
     """Scalar twin of ``label_both_orders`` for one pair (used by tests and the naive benchmark).
     ``draws`` are the judge's two uniform draws. Returns (a_wins, consistent)."""
 
     def u(vals: Sequence[int]) -> float:
-        return sum(w * W[p, v] for w, W, p, v, s in zip(weight, domain.value_weights, pref, vals, stated, strict=True) if s)
+        return sum(
+            w * W[p, v]
+            for w, W, p, v, s in zip(weight, domain.value_weights, pref, vals, stated, strict=True)
+            if s
+        )
 
     def picks_first(m: float, draw: float) -> bool:
         if abs(m) < 1e-9:

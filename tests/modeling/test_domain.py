@@ -23,7 +23,9 @@ def test_it_loads_a_custom_domain_from_a_path(tmp_path, roleplay_spec):
     roleplay_spec["name"] = "my-roleplay"
     dom = load_domain(write(tmp_path, roleplay_spec))
     assert dom.name == "my-roleplay"
-    info = generate_dataset(out_dir=tmp_path / "out", domain=str(tmp_path / "custom.yaml"), users=20, pairs_per_user=3)
+    info = generate_dataset(
+        out_dir=tmp_path / "out", domain=str(tmp_path / "custom.yaml"), users=20, pairs_per_user=3
+    )
     assert info.manifest["domain"] == "my-roleplay"
     assert info.manifest["domain_sha256"] == dom.sha256
 
@@ -32,12 +34,22 @@ def test_it_loads_a_custom_domain_from_a_path(tmp_path, roleplay_spec):
     ("mutate", "message"),
     [
         (lambda s: s.pop("traits"), r"traits: Field required"),
-        (lambda s: s["traits"][0].update(kind="sparkly"), r"traits\.0\.kind: Input should be 'lexical', 'length' or 'layout'"),
-        (lambda s: s["traits"][0]["values"][1]["phrases"].append("Plot twist, you've got this."),
-         r"also contains a marker of tone=warm"),
-        (lambda s: s["traits"][0]["values"][0]["phrases"].append("Two sentences. In one phrase."),
-         r"must be exactly one sentence"),
-        (lambda s: s["response"]["filler"].append("Bottom line: it is fine."), r"response\.filler\[\d+\]: .* contains a trait marker"),
+        (
+            lambda s: s["traits"][0].update(kind="sparkly"),
+            r"traits\.0\.kind: Input should be 'lexical', 'length' or 'layout'",
+        ),
+        (
+            lambda s: s["traits"][0]["values"][1]["phrases"].append("Plot twist, you've got this."),
+            r"also contains a marker of tone=warm",
+        ),
+        (
+            lambda s: s["traits"][0]["values"][0]["phrases"].append("Two sentences. In one phrase."),
+            r"must be exactly one sentence",
+        ),
+        (
+            lambda s: s["response"]["filler"].append("Bottom line: it is fine."),
+            r"response\.filler\[\d+\]: .* contains a trait marker",
+        ),
         (lambda s: s["traits"][0]["prior"]["table"].pop("cheerful"), r"prior\.table rows must match"),
         (lambda s: s["persona"]["intro"].append("I am {shoe_size}."), r"unknown field \{shoe_size\}"),
         (lambda s: s["traits"][3]["values"][0].update(sentences=[3, 8]), r"sentence ranges overlap"),

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from modeling.synth import BUILTIN_DOMAINS, DatasetError, generate_dataset, load_dataset, load_domain
-from modeling.synth import world
+from modeling.synth import BUILTIN_DOMAINS, DatasetError, generate_dataset, load_dataset, load_domain, world
 from modeling.synth.generate import SynthConfig
 
 
@@ -48,7 +48,7 @@ def test_it_detects_traits_in_hand_written_text_and_none_when_absent():
     assert names(2, fmt) == "bullets"
     assert names(3, detail) == "brief"
     assert names(4, interests) == "sports"
-    assert world.detect_traits(dom, "Okay.") [0] is None  # no tone marker at all
+    assert world.detect_traits(dom, "Okay.")[0] is None  # no tone marker at all
     tied = "Plot twist: bottom line, it works."  # one playful and one blunt marker: undecided
     assert world.detect_traits(dom, tied)[0] is None
 
@@ -58,7 +58,10 @@ def test_the_oracle_scores_the_preferred_rendering_above_the_others():
     topic = "gravity"
     rnd = random.Random(1)
     pref, weight = [3], [1.0]  # wants college level
-    scores = [world.score_text(dom, pref, weight, topic, world.render_response(dom, topic, [v], rnd)) for v in range(5)]
+    scores = [
+        world.score_text(dom, pref, weight, topic, world.render_response(dom, topic, [v], rnd))
+        for v in range(5)
+    ]
     assert scores == [0.25, 0.5, 0.75, 1.0, 0.75]  # ordinal: 1 - |v - 3| / 4
     off_topic = world.render_response(dom, "tides", [3], rnd)
     assert world.score_text(dom, pref, weight, topic, off_topic) == pytest.approx(0.5)
@@ -78,14 +81,22 @@ def test_vectorized_labels_match_the_scalar_rule():
     a_wins, consistent = world.label_both_orders(margin, np.random.default_rng(9), cfg)
     draws = np.random.default_rng(9).random((2, n))
     for i in range(n):
-        got = world.label_pair(dom, users.pref[i], users.weight[i], users.stated[i], va[i], vb[i], draws[:, i], cfg)
+        got = world.label_pair(
+            dom, users.pref[i], users.weight[i], users.stated[i], va[i], vb[i], draws[:, i], cfg
+        )
         assert got == (bool(a_wins[i]), bool(consistent[i]))
     assert 0 < consistent.mean() < 1
 
 
 def test_it_labels_by_the_persona(tmp_path):
-    info = generate_dataset(out_dir=tmp_path / "d", domain="reviews", users=300, pairs_per_user=8, seed=1,
-                            judge={"noise": 0.0, "position_bias": 0.8})
+    info = generate_dataset(
+        out_dir=tmp_path / "d",
+        domain="reviews",
+        users=300,
+        pairs_per_user=8,
+        seed=1,
+        judge={"noise": 0.0, "position_bias": 0.8},
+    )
     ds = load_dataset(info.path)
     prefs, users, resp = read(ds.path, "preferences"), read(ds.path, "users"), read(ds.path, "responses")
     dom = load_domain("reviews")
@@ -94,7 +105,9 @@ def test_it_labels_by_the_persona(tmp_path):
     checked = 0
     for row in prefs.sample(400, random_state=0).itertuples():
         pref = [[v.name for v in t.values].index(u.at[row.user_id, f"pref_{t.name}"]) for t in dom.traits]
-        weight = [u.at[row.user_id, f"weight_{t.name}"] * u.at[row.user_id, f"stated_{t.name}"] for t in dom.traits]
+        weight = [
+            u.at[row.user_id, f"weight_{t.name}"] * u.at[row.user_id, f"stated_{t.name}"] for t in dom.traits
+        ]
         sc = world.score_text(dom, pref, weight, "", r.at[row.chosen_id, "text"])
         sr = world.score_text(dom, pref, weight, "", r.at[row.rejected_id, "text"])
         assert sc - sr == pytest.approx(row.margin, abs=1e-5)
@@ -121,7 +134,7 @@ def test_it_is_reproducible_from_a_seed(tmp_path):
 def _domain_needing_refinement(tmp_path):
     """Roleplay whose personas start out stating no preference at all: every pair is a tie for them."""
     text = load_domain("roleplay").source
-    src = (load_domain(text).spec.model_dump())
+    src = load_domain(text).spec.model_dump()
     for t in src["traits"]:
         t["stated_prob"] = 0.0
     import yaml
@@ -141,7 +154,7 @@ def test_persona_refinement_raises_consistency(tmp_path):
     assert none["stated_trait_fraction_final"] == 0.0
     by_round = refined["order_swap_agreement_by_round"]
     assert by_round[0] == pytest.approx(0.32, abs=0.03)
-    assert all(b >= a for a, b in zip(by_round, by_round[1:]))
+    assert all(b >= a for a, b in itertools.pairwise(by_round))
     assert by_round[-1] > 0.85
     assert refined["stated_trait_fraction_final"] > 0.6
     assert sum(refined["refinement_rounds_histogram"][1:]) == 400  # every user needed at least one round
@@ -151,7 +164,9 @@ def test_persona_refinement_raises_consistency(tmp_path):
 
 
 def test_random_mode_ties_labels_to_nothing(tmp_path):
-    q = generate_dataset(out_dir=tmp_path / "r", domain="elix", users=500, pairs_per_user=10, seed=0, mode="random")
+    q = generate_dataset(
+        out_dir=tmp_path / "r", domain="elix", users=500, pairs_per_user=10, seed=0, mode="random"
+    )
     from modeling.synth.stats import dataset_stats
 
     s = dataset_stats(q.path, embeddings=False)
@@ -168,8 +183,9 @@ def test_it_keeps_held_out_users_and_topics_apart(tmp_path):
     assert 0.05 < (users.split == "test").mean() < 0.15
     test_topics = set(qs[qs.split == "test"].topic)
     assert test_topics and not test_topics & set(qs[qs.split == "train"].topic)
-    merged = prefs.merge(users[["user_id", "split"]], on="user_id").merge(qs[["question_id", "split"]], on="question_id",
-                                                                              suffixes=("_u", "_q"))
+    merged = prefs.merge(users[["user_id", "split"]], on="user_id").merge(
+        qs[["question_id", "split"]], on="question_id", suffixes=("_u", "_q")
+    )
     assert (merged.user_split == merged.split_u).all() and (merged.question_split == merged.split_q).all()
 
 

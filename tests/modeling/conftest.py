@@ -1,0 +1,144 @@
+"""Shared fixtures for modeling tests: a tiny real tokenizer + causal LM built once per session."""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+_SUBJECTS = [
+    "the teacher",
+    "my neighbour",
+    "a young chef",
+    "the old captain",
+    "our team",
+    "every student",
+    "the reviewer",
+    "a curious child",
+    "the new manager",
+    "this author",
+]
+_VERBS = [
+    "explains",
+    "prefers",
+    "writes about",
+    "describes",
+    "recommends",
+    "questions",
+    "remembers",
+    "builds",
+    "enjoys",
+    "avoids",
+]
+_OBJECTS = [
+    "short answers",
+    "the history of rivers",
+    "a warm bowl of soup",
+    "simple examples",
+    "long detailed reviews",
+    "the rules of chess",
+    "quiet mornings",
+    "formal letters",
+    "funny stories",
+    "the price of bread",
+]
+_TAILS = [
+    "every day.",
+    "with great care.",
+    "in plain words.",
+    "before lunch.",
+    "for the whole class.",
+    "without any fuss.",
+    "when it rains.",
+    "because it helps.",
+    "at the end of the week.",
+    "again and again.",
+]
+
+
+def english_like_sentences(n: int, seed: int = 0) -> list[str]:
+    """``n`` short, varied English-like sentences (deterministic for a seed)."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        s = f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)} {rng.choice(_TAILS)}"
+        if rng.random() < 0.3:
+            s = f"Question: why does {s[:-1]}? Answer: yes, no, or maybe."
+        out.append(s[0].upper() + s[1:])
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory holding a tiny random Llama model and its locally trained tokenizer."""
+    from modeling.tinymodel import build_tiny_causal_lm, train_tokenizer
+
+    root = tmp_path_factory.mktemp("tiny-model")
+    texts = english_like_sentences(400)
+    tokenizer = train_tokenizer(texts, root / "tokenizer", vocab_size=512)
+    return build_tiny_causal_lm(root / "tiny-llama", tokenizer)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def serve_model(model_dir: Path, log_path: Path, *args: str) -> Iterator[str]:
+    """Run `fspo serve-model` as a real subprocess on a free loopback port; yields its /v1 URL."""
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "modeling.serve",
+        "--model",
+        str(model_dir),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+        *args,
+    ]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"serve-model exited with {proc.returncode}: {log_path.read_text()[-2000:]}")
+            try:
+                if httpx.get(f"{url}/models", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"serve-model not ready after 90 s: {log_path.read_text()[-2000:]}")
+            time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
