@@ -1,0 +1,8 @@
+from django.urls import path
+
+from studyapp.consumers import JobProgressConsumer
+
+websocket_urlpatterns = [
+    # A slug keeps the id within what a channel-layer group name may hold.
+    path("ws/jobs/<slug:job_id>/", JobProgressConsumer.as_asgi()),
+]

@@ -1,0 +1,74 @@
+"""Session fixtures shared by the suite.
+
+- `celery_worker`: a real `celery worker` process (queues cpu and gpu) on a Redis database of its own,
+  and a client app that talks to it.
+"""
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+import redis
+from celery import Celery
+
+REPO = Path(__file__).resolve().parent.parent
+# The worker's own Redis database: flushed at start, so messages left by an earlier run (or by anything
+# using REDIS_URL's database) never reach it.
+WORKER_REDIS_DB = 5
+
+
+@dataclass
+class RunningWorker:
+    app: Celery  # a client on the worker's broker and result backend
+    redis_url: str  # the worker's Redis database: broker, results and channel layer
+    log: Path
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+
+@pytest.fixture(scope="session")
+def celery_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningWorker]:
+    redis_url = os.environ.get("REDIS_URL")
+    if not redis_url:
+        pytest.fail("the Celery worker tests need Redis: run them with ./run test (it sets REDIS_URL)")
+    url = urlsplit(redis_url)._replace(path=f"/{WORKER_REDIS_DB}").geturl()
+    redis.Redis.from_url(url).flushdb()
+
+    client = Celery("fspo-tests", set_as_current=False)
+    client.config_from_object("django.conf:settings", namespace="CELERY")
+    client.conf.update(broker_url=url, result_backend=url)
+
+    env = {k: v for k, v in os.environ.items() if k not in ("CELERY_BROKER_URL", "CELERY_RESULT_BACKEND")}
+    env["REDIS_URL"] = url
+    hostname = f"pytest-{uuid.uuid4().hex[:8]}@%h"
+    celery = Path(sys.executable).with_name("celery")
+    log = tmp_path_factory.mktemp("celery") / "worker.log"
+    with log.open("wb") as out:
+        options = ["--queues", "cpu,gpu", "--concurrency", "1", "--pool", "solo", "--loglevel", "info"]
+        argv = [str(celery), "-A", "studyapp", "worker", *options, "--hostname", hostname]
+        proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    worker = RunningWorker(app=client, redis_url=url, log=log)
+    try:
+        deadline = time.monotonic() + 30
+        while not client.control.ping(timeout=0.5):
+            if proc.poll() is not None:
+                pytest.fail(f"the celery worker exited with {proc.returncode}:\n{worker.log_tail()}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"the celery worker did not answer a ping within 30 s:\n{worker.log_tail()}")
+        yield worker
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        client.close()
