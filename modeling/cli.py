@@ -122,6 +122,10 @@ def cmd_synth(argv: list[str]) -> int:
         responses_per_question=args.responses_per_question,
         max_rounds=args.max_rounds,
     )
+    from .synth import SynthConfig, load_domain
+
+    load_domain(args.domain)  # bad input fails here, before anything starts
+    SynthConfig(**options)
     with progress_bar(f"synth {Path(args.domain).stem}") as update:
         if args.llm:
             from .synth.llm_pipeline import generate_with_llm
@@ -182,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return serve_model_main(argv[1:])
     except (DomainError, DatasetError, LLMError, ValueError) as e:
-        console.print(f"[red]error:[/red] {e}", highlight=False, markup=True)
+        print(f"error: {e}", file=sys.stderr)  # one line, never wrapped
         return 2
     except KeyboardInterrupt:
         console.print("interrupted; nothing half-written was published")

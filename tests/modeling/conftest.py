@@ -7,9 +7,11 @@ import random
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -142,3 +144,49 @@ def serve_model(model_dir: Path, log_path: Path, *args: str) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+class ScriptedServer:
+    """A stdlib HTTP server on loopback that answers POSTs from a script of (status, body) and counts hits.
+
+    A request whose body contains "HOLD" is answered only once ``release`` is set (or after 5 s);
+    ``released_in_time`` records which it was.
+    """
+
+    def __init__(self, script: list[tuple[int, bytes]]) -> None:
+        self.script = script
+        self.hits = 0
+        self.release = threading.Event()
+        self.released_in_time: list[bool] = []
+        lock = threading.Lock()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (stdlib name)
+                request_body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                with lock:
+                    status, body = outer.script[min(outer.hits, len(outer.script) - 1)]
+                    outer.hits += 1
+                if b"HOLD" in request_body:
+                    outer.released_in_time.append(outer.release.wait(5))
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self) -> ScriptedServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join()

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -19,7 +17,7 @@ from modeling.llm import (
     TransformersBackend,
     backend_from_spec,
 )
-from tests.modeling.conftest import free_port, serve_model  # noqa: I001
+from tests.modeling.conftest import ScriptedServer, free_port, serve_model  # noqa: I001
 
 BASE_NAME = "tiny"
 ADAPTER_NAME = "tiny-lora"
@@ -69,52 +67,6 @@ def client(server_url: str) -> Iterator[OpenAICompatBackend]:
 @pytest.fixture(scope="module")
 def local(tiny_model_dir: Path) -> TransformersBackend:
     return TransformersBackend(tiny_model_dir)
-
-
-class ScriptedServer:
-    """A stdlib HTTP server on loopback that answers POSTs from a script of (status, body) and counts hits.
-
-    A request whose body contains "HOLD" is answered only once ``release`` is set (or after 5 s);
-    ``released_in_time`` records which it was.
-    """
-
-    def __init__(self, script: list[tuple[int, bytes]]) -> None:
-        self.script = script
-        self.hits = 0
-        self.release = threading.Event()
-        self.released_in_time: list[bool] = []
-        lock = threading.Lock()
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 (stdlib name)
-                request_body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                with lock:
-                    status, body = outer.script[min(outer.hits, len(outer.script) - 1)]
-                    outer.hits += 1
-                if b"HOLD" in request_body:
-                    outer.released_in_time.append(outer.release.wait(5))
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def __enter__(self) -> ScriptedServer:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join()
 
 
 def test_it_answers_a_chat_over_http(client: OpenAICompatBackend) -> None:

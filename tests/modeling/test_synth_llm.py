@@ -14,7 +14,7 @@ import pytest
 from modeling.llm import LLMError, OpenAICompatBackend
 from modeling.synth import DatasetError, load_dataset
 from modeling.synth.llm_pipeline import generate_with_llm, parse_choice
-from tests.modeling.conftest import REPO_ROOT, free_port, serve_model
+from tests.modeling.conftest import REPO_ROOT, ScriptedServer, free_port, serve_model
 
 SMALL = dict(
     domain="roleplay",
@@ -93,6 +93,24 @@ def test_an_unreachable_endpoint_fails_in_one_line_and_writes_nothing(tmp_path):
     backend = OpenAICompatBackend(f"http://127.0.0.1:{free_port()}/v1", "tiny", max_retries=1, backoff_s=0.05)
     with pytest.raises(LLMError, match=r"cannot reach LLM endpoint http://127\.0\.0\.1:\d+/v1") as err:
         generate_with_llm(llm=backend, out_dir=tmp_path / "d", **SMALL)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "d").exists() and not (tmp_path / "d.partial").exists()
+
+
+@pytest.mark.parametrize(
+    ("script", "message"),
+    [
+        ([(500, b"internal error")], r"failed with HTTP 500: internal error \(gave up after 2 attempts\)"),
+        ([(200, b"<html>not json</html>")], r"returned a malformed response"),
+        ([(200, b'{"choices": []}')], r"returned a malformed response"),
+    ],
+)
+def test_a_misbehaving_endpoint_fails_in_one_line_and_writes_nothing(tmp_path, script, message):
+    with ScriptedServer(script) as server:
+        backend = OpenAICompatBackend(server.url, "m", max_retries=1, backoff_s=0.01)
+        with pytest.raises(LLMError, match=message) as err:
+            generate_with_llm(llm=backend, out_dir=tmp_path / "d", **SMALL)
+        assert server.hits >= 2  # it retried before giving up
     assert "\n" not in str(err.value)
     assert not (tmp_path / "d").exists() and not (tmp_path / "d.partial").exists()
 
