@@ -1,0 +1,142 @@
+"""The FSPO prompt format (golden strings) and episodes from a synthetic dataset."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from modeling.data import (
+    PROMPT_FORMAT_VERSION,
+    Episode,
+    EpisodeError,
+    EpisodeSource,
+    Pair,
+    build_cot_prompt,
+    build_prompt,
+    cot_target,
+    dumps_episodes,
+    split_cot_output,
+)
+from modeling.synth import DatasetError, generate_dataset
+
+SHOTS = [
+    Pair("What is rain?", "Water falling from clouds.", "A liquid."),
+    Pair("Why is the sky blue?", "Light scatters.", "It is."),
+]
+
+GOLDEN = """# Example 1
+## Question
+What is rain?
+## Preferred Response
+Water falling from clouds.
+## Dispreferred Response
+A liquid.
+
+# Example 2
+## Question
+Why is the sky blue?
+## Preferred Response
+Light scatters.
+## Dispreferred Response
+It is.
+
+# Task
+The examples above show this user's preferences between pairs of responses. Explain the concept at the level this user wants.
+## Question
+What is wind?
+## Preferred Response
+"""
+
+
+def test_it_renders_the_paper_markdown_layout():
+    assert PROMPT_FORMAT_VERSION == "fspo-markdown-1"
+    assert (
+        build_prompt(SHOTS, "What is wind?", instruction="Explain the concept at the level this user wants.")
+        == GOLDEN
+    )
+
+
+def test_it_renders_zero_shots_and_the_user_description_sections():
+    zero = build_prompt([], " What is wind? ", instruction="Explain it.")
+    assert zero == "# Task\nExplain it.\n## Question\nWhat is wind?\n## Preferred Response\n"
+    with_desc = build_prompt([], "What is wind?", instruction="Explain it.", description="I am eight.\n")
+    assert (
+        with_desc
+        == "# Task\nExplain it.\n## Question\nWhat is wind?\n## User Description\nI am eight.\n## Preferred Response\n"
+    )
+    cot = build_cot_prompt(SHOTS[:1], "What is wind?", instruction="Explain it.")
+    assert cot.endswith(
+        "# Task\nThe examples above show this user's preferences between pairs of responses. Explain it.\n"
+        "## Question\nWhat is wind?\n## User Description\n"
+    )
+    # teacher forcing: the CoT prompt + target is the description-given prompt + response
+    full = cot + cot_target("I am eight.", "Air moving.")
+    assert (
+        full
+        == build_prompt(SHOTS[:1], "What is wind?", instruction="Explain it.", description="I am eight.")
+        + "Air moving."
+    )
+    assert split_cot_output("I am eight.\n## Preferred Response\nAir moving.") == (
+        "I am eight.",
+        "Air moving.",
+    )
+    assert split_cot_output("no header at all") == ("no header at all", "")
+
+
+def test_episodes_round_trip_through_json_and_reject_other_schemas():
+    ep = Episode(
+        instruction="Explain it.", shots=tuple(SHOTS), question="What is wind?", user_id="p-1", domain="elix"
+    )
+    line = dumps_episodes([ep])
+    assert Episode.from_json(json.loads(line)) == ep
+    bad = json.loads(line)
+    bad["format"] = "something-else"
+    with pytest.raises(EpisodeError, match="format must be 'fspo-episode'"):
+        Episode.from_json(bad)
+    bad = json.loads(line)
+    bad["shots"][1]["chosen"] = ""
+    with pytest.raises(EpisodeError, match=r"shots\[1\]\.chosen must be a non-empty string"):
+        Episode.from_json(bad)
+    bad = json.loads(line)
+    bad["version"] = 7
+    with pytest.raises(EpisodeError, match="episode version 7 is not supported"):
+        Episode.from_json(bad)
+
+
+@pytest.fixture(scope="module")
+def elix(tmp_path_factory):
+    return generate_dataset(
+        out_dir=tmp_path_factory.mktemp("ds") / "elix", domain="elix", users=300, pairs_per_user=12, seed=0
+    ).path
+
+
+def test_training_episodes_come_from_one_train_user_and_never_show_the_target(elix):
+    src = EpisodeSource(elix, split="train")
+    episodes = src.sample(200, shots=(1, 8), seed=0)
+    assert {len(e.shots) for e in episodes} >= {1, 4, 8}
+    for e in episodes:
+        assert e.question not in [s.question for s in e.shots]
+        assert e.chosen != e.rejected and e.description
+    assert src.sample(5, shots=3, seed=1) == src.sample(5, shots=3, seed=1)
+
+
+def test_evaluation_episodes_use_held_out_users_and_questions(elix):
+    import pyarrow.parquet as pq
+
+    users = pq.read_table(elix / "users.parquet").to_pandas()
+    qs = pq.read_table(elix / "questions.parquet").to_pandas()
+    test_users = set(users[users.split == "test"].user_id)
+    test_questions = set(qs[qs.split == "test"].text)
+    src = EpisodeSource(elix, split="test")
+    for e in src.sample(50, shots=4, seed=0):
+        assert e.user_id in test_users
+        assert e.question in test_questions
+        assert not {s.question for s in e.shots} & test_questions
+
+
+def test_a_dataset_of_another_schema_is_refused(tmp_path):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "dataset.json").write_text(json.dumps({"format": "alpaca", "format_version": 1}))
+    with pytest.raises(DatasetError, match="format 'alpaca' is not 'fspo-synth'"):
+        EpisodeSource(tmp_path / "x")
