@@ -162,30 +162,115 @@ def cmd_stats(argv: list[str]) -> int:
     return 0
 
 
+def cmd_train(argv: list[str]) -> int:
+    from .train import TrainConfig, train
+
+    p = argparse.ArgumentParser(
+        prog="fspo train", description="One FSPO training stage (pretrain | sft | ipo | dpo)."
+    )
+    p.add_argument("--dataset", required=True, help="a synthetic dataset directory (fspo synth)")
+    p.add_argument("--out", required=True, help="checkpoint directory (a killed run resumes from it)")
+    p.add_argument(
+        "--init", default=None, help="model to start from: an earlier stage's output or a local HF model dir"
+    )
+    p.add_argument("--stage", choices=["pretrain", "sft", "ipo", "dpo"], default="sft")
+    p.add_argument("--context", choices=["fewshot", "none", "description"], default="fewshot")
+    p.add_argument("--cot", action="store_true", help="user-description chain-of-thought")
+    p.add_argument("--shots", type=int, nargs=2, default=[1, 8], metavar=("MIN", "MAX"))
+    p.add_argument(
+        "--config", type=Path, help="a JSON file of TrainConfig fields (flags given here override it)"
+    )
+    for name, typ in (
+        ("steps", int),
+        ("batch-size", int),
+        ("lr", float),
+        ("beta", float),
+        ("warmup-steps", int),
+        ("eval-every", int),
+        ("save-every", int),
+        ("seed", int),
+    ):
+        p.add_argument(f"--{name}", type=typ, default=None)
+    p.add_argument("--optimizer", choices=["adamw", "rmsprop"], default=None)
+    p.add_argument("--lora", action="store_true")
+    p.add_argument(
+        "--average-logps", action="store_true", help="length-average log-probs (TRL's IPO) instead of summing"
+    )
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    args = p.parse_args(argv)
+    fields = json.loads(args.config.read_text()) if args.config else {}
+    fields.update(
+        dataset=args.dataset,
+        out_dir=args.out,
+        init=args.init,
+        stage=args.stage,
+        context=args.context,
+        cot=args.cot or fields.get("cot", False),
+        shots=tuple(args.shots),
+    )
+    for name in (
+        "steps",
+        "batch_size",
+        "lr",
+        "beta",
+        "warmup_steps",
+        "eval_every",
+        "save_every",
+        "seed",
+        "optimizer",
+        "dtype",
+    ):
+        if getattr(args, name) is not None:
+            fields[name] = getattr(args, name)
+    if args.lora:
+        fields["lora"] = True
+    if args.average_logps:
+        fields["average_logps"] = True
+    cfg = TrainConfig(**fields)
+    with progress_bar(f"train {cfg.stage}") as update:
+        result = train(cfg, progress=update)
+    final = result.metrics["final"]
+    out.print(
+        f"wrote {result.out_dir}: {cfg.stage}, held-out loss {result.metrics['history'][0]['eval_loss']:.4f} → "
+        f"{final['eval_loss']:.4f}"
+        + (
+            f", held-out preference accuracy {final['eval_pref_accuracy']:.3f}"
+            if "eval_pref_accuracy" in final
+            else ""
+        )
+    )
+    return 0
+
+
 USAGE = """usage: fspo COMMAND [ARGS]
 
 commands:
   synth         generate a synthetic preference dataset (fspo synth --help)
   synth stats   print sizes, self-consistency and diversity of datasets
   serve-model   serve a local model over an OpenAI-compatible API (fspo serve-model --help)
+  train         one FSPO training stage: pretrain | sft (Pref-FT) | ipo | dpo (fspo train --help)
 """
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    from .data import EpisodeError
     from .llm import LLMError
     from .synth import DatasetError, DomainError
+    from .train import CheckpointError
 
     try:
         if argv[:2] == ["synth", "stats"]:
             return cmd_stats(argv[2:])
         if argv[:1] == ["synth"]:
             return cmd_synth(argv[1:])
+        if argv[:1] == ["train"]:
+            return cmd_train(argv[1:])
         if argv[:1] == ["serve-model"]:
             from .serve import serve_model_main
 
             return serve_model_main(argv[1:])
-    except (DomainError, DatasetError, LLMError, ValueError) as e:
+    except (DomainError, DatasetError, LLMError, CheckpointError, EpisodeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)  # one line, never wrapped
         return 2
     except KeyboardInterrupt:

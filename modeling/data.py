@@ -50,6 +50,10 @@ class EpisodeError(ValueError):
     """An episode (e.g. a participant's picks exported from the study) does not fit the schema."""
 
 
+class CheckpointError(ValueError):
+    """A checkpoint is missing, incomplete or of another prompt format (one-line message)."""
+
+
 @dataclass(frozen=True)
 class Pair:
     question: str

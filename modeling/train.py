@@ -1,0 +1,616 @@
+"""FSPO meta-training: one visible loop for every stage (``fspo train``).
+
+Stages (``TrainConfig.stage``):
+- ``pretrain``: the tiny world's "base model". Language modelling on prompts in the FSPO format whose
+  pairs are labeled at random and whose target is a random response, so the base knows the format and
+  the domain's language but has never seen a preference signal.
+- ``sft`` (Pref-FT): maximise log p(preferred response | few-shot prompt) on held-out pairs of a user.
+- ``ipo`` / ``dpo``: initialised from the SFT model, which is also the frozen reference. The reference
+  log-probs of every training pair are computed once, before training, and stored.
+
+``context`` chooses what the prompt holds about the user: ``fewshot`` (FSPO), ``none`` (the aggregate
+baselines: no user information) or ``description`` (the oracle-persona baseline: the true persona text).
+``cot`` adds the user-description chain-of-thought (teacher-forced on the true description).
+
+Every run writes a Hugging Face checkpoint (full model, or a peft LoRA adapter) plus ``fspo.json``
+(config, prompt-format version, domain, metrics). A killed run resumes from ``checkpoint-last``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from .data import (
+    PROMPT_FORMAT_VERSION,
+    CheckpointError,
+    Episode,
+    EpisodeSource,
+    build_cot_prompt,
+    build_prompt,
+    cot_target,
+)
+
+Progress = Callable[[int, int, str], None]
+MANIFEST = "fspo.json"
+
+
+@dataclass
+class TrainConfig:
+    """One training run. Saved as JSON beside the checkpoint.
+
+    dataset: a synthetic dataset directory (``fspo synth``).
+    out_dir: where the checkpoint goes.
+    init: a local HF model directory (or an earlier ``fspo train`` output) to start from; None builds a
+        tiny decoder from scratch with a tokenizer trained on the dataset's text (``pretrain`` only).
+    stage: pretrain | sft | ipo | dpo.
+    context: fewshot | none | description (see the module docstring).
+    cot: train the user-description chain-of-thought (teacher forcing on the true description).
+    shots: range of few-shot pairs per prompt, drawn per episode, so one model serves N = lo..hi.
+    beta: IPO / DPO temperature; IPO's target margin is 1 / (2 beta).
+    average_logps: length-average sequence log-probs (TRL's IPO) instead of summing them (FSPO's code).
+    sft_include_rejected: Pref-FT also on the rejected response as a second target (the released code's
+        variant; the paper trains on the preferred one only).
+    lora: train a peft LoRA adapter instead of all weights.
+    """
+
+    dataset: str
+    out_dir: str
+    init: str | None = None
+    stage: Literal["pretrain", "sft", "ipo", "dpo"] = "sft"
+    context: Literal["fewshot", "none", "description"] = "fewshot"
+    cot: bool = False
+    shots: tuple[int, int] = (1, 8)
+    steps: int = 200
+    batch_size: int = 4
+    lr: float = 1e-3
+    warmup_steps: int = 20
+    schedule: Literal["cosine", "constant"] = "cosine"
+    optimizer: Literal["adamw", "rmsprop"] = "adamw"
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    beta: float = 0.01
+    average_logps: bool = False
+    sft_include_rejected: bool = False
+    lora: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    gradient_checkpointing: bool = False
+    max_prompt_tokens: int = 4096
+    max_target_tokens: int = 256
+    eval_every: int = 50
+    eval_episodes: int = 32
+    save_every: int = 50
+    seed: int = 0
+    # shape of the tiny model built when init is None
+    tiny: dict[str, int] = field(
+        default_factory=lambda: {
+            "hidden_size": 128,
+            "num_layers": 4,
+            "num_heads": 4,
+            "intermediate_size": 384,
+            "vocab_size": 1024,
+        }
+    )
+
+    def __post_init__(self) -> None:
+        self.shots = tuple(self.shots)  # type: ignore[assignment]
+        problems = []
+        if self.stage not in ("pretrain", "sft", "ipo", "dpo"):
+            problems.append(f"stage must be pretrain, sft, ipo or dpo, not {self.stage!r}")
+        if self.context not in ("fewshot", "none", "description"):
+            problems.append(f"context must be fewshot, none or description, not {self.context!r}")
+        if self.init is None and self.stage != "pretrain":
+            problems.append(f"stage {self.stage!r} needs init (a base model or an earlier stage's output)")
+        lo, hi = self.shots
+        if not 0 <= lo <= hi:
+            problems.append(f"shots must be a range lo..hi with 0 <= lo <= hi, got {self.shots}")
+        if self.context == "fewshot" and hi == 0:
+            problems.append("context 'fewshot' needs shots > 0")
+        if self.steps < 1 or self.batch_size < 1:
+            problems.append("steps and batch_size must be >= 1")
+        if not (self.lr > 0 and self.beta > 0):
+            problems.append("lr and beta must be > 0")
+        if self.cot and self.context == "description":
+            problems.append("cot with context 'description' would copy the description it is given")
+        if problems:
+            raise ValueError("invalid train config: " + "; ".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def load_checkpoint_manifest(path: str | Path) -> dict[str, Any]:
+    """Read ``fspo.json`` of a checkpoint, checking it exists and uses this prompt format."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    mpath = path / MANIFEST
+    if not mpath.is_file():
+        raise CheckpointError(
+            f"{path}: not an fspo checkpoint (no {MANIFEST}; an interrupted run keeps only checkpoint-last/)"
+        )
+    manifest = json.loads(mpath.read_text())
+    fmt = manifest.get("prompt_format_version")
+    if fmt != PROMPT_FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: prompt format {fmt!r} does not match this code's {PROMPT_FORMAT_VERSION!r}"
+        )
+    return manifest
+
+
+def load_model(
+    path: str | Path, *, dtype: str = "float32", device: str = "cpu", trainable: bool = False
+) -> tuple[Any, Any]:
+    """(model, tokenizer) from a checkpoint directory: a full HF model, or a LoRA adapter whose base
+    model is named in its adapter_config.json."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such model directory")
+    torch_dtype = getattr(torch, dtype)
+    try:
+        if (path / "adapter_config.json").is_file():
+            from peft import PeftModel
+
+            base = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
+            model = AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype)
+            model = PeftModel.from_pretrained(model, path, is_trainable=trainable)
+            if not trainable:
+                model = model.merge_and_unload()
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{path}: cannot load model ({' '.join(str(e).split())[:200]})") from None
+    return model.to(device), tokenizer
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tokenized examples
+
+
+@dataclass
+class Example:
+    prompt: list[int]
+    chosen: list[int]
+    rejected: list[int]
+
+
+def episode_texts(ep: Episode, cfg: TrainConfig) -> tuple[str, str, str]:
+    """(prompt, chosen target, rejected target) for one episode under the config's context and CoT.
+
+    With CoT the user description is teacher-forced: for Pref-FT it is part of the target (the model
+    learns to write it); for IPO/DPO it is moved into the shared prompt, so the preference signal is
+    only on the responses."""
+    shots = ep.shots if cfg.context == "fewshot" else ()
+    assert ep.chosen is not None and ep.rejected is not None
+    if cfg.context == "description":
+        return (
+            build_prompt(shots, ep.question, instruction=ep.instruction, description=ep.description or ""),
+            ep.chosen,
+            ep.rejected,
+        )
+    if cfg.cot:
+        desc = ep.description or ""
+        if cfg.stage in ("ipo", "dpo"):
+            return (
+                build_prompt(shots, ep.question, instruction=ep.instruction, description=desc),
+                ep.chosen,
+                ep.rejected,
+            )
+        prompt = build_cot_prompt(shots, ep.question, instruction=ep.instruction)
+        return prompt, cot_target(desc, ep.chosen), cot_target(desc, ep.rejected)
+    return build_prompt(shots, ep.question, instruction=ep.instruction), ep.chosen, ep.rejected
+
+
+def tokenize_episode(tok: Any, ep: Episode, cfg: TrainConfig) -> Example:
+    """Token ids; a prompt over max_prompt_tokens drops its earliest shots until it fits."""
+    eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    while True:
+        prompt, chosen, rejected = episode_texts(ep, cfg)
+        p = bos + tok(prompt, add_special_tokens=False)["input_ids"]
+        if len(p) <= cfg.max_prompt_tokens or not ep.shots:
+            break
+        ep = dataclasses.replace(ep, shots=ep.shots[1:])
+    c = tok(chosen, add_special_tokens=False)["input_ids"][: cfg.max_target_tokens] + eos
+    r = tok(rejected, add_special_tokens=False)["input_ids"][: cfg.max_target_tokens] + eos
+    return Example(p[-cfg.max_prompt_tokens :], c, r)
+
+
+def pretrain_episode(ep: Episode, rng: random.Random, pool: list[str]) -> Episode:
+    """The base model's data: the same format, but each shot's pair in random order and a random target
+    response, so no preference signal reaches the base."""
+    from .data import Pair
+
+    shots = tuple(
+        Pair(s.question, *((s.chosen, s.rejected) if rng.random() < 0.5 else (s.rejected, s.chosen)))
+        for s in ep.shots
+    )
+    return dataclasses.replace(ep, shots=shots, chosen=rng.choice(pool), rejected=rng.choice(pool))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Models
+
+
+def build_tiny_model(src: EpisodeSource, out_dir: Path, cfg: TrainConfig) -> tuple[Any, Any]:
+    """A tiny Llama-architecture decoder with random weights and a byte-level BPE tokenizer trained on
+    the dataset's own text (questions, responses, personas and the prompt format's headers)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from .tinymodel import train_tokenizer
+
+    rng = random.Random(cfg.seed)
+    texts = list(src.questions.text) + rng.sample(src.responses, min(len(src.responses), 5000))
+    texts += rng.sample(list(src.descriptions.values()), min(len(src.descriptions), 2000))
+    texts += [
+        build_cot_prompt(e.shots, e.question, instruction=e.instruction)
+        + cot_target(e.description or "", e.chosen or "")
+        for e in src.sample(50, shots=2, seed=cfg.seed)
+    ]
+    tok = train_tokenizer(texts, out_dir / "tokenizer", vocab_size=cfg.tiny["vocab_size"])
+    t = cfg.tiny
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=t["hidden_size"],
+        intermediate_size=t["intermediate_size"],
+        num_hidden_layers=t["num_layers"],
+        num_attention_heads=t["num_heads"],
+        num_key_value_heads=t["num_heads"],
+        max_position_embeddings=max(4096, cfg.max_prompt_tokens + 2 * cfg.max_target_tokens + 8),
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(cfg.seed)
+    return LlamaForCausalLM(config), tok
+
+
+def _count_params(model: Any) -> tuple[int, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return total, trainable
+
+
+# ---------------------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    metrics: dict[str, Any]
+
+
+def _batch_seed(cfg: TrainConfig, step: int) -> int:
+    return cfg.seed * 1_000_003 + step
+
+
+def _episodes_for_step(src: EpisodeSource, cfg: TrainConfig, step: int) -> list[Episode]:
+    # Deterministic in (seed, step): a resumed run sees exactly the batches it would have seen.
+    return src.sample(cfg.batch_size, shots=cfg.shots, seed=_batch_seed(cfg, step))
+
+
+def _examples(src: EpisodeSource, tok: Any, cfg: TrainConfig, step: int, pool: list[str]) -> list[Example]:
+    eps = _episodes_for_step(src, cfg, step)
+    if cfg.stage == "pretrain":
+        rng = random.Random(_batch_seed(cfg, step))
+        eps = [pretrain_episode(e, rng, pool) for e in eps]
+    return [tokenize_episode(tok, e, cfg) for e in eps]
+
+
+def _sft_loss(model: Any, examples: list[Example], cfg: TrainConfig, pad_id: int) -> tuple[torch.Tensor, int]:
+    """Token-averaged NLL of the targets (all tokens for pretrain). Returns (loss, tokens processed)."""
+    rows, labels = [], []
+    for ex in examples:
+        targets = [ex.chosen] + ([ex.rejected] if cfg.sft_include_rejected else [])
+        for t in targets:
+            rows.append(ex.prompt + t)
+            # pretrain: the whole sequence is text to model; Pref-FT: only the response (prompt masked).
+            labels.append(ex.prompt + t if cfg.stage == "pretrain" else [-100] * len(ex.prompt) + t)
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    lab = torch.full((len(rows), width), -100, dtype=torch.long)
+    att = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (r, lb) in enumerate(zip(rows, labels, strict=True)):
+        ids[i, : len(r)] = torch.tensor(r)
+        lab[i, : len(lb)] = torch.tensor(lb)
+        att[i, : len(r)] = 1
+    out = model(
+        input_ids=ids.to(model.device), attention_mask=att.to(model.device), labels=lab.to(model.device)
+    )
+    return out.loss, int(att.sum())
+
+
+def _pref_loss(
+    model: Any, examples: list[Example], ref: torch.Tensor, cfg: TrainConfig, pad_id: int
+) -> tuple[torch.Tensor, dict[str, float], int]:
+    from .losses import dpo_loss, ipo_loss, packed_pair_logps
+
+    pc, pr, n_tokens = packed_pair_logps(
+        model,
+        [e.prompt for e in examples],
+        [e.chosen for e in examples],
+        [e.rejected for e in examples],
+        average=cfg.average_logps,
+        pad_id=pad_id,
+    )
+    fn = ipo_loss if cfg.stage == "ipo" else dpo_loss
+    losses, rc, rr = fn(pc, pr, ref[:, 0].to(pc), ref[:, 1].to(pc), cfg.beta)
+    acc = float(((pc - pr) - (ref[:, 0] - ref[:, 1]).to(pc) > 0).float().mean())
+    return losses.mean(), {"reward_margin": float((rc - rr).mean()), "pref_accuracy": acc}, n_tokens
+
+
+@torch.no_grad()
+def _reference_logps(
+    model: Any, batches: list[list[Example]], cfg: TrainConfig, pad_id: int, progress: Progress | None
+) -> torch.Tensor:
+    """Log-probs of chosen and rejected under the frozen reference (the initial model), once: [steps, B, 2]."""
+    from .losses import packed_pair_logps
+
+    model.eval()
+    out = torch.zeros(len(batches), cfg.batch_size, 2, dtype=torch.float64)
+    for s, ex in enumerate(batches):
+        c, r, _ = packed_pair_logps(
+            model,
+            [e.prompt for e in ex],
+            [e.chosen for e in ex],
+            [e.rejected for e in ex],
+            average=cfg.average_logps,
+            pad_id=pad_id,
+        )
+        out[s, : len(ex), 0], out[s, : len(ex), 1] = c.double().cpu(), r.double().cpu()
+        if progress and (s % 10 == 0 or s == len(batches) - 1):
+            progress(s + 1, len(batches), "reference log-probs")
+    model.train()
+    return out
+
+
+def _lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.schedule == "constant":
+            return 1.0
+        frac = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))  # cosine to 10% of the peak
+
+    return f
+
+
+def _save(model: Any, tok: Any, path: Path, cfg: TrainConfig, extra: dict[str, Any]) -> None:
+    """Write a checkpoint atomically: into path.tmp, then rename over path."""
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    for name, payload in extra.get("files", {}).items():
+        torch.save(payload, tmp / name)
+    manifest = {
+        "prompt_format_version": PROMPT_FORMAT_VERSION,
+        "config": cfg.to_dict(),
+        **{k: v for k, v in extra.items() if k != "files"},
+    }
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+
+
+def train(
+    cfg: TrainConfig, *, progress: Progress | None = None, log: Callable[[dict[str, Any]], None] | None = None
+) -> TrainResult:
+    """Run one stage. Resumes from ``out_dir/checkpoint-last`` when it holds the same config."""
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    src = EpisodeSource(cfg.dataset, split="train")
+    eval_src = EpisodeSource(cfg.dataset, split="test")
+    torch.manual_seed(cfg.seed)
+    last = out_dir / "checkpoint-last"
+    start_step, state = 0, None
+    init_manifest: dict[str, Any] = {}
+    if (last / "trainer_state.pt").is_file():
+        saved = json.loads((last / MANIFEST).read_text())["config"]
+        if saved != json.loads(json.dumps(cfg.to_dict())):
+            raise CheckpointError(
+                f"{last} was written with another config; delete it or rerun with that config"
+            )
+        model, tok = load_model(last, dtype=cfg.dtype, trainable=True)
+        state = torch.load(last / "trainer_state.pt", weights_only=False)
+        start_step = state["step"]
+    elif cfg.init is None:
+        model, tok = build_tiny_model(src, out_dir, cfg)
+    else:
+        init_manifest = load_checkpoint_manifest(cfg.init) if (Path(cfg.init) / MANIFEST).exists() else {}
+        model, tok = load_model(cfg.init, dtype=cfg.dtype)
+        if cfg.lora:
+            from peft import LoraConfig, get_peft_model
+
+            model = get_peft_model(
+                model,
+                LoraConfig(
+                    r=cfg.lora_r,
+                    lora_alpha=cfg.lora_alpha,
+                    target_modules="all-linear",
+                    lora_dropout=0.0,
+                    task_type="CAUSAL_LM",
+                ),
+            )
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    pool = src.responses
+    preference = cfg.stage in ("ipo", "dpo")
+
+    # Reference log-probs for every training batch, once, from the initial (= reference) model.
+    ref_all = None
+    if preference:
+        if state is not None:
+            ref_all = state["ref"]
+        else:
+            batches = [_examples(src, tok, cfg, s, pool) for s in range(cfg.steps)]
+            ref_all = _reference_logps(model, batches, cfg, pad_id, progress)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "adamw":
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    else:
+        opt = torch.optim.RMSprop(params, lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
+    history: list[dict[str, Any]] = []
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        history = state["history"]
+
+    eval_examples = [
+        tokenize_episode(tok, e, cfg)
+        for e in eval_src.sample(cfg.eval_episodes, shots=cfg.shots, seed=10_007)
+    ]
+    if cfg.stage == "pretrain":
+        rng = random.Random(10_007)
+        eval_examples = [
+            tokenize_episode(tok, pretrain_episode(e, rng, pool), cfg)
+            for e in eval_src.sample(cfg.eval_episodes, shots=cfg.shots, seed=10_007)
+        ]
+    eval_ref = (
+        _reference_logps(
+            model,
+            [eval_examples[i : i + cfg.batch_size] for i in range(0, len(eval_examples), cfg.batch_size)],
+            dataclasses.replace(cfg),
+            pad_id,
+            None,
+        )
+        if preference and state is None
+        else (state or {}).get("eval_ref")
+    )
+
+    def evaluate() -> dict[str, float]:
+        model.eval()
+        with torch.no_grad():
+            if preference:
+                assert eval_ref is not None
+                vals = []
+                accs = []
+                for i in range(0, len(eval_examples), cfg.batch_size):
+                    ex = eval_examples[i : i + cfg.batch_size]
+                    loss, m, _ = _pref_loss(model, ex, eval_ref[i // cfg.batch_size, : len(ex)], cfg, pad_id)
+                    vals.append(float(loss) * len(ex))
+                    accs.append(m["pref_accuracy"] * len(ex))
+                res = {
+                    "eval_loss": sum(vals) / len(eval_examples),
+                    "eval_pref_accuracy": sum(accs) / len(eval_examples),
+                }
+            else:
+                vals = [
+                    float(_sft_loss(model, eval_examples[i : i + cfg.batch_size], cfg, pad_id)[0])
+                    for i in range(0, len(eval_examples), cfg.batch_size)
+                ]
+                res = {"eval_loss": float(np.mean(vals))}
+        model.train()
+        return res
+
+    total, trainable = _count_params(model)
+    model.train()
+    if not history:
+        history.append({"step": 0, **evaluate()})
+    tokens, t0 = 0, time.perf_counter()
+    for step in range(start_step, cfg.steps):
+        examples = _examples(src, tok, cfg, step, pool)
+        if preference:
+            assert ref_all is not None
+            loss, metrics, n = _pref_loss(model, examples, ref_all[step, : len(examples)], cfg, pad_id)
+        else:
+            loss, n = _sft_loss(model, examples, cfg, pad_id)
+            metrics = {}
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        # Clip the global gradient norm: from-scratch tiny models spike early otherwise.
+        gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+        opt.step()
+        sched.step()
+        tokens += n
+        done = step + 1
+        if progress:
+            progress(done, cfg.steps, f"{cfg.stage} loss {float(loss):.3f}")
+        if done % cfg.eval_every == 0 or done == cfg.steps:
+            row = {
+                "step": done,
+                "loss": float(loss),
+                "grad_norm": gnorm,
+                "lr": sched.get_last_lr()[0],
+                "tokens_per_s": tokens / max(time.perf_counter() - t0, 1e-9),
+                **metrics,
+                **evaluate(),
+            }
+            history.append(row)
+            if log:
+                log(row)
+        if done % cfg.save_every == 0 and done < cfg.steps:
+            _save(
+                model,
+                tok,
+                last,
+                cfg,
+                {
+                    "files": {
+                        "trainer_state.pt": {
+                            "step": done,
+                            "optimizer": opt.state_dict(),
+                            "scheduler": sched.state_dict(),
+                            "torch_rng": torch.get_rng_state(),
+                            "history": history,
+                            "ref": ref_all,
+                            "eval_ref": eval_ref,
+                        }
+                    }
+                },
+            )
+
+    metrics = {"history": history, "final": history[-1], "params": total, "trainable_params": trainable}
+    extra = {
+        "stage": cfg.stage,
+        "context": cfg.context,
+        "cot": cfg.cot,
+        "domain": src.domain,
+        "instruction": src.instruction,
+        "init": cfg.init,
+        "init_stage": init_manifest.get("stage"),
+        "metrics": metrics,
+        "tokenizer": getattr(tok, "name_or_path", None) or "trained-from-dataset",
+    }
+    _save(model, tok, out_dir / "model", cfg, extra)
+    # The published checkpoint is out_dir itself: move the model files up, then drop the resume state.
+    final = out_dir / "model"
+    (out_dir / MANIFEST).unlink(missing_ok=True)
+    for f in sorted(
+        final.iterdir(), key=lambda f: f.name == MANIFEST
+    ):  # the manifest last: it marks completeness
+        os.replace(f, out_dir / f.name)
+    final.rmdir()
+    shutil.rmtree(last, ignore_errors=True)
+    shutil.rmtree(out_dir / "tokenizer", ignore_errors=True)
+    return TrainResult(out_dir=out_dir, metrics=metrics)

@@ -1,0 +1,123 @@
+"""FSPO training on a tiny model from scratch: stages lower the held-out loss, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from modeling.train import CheckpointError, TrainConfig, load_checkpoint_manifest, load_model, train
+
+TINY = {"hidden_size": 48, "num_layers": 2, "num_heads": 4, "intermediate_size": 96, "vocab_size": 400}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    from modeling.synth import generate_dataset
+
+    return str(
+        generate_dataset(
+            out_dir=tmp_path_factory.mktemp("ds") / "elix",
+            domain="elix",
+            users=300,
+            pairs_per_user=10,
+            seed=0,
+        ).path
+    )
+
+
+def cfg(dataset, out, **kw):
+    base = dict(
+        dataset=dataset,
+        out_dir=str(out),
+        tiny=TINY,
+        batch_size=4,
+        shots=(0, 2),
+        eval_every=10,
+        save_every=10,
+        eval_episodes=8,
+        lr=3e-3,
+        warmup_steps=5,
+        max_prompt_tokens=1024,
+    )
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def base_model(dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("base") / "base"
+    train(cfg(dataset, out, stage="pretrain", steps=40))
+    return out
+
+
+def test_pretraining_from_scratch_lowers_the_held_out_loss(base_model):
+    manifest = load_checkpoint_manifest(base_model)
+    history = manifest["metrics"]["history"]
+    assert history[-1]["eval_loss"] < 0.8 * history[0]["eval_loss"]
+    assert manifest["stage"] == "pretrain" and manifest["domain"] == "elix"
+    assert manifest["prompt_format_version"] == "fspo-markdown-1"
+    model, tok = load_model(base_model)
+    assert model.config.hidden_size == 48 and len(tok) <= 400
+    assert not (base_model / "checkpoint-last").exists()
+
+
+def test_pref_ft_lowers_the_held_out_loss_of_preferred_responses(base_model, dataset, tmp_path):
+    result = train(cfg(dataset, tmp_path / "sft", stage="sft", init=str(base_model), steps=20, lr=1e-3))
+    history = result.metrics["history"]
+    assert history[-1]["eval_loss"] < history[0]["eval_loss"]
+    assert load_checkpoint_manifest(tmp_path / "sft")["init_stage"] == "pretrain"
+
+
+def test_a_killed_run_resumes_from_its_last_checkpoint_to_the_same_weights(base_model, dataset, tmp_path):
+    c = cfg(dataset, tmp_path / "a", stage="sft", init=str(base_model), steps=25)
+
+    def kill_at_15(done, total, stage):
+        if done == 15:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(c, progress=kill_at_15)
+    state = torch.load(tmp_path / "a" / "checkpoint-last" / "trainer_state.pt", weights_only=False)
+    assert state["step"] == 10
+    assert not (tmp_path / "a" / "fspo.json").exists()  # nothing looks finished
+    with pytest.raises(CheckpointError, match="not an fspo checkpoint"):
+        load_checkpoint_manifest(tmp_path / "a")
+    resumed = train(c)
+    straight = train(cfg(dataset, tmp_path / "b", stage="sft", init=str(base_model), steps=25))
+    a, _ = load_model(resumed.out_dir)
+    b, _ = load_model(straight.out_dir)
+    for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert torch.allclose(pa, pb, atol=1e-6), name
+    assert [h["step"] for h in resumed.metrics["history"]] == [h["step"] for h in straight.metrics["history"]]
+
+
+def test_resuming_with_another_config_is_refused(base_model, dataset, tmp_path):
+    c = cfg(dataset, tmp_path / "a", stage="sft", init=str(base_model), steps=12)
+
+    def kill(done, total, stage):
+        if done == 11:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(c, progress=kill)
+    with pytest.raises(CheckpointError, match="written with another config"):
+        train(cfg(dataset, tmp_path / "a", stage="sft", init=str(base_model), steps=12, lr=5e-4))
+
+
+def test_bad_checkpoints_and_configs_get_clear_errors(base_model, dataset, tmp_path):
+    with pytest.raises(CheckpointError, match="no such model directory"):
+        train(cfg(dataset, tmp_path / "x", stage="sft", init=str(tmp_path / "missing"), steps=2))
+    with pytest.raises(CheckpointError, match="no such checkpoint directory"):
+        load_checkpoint_manifest(tmp_path / "missing")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "fspo.json").write_text(json.dumps({"prompt_format_version": "chatml-0"}))
+    with pytest.raises(
+        CheckpointError, match="prompt format 'chatml-0' does not match this code's 'fspo-markdown-1'"
+    ):
+        load_checkpoint_manifest(other)
+    with pytest.raises(ValueError, match="stage 'ipo' needs init"):
+        TrainConfig(dataset=dataset, out_dir=str(tmp_path), stage="ipo")
+    with pytest.raises(ValueError, match="shots must be a range"):
+        TrainConfig(dataset=dataset, out_dir=str(tmp_path), stage="pretrain", shots=(3, 1))
