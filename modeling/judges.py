@@ -1,0 +1,188 @@
+"""Pairwise judges and win rates.
+
+A judge compares two responses to a question for one user and returns a score for the first:
+1 (first wins), 0.5 (tie), 0 (second wins).
+- ``OracleJudge``: the procedural world's exact oracle, reading the user's true preferences.
+- ``LLMJudge``: an AlpacaEval-style pairwise prompt that shows the user's description, asked in both
+  orders; the two verdicts are averaged, so a judge that always picks the first position scores a tie.
+
+``win_rate`` turns per-comparison scores into a win rate with a 95% bootstrap interval and a one-sided
+binomial test (ties split as halves), as the paper reports them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from .llm import ChatBackend, ChatRequest
+
+
+@dataclass(frozen=True)
+class Comparison:
+    question: str
+    first: str
+    second: str
+    user_id: int | str
+    topic: str = ""
+    description: str | None = None
+
+
+class Judge(Protocol):
+    name: str
+
+    def score(self, comparisons: Sequence[Comparison]) -> list[float]: ...
+
+
+class OracleJudge:
+    """Exact: the procedural oracle's score of each text for the user's stated preferences."""
+
+    name = "oracle"
+
+    def __init__(self, dataset: Any) -> None:
+        from .synth import load_dataset, load_domain
+
+        ds = load_dataset(dataset) if not hasattr(dataset, "manifest") else dataset
+        self.domain = load_domain(ds.manifest.get("domain_source", ds.domain))
+        users = ds.table("users").to_pandas().set_index("user_id")
+        self.prefs: dict[int, tuple[list[int], list[float]]] = {}
+        for t in self.domain.traits:  # validate once that the dataset matches the domain file
+            if f"pref_{t.name}" not in users.columns:
+                raise ValueError(
+                    f"{ds.path}: users table has no pref_{t.name}; the dataset is not of domain {self.domain.name}"
+                )
+        names = {t.name: [v.name for v in t.values] for t in self.domain.traits}
+        for uid, row in users.iterrows():
+            pref = [names[t.name].index(row[f"pref_{t.name}"]) for t in self.domain.traits]
+            weight = [
+                float(row[f"weight_{t.name}"]) * bool(row[f"stated_{t.name}"]) for t in self.domain.traits
+            ]
+            self.prefs[int(uid)] = (pref, weight)
+
+    def text_score(self, user_id: int, topic: str, text: str) -> float:
+        from .synth.world import score_text
+
+        pref, weight = self.prefs[int(user_id)]
+        return score_text(self.domain, pref, weight, topic, text)
+
+    def score(self, comparisons: Sequence[Comparison]) -> list[float]:
+        out = []
+        for c in comparisons:
+            a, b = (
+                self.text_score(int(c.user_id), c.topic, c.first),
+                self.text_score(int(c.user_id), c.topic, c.second),
+            )
+            out.append(1.0 if a > b + 1e-9 else 0.0 if b > a + 1e-9 else 0.5)
+        return out
+
+
+JUDGE_SYSTEM = "You are a careful evaluator of AI assistants, judging on behalf of one specific user."
+JUDGE_PROMPT = """I want you to create a leaderboard of AI models by how well their answers suit one particular user.
+Here is what that user says about themselves:
+{description}
+
+The user asked:
+{question}
+
+Output (a):
+{first}
+
+Output (b):
+{second}
+
+Which output would this user prefer? Judge only by fit to this user's stated preferences. Do not let the
+length of the outputs or the order in which they are shown influence you. Answer with "a" or "b" only."""
+
+
+class LLMJudge:
+    """AlpacaEval-style pairwise judge that sees the user's description, asked in both orders."""
+
+    def __init__(self, backend: ChatBackend, *, temperature: float = 0.0) -> None:
+        self.backend = backend
+        self.temperature = temperature
+        self.name = f"llm:{backend.name}"
+
+    def _request(self, c: Comparison, first: str, second: str) -> ChatRequest:
+        msg = JUDGE_PROMPT.format(
+            description=c.description or "(no description)", question=c.question, first=first, second=second
+        )
+        return ChatRequest(
+            [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": msg}],
+            max_tokens=2,
+            temperature=self.temperature,
+            choices=("a", "b"),
+        )
+
+    def score(self, comparisons: Sequence[Comparison]) -> list[float]:
+        reqs = [
+            r
+            for c in comparisons
+            for r in (self._request(c, c.first, c.second), self._request(c, c.second, c.first))
+        ]
+        replies = self.backend.chat(reqs)
+        out = []
+        for i in range(len(comparisons)):
+            shown_first, shown_second = _verdict(replies[2 * i]), _verdict(replies[2 * i + 1])
+            # order 1: "a" means the first response; order 2 shows them swapped, so "b" means the first.
+            votes = [
+                1.0 if shown_first == "a" else 0.0 if shown_first == "b" else 0.5,
+                1.0 if shown_second == "b" else 0.0 if shown_second == "a" else 0.5,
+            ]
+            out.append(sum(votes) / 2)
+        return out
+
+
+def _verdict(reply: str) -> str | None:
+    r = reply.strip().strip("().'\"").lower()[:3]
+    return r[0] if r[:1] in ("a", "b") and (len(r) == 1 or not r[1].isalpha()) else None
+
+
+@dataclass(frozen=True)
+class WinRate:
+    n: int
+    win_rate: float
+    ci_low: float
+    ci_high: float
+    wins: float
+    ties: int
+    p_value: float  # one-sided binomial test of win rate > 0.5 (ties split as halves, rounded down)
+
+    def to_dict(self) -> dict[str, float]:
+        return {k: float(v) for k, v in self.__dict__.items()}
+
+
+def win_rate(
+    scores: Sequence[float], *, confidence: float = 0.95, seed: int = 0, resamples: int = 5000
+) -> WinRate:
+    """Mean of per-comparison scores (1 win, 0.5 tie, 0 loss) with a bootstrap CI over comparisons."""
+    from scipy import stats
+
+    s = np.asarray(scores, dtype=np.float64)
+    if s.size == 0:
+        raise ValueError("no comparisons to compute a win rate from")
+    if s.size == 1 or np.all(s == s[0]):
+        lo = hi = float(s.mean())
+    else:
+        res = stats.bootstrap(
+            (s,),
+            np.mean,
+            confidence_level=confidence,
+            n_resamples=resamples,
+            method="percentile",
+            random_state=np.random.default_rng(seed),
+        )
+        lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
+    wins = float(s.sum())
+    p = stats.binomtest(int(np.floor(wins)), int(s.size), 0.5, alternative="greater").pvalue
+    return WinRate(
+        n=int(s.size),
+        win_rate=float(s.mean()),
+        ci_low=lo,
+        ci_high=hi,
+        wins=wins,
+        ties=int((s == 0.5).sum()),
+        p_value=float(p),
+    )

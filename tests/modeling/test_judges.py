@@ -1,0 +1,84 @@
+"""Judges: the exact oracle, the LLM judge's position-bias handling, win rates with intervals."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from scipy import stats
+
+from modeling.judges import Comparison, LLMJudge, OracleJudge, win_rate
+from modeling.llm import TransformersBackend
+from modeling.synth import generate_dataset, load_domain
+from modeling.synth.world import render_response
+
+
+@pytest.fixture(scope="module")
+def elix(tmp_path_factory):
+    return generate_dataset(
+        out_dir=tmp_path_factory.mktemp("ds") / "elix", domain="elix", users=50, pairs_per_user=4, seed=0
+    ).path
+
+
+def test_the_oracle_prefers_the_level_the_user_wants(elix):
+    import pyarrow.parquet as pq
+
+    judge = OracleJudge(elix)
+    users = pq.read_table(elix / "users.parquet").to_pandas()
+    dom = load_domain("elix")
+    levels = [v.name for v in dom.traits[0].values]
+    rnd = random.Random(0)
+    for row in users.head(20).itertuples():
+        want = levels.index(row.pref_level)
+        other = (want + 2) % 5
+        good = render_response(dom, "tides", [want], rnd)
+        bad = render_response(dom, "tides", [other], rnd)
+        c = Comparison("How do tides work?", good, bad, user_id=row.user_id, topic="tides")
+        assert judge.score([c]) == [1.0]
+        assert judge.score([Comparison(c.question, bad, good, row.user_id, "tides")]) == [0.0]
+        assert judge.score([Comparison(c.question, good, good, row.user_id, "tides")]) == [0.5]
+
+
+class AlwaysFirst:
+    """A judge with total position bias: whatever it is shown, it answers that the first output is better."""
+
+    name = "always-first"
+
+    def chat(self, requests, *, progress=None):
+        return ["a" for _ in requests]
+
+
+def test_asking_both_orders_cancels_position_bias():
+    judge = LLMJudge(AlwaysFirst())
+    c = [Comparison("q?", "one answer", "another answer", user_id=1, description="I like short answers.")]
+    assert judge.score(c) == [0.5]
+
+
+def test_a_deterministic_llm_judge_is_antisymmetric(tiny_model_dir):
+    judge = LLMJudge(TransformersBackend(tiny_model_dir), temperature=0.0)
+    pairs = [
+        ("Short answer.", "A much longer and rambling answer about everything."),
+        ("Yes.", "No."),
+        ("Maybe so.", "Never."),
+    ]
+    forward = judge.score(
+        [Comparison("What do you think?", a, b, user_id=1, description="I like brevity.") for a, b in pairs]
+    )
+    backward = judge.score(
+        [Comparison("What do you think?", b, a, user_id=1, description="I like brevity.") for a, b in pairs]
+    )
+    assert all(s in (0.0, 0.5, 1.0) for s in forward)
+    assert [1 - s for s in forward] == backward
+
+
+def test_win_rate_counts_ties_as_halves_with_an_interval_and_a_one_sided_test():
+    w = win_rate([1, 1, 0, 0.5] * 25)
+    assert w.win_rate == pytest.approx(0.625)
+    assert w.ties == 25 and w.n == 100
+    assert w.ci_low < 0.625 < w.ci_high
+    assert w.ci_low > 0.5  # 100 comparisons at 62.5% exclude a coin flip
+    assert w.p_value == pytest.approx(stats.binomtest(62, 100, 0.5, alternative="greater").pvalue)
+    coin = win_rate([1, 0] * 20)
+    assert coin.ci_low < 0.5 < coin.ci_high and coin.p_value > 0.4
+    with pytest.raises(ValueError, match="no comparisons"):
+        win_rate([])
