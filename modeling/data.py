@@ -180,9 +180,10 @@ class EpisodeSource:
     Training (``split="train"``): users of the train split; shots and target are that user's pairs on
     train-split questions. Evaluation (``split="test"``): held-out users; shots come from their pairs on
     train-split questions and the target from a held-out (test-split) question, so neither the user nor
-    the target question was seen in training."""
+    the target question was seen in training. ``all_questions`` lifts the question split for data whose
+    labels are not used (pretraining the base model on the domain's language)."""
 
-    def __init__(self, dataset: Any, *, split: str = "train", instruction: str | None = None) -> None:
+    def __init__(self, dataset: Any, *, split: str = "train", instruction: str | None = None, all_questions: bool = False) -> None:
         from .synth import DatasetError, load_dataset, load_domain
 
         ds = load_dataset(dataset) if not hasattr(dataset, "manifest") else dataset
@@ -210,7 +211,8 @@ class EpisodeSource:
         self.by_user: dict[int, dict[str, np.ndarray]] = {}
         for uid, g in p.groupby("user_id", sort=True):
             rows = g[["question_id", "chosen_id", "rejected_id"]].to_numpy()
-            is_train_q = (g.question_split == "train").to_numpy()
+            # all_questions: for unlabeled use (the base model's pretraining), held-out topics are fair text.
+            is_train_q = (g.question_split == "train").to_numpy() | all_questions
             self.by_user[int(uid)] = {
                 "shots": rows[is_train_q],
                 "targets": rows[is_train_q] if split == "train" else rows[~is_train_q],

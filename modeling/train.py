@@ -425,7 +425,7 @@ def train(
     """Run one stage. Resumes from ``out_dir/checkpoint-last`` when it holds the same config."""
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    src = EpisodeSource(cfg.dataset, split="train")
+    src = EpisodeSource(cfg.dataset, split="train", all_questions=cfg.stage == "pretrain")
     eval_src = EpisodeSource(cfg.dataset, split="test")
     torch.manual_seed(cfg.seed)
     last = out_dir / "checkpoint-last"
@@ -554,12 +554,13 @@ def train(
         sched.step()
         tokens += n
         done = step + 1
+        loss_value = float(loss.detach())
         if progress:
-            progress(done, cfg.steps, f"{cfg.stage} loss {float(loss):.3f}")
+            progress(done, cfg.steps, f"{cfg.stage} loss {loss_value:.3f}")
         if done % cfg.eval_every == 0 or done == cfg.steps:
             row = {
                 "step": done,
-                "loss": float(loss),
+                "loss": loss_value,
                 "grad_norm": gnorm,
                 "lr": sched.get_last_lr()[0],
                 "tokens_per_s": tokens / max(time.perf_counter() - t0, 1e-9),
