@@ -343,12 +343,13 @@ def _sft_loss(model: Any, examples: list[Example], cfg: TrainConfig, pad_id: int
     return out.loss, int(att.sum())
 
 
-def _pref_loss(
-    model: Any, examples: list[Example], ref: torch.Tensor, cfg: TrainConfig, pad_id: int
-) -> tuple[torch.Tensor, dict[str, float], int]:
-    from .losses import dpo_loss, ipo_loss, packed_pair_logps
+def _pair_logps(
+    model: Any, examples: list[Example], cfg: TrainConfig, pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Chosen and rejected log-probs of a batch, the shared prompt computed once per pair (packed)."""
+    from .losses import packed_pair_logps
 
-    pc, pr, n_tokens = packed_pair_logps(
+    return packed_pair_logps(
         model,
         [e.prompt for e in examples],
         [e.chosen for e in examples],
@@ -356,6 +357,14 @@ def _pref_loss(
         average=cfg.average_logps,
         pad_id=pad_id,
     )
+
+
+def _pref_loss(
+    model: Any, examples: list[Example], ref: torch.Tensor, cfg: TrainConfig, pad_id: int
+) -> tuple[torch.Tensor, dict[str, float], int]:
+    from .losses import dpo_loss, ipo_loss
+
+    pc, pr, n_tokens = _pair_logps(model, examples, cfg, pad_id)
     fn = ipo_loss if cfg.stage == "ipo" else dpo_loss
     losses, rc, rr = fn(pc, pr, ref[:, 0].to(pc), ref[:, 1].to(pc), cfg.beta)
     acc = float(((pc - pr) - (ref[:, 0] - ref[:, 1]).to(pc) > 0).float().mean())
@@ -367,19 +376,10 @@ def _reference_logps(
     model: Any, batches: list[list[Example]], cfg: TrainConfig, pad_id: int, progress: Progress | None
 ) -> torch.Tensor:
     """Log-probs of chosen and rejected under the frozen reference (the initial model), once: [steps, B, 2]."""
-    from .losses import packed_pair_logps
-
     model.eval()
     out = torch.zeros(len(batches), cfg.batch_size, 2, dtype=torch.float64)
     for s, ex in enumerate(batches):
-        c, r, _ = packed_pair_logps(
-            model,
-            [e.prompt for e in ex],
-            [e.chosen for e in ex],
-            [e.rejected for e in ex],
-            average=cfg.average_logps,
-            pad_id=pad_id,
-        )
+        c, r, _ = _pair_logps(model, ex, cfg, pad_id)
         out[s, : len(ex), 0], out[s, : len(ex), 1] = c.double().cpu(), r.double().cpu()
         if progress and (s % 10 == 0 or s == len(batches) - 1):
             progress(s + 1, len(batches), "reference log-probs")

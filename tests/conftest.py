@@ -24,6 +24,16 @@ REPO = Path(__file__).resolve().parent.parent
 WORKER_REDIS_DB = 5
 
 
+def stop_process(proc: subprocess.Popen, timeout: float = 10) -> None:
+    """Terminate a child process, killing it if it does not exit within ``timeout`` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 @dataclass
 class RunningWorker:
     app: Celery  # a client on the worker's broker and result backend
@@ -65,10 +75,5 @@ def celery_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningW
                 pytest.fail(f"the celery worker did not answer a ping within 30 s:\n{worker.log_tail()}")
         yield worker
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, timeout=15)
         client.close()
