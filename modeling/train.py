@@ -91,6 +91,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     max_prompt_tokens: int = 4096
     max_target_tokens: int = 256
+    overfit_batches: int = 0  # > 0: cycle over the first K batches only (the classic "can it overfit" check)
     eval_every: int = 50
     eval_episodes: int = 32
     save_every: int = 50
@@ -309,6 +310,8 @@ def _batch_seed(cfg: TrainConfig, step: int) -> int:
 
 def _episodes_for_step(src: EpisodeSource, cfg: TrainConfig, step: int) -> list[Episode]:
     # Deterministic in (seed, step): a resumed run sees exactly the batches it would have seen.
+    if cfg.overfit_batches:
+        step %= cfg.overfit_batches
     return src.sample(cfg.batch_size, shots=cfg.shots, seed=_batch_seed(cfg, step))
 
 

@@ -1,0 +1,422 @@
+"""Preference losses and the log-probabilities they consume, as pure tensor functions.
+
+Everything here follows the FSPO paper (arXiv 2502.19312) and its ancestor, the DPO reference code:
+
+- :func:`sequence_logps` turns a causal LM's logits into one log-probability per sequence;
+- :func:`ipo_loss` (stage 2 of FSPO), :func:`dpo_loss` and :func:`sft_loss` (Pref-FT, stage 1) turn
+  those into losses;
+- :func:`packed_pair_logps` is the efficient way to score a preference pair: the long few-shot prompt
+  runs through the model once per pair instead of twice; :func:`separate_pair_logps` is the plain way
+  and serves as its reference.
+
+Conventions: ``B`` is the batch (pairs or sequences), ``T`` the sequence length, ``V`` the vocabulary.
+Log-probabilities are natural logs. Whether a sequence's log-probability is summed over its tokens (FSPO
+and its reference code) or averaged (TRL's IPO) is chosen by the caller through ``average``; the losses
+themselves take whatever per-sequence numbers they are given.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "dpo_loss",
+    "ipo_loss",
+    "packed_pair_logps",
+    "separate_pair_logps",
+    "sequence_logps",
+    "sft_loss",
+]
+
+# Attention implementations that honour a custom 4D mask in transformers (checked against 5.23):
+# `create_causal_mask` returns any 4D mask untouched; "sdpa" hands it to
+# torch.nn.functional.scaled_dot_product_attention (boolean or additive float both work there) and
+# "eager" *adds* it to the attention scores (so it must be additive float: a boolean mask would be
+# added as 0/1 and silently ignored). Flash attention cannot take an arbitrary mask and flex attention
+# wants a BlockMask, so those are refused rather than quietly computing the wrong thing.
+_MASKABLE_ATTENTION = ("eager", "sdpa")
+
+# Branch ids for each position of a packed row [prompt | chosen | rejected | padding].
+_PROMPT, _CHOSEN, _REJECTED, _PAD = 0, 1, 2, 3
+
+
+def _token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(targets[b, t] | logits[b, t]) for already aligned ``logits`` [B, T, V] and ``targets`` [B, T]."""
+    # log_softmax in at least float32: in bf16 the log-normaliser over a large vocabulary loses ~2-3
+    # digits, the same order as the log-ratio differences the preference losses live on. (float64 stays.)
+    logps = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+    return logps.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def _masked_sum_or_mean(token_logps: torch.Tensor, mask: torch.Tensor, average: bool) -> torch.Tensor:
+    """Sum (or mean) of ``token_logps`` [B, T] over the positions where ``mask`` [B, T] is set: [B]."""
+    mask = mask.bool()
+    # torch.where rather than a product: a padded position's logit can be anything, and 0 * inf = nan.
+    total = torch.where(mask, token_logps, 0.0).sum(-1)
+    if not average:
+        return total
+    # A row with no target tokens scores 0 instead of 0/0 = nan (it then carries no gradient).
+    return total / mask.sum(-1).clamp(min=1).to(total.dtype)
+
+
+def sequence_logps(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    loss_mask: torch.Tensor,
+    *,
+    average: bool = False,
+) -> torch.Tensor:
+    """Log-probability of each sequence's masked tokens under a causal LM.
+
+    The shift happens here, not in the caller: ``logits``, ``labels`` and ``loss_mask`` are all in the
+    frame of the model's input, exactly as a causal LM returns them for ``input_ids``. ``logits[:, t]``
+    is the distribution of token ``t + 1``, so::
+
+        log p(y) = Σ_{t ≥ 1} loss_mask[:, t] · log softmax(logits[:, t - 1])[labels[:, t]]
+
+    and the mean divides that by ``Σ_t loss_mask[:, t]`` (``average=True``). The last position's logits
+    predict past the end and are never used; nothing predicts position 0, so ``loss_mask[:, 0]`` must
+    be 0 (in practice it is a prompt or BOS token).
+
+    Args:
+        logits: [B, T, V] next-token logits at each input position.
+        labels: [B, T] token ids (usually the ``input_ids`` themselves); any id where the mask is 0.
+        loss_mask: [B, T] 1 (or True) on the tokens to score, e.g. the response; 0 on prompt and padding.
+        average: mean over the scored tokens instead of the sum (TRL's IPO; FSPO sums).
+
+    Returns:
+        [B] per-sequence log-probabilities (sum, or mean when ``average``), in float32 or wider.
+    """
+    if logits.ndim != 3 or labels.shape != logits.shape[:2] or loss_mask.shape != labels.shape:
+        raise ValueError(
+            f"expected logits [B, T, V] with labels and loss_mask [B, T]; got {tuple(logits.shape)}, "
+            f"{tuple(labels.shape)}, {tuple(loss_mask.shape)}"
+        )
+    if bool(loss_mask[:, 0].any()):
+        raise ValueError("loss_mask[:, 0] must be 0: no logits predict the first token of a sequence")
+    token_logps = _token_logps(logits[:, :-1], labels[:, 1:])
+    return _masked_sum_or_mean(token_logps, loss_mask[:, 1:], average)
+
+
+def sft_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Pref-FT loss: mean negative log-likelihood per target token over the whole batch.
+
+    Same inputs and same in-function shift as :func:`sequence_logps`::
+
+        L_SFT = − Σ_{b,t} m[b, t] log p(labels[b, t] | labels[b, < t]) / Σ_{b,t} m[b, t]
+
+    Token-averaged over the batch (every target token weighs the same, as in nanoGPT and HF's causal LM
+    loss), not the mean of per-sequence means, which would up-weight short responses.
+
+    Args:
+        logits: [B, T, V] next-token logits at each input position.
+        labels: [B, T] token ids in the input frame.
+        loss_mask: [B, T] 1 on the target tokens (the preferred response); ``loss_mask[:, 0]`` must be 0.
+
+    Returns:
+        A scalar loss, float32 or wider (0 with no gradient if the mask selects nothing).
+    """
+    if logits.ndim != 3 or labels.shape != logits.shape[:2] or loss_mask.shape != labels.shape:
+        raise ValueError(
+            f"expected logits [B, T, V] with labels and loss_mask [B, T]; got {tuple(logits.shape)}, "
+            f"{tuple(labels.shape)}, {tuple(loss_mask.shape)}"
+        )
+    if bool(loss_mask[:, 0].any()):
+        raise ValueError("loss_mask[:, 0] must be 0: no logits predict the first token of a sequence")
+    token_logps = _token_logps(logits[:, :-1], labels[:, 1:])
+    mask = loss_mask[:, 1:].bool()
+    return -torch.where(mask, token_logps, 0.0).sum() / mask.sum().clamp(min=1)
+
+
+def _log_ratio_margin(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """h = (π_c − π_r) − (ref_c − ref_r) and the implicit rewards β(π − ref), after checking inputs."""
+    if beta <= 0:
+        raise ValueError(f"beta must be positive, got {beta}")
+    shape = policy_chosen_logps.shape
+    for name, t in (
+        ("policy_rejected_logps", policy_rejected_logps),
+        ("ref_chosen_logps", ref_chosen_logps),
+        ("ref_rejected_logps", ref_rejected_logps),
+    ):
+        if t.shape != shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+    chosen_logratios = policy_chosen_logps - ref_chosen_logps
+    rejected_logratios = policy_rejected_logps - ref_rejected_logps
+    h = chosen_logratios - rejected_logratios
+    # Rewards are for logging only: detached so a caller summing them into a metric cannot leak gradient.
+    return h, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+
+
+def ipo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """IPO loss per pair (FSPO stage 2; Azar et al. 2023, eq. 17)::
+
+        h = (log π(y_w) − log π(y_l)) − (log π_ref(y_w) − log π_ref(y_l))
+        L_IPO = (h − 1 / (2β))²
+
+    The regression target 1/(2β) is large for FSPO's β = 0.01 (50 nats): the loss pulls the log-ratio
+    margin towards a finite value instead of pushing it to infinity as DPO does. FSPO's reference code
+    feeds summed log-probs; TRL feeds token-averaged ones. Choose with ``average`` in the log-prob
+    functions; this function is the same either way.
+
+    Args:
+        policy_chosen_logps, policy_rejected_logps: [B] log π of the preferred / dispreferred response.
+        ref_chosen_logps, ref_rejected_logps: [B] the same under the frozen reference model.
+        beta: regularisation strength β > 0 (τ in the IPO paper).
+
+    Returns:
+        ``(loss [B], chosen_rewards [B], rejected_rewards [B])`` where the rewards are β(log π − log π_ref),
+        detached. Reduce the loss with ``.mean()``.
+    """
+    h, chosen_rewards, rejected_rewards = _log_ratio_margin(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta
+    )
+    return (h - 1 / (2 * beta)) ** 2, chosen_rewards, rejected_rewards
+
+
+def dpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DPO loss per pair (Rafailov et al. 2023, eq. 7), with h as in :func:`ipo_loss`::
+
+        L_DPO = − log σ(β h)
+
+    Same arguments and returns as :func:`ipo_loss`.
+    """
+    h, chosen_rewards, rejected_rewards = _log_ratio_margin(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta
+    )
+    # logsigmoid rather than log(sigmoid(.)): stays finite when β h is very negative.
+    return -F.logsigmoid(beta * h), chosen_rewards, rejected_rewards
+
+
+# ----------------------------------------------------------------------------------------------------
+# Scoring preference pairs with a causal LM
+
+
+def _check_pairs(
+    prompt_ids: list[list[int]], chosen_ids: list[list[int]], rejected_ids: list[list[int]]
+) -> None:
+    if not prompt_ids:
+        raise ValueError("no pairs given")
+    if not len(prompt_ids) == len(chosen_ids) == len(rejected_ids):
+        raise ValueError(
+            f"prompt_ids, chosen_ids and rejected_ids must have one entry per pair; got "
+            f"{len(prompt_ids)}, {len(chosen_ids)}, {len(rejected_ids)}"
+        )
+    for i, (p, c, r) in enumerate(zip(prompt_ids, chosen_ids, rejected_ids, strict=True)):
+        # An empty prompt leaves nothing to predict the first response token from.
+        if not p or not c or not r:
+            raise ValueError(
+                f"pair {i}: prompt, chosen and rejected must each have at least one token "
+                f"(got {len(p)}, {len(c)}, {len(r)})"
+            )
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def separate_pair_logps(
+    model: torch.nn.Module,
+    prompt_ids: list[list[int]],
+    chosen_ids: list[list[int]],
+    rejected_ids: list[list[int]],
+    *,
+    average: bool = False,
+    pad_id: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Score each pair the plain way: rows ``[prompt | chosen]`` and ``[prompt | rejected]``.
+
+    All 2B rows go through the model in one right-padded forward (as TRL's collator does), so each
+    prompt is encoded twice. The reference for :func:`packed_pair_logps` and the baseline in ``bench/``.
+
+    Args:
+        model: a Hugging Face causal LM (anything called as ``model(input_ids=..., attention_mask=...,
+            logits_to_keep=...)`` returning ``.logits``).
+        prompt_ids, chosen_ids, rejected_ids: B token-id lists each; every list non-empty.
+        average: mean log-prob per response token instead of the sum.
+        pad_id: id written into padding (never attended and never scored, so its value is irrelevant).
+
+    Returns:
+        ``(chosen_logps [B], rejected_logps [B], n_tokens)`` where ``n_tokens`` = 2B × T is the number of
+        input positions the model ran over, padding included.
+    """
+    _check_pairs(prompt_ids, chosen_ids, rejected_ids)
+    device = _model_device(model)
+    n = len(prompt_ids)
+    rows = [p + c for p, c in zip(prompt_ids, chosen_ids, strict=True)]
+    rows += [p + r for p, r in zip(prompt_ids, rejected_ids, strict=True)]
+    prompt_lens = [len(p) for p in prompt_ids] * 2
+    width = max(len(row) for row in rows)
+
+    input_ids = torch.full((2 * n, width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((2 * n, width), dtype=torch.long)
+    loss_mask = torch.zeros((2 * n, width), dtype=torch.bool)
+    for i, (row, p_len) in enumerate(zip(rows, prompt_lens, strict=True)):
+        input_ids[i, : len(row)] = torch.tensor(row)
+        attention_mask[i, : len(row)] = 1
+        loss_mask[i, p_len : len(row)] = True
+    input_ids, attention_mask, loss_mask = (
+        input_ids.to(device),
+        attention_mask.to(device),
+        loss_mask.to(device),
+    )
+
+    # Only positions from the shortest prompt's last token on predict a response token; skipping the
+    # prompt's logits avoids a [2B, T, V] tensor that would dwarf the model's activations on long prompts.
+    first = min(prompt_lens) - 1
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=width - first).logits
+    # The kept logits start at position `first`, so slice labels and mask into the same frame; the
+    # in-function shift of sequence_logps then lines logits[first + t] up with token first + t + 1.
+    logps = sequence_logps(logits, input_ids[:, first:], loss_mask[:, first:], average=average)
+    return logps[:n], logps[n:], 2 * n * width
+
+
+def _packed_attention_mask(
+    branch: torch.Tensor, dtype: torch.dtype, attn_implementation: str
+) -> torch.Tensor:
+    """The [B, 1, T, T] mask of packed rows from their per-position ``branch`` ids [B, T].
+
+    Query q may see key k ≤ q when k is a prompt token or k is in q's own branch; padding sees only itself
+    (a fully masked row would give NaN attention and NaN gradients) and nothing sees padding.
+    """
+    width = branch.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool, device=branch.device).tril()
+    q_branch, k_branch = branch[:, :, None], branch[:, None, :]
+    same_branch = (k_branch == _PROMPT) | (k_branch == q_branch)
+    allowed = causal & same_branch & (q_branch != _PAD) & (k_branch != _PAD)
+    is_pad = branch == _PAD
+    allowed = allowed | (torch.diag_embed(is_pad))
+    allowed = allowed[:, None]  # one mask shared by all heads
+    if attn_implementation == "sdpa":
+        return allowed
+    # eager adds the mask to the scores: 0 where allowed, the dtype's most negative finite value elsewhere
+    # (what transformers itself uses; -inf would turn an all-masked row into NaN).
+    return torch.zeros(allowed.shape, dtype=dtype, device=branch.device).masked_fill(
+        ~allowed, torch.finfo(dtype).min
+    )
+
+
+def packed_pair_logps(
+    model: torch.nn.Module,
+    prompt_ids: list[list[int]],
+    chosen_ids: list[list[int]],
+    rejected_ids: list[list[int]],
+    *,
+    average: bool = False,
+    pad_id: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Score each pair with its shared prompt encoded once: one row ``[prompt | chosen | rejected]``.
+
+    Same results as :func:`separate_pair_logps` (to float rounding), in one forward over B rows of
+    length max(P + C + R) instead of 2B rows of length max(P + max(C, R)). With FSPO's prompts (N shots,
+    thousands of tokens) against responses of a few hundred, that is close to half the tokens.
+
+    How the row is made to behave like two separate sequences:
+
+    - a 4D attention mask [B, 1, T, T]: prompt tokens are causal among themselves; a chosen token sees
+      the prompt and earlier chosen tokens; a rejected token sees the prompt and earlier rejected tokens
+      but no chosen token; padding (right, up to the batch's longest row) sees only itself and is seen
+      by nothing. It is boolean for ``sdpa`` and additive float (0 / dtype min) for ``eager``, passed as
+      ``attention_mask``; transformers uses a 4D mask as given. Other attention implementations are
+      refused with a ValueError. Costs to know: the mask is materialised (B·T² bytes as bool, 2-4× that
+      as float), and with a mask SDPA cannot use its flash kernel on GPU (it takes the memory-efficient
+      one), so measure the gain in ``bench/`` rather than assuming the token ratio.
+    - position ids: prompt 0..P−1, chosen P..P+C−1, and rejected restarts at P (P..P+R−1), so its
+      rotary positions are those it would have right after the prompt.
+    - the gather: response token i is predicted by the logits of the position before it in its own
+      branch. For chosen that is the previous input position, but the first rejected token's previous
+      input position is the last chosen token, which rejected must not depend on: it is predicted from
+      the last prompt token (position P − 1) instead, explicitly.
+
+    Args:
+        model: a Hugging Face causal LM using ``eager`` or ``sdpa`` attention (``model.config._attn_implementation``).
+        prompt_ids, chosen_ids, rejected_ids: B token-id lists each; every list non-empty.
+        average: mean log-prob per response token instead of the sum.
+        pad_id: id written into padding (never attended and never scored, so its value is irrelevant).
+
+    Returns:
+        ``(chosen_logps [B], rejected_logps [B], n_tokens)`` where ``n_tokens`` = B × T is the number of
+        input positions the model ran over, padding included.
+    """
+    _check_pairs(prompt_ids, chosen_ids, rejected_ids)
+    attn_implementation = getattr(model.config, "_attn_implementation", None)
+    if attn_implementation not in _MASKABLE_ATTENTION:
+        raise ValueError(
+            f"packed_pair_logps needs an attention implementation that honours a custom 4D mask "
+            f"({', '.join(_MASKABLE_ATTENTION)}); this model uses {attn_implementation!r}. Load it with "
+            f"attn_implementation='sdpa' or use separate_pair_logps."
+        )
+    device = _model_device(model)
+    n = len(prompt_ids)
+    width = max(
+        len(p) + len(c) + len(r) for p, c, r in zip(prompt_ids, chosen_ids, rejected_ids, strict=True)
+    )
+    n_targets = max(len(c) + len(r) for c, r in zip(chosen_ids, rejected_ids, strict=True))
+
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((n, width), dtype=torch.long)
+    branch = torch.full((n, width), _PAD, dtype=torch.long)
+    # Per row, the response tokens to score in order [chosen..., rejected...], right-padded to n_targets:
+    # which input position holds each one's logits, its id, and which branch it belongs to.
+    source = torch.zeros((n, n_targets), dtype=torch.long)
+    targets = torch.zeros((n, n_targets), dtype=torch.long)
+    target_branch = torch.full((n, n_targets), _PAD, dtype=torch.long)
+    for i, (p, c, r) in enumerate(zip(prompt_ids, chosen_ids, rejected_ids, strict=True)):
+        p_len, c_len, r_len = len(p), len(c), len(r)
+        end = p_len + c_len + r_len
+        input_ids[i, :end] = torch.tensor(p + c + r)
+        position_ids[i, :p_len] = torch.arange(p_len)
+        position_ids[i, p_len : p_len + c_len] = torch.arange(p_len, p_len + c_len)
+        position_ids[i, p_len + c_len : end] = torch.arange(p_len, p_len + r_len)
+        branch[i, :p_len] = _PROMPT
+        branch[i, p_len : p_len + c_len] = _CHOSEN
+        branch[i, p_len + c_len : end] = _REJECTED
+        # Chosen token j (at p_len + j) is predicted at p_len + j - 1: the last prompt token for j = 0.
+        source[i, :c_len] = torch.arange(p_len - 1, p_len + c_len - 1)
+        # Rejected token j (at p_len + c_len + j) is predicted at the position before it *in its branch*:
+        # the last prompt token for j = 0, not the last chosen token that precedes it in the row.
+        source[i, c_len] = p_len - 1
+        source[i, c_len + 1 : c_len + r_len] = torch.arange(p_len + c_len, end - 1)
+        targets[i, : c_len + r_len] = torch.tensor(c + r)
+        target_branch[i, :c_len] = _CHOSEN
+        target_branch[i, c_len : c_len + r_len] = _REJECTED
+
+    input_ids, position_ids, branch = input_ids.to(device), position_ids.to(device), branch.to(device)
+    source, targets, target_branch = source.to(device), targets.to(device), target_branch.to(device)
+    dtype = model.get_input_embeddings().weight.dtype
+    attention_mask = _packed_attention_mask(branch, dtype, attn_implementation)
+
+    # As in separate_pair_logps: no logits for prompt positions that predict no response token.
+    first = min(len(p) for p in prompt_ids) - 1
+    logits = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        logits_to_keep=width - first,
+    ).logits
+    # Rows of `logits` are positions first.., so index with source - first. Padded target slots point
+    # at the row's position `first` (source 0 clamped); their value is discarded by the branch masks.
+    index = (source - first).clamp(min=0)
+    picked = logits.gather(1, index[:, :, None].expand(-1, -1, logits.shape[-1]))
+    token_logps = _token_logps(picked, targets)
+    chosen = _masked_sum_or_mean(token_logps, target_branch == _CHOSEN, average)
+    rejected = _masked_sum_or_mean(token_logps, target_branch == _REJECTED, average)
+    return chosen, rejected, n * width
