@@ -1,0 +1,268 @@
+"""Evaluation on held-out synthetic users (``fspo eval``): the paper's comparison table.
+
+Each *arm* is a checkpoint plus what its prompt holds about the user (few-shot pairs, nothing, or the
+true persona description) and whether it writes a user description first (CoT). Every arm answers the
+same held-out episodes (held-out users, held-out question topics); a judge compares each arm's answer
+with the baseline arm's answer for that user; the table reports win rates with 95% intervals.
+
+Outputs in the run folder: ``report.md``, ``results.json``, ``generations.jsonl`` and PNG plots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from .data import Episode, EpisodeSource
+from .judges import Comparison, Judge, OracleJudge, win_rate
+
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass(frozen=True)
+class Arm:
+    """name: shown in the table; model: a checkpoint directory; context: what the prompt holds about the
+    user; cot: the model writes a user description before the response."""
+
+    name: str
+    model: str
+    context: Literal["fewshot", "none", "description"] = "fewshot"
+    cot: bool = False
+
+    @classmethod
+    def parse(cls, spec: str) -> Arm:
+        """``name=path[:context][:cot]``, e.g. ``fspo=runs/ipo``, ``base=runs/base:none``, ``oracle=runs/o:description``."""
+        name, sep, rest = spec.partition("=")
+        if not sep or not name or not rest:
+            raise ValueError(f"arm {spec!r}: expected name=path[:context][:cot]")
+        parts = rest.split(":")
+        path, opts = parts[0], parts[1:]
+        context = next((o for o in opts if o in ("fewshot", "none", "description")), "fewshot")
+        unknown = [o for o in opts if o not in ("fewshot", "none", "description", "cot")]
+        if unknown:
+            raise ValueError(
+                f"arm {spec!r}: unknown option {unknown[0]!r} (use fewshot, none, description, cot)"
+            )
+        return cls(name=name, model=path, context=context, cot="cot" in opts)  # type: ignore[arg-type]
+
+
+@dataclass
+class EvalResult:
+    out_dir: Path
+    table: list[dict[str, Any]]
+    shot_sweep: list[dict[str, Any]] = field(default_factory=list)
+
+    def row(self, name: str) -> dict[str, Any]:
+        return next(r for r in self.table if r["arm"] == name)
+
+
+def _episodes_for(arm: Arm, episodes: Sequence[Episode]) -> list[Episode]:
+    if arm.context == "fewshot":
+        return list(episodes)
+    return [dataclasses.replace(e, shots=()) for e in episodes]
+
+
+def generate_arm(
+    arm: Arm, episodes: Sequence[Episode], *, max_new_tokens: int, backend: Any = None
+) -> list[str]:
+    """Greedy responses of one arm to the episodes' target questions."""
+    from .infer import LocalBackend, generate_for_episodes
+
+    backend = backend or LocalBackend(arm.model)
+    gens = generate_for_episodes(
+        backend,
+        _episodes_for(arm, episodes),
+        cot=arm.cot,
+        oracle_description=arm.context == "description",
+        max_new_tokens=max_new_tokens,
+        temperature=0.0,
+    )
+    return [g.text for g in gens]
+
+
+def _compare(
+    judge: Judge, episodes: Sequence[Episode], mine: Sequence[str], theirs: Sequence[str]
+) -> list[float]:
+    return judge.score(
+        [
+            Comparison(
+                e.question,
+                a,
+                b,
+                user_id=e.user_id if e.user_id is not None else "",
+                topic=e.meta.get("topic", ""),
+                description=e.description,
+            )
+            for e, a, b in zip(episodes, mine, theirs, strict=True)
+        ]
+    )
+
+
+def evaluate(
+    dataset: str | Path,
+    arms: Sequence[Arm],
+    *,
+    baseline: str,
+    out_dir: str | Path,
+    episodes: int = 100,
+    shots: int = 4,
+    judge: Judge | None = None,
+    shot_sweep: Sequence[int] = (),
+    sweep_arm: str | None = None,
+    max_new_tokens: int = 160,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> EvalResult:
+    """Run every arm on the same held-out episodes and judge each against ``baseline``."""
+    names = [a.name for a in arms]
+    if baseline not in names:
+        raise ValueError(f"baseline {baseline!r} is not one of the arms {names}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"arm names must be unique: {names}")
+    if shot_sweep and (sweep_arm not in names):
+        raise ValueError(f"shot_sweep needs sweep_arm, one of {names}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    src = EpisodeSource(dataset, split="test")
+    judge = judge or OracleJudge(dataset)
+    max_shots = max([shots, *shot_sweep])
+    pool = src.sample(episodes, shots=max_shots, seed=seed)  # the same users and targets for every arm and N
+    eps = [dataclasses.replace(e, shots=e.shots[:shots]) for e in pool]
+    total = len(arms) + len(shot_sweep)
+    texts: dict[str, list[str]] = {}
+    for i, arm in enumerate(arms):
+        if progress:
+            progress(i, total, f"generating: {arm.name}")
+        texts[arm.name] = generate_arm(arm, eps, max_new_tokens=max_new_tokens)
+    table = []
+    oracle = judge if isinstance(judge, OracleJudge) else None
+    for arm in arms:
+        row: dict[str, Any] = {"arm": arm.name, "model": arm.model, "context": arm.context, "cot": arm.cot}
+        if arm.name == baseline:
+            row.update(win_rate=0.5, ci_low=0.5, ci_high=0.5, n=len(eps), p_value=None, baseline=True)
+        else:
+            row.update(win_rate(_compare(judge, eps, texts[arm.name], texts[baseline]), seed=seed).to_dict())
+        if oracle:
+            row["mean_oracle_score"] = float(
+                np.mean(
+                    [
+                        oracle.text_score(int(e.user_id), e.meta.get("topic", ""), t)  # type: ignore[arg-type]
+                        for e, t in zip(eps, texts[arm.name], strict=True)
+                    ]
+                )
+            )
+        table.append(row)
+    sweep: list[dict[str, Any]] = []
+    if shot_sweep:
+        arm = next(a for a in arms if a.name == sweep_arm)
+        from .infer import LocalBackend
+
+        backend = LocalBackend(arm.model)
+        for j, n in enumerate(shot_sweep):
+            if progress:
+                progress(len(arms) + j, total, f"shot sweep: {arm.name} N={n}")
+            eps_n = [dataclasses.replace(e, shots=e.shots[:n]) for e in pool]
+            t = generate_arm(arm, eps_n, max_new_tokens=max_new_tokens, backend=backend)
+            w = win_rate(_compare(judge, eps_n, t, texts[baseline]), seed=seed)
+            sweep.append({"shots": n, **w.to_dict()})
+    if progress:
+        progress(total, total, "done")
+    with open(out / "generations.jsonl", "w") as f:
+        for k, e in enumerate(eps):
+            f.write(
+                json.dumps({"user_id": e.user_id, "question": e.question, **{a: texts[a][k] for a in texts}})
+                + "\n"
+            )
+    result = EvalResult(out_dir=out, table=table, shot_sweep=sweep)
+    meta = {
+        "dataset": str(dataset),
+        "episodes": len(eps),
+        "shots": shots,
+        "judge": judge.name,
+        "baseline": baseline,
+        "split": "held-out users x held-out question topics",
+        "seed": seed,
+    }
+    (out / "results.json").write_text(
+        json.dumps({**meta, "table": table, "shot_sweep": sweep}, indent=2) + "\n"
+    )
+    (out / "report.md").write_text(report_markdown(result, meta))
+    _plots(result, baseline, out)
+    return result
+
+
+def report_markdown(result: EvalResult, meta: dict[str, Any]) -> str:
+    lines = [
+        "# FSPO evaluation on held-out synthetic users",
+        "",
+        f"Dataset `{meta['dataset']}`; {meta['episodes']} episodes ({meta['split']}); {meta['shots']} shots; "
+        f"judge: {meta['judge']}; win rate against `{meta['baseline']}`, ties counted as halves, 95% bootstrap interval; "
+        "p: one-sided binomial test of win rate > 50%.",
+        "",
+        "| arm | context | CoT | win rate vs base | 95% CI | p | mean oracle score |",
+        "|---|---|---|---:|---|---:|---:|",
+    ]
+    for r in result.table:
+        p = "—" if r.get("p_value") is None else f"{r['p_value']:.3g}"
+        score = f"{r['mean_oracle_score']:.3f}" if "mean_oracle_score" in r else "—"
+        lines.append(
+            f"| {r['arm']} | {r['context']} | {'yes' if r['cot'] else ''} | {100 * r['win_rate']:.1f}% | "
+            f"{100 * r['ci_low']:.1f}–{100 * r['ci_high']:.1f} | {p} | {score} |"
+        )
+    if result.shot_sweep:
+        lines += ["", "## Shot-count sensitivity", "", "| shots | win rate | 95% CI |", "|---:|---:|---|"]
+        lines += [
+            f"| {r['shots']} | {100 * r['win_rate']:.1f}% | {100 * r['ci_low']:.1f}–{100 * r['ci_high']:.1f} |"
+            for r in result.shot_sweep
+        ]
+    lines += ["", "![win rates](win_rates.png)"] + (
+        ["", "![shot sweep](shot_sweep.png)"] if result.shot_sweep else []
+    )
+    return "\n".join(lines) + "\n"
+
+
+def _plots(result: EvalResult, baseline: str, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result.table if r["arm"] != baseline]
+    fig, ax = plt.subplots(figsize=(7, 0.5 + 0.45 * max(1, len(rows))))
+    y = np.arange(len(rows))
+    wr = np.array([r["win_rate"] for r in rows]) * 100
+    err = (
+        np.array([[r["win_rate"] - r["ci_low"], r["ci_high"] - r["win_rate"]] for r in rows]).T * 100
+        if rows
+        else None
+    )
+    ax.barh(y, wr, xerr=err, color="#4C72B0", capsize=3)
+    ax.axvline(50, color="grey", ls="--", lw=1)
+    ax.set_yticks(y, [r["arm"] for r in rows])
+    ax.set_xlim(0, 100)
+    ax.set_xlabel(f"win rate vs {baseline} (%)")
+    ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(out / "win_rates.png", dpi=120)
+    plt.close(fig)
+    if result.shot_sweep:
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        n = [r["shots"] for r in result.shot_sweep]
+        w = np.array([r["win_rate"] for r in result.shot_sweep]) * 100
+        lo = np.array([r["ci_low"] for r in result.shot_sweep]) * 100
+        hi = np.array([r["ci_high"] for r in result.shot_sweep]) * 100
+        ax.plot(n, w, marker="o")
+        ax.fill_between(n, lo, hi, alpha=0.2)
+        ax.axhline(50, color="grey", ls="--", lw=1)
+        ax.set_xlabel("few-shot pairs in the prompt (N)")
+        ax.set_ylabel(f"win rate vs {baseline} (%)")
+        ax.set_ylim(0, 100)
+        fig.tight_layout()
+        fig.savefig(out / "shot_sweep.png", dpi=120)
+        plt.close(fig)
