@@ -7,6 +7,9 @@ Two back ends share the ``ChatBackend`` protocol:
 - ``TransformersBackend`` runs a local Hugging Face causal-LM directory (optionally with LoRA
   adapters) with batched ``generate``; it is also the engine behind ``fspo serve-model``.
 
+Both also complete plain-text prompts (``TextRequest``, OpenAI's ``/completions``: no chat template),
+which is how FSPO's Markdown prompts are served (see ``modeling.infer``).
+
 ``backend_from_spec`` turns a one-string spec (as used in configs and on the CLI) into a back end.
 """
 
@@ -62,14 +65,7 @@ class ChatRequest:
                 )
             if not isinstance(message.get("content"), str):
                 raise ValueError(f"messages[{i}].content must be a string")
-        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
-        if not _is_number(self.temperature) or not 0 <= self.temperature <= 100:
-            raise ValueError(f"temperature must be a number >= 0, got {self.temperature!r}")
-        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise ValueError(f"seed must be an integer or null, got {self.seed!r}")
+        _check_sampling(self.max_tokens, self.temperature, self.top_p, self.seed)
         if self.choices is not None:
             if (
                 isinstance(self.choices, str)
@@ -80,6 +76,50 @@ class ChatRequest:
             if not all(isinstance(c, str) and c for c in self.choices):
                 raise ValueError("choices must be a non-empty list of non-empty strings")
             object.__setattr__(self, "choices", tuple(self.choices))
+
+
+@dataclass(frozen=True)
+class TextRequest:
+    """One plain-text completion (OpenAI's ``/completions``): ``prompt`` is used as is, with no chat
+    template; whoever tokenizes it prepends the tokenizer's BOS once (``plain_prompt_ids``).
+
+    ``temperature == 0`` means greedy. The reply ends before the first of the ``stop`` strings.
+    """
+
+    prompt: str
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.prompt, str):
+            raise ValueError("prompt must be a string")
+        _check_sampling(self.max_tokens, self.temperature, self.top_p, self.seed)
+        stop = (self.stop,) if isinstance(self.stop, str) else self.stop
+        if not isinstance(stop, list | tuple) or not all(isinstance(x, str) and x for x in stop):
+            raise ValueError("stop must be a string or a list of non-empty strings")
+        object.__setattr__(self, "stop", tuple(stop))
+
+
+class Sampling(Protocol):
+    """The decoding settings a request carries (``ChatRequest``, ``TextRequest``)."""
+
+    temperature: float
+    top_p: float
+    seed: int | None
+
+
+def _check_sampling(max_tokens: object, temperature: object, top_p: object, seed: object) -> None:
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise ValueError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+    if not _is_number(temperature) or not 0 <= temperature <= 100:  # type: ignore[operator]
+        raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
+    if not _is_number(top_p) or not 0 < top_p <= 1:  # type: ignore[operator]
+        raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ValueError(f"seed must be an integer or null, got {seed!r}")
 
 
 def _is_number(value: object) -> bool:
@@ -116,6 +156,9 @@ class _Retryable(Exception):
 class OpenAICompatBackend:
     """Chat through an OpenAI-compatible ``/chat/completions`` endpoint.
 
+    ``complete_text`` does the same for plain-text prompts through ``/completions`` (vLLM selects a
+    LoRA adapter by its served name in ``model``).
+
     Requests run concurrently (``max_concurrency`` threads) and come back in input order.
     Connection errors, timeouts, HTTP 429 / 5xx and malformed 200 replies are retried
     ``max_retries`` times with exponential backoff (``backoff_s * 2**attempt``); other 4xx fail at
@@ -149,6 +192,7 @@ class OpenAICompatBackend:
         self.backoff_s = backoff_s
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._url = f"{self.base_url}/chat/completions"
+        self._text_url = f"{self.base_url}/completions"
         self._client = httpx.Client(
             timeout=timeout_s,
             headers=headers,
@@ -167,13 +211,22 @@ class OpenAICompatBackend:
 
     def chat(self, requests: Sequence[ChatRequest], *, progress: ProgressFn | None = None) -> list[str]:
         """Run ``requests`` concurrently; return the replies in input order or raise ``LLMError``."""
-        total = len(requests)
-        results: list[str | None] = [None] * total
+        return self._map(self._chat_one, requests, progress)
+
+    def complete_text(
+        self, requests: Sequence[TextRequest], *, progress: ProgressFn | None = None
+    ) -> list[Completion]:
+        """Run plain-text ``requests`` through ``/completions`` concurrently, in input order."""
+        return self._map(self._text_one, requests, progress)
+
+    def _map(self, fn: Callable[[Any], Any], items: Sequence[Any], progress: ProgressFn | None) -> list[Any]:
+        total = len(items)
+        results: list[Any] = [None] * total
         if total == 0:
             return []
         pool = ThreadPoolExecutor(max_workers=min(self.max_concurrency, total), thread_name_prefix="llm-http")
         try:
-            futures = {pool.submit(self._chat_one, request): i for i, request in enumerate(requests)}
+            futures = {pool.submit(fn, item): i for i, item in enumerate(items)}
             pending = set(futures)
             done_count = 0
             while pending:
@@ -186,7 +239,7 @@ class OpenAICompatBackend:
         finally:
             # On failure, drop queued requests instead of sending them; running ones finish alone.
             pool.shutdown(wait=False, cancel_futures=True)
-        return [r for r in results if r is not None]
+        return results
 
     def _body(self, request: ChatRequest) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -203,11 +256,29 @@ class OpenAICompatBackend:
         return body
 
     def _chat_one(self, request: ChatRequest) -> str:
-        body = self._body(request)
+        return self._with_retries(self._url, self._body(request), _chat_content, "choices[0].message.content")
+
+    def _text_one(self, request: TextRequest) -> Completion:
+        body: dict[str, Any] = {
+            "model": self.model,
+            "prompt": request.prompt,
+            "max_tokens": request.max_tokens,
+            "temperature": request.temperature,
+            "top_p": request.top_p,
+        }
+        if request.seed is not None:
+            body["seed"] = request.seed
+        if request.stop:
+            body["stop"] = list(request.stop)
+        return self._with_retries(self._text_url, body, _text_completion, "choices[0].text")
+
+    def _with_retries(
+        self, url: str, body: dict[str, Any], extract: Callable[[Any], Any], expected: str
+    ) -> Any:
         attempts = 1 + self.max_retries
         for attempt in range(attempts):
             try:
-                return self._post(body)
+                return self._post(url, body, extract, expected)
             except _Retryable as failure:
                 if attempt == attempts - 1:
                     suffix = f" (gave up after {attempts} attempts)" if attempts > 1 else ""
@@ -218,9 +289,10 @@ class OpenAICompatBackend:
                 time.sleep(delay)
         raise AssertionError("unreachable")
 
-    def _post(self, body: dict[str, Any]) -> str:
+    def _post(self, url: str, body: dict[str, Any], extract: Callable[[Any], Any], expected: str) -> Any:
+        """POST ``body``; ``extract`` maps the JSON reply to the result, or None when it is malformed."""
         try:
-            response = self._client.post(self._url, json=body)
+            response = self._client.post(url, json=body)
         except httpx.ConnectError as exc:
             cause = (
                 "connection refused"
@@ -233,7 +305,7 @@ class OpenAICompatBackend:
                 f"cannot reach LLM endpoint {self.base_url}: connect timed out after {self.timeout_s:g}s"
             ) from None
         except httpx.TimeoutException:
-            raise _Retryable(f"LLM endpoint {self._url} timed out after {self.timeout_s:g}s") from None
+            raise _Retryable(f"LLM endpoint {url} timed out after {self.timeout_s:g}s") from None
         except httpx.TransportError as exc:
             cause = _one_line(str(exc) or type(exc).__name__)
             raise _Retryable(f"cannot reach LLM endpoint {self.base_url}: {cause}") from None
@@ -241,23 +313,43 @@ class OpenAICompatBackend:
         status = response.status_code
         if status == 429 or status >= 500:
             raise _Retryable(
-                f"LLM endpoint {self._url} failed with HTTP {status}: {_error_detail(response)}",
+                f"LLM endpoint {url} failed with HTTP {status}: {_error_detail(response)}",
                 retry_after=_retry_after(response),
             )
         if status >= 400:
             raise LLMError(
-                f"LLM endpoint {self._url} rejected the request (HTTP {status}): {_error_detail(response)}"
+                f"LLM endpoint {url} rejected the request (HTTP {status}): {_error_detail(response)}"
             )
         try:
-            content = response.json()["choices"][0]["message"]["content"]
-        except (ValueError, KeyError, IndexError, TypeError):
-            content = None
-        if not isinstance(content, str):
+            result = extract(response.json())
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+            result = None
+        if result is None:
             raise _Retryable(
-                f"LLM endpoint {self._url} returned a malformed response: "
-                f"expected JSON with choices[0].message.content, got {_one_line(response.text, 120)!r}"
+                f"LLM endpoint {url} returned a malformed response: "
+                f"expected JSON with {expected}, got {_one_line(response.text, 120)!r}"
             )
-        return content
+        return result
+
+
+def _chat_content(reply: Any) -> str | None:
+    content = reply["choices"][0]["message"]["content"]
+    return content if isinstance(content, str) else None
+
+
+def _text_completion(reply: Any) -> Completion | None:
+    choice = reply["choices"][0]
+    text = choice["text"]
+    if not isinstance(text, str):
+        return None
+    usage = reply.get("usage") or {}  # optional in the protocol; vLLM and serve-model send it
+    finish = choice.get("finish_reason")
+    return Completion(
+        text=text,
+        prompt_tokens=int(usage.get("prompt_tokens") or 0),
+        completion_tokens=int(usage.get("completion_tokens") or 0),
+        finish_reason=finish if isinstance(finish, str) else "stop",
+    )
 
 
 def _error_detail(response: httpx.Response) -> str:
@@ -343,19 +435,12 @@ class TransformersBackend:
         self._adapters: dict[str, Path] = {}
         self._default_adapter: str | None = None
 
-        stop = self.model.generation_config.eos_token_id
-        stop_ids = set(stop if isinstance(stop, list) else [stop] if stop is not None else [])
-        if self.tokenizer.eos_token_id is not None:
-            stop_ids.add(self.tokenizer.eos_token_id)
-        if not stop_ids:
-            raise LLMError(
-                f"cannot use model at {model_dir}: neither its tokenizer nor its generation config has an EOS token"
-            )
-        self._stop_ids = stop_ids
-        pad = self.tokenizer.pad_token_id
-        self._pad_id: int = pad if pad is not None else min(stop_ids)
-        limit = getattr(self.model.config, "max_position_embeddings", None)
-        self.context_length: int | None = int(limit) if isinstance(limit, int) else None
+        try:
+            self._stop_ids = stop_token_ids(self.model, self.tokenizer)
+        except LLMError as exc:
+            raise LLMError(f"cannot use model at {model_dir}: {exc}") from None
+        self._pad_id: int = pad_token_id(self.tokenizer, self._stop_ids)
+        self.context_length: int | None = context_length(self.model)
 
         if adapter_dir is not None:
             self.load_adapter("default", adapter_dir)
@@ -363,6 +448,11 @@ class TransformersBackend:
             self.name += f"+{adapter_dir}"
 
     # -- adapters --------------------------------------------------------------------------------
+
+    @property
+    def default_adapter(self) -> str | None:
+        """The adapter ``chat`` uses (the one given as ``adapter_dir``), or None for the base model."""
+        return self._default_adapter
 
     @property
     def adapters(self) -> dict[str, Path]:
@@ -453,25 +543,49 @@ class TransformersBackend:
                 if progress is not None:
                     progress(done, total)
 
-            # Batch rows that share max_tokens (generate's one length budget), shortest prompts
-            # together to limit padding.
-            todo = sorted(
-                (i for i, r in enumerate(requests) if r.choices is None),
-                key=lambda i: (requests[i].max_tokens, len(prompts[i])),
-            )
-            while todo:
-                budget = requests[todo[0]].max_tokens
-                batch = [i for i in todo[: self.batch_size] if requests[i].max_tokens == budget]
-                todo = [i for i in todo if i not in batch]
-                outputs = self._generate(
-                    [prompts[i] for i in batch], [requests[i] for i in batch], budget, on_text
-                )
-                for i, completion in zip(batch, outputs, strict=True):
-                    results[i] = completion
-                done += len(batch)
-                if progress is not None:
-                    progress(done, total)
+            todo = [i for i, r in enumerate(requests) if r.choices is None]
+            self._generate_all(prompts, requests, todo, results, done, progress, on_text)
         return [r for r in results if r is not None]
+
+    def complete_text(
+        self, requests: Sequence[TextRequest], *, progress: ProgressFn | None = None
+    ) -> list[Completion]:
+        """Complete plain-text prompts (no chat template; BOS once) with the model as currently set
+        (see ``use_adapter``): the raw-prompt path behind ``/v1/completions``."""
+        results: list[Completion | None] = [None] * len(requests)
+        with self._lock:
+            prompts = [self.text_prompt_ids(r.prompt) for r in requests]
+            for request, ids in zip(requests, prompts, strict=True):
+                self._check_length(ids, request.max_tokens)
+            self._generate_all(prompts, requests, list(range(len(requests))), results, 0, progress, None)
+        return [r for r in results if r is not None]
+
+    def _generate_all(
+        self,
+        prompts: list[list[int]],
+        requests: Sequence[ChatRequest] | Sequence[TextRequest],
+        todo: list[int],
+        results: list[Completion | None],
+        done: int,
+        progress: ProgressFn | None,
+        on_text: Callable[[str], None] | None,
+    ) -> None:
+        # Batch rows that share max_tokens (generate's one length budget), shortest prompts
+        # together to limit padding.
+        total = len(requests)
+        todo = sorted(todo, key=lambda i: (requests[i].max_tokens, len(prompts[i])))
+        while todo:
+            budget = requests[todo[0]].max_tokens
+            batch = [i for i in todo[: self.batch_size] if requests[i].max_tokens == budget]
+            todo = [i for i in todo if i not in batch]
+            outputs = self._generate(
+                [prompts[i] for i in batch], [requests[i] for i in batch], budget, on_text
+            )
+            for i, completion in zip(batch, outputs, strict=True):
+                results[i] = completion
+            done += len(batch)
+            if progress is not None:
+                progress(done, total)
 
     # -- building blocks -------------------------------------------------------------------------
 
@@ -485,6 +599,10 @@ class TransformersBackend:
         )
         # The template already writes any BOS it wants; adding special tokens again would double it.
         return self._encode(text)
+
+    def text_prompt_ids(self, text: str) -> list[int]:
+        """Token ids of a plain-text prompt: the tokenizer's BOS (once), then the text as is."""
+        return plain_prompt_ids(self.tokenizer, text)
 
     def _encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -528,67 +646,167 @@ class TransformersBackend:
         return scores
 
     def _left_pad(self, seqs: list[list[int]]) -> tuple[Any, Any]:
-        import torch
-
-        width = max(len(s) for s in seqs)
-        input_ids = torch.full((len(seqs), width), self._pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for row, seq in enumerate(seqs):
-            input_ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
-            attention_mask[row, width - len(seq) :] = 1
-        return input_ids.to(self.device), attention_mask.to(self.device)
+        return left_pad(seqs, self._pad_id, self.device)
 
     def _generate(
         self,
         prompts: list[list[int]],
-        requests: list[ChatRequest],
+        requests: Sequence[ChatRequest] | Sequence[TextRequest],
         max_new_tokens: int,
         on_text: Callable[[str], None] | None,
     ) -> list[Completion]:
-        import torch
-        from transformers import GenerationConfig, LogitsProcessorList
-
-        input_ids, attention_mask = self._left_pad(prompts)
-        config = GenerationConfig(
-            max_new_tokens=max_new_tokens,
-            do_sample=False,  # sampling, when asked, happens in _RowSampler so each row has its own RNG
-            eos_token_id=sorted(self._stop_ids),
-            pad_token_id=self._pad_id,
-        )
-        processors = LogitsProcessorList()
-        if any(r.temperature > 0 for r in requests):
-            processors.append(_RowSampler(requests, self.device))
         streamer = _TextDeltaStreamer(self, on_text) if on_text is not None else None
-        with torch.inference_mode():
-            output = self.model.generate(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                generation_config=config,
-                logits_processor=processors,
-                streamer=streamer,
-            )
+        outputs = generate_ids(
+            self.model,
+            prompts,
+            requests,
+            max_new_tokens,
+            stop_ids=self._stop_ids,
+            pad_id=self._pad_id,
+            streamer=streamer,
+        )
         completions = []
-        for row, prompt in enumerate(prompts):
-            new_ids = output[row, input_ids.shape[1] :].tolist()
-            ids, finish = self._cut_at_stop(new_ids)
-            completions.append(
-                Completion(
-                    text=self._decode(ids),
-                    prompt_tokens=len(prompt),
-                    completion_tokens=len(ids) + (finish == "stop"),
-                    finish_reason=finish,
-                )
-            )
+        for prompt, request, (ids, finish) in zip(prompts, requests, outputs, strict=True):
+            n_tokens = len(ids) + (finish == "stop")
+            text = self._decode(ids)
+            stops = getattr(request, "stop", ())
+            if stops and any(x in text for x in stops):
+                # Stop strings are applied to the finished text (generation itself stops at EOS or the
+                # budget); the count is of tokens up to the one that completes the stop string.
+                text = _cut_at_strings(text, stops)
+                n_tokens = next(k for k in range(1, len(ids) + 1) if len(self._decode(ids[:k])) > len(text))
+                finish = "stop"
+            completions.append(Completion(text, len(prompt), n_tokens, finish))
         return completions
-
-    def _cut_at_stop(self, ids: list[int]) -> tuple[list[int], str]:
-        for j, token in enumerate(ids):
-            if token in self._stop_ids:
-                return ids[:j], "stop"
-        return ids, "length"
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+def plain_prompt_ids(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of a plain-text prompt (no chat template): the tokenizer's BOS if it has one, exactly
+    once, then the text's tokens. This is how ``fspo train`` encodes FSPO prompts."""
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    bos = tokenizer.bos_token_id
+    if bos is not None and (not ids or ids[0] != bos):
+        ids.insert(0, bos)
+    return ids
+
+
+def stop_token_ids(model: Any, tokenizer: Any) -> set[int]:
+    """The EOS ids of the model's generation config and of its tokenizer (raises LLMError if none)."""
+    stop = model.generation_config.eos_token_id
+    ids = set(stop if isinstance(stop, list) else [stop] if stop is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    if not ids:
+        raise LLMError("neither its tokenizer nor its generation config has an EOS token")
+    return ids
+
+
+def pad_token_id(tokenizer: Any, stop_ids: set[int]) -> int:
+    pad = tokenizer.pad_token_id
+    return pad if pad is not None else min(stop_ids)
+
+
+def context_length(model: Any) -> int | None:
+    limit = getattr(model.config, "max_position_embeddings", None)
+    return int(limit) if isinstance(limit, int) else None
+
+
+def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device: Any) -> tuple[Any, Any]:
+    """(input_ids, attention_mask) of ``seqs`` left-padded to one width, on ``device``."""
+    import torch
+
+    width = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        input_ids[row, width - len(seq) :] = torch.tensor(list(seq), dtype=torch.long)
+        attention_mask[row, width - len(seq) :] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
+def generate_ids(
+    model: Any,
+    prompts: Sequence[Sequence[int]],
+    samplings: Sequence[Sampling],
+    max_new_tokens: int,
+    *,
+    stop_ids: set[int],
+    pad_id: int,
+    streamer: Any = None,
+) -> list[tuple[list[int], str]]:
+    """One left-padded batch through ``model.generate``: each row's new token ids, cut before the first
+    stop token, and its finish reason ("stop" or "length").
+
+    Rows are greedy when their ``temperature`` is 0, otherwise sampled by ``_RowSampler`` (own
+    temperature, top-p and seeded RNG per row)."""
+    import torch
+    from transformers import GenerationConfig, LogitsProcessorList
+
+    input_ids, attention_mask = left_pad(prompts, pad_id, model.device)
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,  # sampling, when asked, happens in _RowSampler so each row has its own RNG
+        eos_token_id=sorted(stop_ids),
+        pad_token_id=pad_id,
+    )
+    processors = LogitsProcessorList()
+    if any(s.temperature > 0 for s in samplings):
+        processors.append(_RowSampler(samplings, model.device))
+    with torch.inference_mode():
+        output = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            generation_config=config,
+            logits_processor=processors,
+            streamer=streamer,
+        )
+    results = []
+    for row in range(len(prompts)):
+        new_ids = output[row, input_ids.shape[1] :].tolist()
+        results.append(_cut_at_stop(new_ids, stop_ids))
+    return results
+
+
+def _cut_at_stop(ids: list[int], stop_ids: set[int]) -> tuple[list[int], str]:
+    for j, token in enumerate(ids):
+        if token in stop_ids:
+            return ids[:j], "stop"
+    return ids, "length"
+
+
+def _cut_at_strings(text: str, stops: Sequence[str]) -> str:
+    cut = min((i for i in (text.find(x) for x in stops) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+def row_generator(seed: int | None, device: Any) -> Any:
+    """A ``torch.Generator`` seeded with ``seed`` (None: use the global torch RNG)."""
+    import torch
+
+    if seed is None:
+        return None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator
+
+
+def sample_token(scores: Any, temperature: float, top_p: float, generator: Any) -> Any:
+    """Sample one token id (a 1-element tensor) from a row of logits at ``temperature`` (> 0) with
+    nucleus ``top_p``."""
+    import torch
+
+    probs = torch.softmax(scores.float() / temperature, dim=-1)
+    if top_p < 1:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (always at least one token):
+        # a token is dropped when the mass before it already reaches top_p.
+        drop = (sorted_probs.cumsum(-1) - sorted_probs) >= top_p
+        sorted_probs[drop] = 0
+        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator)
 
 
 def _pick_choice(scores: Sequence[float], request: ChatRequest) -> int:
@@ -616,35 +834,16 @@ class _RowSampler:
     step picks exactly that token; rows with temperature 0 pass through untouched (greedy).
     """
 
-    def __init__(self, requests: list[ChatRequest], device: Any) -> None:
-        import torch
-
+    def __init__(self, requests: Sequence[Sampling], device: Any) -> None:
         self.requests = requests
-        self.generators: list[Any] = []
-        for r in requests:
-            if r.seed is None:
-                self.generators.append(None)  # the global torch RNG
-            else:
-                g = torch.Generator(device=device)
-                g.manual_seed(r.seed)
-                self.generators.append(g)
+        self.generators = [row_generator(r.seed, device) for r in requests]
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:
-        import torch
-
         out = scores.clone()
         for row, request in enumerate(self.requests):
             if request.temperature <= 0:
                 continue
-            probs = torch.softmax(scores[row].float() / request.temperature, dim=-1)
-            if request.top_p < 1:
-                sorted_probs, order = torch.sort(probs, descending=True)
-                # Keep the smallest prefix whose mass reaches top_p (always at least one token):
-                # a token is dropped when the mass before it already reaches top_p.
-                drop = (sorted_probs.cumsum(-1) - sorted_probs) >= request.top_p
-                sorted_probs[drop] = 0
-                probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
-            token = torch.multinomial(probs, 1, generator=self.generators[row])
+            token = sample_token(scores[row], request.temperature, request.top_p, self.generators[row])
             out[row] = float("-inf")
             out[row, token] = 0.0
         return out
@@ -710,14 +909,24 @@ def backend_from_spec(spec: str) -> ChatBackend:
     if spec.startswith("hf:") or path.is_dir():
         if not path.is_dir():
             raise LLMError(f"LLM spec {spec!r}: {path} is not a directory")
-        if (path / "adapter_config.json").is_file():
-            import json
-
-            base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
-            if not base or not Path(base).is_dir():
-                raise LLMError(f"LLM spec {spec!r}: adapter's base model {base!r} is not a local directory")
-            return TransformersBackend(base, adapter_dir=path)
-        return TransformersBackend(path)
+        base, adapter = model_and_adapter_dirs(path, spec)
+        return TransformersBackend(base, adapter_dir=adapter)
     raise LLMError(
         f"unknown LLM spec {spec!r}: expected 'http(s)://host:port/v1#model' or 'hf:/path/to/model-dir'"
     )
+
+
+def model_and_adapter_dirs(path: Path, spec: str) -> tuple[Path, Path | None]:
+    """(base model dir, adapter dir or None) of a local directory: a peft adapter directory loads on top
+    of the base model its ``adapter_config.json`` names."""
+    if not (path / "adapter_config.json").is_file():
+        return path, None
+    import json
+
+    try:
+        base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    except (ValueError, AttributeError):
+        raise LLMError(f"LLM spec {spec!r}: {path}/adapter_config.json is not a JSON object") from None
+    if not base or not Path(base).is_dir():
+        raise LLMError(f"LLM spec {spec!r}: adapter's base model {base!r} is not a local directory")
+    return Path(base), path

@@ -5,7 +5,9 @@ they talk to vLLM or a hosted endpoint. Generation and choice scoring are ``Tran
 this module only translates HTTP. Requests are served one at a time (one model in memory).
 
 Endpoints: ``GET /v1/models``, ``POST /v1/chat/completions`` (``stream``, ``seed``,
-``guided_choice``; ``model`` picks the base model or an adapter by name), ``GET /health``.
+``guided_choice``; ``model`` picks the base model or an adapter by name), ``POST /v1/completions``
+(plain-text prompts, no chat template, as FSPO's Markdown prompts need; a string or a list of strings,
+``max_tokens``, ``temperature``, ``top_p``, ``seed``, ``stop``), ``GET /health``.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from modeling.llm import ChatRequest, Completion, LLMError, TransformersBackend
+from modeling.llm import ChatRequest, Completion, LLMError, TextRequest, TransformersBackend
 
 
 def _error(
@@ -96,6 +98,34 @@ def _parse_body(body: Any) -> tuple[str, ChatRequest, bool, bool]:
         # ChatRequest names its own fields; speak the wire protocol's names instead.
         raise ValueError(str(exc).replace("choices", "guided_choice")) from None
     return model, request, stream, include_usage
+
+
+def _parse_text_body(body: Any) -> tuple[str, list[TextRequest]]:
+    """Validate a (text) completions body; returns (model, one request per prompt).
+
+    Raises ValueError with a one-line message naming the bad field."""
+    if not isinstance(body, dict):
+        raise ValueError("request body must be a JSON object")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise ValueError("'model' is required and must be a string")
+    prompt = body.get("prompt")
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError("'prompt' is required and must be a string or a non-empty list of strings")
+    n = body.get("n", 1)
+    if n not in (1, None):
+        raise ValueError(f"'n' must be 1 (got {n!r}): this server returns one choice per prompt")
+    for key in ("stream", "echo", "logprobs", "suffix"):
+        if body.get(key):
+            raise ValueError(f"'{key}' is not supported by this server's /v1/completions")
+    if body.get("best_of") not in (1, None):
+        raise ValueError("'best_of' must be 1")
+    fields: dict[str, Any] = {"max_tokens": 16}  # OpenAI's default for /completions
+    for key in ("max_tokens", "temperature", "top_p", "seed", "stop"):
+        if body.get(key) is not None:
+            fields[key] = body[key]
+    return model, [TextRequest(prompt=p, **fields) for p in prompts]
 
 
 def _usage(completion: Completion) -> dict[str, int]:
@@ -219,6 +249,55 @@ def create_app(
                     }
                 ],
                 "usage": _usage(completion),
+            }
+        )
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(http_request: Request) -> JSONResponse:
+        try:
+            body = json.loads(await http_request.body())
+        except (ValueError, UnicodeDecodeError):
+            return _error(400, "request body is not valid JSON")
+        try:
+            model, requests = _parse_text_body(body)
+        except ValueError as exc:
+            return _error(400, str(exc))
+        if model not in targets:
+            return _error(
+                404,
+                f"The model `{model}` does not exist (served: {', '.join(targets)}).",
+                code="model_not_found",
+                param="model",
+            )
+        target = targets[model]
+
+        def run() -> list[Completion]:
+            with backend.use_adapter(target):
+                return backend.complete_text(requests)
+
+        try:
+            results = await run_in_threadpool(run)
+        except LLMError as exc:
+            return _error(400, str(exc))
+        except Exception as exc:  # a bug or OOM: report it instead of dropping the connection
+            return _error(500, f"generation failed: {type(exc).__name__}: {exc}", kind="server_error")
+        prompt_tokens = sum(c.prompt_tokens for c in results)
+        completion_tokens = sum(c.completion_tokens for c in results)
+        return JSONResponse(
+            {
+                "id": f"cmpl-{uuid.uuid4().hex}",
+                "object": "text_completion",
+                "created": int(time.time()),
+                "model": model,
+                "choices": [
+                    {"index": i, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None}
+                    for i, c in enumerate(results)
+                ],
+                "usage": {
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": completion_tokens,
+                    "total_tokens": prompt_tokens + completion_tokens,
+                },
             }
         )
 

@@ -1,0 +1,394 @@
+"""Personalized generation: shared-prefix reuse against plain generate, back ends, over a real server."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from modeling.data import Episode, Pair, build_cot_prompt, build_prompt, split_cot_output
+from modeling.infer import (
+    Generation,
+    GenerationStats,
+    LocalBackend,
+    OpenAICompletionsBackend,
+    PersonalizationBackend,
+    VLLMBackend,
+    backend_from_spec,
+    generate_for_episodes,
+    generate_personalized,
+)
+from modeling.llm import LLMError, TextRequest, generate_ids, plain_prompt_ids
+from tests.modeling.conftest import english_like_sentences, serve_model
+from tests.modeling.test_llm import lora_dir  # noqa: F401 (the same random-B LoRA adapter fixture)
+
+INSTRUCTION = "Answer the question the way this user prefers."
+BASE_NAME = "tiny"
+ADAPTER_NAME = "tiny-lora"
+_S = english_like_sentences(80, seed=7)
+SHOTS = [Pair(_S[i], f"{_S[i + 1]} {_S[i + 2]}", _S[i + 3]) for i in range(0, 16, 4)]
+QUESTIONS = [  # different lengths, so the suffixes need padding
+    _S[40],
+    f"{_S[41]} {_S[42]} {_S[43]}",
+    "Why?",
+    f"{_S[44]} {_S[45]}",
+    _S[46],
+]
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer(tiny_model_dir: Path) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    return model, AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def run(model_and_tokenizer: tuple[Any, Any], shots: list[Pair], **kwargs: Any) -> list[Generation]:
+    model, tokenizer = model_and_tokenizer
+    questions = kwargs.pop("questions", QUESTIONS)
+    options = {"instruction": INSTRUCTION, "max_new_tokens": 16, **kwargs}
+    return generate_personalized(model, tokenizer, shots, questions, **options)
+
+
+def outputs(generations: list[Generation]) -> list[tuple[Any, ...]]:
+    """What must agree between two ways of generating (cached_tokens is bookkeeping, not output)."""
+    return [(g.text, g.description, g.prompt_tokens, g.new_tokens, g.finish_reason) for g in generations]
+
+
+@pytest.mark.parametrize("n_shots", [0, 1, 4])
+def test_it_generates_the_same_greedy_text_with_and_without_prefix_reuse(
+    model_and_tokenizer: tuple[Any, Any], n_shots: int
+) -> None:
+    reused = run(model_and_tokenizer, SHOTS[:n_shots], batch_size=2)
+    plain = run(model_and_tokenizer, SHOTS[:n_shots], batch_size=2, reuse_prefix=False)
+
+    assert outputs(reused) == outputs(plain)
+    assert all(g.text and g.new_tokens == 16 for g in reused)  # a random model runs to the budget
+
+
+def test_it_runs_fewer_prompt_tokens_through_the_model_with_prefix_reuse(
+    model_and_tokenizer: tuple[Any, Any],
+) -> None:
+    with_reuse, without = GenerationStats(), GenerationStats()
+
+    generations = run(model_and_tokenizer, SHOTS, batch_size=2, stats=with_reuse)
+    run(model_and_tokenizer, SHOTS, batch_size=2, reuse_prefix=False, stats=without)
+
+    assert with_reuse.prompt_tokens == without.prompt_tokens == sum(g.prompt_tokens for g in generations)
+    assert (with_reuse.reused, with_reuse.fallbacks) == (len(QUESTIONS), 0)
+    assert all(g.cached_tokens == with_reuse.prefix_tokens > 0 for g in generations)
+    assert with_reuse.prompt_tokens_computed < without.prompt_tokens_computed / 2
+    assert without.prompt_tokens_computed >= without.prompt_tokens
+
+
+def test_it_stops_each_row_at_its_own_eos_like_generate(model_and_tokenizer: tuple[Any, Any]) -> None:
+    model, tokenizer = model_and_tokenizer
+    # A random model never writes EOS, so make tokens from the middle of its greedy replies stop
+    # tokens: rows then finish at different steps and leave the batch early.
+    prompts = [
+        plain_prompt_ids(tokenizer, build_prompt(SHOTS[:1], q, instruction=INSTRUCTION)) for q in QUESTIONS
+    ]
+    greedy = [TextRequest("", temperature=0.0)] * len(prompts)
+    free = generate_ids(
+        model, prompts, greedy, 16, stop_ids={tokenizer.eos_token_id}, pad_id=tokenizer.pad_token_id
+    )
+    extra = {free[0][0][5], free[1][0][9]}
+    original = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = [original, *sorted(extra)]
+    try:
+        reused = run(model_and_tokenizer, SHOTS[:1], batch_size=4)
+        plain = run(model_and_tokenizer, SHOTS[:1], batch_size=4, reuse_prefix=False)
+    finally:
+        model.generation_config.eos_token_id = original
+
+    assert outputs(reused) == outputs(plain)
+    assert "stop" in {g.finish_reason for g in reused}
+    assert len({g.new_tokens for g in reused}) > 1
+
+
+def test_it_samples_reproducibly_with_a_seed_and_differently_across_seeds(
+    model_and_tokenizer: tuple[Any, Any],
+) -> None:
+    first = run(model_and_tokenizer, SHOTS, temperature=1.0, top_p=0.9, seed=11)
+    again = run(model_and_tokenizer, SHOTS, temperature=1.0, top_p=0.9, seed=11, batch_size=2)
+    plain = run(model_and_tokenizer, SHOTS, temperature=1.0, top_p=0.9, seed=11, reuse_prefix=False)
+    other = run(model_and_tokenizer, SHOTS, temperature=1.0, top_p=0.9, seed=12)
+
+    assert [g.text for g in first] == [g.text for g in again] == [g.text for g in plain]
+    assert all(a.text != b.text for a, b in zip(first, other, strict=True))
+    assert len({g.text for g in first}) == len(QUESTIONS)  # each question draws its own stream
+
+
+def test_it_gives_a_seeded_question_the_same_sample_whatever_is_asked_with_it(
+    model_and_tokenizer: tuple[Any, Any],
+) -> None:
+    together = run(model_and_tokenizer, SHOTS[:1], temperature=1.0, seed=5)
+    alone = run(model_and_tokenizer, SHOTS[:1], temperature=1.0, seed=5, questions=[QUESTIONS[3]])
+
+    assert alone[0].text == together[3].text
+
+
+def test_it_splits_a_cot_output_into_description_and_response() -> None:
+    assert split_cot_output("Likes short answers.\n## Preferred Response\nRain is water.\n") == (
+        "Likes short answers.",
+        "Rain is water.",
+    )
+    assert split_cot_output("## Preferred Response\nJust this.") == ("", "Just this.")
+    assert split_cot_output("A description that never ends") == ("A description that never ends", "")
+
+
+def test_it_returns_the_models_own_description_separately_with_cot(
+    model_and_tokenizer: tuple[Any, Any],
+) -> None:
+    model, tokenizer = model_and_tokenizer
+    generations = run(model_and_tokenizer, SHOTS[:2], cot=True)
+
+    # The raw continuation of the CoT prompt, split where the response header is (if it is there).
+    prompts = [
+        plain_prompt_ids(tokenizer, build_cot_prompt(SHOTS[:2], q, instruction=INSTRUCTION))
+        for q in QUESTIONS
+    ]
+    greedy = [TextRequest("", temperature=0.0)] * len(prompts)
+    stop_ids, pad_id = {tokenizer.eos_token_id}, tokenizer.pad_token_id
+    raw = generate_ids(model, prompts, greedy, 16, stop_ids=stop_ids, pad_id=pad_id)
+    expected = [split_cot_output(tokenizer.decode(ids, skip_special_tokens=True)) for ids, _ in raw]
+    assert [(g.description, g.text) for g in generations] == expected
+    assert all(isinstance(g.description, str) for g in generations)
+    assert generations[0].prompt_tokens == len(prompts[0])
+
+
+def test_it_puts_a_given_description_in_the_prompt_and_returns_it(
+    model_and_tokenizer: tuple[Any, Any],
+) -> None:
+    _, tokenizer = model_and_tokenizer
+    description = "Prefers formal letters written in plain words."
+
+    generations = run(model_and_tokenizer, SHOTS[:1], description=description, questions=QUESTIONS[:2])
+    plain = run(
+        model_and_tokenizer, SHOTS[:1], description=description, questions=QUESTIONS[:2], reuse_prefix=False
+    )
+
+    prompt = build_prompt(SHOTS[:1], QUESTIONS[0], instruction=INSTRUCTION, description=description)
+    assert generations[0].description == description
+    assert generations[0].prompt_tokens == len(plain_prompt_ids(tokenizer, prompt))
+    assert outputs(generations) == outputs(plain)
+
+
+def test_it_encodes_the_markdown_prompt_with_one_bos_and_no_chat_template(
+    model_and_tokenizer: tuple[Any, Any],
+) -> None:
+    _, tokenizer = model_and_tokenizer
+    prompt = build_prompt(SHOTS[:1], QUESTIONS[0], instruction=INSTRUCTION)
+
+    ids = plain_prompt_ids(tokenizer, prompt)
+
+    assert ids[0] == tokenizer.bos_token_id
+    assert ids.count(tokenizer.bos_token_id) == 1
+    assert plain_prompt_ids(tokenizer, tokenizer.bos_token + prompt) == ids
+    assert tokenizer.decode(ids[1:]) == prompt  # nothing but the Markdown (no "### User:" template)
+
+
+def test_it_falls_back_to_full_prompts_when_a_tokenizer_merges_across_the_cut(tmp_path: Path) -> None:
+    # A SentencePiece-style tokenizer (Llama 2) prepends "▁" to any text it encodes, so the question
+    # encoded alone does not match its tokens inside the full prompt.
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from modeling.tinymodel import SPECIAL_TOKENS, build_tiny_causal_lm
+
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    bpe.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIAL_TOKENS, show_progress=False)
+    bpe.train_from_iterator([*english_like_sentences(300), "# ## \n ? ."], trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+    model_dir = build_tiny_causal_lm(tmp_path / "sp", tokenizer)
+    pair = (AutoModelForCausalLM.from_pretrained(model_dir).eval(), tokenizer)
+    stats = GenerationStats()
+
+    reused = run(pair, SHOTS[:2], questions=QUESTIONS[:3], max_new_tokens=6, stats=stats)
+    plain = run(pair, SHOTS[:2], questions=QUESTIONS[:3], max_new_tokens=6, reuse_prefix=False)
+
+    assert (stats.fallbacks, stats.reused) == (3, 0)
+    assert outputs(reused) == outputs(plain)
+    assert all(g.cached_tokens == 0 for g in reused)
+
+
+def test_it_rejects_a_prompt_longer_than_the_context(model_and_tokenizer: tuple[Any, Any]) -> None:
+    with pytest.raises(LLMError, match="exceeds the model's context of 2048 tokens"):
+        run(model_and_tokenizer, SHOTS, max_new_tokens=5000)
+    with pytest.raises(ValueError, match="questions"):
+        run(model_and_tokenizer, SHOTS, questions=["fine", "  "])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Back ends
+
+
+@pytest.fixture(scope="module")
+def local(tiny_model_dir: Path) -> LocalBackend:
+    return LocalBackend(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def server_url(
+    tiny_model_dir: Path,
+    lora_dir: Path,  # noqa: F811
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[str]:
+    args = ["--adapter", f"{ADAPTER_NAME}={lora_dir}", "--served-name", BASE_NAME]
+    with serve_model(tiny_model_dir, tmp_path_factory.mktemp("serve") / "serve.log", *args) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def remote(server_url: str) -> Iterator[OpenAICompletionsBackend]:
+    with OpenAICompletionsBackend(server_url, BASE_NAME, max_retries=0) as backend:
+        yield backend
+
+
+def test_it_generates_the_same_greedy_text_over_http_completions_and_locally(
+    remote: OpenAICompletionsBackend, local: LocalBackend
+) -> None:
+    for kwargs in ({}, {"cot": True}):
+        over_http = remote.generate(SHOTS, QUESTIONS, instruction=INSTRUCTION, max_new_tokens=12, **kwargs)
+        here = local.generate(SHOTS, QUESTIONS, instruction=INSTRUCTION, max_new_tokens=12, **kwargs)
+
+        assert outputs(over_http) == outputs(here)
+    assert local.last_stats.reused == len(QUESTIONS)
+    assert isinstance(remote, PersonalizationBackend) and isinstance(local, PersonalizationBackend)
+
+
+def test_it_samples_the_same_over_http_with_a_seed(
+    remote: OpenAICompletionsBackend, local: LocalBackend
+) -> None:
+    kwargs: dict[str, Any] = {"instruction": INSTRUCTION, "max_new_tokens": 10, "temperature": 0.8, "seed": 3}
+
+    assert outputs(remote.generate(SHOTS[:1], QUESTIONS, **kwargs)) == outputs(
+        local.generate(SHOTS[:1], QUESTIONS, **kwargs)
+    )
+
+
+def test_it_selects_a_lora_adapter_by_model_name_over_http(
+    server_url: str,
+    tiny_model_dir: Path,
+    lora_dir: Path,  # noqa: F811
+    local: LocalBackend,
+) -> None:
+    kwargs: dict[str, Any] = {"instruction": INSTRUCTION, "max_new_tokens": 10}
+
+    with OpenAICompletionsBackend(server_url, ADAPTER_NAME, max_retries=0) as adapted:
+        over_http = adapted.generate(SHOTS[:2], QUESTIONS[:3], **kwargs)
+    here = LocalBackend(tiny_model_dir, adapter=lora_dir).generate(SHOTS[:2], QUESTIONS[:3], **kwargs)
+
+    assert outputs(over_http) == outputs(here)
+    assert outputs(here) != outputs(local.generate(SHOTS[:2], QUESTIONS[:3], **kwargs))
+
+
+def test_it_completes_a_list_of_plain_prompts_with_usage_and_stop_strings(server_url: str) -> None:
+    prompts = [build_prompt(SHOTS[:1], q, instruction=INSTRUCTION) for q in QUESTIONS[:2]]
+    body = {"model": BASE_NAME, "prompt": prompts, "max_tokens": 8, "temperature": 0}
+
+    reply = httpx.post(f"{server_url}/completions", json=body, timeout=60).json()
+
+    assert reply["object"] == "text_completion"
+    assert [c["index"] for c in reply["choices"]] == [0, 1]
+    assert {c["finish_reason"] for c in reply["choices"]} == {"length"}
+    usage = reply["usage"]
+    assert usage["completion_tokens"] == 16
+    assert usage["total_tokens"] == usage["prompt_tokens"] + 16
+
+    text = reply["choices"][0]["text"]
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    cut = httpx.post(
+        f"{server_url}/completions", json={**body, "prompt": prompts[0], "stop": stop}, timeout=60
+    ).json()
+    assert cut["choices"][0]["text"] == text[: text.index(stop)]
+    assert cut["choices"][0]["finish_reason"] == "stop"
+    assert 0 < cut["usage"]["completion_tokens"] <= 8
+
+
+def test_it_rejects_malformed_completions_bodies_with_a_clear_400(server_url: str) -> None:
+    url = f"{server_url}/completions"
+    cases = [
+        ({"model": BASE_NAME}, "'prompt' is required"),
+        ({"model": BASE_NAME, "prompt": [1, 2, 3]}, "'prompt' is required"),
+        ({"model": BASE_NAME, "prompt": "x", "n": 2}, "'n' must be 1"),
+        ({"model": BASE_NAME, "prompt": "x", "stream": True}, "'stream' is not supported"),
+        ({"model": BASE_NAME, "prompt": "x", "max_tokens": 0}, "max_tokens must be a positive integer"),
+        ({"model": BASE_NAME, "prompt": "x", "stop": [""]}, "stop must be"),
+    ]
+    for body, expected in cases:
+        response = httpx.post(url, json=body, timeout=30)
+        assert response.status_code == 400, body
+        assert expected in response.json()["error"]["message"]
+    missing = httpx.post(url, json={"model": "nope", "prompt": "x"}, timeout=30)
+    assert missing.status_code == 404 and "nope" in missing.json()["error"]["message"]
+
+
+def test_it_generates_for_episodes_grouped_by_user(local: LocalBackend) -> None:
+    users = {"a": SHOTS[:2], "b": SHOTS[2:]}
+    episodes = [
+        Episode(instruction=INSTRUCTION, shots=tuple(users[u]), question=q, user_id=u)
+        for u, q in [("a", QUESTIONS[0]), ("b", QUESTIONS[1]), ("a", QUESTIONS[2]), ("b", QUESTIONS[3])]
+    ]
+
+    generations = generate_for_episodes(local, episodes, max_new_tokens=6)
+
+    expected_a = local.generate(
+        users["a"], [QUESTIONS[0], QUESTIONS[2]], instruction=INSTRUCTION, max_new_tokens=6
+    )
+    expected_b = local.generate(
+        users["b"], [QUESTIONS[1], QUESTIONS[3]], instruction=INSTRUCTION, max_new_tokens=6
+    )
+    assert outputs(generations) == outputs([expected_a[0], expected_b[0], expected_a[1], expected_b[1]])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed here")
+def test_it_says_how_to_install_vllm_when_it_is_missing(tiny_model_dir: Path) -> None:
+    with pytest.raises(LLMError) as caught:
+        VLLMBackend(tiny_model_dir, enable_lora=True)
+
+    assert str(caught.value) == "vLLM is not installed: pip install 'fspo-studies[vllm]' on a GPU host"
+
+
+def test_it_reports_a_bad_model_or_adapter_directory_clearly(tiny_model_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(LLMError, match="is not a directory"):
+        LocalBackend(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(LLMError, match=f"cannot load model from {tmp_path / 'empty'}"):
+        LocalBackend(tmp_path / "empty")
+    with pytest.raises(LLMError, match="has no adapter_config.json"):
+        LocalBackend(tiny_model_dir, adapter=tmp_path / "empty")
+    stale = tmp_path / "stale-checkpoint"
+    stale.mkdir()
+    (stale / "fspo.json").write_text(json.dumps({"prompt_format_version": "fspo-markdown-0"}))
+    with pytest.raises(LLMError, match="uses prompt format 'fspo-markdown-0'"):
+        LocalBackend(stale)
+
+
+def test_it_builds_backends_from_specs(
+    tiny_model_dir: Path,
+    lora_dir: Path,  # noqa: F811
+) -> None:
+    http = backend_from_spec("http://127.0.0.1:8000/v1#my-adapter")
+    assert isinstance(http, OpenAICompletionsBackend)
+    assert (http.client.base_url, http.client.model) == ("http://127.0.0.1:8000/v1", "my-adapter")
+
+    assert isinstance(backend_from_spec(str(tiny_model_dir)), LocalBackend)
+    adapted = backend_from_spec(f"hf:{lora_dir}")
+    assert isinstance(adapted, LocalBackend) and adapted.engine.default_adapter == "default"
+    with pytest.raises(LLMError, match="vLLM is not installed"):
+        backend_from_spec(f"vllm:{tiny_model_dir}")
+    with pytest.raises(LLMError, match="needs the model name"):
+        backend_from_spec("http://127.0.0.1:8000/v1")
+    with pytest.raises(LLMError, match="unknown generation spec"):
+        backend_from_spec("gpt-nonexistent")
