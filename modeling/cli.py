@@ -242,6 +242,105 @@ def cmd_train(argv: list[str]) -> int:
     return 0
 
 
+def _print_eval(result: Any) -> None:
+    table = Table(
+        title=f"Win rate vs the baseline on held-out synthetic users ({result.out_dir}/report.md)",
+        title_justify="left",
+    )
+    for col in ("arm", "win rate", "95% CI", "p (one-sided)", "mean oracle score"):
+        table.add_column(col, justify="left" if col == "arm" else "right")
+    for r in result.table:
+        p = "—" if r.get("p_value") is None else f"{r['p_value']:.2g}"
+        score = f"{r['mean_oracle_score']:.3f}" if "mean_oracle_score" in r else "—"
+        table.add_row(
+            r["arm"],
+            f"{100 * r['win_rate']:.1f}%",
+            f"{100 * r['ci_low']:.1f}–{100 * r['ci_high']:.1f}",
+            p,
+            score,
+        )
+    out.print(table)
+    if result.shot_sweep:
+        out.print(
+            "shot sweep: "
+            + ", ".join(f"N={r['shots']}: {100 * r['win_rate']:.1f}%" for r in result.shot_sweep)
+        )
+
+
+def cmd_eval(argv: list[str]) -> int:
+    from .evaluate import Arm, evaluate
+
+    p = argparse.ArgumentParser(
+        prog="fspo eval", description="Win rates of arms against a baseline on held-out synthetic users."
+    )
+    p.add_argument("--dataset", required=True)
+    p.add_argument(
+        "--arm",
+        action="append",
+        required=True,
+        metavar="NAME=PATH[:CONTEXT][:cot]",
+        help="repeatable; CONTEXT is fewshot (default), none or description",
+    )
+    p.add_argument("--baseline", required=True, help="name of the arm the others are compared with")
+    p.add_argument("--out", required=True)
+    p.add_argument("--episodes", type=int, default=100)
+    p.add_argument("--shots", type=int, default=4)
+    p.add_argument("--shot-sweep", type=int, nargs="*", default=[])
+    p.add_argument("--sweep-arm", default=None)
+    p.add_argument(
+        "--judge",
+        default="oracle",
+        help="oracle (exact, procedural datasets) or an LLM spec: http://HOST:PORT/v1#MODEL",
+    )
+    p.add_argument("--max-new-tokens", type=int, default=160)
+    args = p.parse_args(argv)
+    judge = None
+    if args.judge != "oracle":
+        from .judges import LLMJudge
+        from .llm import backend_from_spec
+
+        judge = LLMJudge(backend_from_spec(args.judge))
+    with progress_bar("eval") as update:
+        result = evaluate(
+            args.dataset,
+            [Arm.parse(a) for a in args.arm],
+            baseline=args.baseline,
+            out_dir=args.out,
+            episodes=args.episodes,
+            shots=args.shots,
+            judge=judge,
+            shot_sweep=args.shot_sweep,
+            sweep_arm=args.sweep_arm,
+            max_new_tokens=args.max_new_tokens,
+            progress=update,
+        )
+    _print_eval(result)
+    return 0
+
+
+def cmd_paper_table(argv: list[str]) -> int:
+    from .pipeline import PipelineConfig, config_from_json, run_pipeline
+
+    p = argparse.ArgumentParser(
+        prog="fspo paper-table", description="Train every arm of the paper's comparison and evaluate them."
+    )
+    p.add_argument("--dataset", required=True, help="structured synthetic dataset")
+    p.add_argument(
+        "--random-dataset", default=None, help="the unstructured ablation dataset (fspo synth --mode random)"
+    )
+    p.add_argument("--out", required=True)
+    p.add_argument(
+        "--config", type=Path, help="JSON of PipelineConfig fields (step budgets, model size, ...)"
+    )
+    args = p.parse_args(argv)
+    fields = {"dataset": args.dataset, "out_dir": args.out, "random_dataset": args.random_dataset}
+    pc = config_from_json(args.config, **fields) if args.config else PipelineConfig(**fields)
+    with progress_bar("paper table") as update:
+        result = run_pipeline(pc, progress=update, log=console.print)
+    _print_eval(result)
+    return 0
+
+
 USAGE = """usage: fspo COMMAND [ARGS]
 
 commands:
@@ -249,6 +348,8 @@ commands:
   synth stats   print sizes, self-consistency and diversity of datasets
   serve-model   serve a local model over an OpenAI-compatible API (fspo serve-model --help)
   train         one FSPO training stage: pretrain | sft (Pref-FT) | ipo | dpo (fspo train --help)
+  eval          win rates of checkpoints against a baseline on held-out synthetic users
+  paper-table   train every arm of the paper's comparison, then evaluate them
 """
 
 
@@ -266,6 +367,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_synth(argv[1:])
         if argv[:1] == ["train"]:
             return cmd_train(argv[1:])
+        if argv[:1] == ["eval"]:
+            return cmd_eval(argv[1:])
+        if argv[:1] == ["paper-table"]:
+            return cmd_paper_table(argv[1:])
         if argv[:1] == ["serve-model"]:
             from .serve import serve_model_main
 
