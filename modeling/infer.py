@@ -7,15 +7,18 @@ prefix runs through the model once; its KV cache is copied into every row of a b
 buffers sized for the whole generation, so decoding never re-copies the cache), only each question's
 suffix (question, headers) is run on top of it, and a batched decode loop writes the replies.
 ``reuse_prefix=False`` is the baseline: batched ``model.generate`` on each full prompt. The output is
-the same either way (tested for greedy and seeded sampling).
+the same either way (tested for greedy and seeded sampling). ``generate_for_users`` does several users
+in one call (an evaluation: many users, one or a few questions each): users with two or more questions
+reuse their prefix, and the remaining prompts of all users are batched together.
 
 Back ends behind ``PersonalizationBackend`` (pick one with ``backend_from_spec``):
 
-- ``LocalBackend``: a local Hugging Face directory (and a peft LoRA adapter), through
-  ``generate_personalized``;
+- ``LocalBackend``: a local Hugging Face directory (and a peft LoRA adapter), through the engine above;
 - ``OpenAICompletionsBackend``: an OpenAI-compatible ``/v1/completions`` endpoint (vLLM's server, or
   ``fspo serve-model``) given the same plain-text prompt; an adapter is picked by its served name;
 - ``VLLMBackend``: vLLM's offline engine with automatic prefix caching (GPU hosts only).
+
+``generate_for_episodes`` runs a back end on episodes (``modeling.data.Episode``), grouped by user.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import functools
 import hashlib
 import os
 import uuid
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,12 +74,12 @@ class Generation:
 
 @dataclass
 class GenerationStats:
-    """What one ``generate_personalized`` call computed (pass one in to have it filled).
+    """What one local generation call computed (pass one in to have it filled).
 
     prompt_tokens: total length of all prompts (what a run without prefix reuse has to process).
     prompt_tokens_computed: prompt positions actually run through the model, padding included.
-    prefix_tokens: length of the shared prefix (run once per call when reused).
-    reused: questions generated on top of the prefix cache.
+    prefix_tokens: length of the shared prefixes that were reused (each run once).
+    reused: questions generated on top of a prefix cache.
     fallbacks: questions whose prompt did not tokenize as prefix + suffix at the cut, so they were
         generated from their full prompt instead.
     new_tokens: tokens generated over all questions.
@@ -90,29 +94,37 @@ class GenerationStats:
     new_tokens: int = 0
 
 
-def personalized_prompts(
-    shots: Sequence[Pair],
-    questions: Sequence[str],
-    *,
-    instruction: str,
-    cot: bool = False,
-    description: str | None = None,
-) -> list[str]:
-    """The FSPO prompt of each question, exactly as training renders it (``modeling.data``).
+@dataclass(frozen=True)
+class UserQuestions:
+    """One user's few-shot picks and the questions to answer for them.
 
-    With ``description`` (the oracle persona, or a teacher-forced one) the prompt holds it and ends at
-    the response header; otherwise with ``cot`` the prompt ends at the description header so the model
-    writes the description first."""
-    if isinstance(questions, str) or not questions:
-        raise ValueError("questions must be a non-empty list of strings")
-    for i, q in enumerate(questions):
-        if not isinstance(q, str) or not q.strip():
-            raise ValueError(f"questions[{i}] must be a non-empty string")
-    if description is not None:
-        return [build_prompt(shots, q, instruction=instruction, description=description) for q in questions]
-    if cot:
-        return [build_cot_prompt(shots, q, instruction=instruction) for q in questions]
-    return [build_prompt(shots, q, instruction=instruction) for q in questions]
+    ``description`` (the oracle persona, or a teacher-forced one) goes into the prompt before the
+    response header; without it, a CoT run lets the model write the description first."""
+
+    shots: tuple[Pair, ...]
+    questions: tuple[str, ...]
+    instruction: str
+    description: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shots", tuple(self.shots))
+        if isinstance(self.questions, str) or not self.questions:
+            raise ValueError("questions must be a non-empty list of strings")
+        object.__setattr__(self, "questions", tuple(self.questions))
+        for i, q in enumerate(self.questions):
+            if not isinstance(q, str) or not q.strip():
+                raise ValueError(f"questions[{i}] must be a non-empty string")
+
+    def prompts(self, *, cot: bool = False) -> list[str]:
+        """The FSPO prompt of each question, exactly as training renders it (``modeling.data``)."""
+        if self.description is not None:
+            return [
+                build_prompt(self.shots, q, instruction=self.instruction, description=self.description)
+                for q in self.questions
+            ]
+        if cot:
+            return [build_cot_prompt(self.shots, q, instruction=self.instruction) for q in self.questions]
+        return [build_prompt(self.shots, q, instruction=self.instruction) for q in self.questions]
 
 
 def finish_generation(
@@ -125,7 +137,7 @@ def finish_generation(
     cached_tokens: int = 0,
     finish_reason: str = "stop",
 ) -> Generation:
-    """A Generation from a model's raw continuation of ``personalized_prompts``: every back end
+    """A Generation from a model's raw continuation of a ``UserQuestions`` prompt: every back end
     post-processes the same way, so their texts compare exactly."""
     if description is not None:
         predicted, response = description.strip(), text.strip()
@@ -149,6 +161,14 @@ def question_seed(seed: int | None, question: str) -> int | None:
 def _check_decoding(max_new_tokens: int, temperature: float, top_p: float, seed: int | None) -> None:
     # TextRequest validates exactly these fields the way the HTTP and chat paths do.
     TextRequest("", max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+
+
+def _regroup(users: Sequence[UserQuestions], flat: list[Generation]) -> list[list[Generation]]:
+    out, start = [], 0
+    for user in users:
+        out.append(flat[start : start + len(user.questions)])
+        start += len(user.questions)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -175,23 +195,62 @@ def generate_personalized(
 ) -> list[Generation]:
     """Generate one response per question for the user whose picks are ``shots``.
 
-    Prompts are ``personalized_prompts`` (plain Markdown, no chat template), encoded with the
+    Prompts are ``UserQuestions.prompts`` (plain Markdown, no chat template), encoded with the
     tokenizer's BOS once. ``temperature == 0`` is greedy; otherwise each row samples with its own
     ``torch.Generator`` seeded from ``seed`` and its question (``question_seed``; None: the global
     torch RNG), so a seeded reply does not depend on what else is asked or batched with it.
 
-    ``reuse_prefix`` runs the shared few-shot prefix once (see the module docstring); the output is the
-    same without it. ``stats`` (if given) is filled with token accounting; ``progress(done, total)`` is
-    called after each batch. The model is used as is (eval mode, adapters as set by the caller).
-    """
+    ``reuse_prefix`` runs the shared few-shot prefix once (see the module docstring; a lone question
+    is simply run whole); the output is the same without it. ``stats`` (if given) is filled with token
+    accounting; ``progress(done, total)`` is called after each batch. The model is used as is (eval
+    mode, adapters as set by the caller)."""
+    user = UserQuestions(tuple(shots), tuple(questions), instruction, description)
+    return generate_for_users(
+        model,
+        tokenizer,
+        [user],
+        cot=cot,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        reuse_prefix=reuse_prefix,
+        batch_size=batch_size,
+        stats=stats,
+        progress=progress,
+    )[0]
+
+
+def generate_for_users(
+    model: Any,
+    tokenizer: Any,
+    users: Sequence[UserQuestions],
+    *,
+    cot: bool = False,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    reuse_prefix: bool = True,
+    batch_size: int = 8,
+    stats: GenerationStats | None = None,
+    progress: ProgressFn | None = None,
+) -> list[list[Generation]]:
+    """``generate_personalized`` for several users in one call: each user's generations, in order.
+
+    A user with two or more questions has their shared prefix run once; every other prompt (lone
+    questions of many users, tokenization fallbacks, everything with ``reuse_prefix=False``) goes
+    through plain batched ``generate``, shortest prompts together to limit padding."""
     import torch
 
     _check_decoding(max_new_tokens, temperature, top_p, seed)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    prompts = personalized_prompts(
-        shots, questions, instruction=instruction, cot=cot, description=description
-    )
+    if not users:
+        return []
+    prompts = [p for user in users for p in user.prompts(cot=cot)]
+    questions = [q for user in users for q in user.questions]
+    descriptions = [user.description for user in users for _ in user.questions]
     full_ids = [plain_prompt_ids(tokenizer, p) for p in prompts]
     limit = context_length(model)
     longest = max(len(ids) for ids in full_ids)
@@ -207,39 +266,46 @@ def generate_personalized(
     raw: list[tuple[list[int], str, int] | None] = [None] * len(prompts)  # (new ids, finish, cached)
     total, done = len(prompts), 0
 
-    plain = list(range(len(prompts)))
-    if reuse_prefix:
-        prefix_ids, suffixes = _split_at_shared_prefix(tokenizer, shots, instruction, prompts, full_ids)
-        reusable = [(i, s) for i, s in enumerate(suffixes) if s is not None]
-        plain = [i for i, s in enumerate(suffixes) if s is None]
-        stats.fallbacks += len(plain)
-        if reusable and not _prefix_cache_supported(model):
-            plain, reusable = list(range(len(prompts))), []
-        if reusable:
+    plain: list[int] = []
+    start = 0
+    for user in users:
+        idx = list(range(start, start + len(user.questions)))
+        start += len(idx)
+        if not reuse_prefix or len(idx) < 2:
+            plain += idx
+            continue
+        prefix_ids, suffixes = _split_at_shared_prefix(
+            tokenizer, user.shots, user.instruction, [prompts[i] for i in idx], [full_ids[i] for i in idx]
+        )
+        reusable = [(i, s) for i, s in zip(idx, suffixes, strict=True) if s is not None]
+        fallbacks = [i for i, s in zip(idx, suffixes, strict=True) if s is None]
+        stats.fallbacks += len(fallbacks)
+        plain += fallbacks
+        if len(reusable) < 2 or not _prefix_cache_supported(model):
+            plain += [i for i, _ in reusable]
+            continue
+        with torch.inference_mode():
+            prefix_kv = _prefill_prefix(model, prefix_ids)
+        stats.prefix_tokens += len(prefix_ids)
+        stats.prompt_tokens_computed += len(prefix_ids)
+        stats.reused += len(reusable)
+        for b in range(0, len(reusable), batch_size):
+            batch = [i for i, _ in reusable[b : b + batch_size]]
+            rows = [s for _, s in reusable[b : b + batch_size]]
             with torch.inference_mode():
-                prefix_kv = _prefill_prefix(model, prefix_ids)
-            stats.prefix_tokens += len(prefix_ids)
-            stats.prompt_tokens_computed += len(prefix_ids)
-            stats.reused += len(reusable)
-            for start in range(0, len(reusable), batch_size):
-                batch = [i for i, _ in reusable[start : start + batch_size]]
-                rows = [s for _, s in reusable[start : start + batch_size]]
-                with torch.inference_mode():
-                    outputs = decoder.decode_on_prefix(
-                        prefix_kv, len(prefix_ids), rows, [samplings[i] for i in batch], max_new_tokens
-                    )
-                stats.prompt_tokens_computed += len(batch) * max(len(r) for r in rows)
-                for i, (ids, finish) in zip(batch, outputs, strict=True):
-                    raw[i] = (ids, finish, len(prefix_ids))
-                done += len(batch)
-                if progress is not None:
-                    progress(done, total)
+                outputs = decoder.decode_on_prefix(
+                    prefix_kv, len(prefix_ids), rows, [samplings[i] for i in batch], max_new_tokens
+                )
+            stats.prompt_tokens_computed += len(batch) * max(len(r) for r in rows)
+            for i, (ids, finish) in zip(batch, outputs, strict=True):
+                raw[i] = (ids, finish, len(prefix_ids))
+            done += len(batch)
+            if progress is not None:
+                progress(done, total)
 
-    # Without reuse (or for the fallbacks): plain batched generate on the full prompts, shortest
-    # prompts together to limit left padding.
     plain.sort(key=lambda i: len(full_ids[i]))
-    for start in range(0, len(plain), batch_size):
-        batch = plain[start : start + batch_size]
+    for b in range(0, len(plain), batch_size):
+        batch = plain[b : b + batch_size]
         outputs = generate_ids(
             model,
             [full_ids[i] for i in batch],
@@ -255,24 +321,24 @@ def generate_personalized(
         if progress is not None:
             progress(done, total)
 
-    generations = []
+    flat = []
     for i, item in enumerate(raw):
         assert item is not None
         ids, finish, cached = item
         new_tokens = len(ids) + (finish == "stop")
         stats.new_tokens += new_tokens
-        generations.append(
+        flat.append(
             finish_generation(
                 decoder.decode(ids),
                 cot=cot,
-                description=description,
+                description=descriptions[i],
                 prompt_tokens=len(full_ids[i]),
                 new_tokens=new_tokens,
                 cached_tokens=cached,
                 finish_reason=finish,
             )
         )
-    return generations
+    return _regroup(users, flat)
 
 
 def _split_at_shared_prefix(
@@ -497,7 +563,7 @@ class _Decoder:
 
 @runtime_checkable
 class PersonalizationBackend(Protocol):
-    """Anything that writes responses personalized from a user's few-shot picks, in question order."""
+    """Anything that writes responses personalized from users' few-shot picks, in question order."""
 
     name: str
 
@@ -513,7 +579,59 @@ class PersonalizationBackend(Protocol):
         temperature: float = 0.0,
         top_p: float = 1.0,
         seed: int | None = None,
-    ) -> list[Generation]: ...
+    ) -> list[Generation]:
+        """One user's generations."""
+        ...
+
+    def generate_many(
+        self,
+        users: Sequence[UserQuestions],
+        *,
+        cot: bool = False,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> list[list[Generation]]:
+        """Several users' generations in one call (batched across users), one list per user."""
+        ...
+
+
+class _Backend(ABC):
+    """The shared half of the back ends: ``generate`` (one user) is ``generate_many`` of one."""
+
+    name: str
+
+    @abstractmethod
+    def generate_many(
+        self,
+        users: Sequence[UserQuestions],
+        *,
+        cot: bool = False,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> list[list[Generation]]: ...
+
+    def generate(
+        self,
+        shots: Sequence[Pair],
+        questions: Sequence[str],
+        *,
+        instruction: str,
+        cot: bool = False,
+        description: str | None = None,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> list[Generation]:
+        """One user's generations (see ``generate_personalized`` for the arguments)."""
+        user = UserQuestions(tuple(shots), tuple(questions), instruction, description)
+        return self.generate_many(
+            [user], cot=cot, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed
+        )[0]
 
 
 def generate_for_episodes(
@@ -529,40 +647,40 @@ def generate_for_episodes(
 ) -> list[Generation]:
     """One generation per episode (its target question, given its shots), in input order.
 
-    Episodes of the same user (same instruction and shots) go to the back end together so their shared
-    prefix is computed once. ``oracle_description`` puts each episode's true description in the prompt
-    (the oracle-persona baseline)."""
+    Episodes of the same user (same instruction and shots) form one ``UserQuestions``, so their shared
+    prefix is computed once, and all users go to the back end in one call. ``oracle_description`` puts
+    each episode's true description in the prompt (the oracle-persona baseline)."""
     groups: dict[tuple[Any, ...], list[int]] = {}
     for i, ep in enumerate(episodes):
         desc = ep.description if oracle_description else None
         if oracle_description and not desc:
             raise ValueError(f"episodes[{i}] has no description for the oracle-persona prompt")
-        groups.setdefault((ep.instruction, ep.shots, desc), []).append(i)
+        groups.setdefault((ep.instruction, tuple(ep.shots), desc), []).append(i)
+    if not groups:
+        return []
+    users = [
+        UserQuestions(shots, tuple(episodes[i].question for i in idx), instruction, desc)
+        for (instruction, shots, desc), idx in groups.items()
+    ]
+    per_user = backend.generate_many(
+        users, cot=cot, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed
+    )
     out: list[Generation | None] = [None] * len(episodes)
-    for (instruction, shots, desc), idx in groups.items():
-        gens = backend.generate(
-            shots,
-            [episodes[i].question for i in idx],
-            instruction=instruction,
-            cot=cot,
-            description=desc,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            seed=seed,
-        )
+    for idx, gens in zip(groups.values(), per_user, strict=True):
         for i, g in zip(idx, gens, strict=True):
             out[i] = g
     return [g for g in out if g is not None]
 
 
-class LocalBackend:
+class LocalBackend(_Backend):
     """A local Hugging Face causal-LM directory (optionally with a peft LoRA adapter directory), loaded
-    once, generating through ``generate_personalized``.
+    once, generating through ``generate_for_users``.
 
-    Loading is ``TransformersBackend``'s (so a bad directory or adapter is a one-line ``LLMError``, and
-    the adapter runs unmerged exactly as ``fspo serve-model`` runs it). A checkpoint written by
-    ``fspo train`` has its prompt-format version checked."""
+    ``model_dir`` may itself be an adapter directory (as ``fspo train --lora`` writes): its base model
+    is the one its ``adapter_config.json`` names. Loading is ``TransformersBackend``'s (so a bad
+    directory or adapter is a one-line ``LLMError``, and the adapter runs unmerged exactly as ``fspo
+    serve-model`` runs it). A checkpoint written by ``fspo train`` has its prompt-format version checked.
+    """
 
     def __init__(
         self,
@@ -577,36 +695,32 @@ class LocalBackend:
         for d in (model_dir, adapter):
             if d is not None:
                 _check_prompt_format(Path(d))
+        if adapter is None and Path(model_dir).is_dir():
+            model_dir, adapter = model_and_adapter_dirs(Path(model_dir), str(model_dir))
         self.engine = TransformersBackend(model_dir, adapter_dir=adapter, device=device, dtype=dtype)
         self.name = self.engine.name
         self.batch_size = batch_size
         self.reuse_prefix = reuse_prefix
         self.last_stats = GenerationStats()
 
-    def generate(
+    def generate_many(
         self,
-        shots: Sequence[Pair],
-        questions: Sequence[str],
+        users: Sequence[UserQuestions],
         *,
-        instruction: str,
         cot: bool = False,
-        description: str | None = None,
         max_new_tokens: int = 256,
         temperature: float = 0.0,
         top_p: float = 1.0,
         seed: int | None = None,
-    ) -> list[Generation]:
-        """See ``generate_personalized``; its stats are kept in ``last_stats``."""
+    ) -> list[list[Generation]]:
+        """See ``generate_for_users``; its stats are kept in ``last_stats``."""
         stats = GenerationStats()
         with self.engine.use_adapter(self.engine.default_adapter):  # also holds the model's lock
-            generations = generate_personalized(
+            generations = generate_for_users(
                 self.engine.model,
                 self.engine.tokenizer,
-                shots,
-                questions,
-                instruction=instruction,
+                users,
                 cot=cot,
-                description=description,
                 max_new_tokens=max_new_tokens,
                 temperature=temperature,
                 top_p=top_p,
@@ -637,16 +751,16 @@ def _check_prompt_format(path: Path) -> None:
         )
 
 
-class OpenAICompletionsBackend:
+class OpenAICompletionsBackend(_Backend):
     """An OpenAI-compatible ``/v1/completions`` endpoint given the FSPO prompt as plain text.
 
     ``model`` is the served name: the base model, or a LoRA adapter (vLLM's ``--lora-modules
-    name=dir``, ``fspo serve-model --adapter name=dir``). One request per question, sent concurrently
-    with retries (``OpenAICompatBackend``). The server tokenizes and adds the BOS: ``fspo serve-model``
-    exactly as ``plain_prompt_ids``; vLLM through its tokenizer's own special tokens, which is the same
-    for Llama 3 (its post-processor adds ``<|begin_of_text|>``) but not for a tokenizer that declares a
-    BOS without adding it. Prefix reuse is the server's business (vLLM's automatic prefix caching;
-    ``cached_tokens`` is not reported here)."""
+    name=dir``, ``fspo serve-model --adapter name=dir``). One request per question, all sent
+    concurrently with retries (``OpenAICompatBackend``). The server tokenizes and adds the BOS:
+    ``fspo serve-model`` exactly as ``plain_prompt_ids``; vLLM through its tokenizer's own special
+    tokens, which is the same for Llama 3 (its post-processor adds ``<|begin_of_text|>``) but not for a
+    tokenizer that declares a BOS without adding it. Prefix reuse is the server's business (vLLM's
+    automatic prefix caching; ``cached_tokens`` is not reported here)."""
 
     def __init__(self, base_url: str, model: str, *, api_key: str | None = None, **http_options: Any) -> None:
         self.client = OpenAICompatBackend(base_url, model, api_key=api_key, **http_options)
@@ -661,51 +775,50 @@ class OpenAICompletionsBackend:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def generate(
+    def generate_many(
         self,
-        shots: Sequence[Pair],
-        questions: Sequence[str],
+        users: Sequence[UserQuestions],
         *,
-        instruction: str,
         cot: bool = False,
-        description: str | None = None,
         max_new_tokens: int = 256,
         temperature: float = 0.0,
         top_p: float = 1.0,
         seed: int | None = None,
-    ) -> list[Generation]:
+    ) -> list[list[Generation]]:
         _check_decoding(max_new_tokens, temperature, top_p, seed)
-        prompts = personalized_prompts(
-            shots, questions, instruction=instruction, cot=cot, description=description
-        )
-        requests = [
-            TextRequest(
-                p,
-                max_tokens=max_new_tokens,
-                temperature=temperature,
-                top_p=top_p,
-                seed=question_seed(seed, q),
-            )
-            for p, q in zip(prompts, questions, strict=True)
-        ]
-        return [
+        requests, descriptions = [], []
+        for user in users:
+            for prompt, q in zip(user.prompts(cot=cot), user.questions, strict=True):
+                requests.append(
+                    TextRequest(
+                        prompt,
+                        max_tokens=max_new_tokens,
+                        temperature=temperature,
+                        top_p=top_p,
+                        seed=question_seed(seed, q),
+                    )
+                )
+                descriptions.append(user.description)
+        completions = self.client.complete_text(requests)
+        flat = [
             finish_generation(
                 c.text,
                 cot=cot,
-                description=description,
+                description=d,
                 prompt_tokens=c.prompt_tokens,
                 new_tokens=c.completion_tokens,
                 finish_reason=c.finish_reason,
             )
-            for c in self.client.complete_text(requests)
+            for c, d in zip(completions, descriptions, strict=True)
         ]
+        return _regroup(users, flat)
 
 
 VLLM_MISSING = "vLLM is not installed: pip install 'fspo-studies[vllm]' on a GPU host"
 
 
-class VLLMBackend:
-    """vLLM's offline engine (``vllm.LLM``) with automatic prefix caching, so one user's shared few-shot
+class VLLMBackend(_Backend):
+    """vLLM's offline engine (``vllm.LLM``) with automatic prefix caching, so a user's shared few-shot
     prefix is computed once across their questions. Prompts go in as token ids encoded exactly as
     locally (BOS once); ``adapter`` is a peft LoRA directory served through ``LoRARequest``."""
 
@@ -740,52 +853,49 @@ class VLLMBackend:
         self.tokenizer = self.llm.get_tokenizer()
         self.name = f"vllm:{model_dir}" + (f"+{adapter}" if adapter is not None else "")
 
-    def generate(
+    def generate_many(
         self,
-        shots: Sequence[Pair],
-        questions: Sequence[str],
+        users: Sequence[UserQuestions],
         *,
-        instruction: str,
         cot: bool = False,
-        description: str | None = None,
         max_new_tokens: int = 256,
         temperature: float = 0.0,
         top_p: float = 1.0,
         seed: int | None = None,
-    ) -> list[Generation]:
+    ) -> list[list[Generation]]:
         from vllm import SamplingParams
 
         _check_decoding(max_new_tokens, temperature, top_p, seed)
-        prompts = personalized_prompts(
-            shots, questions, instruction=instruction, cot=cot, description=description
-        )
-        inputs = [{"prompt_token_ids": plain_prompt_ids(self.tokenizer, p)} for p in prompts]
-        params = [
-            SamplingParams(
-                n=1,
-                temperature=temperature,
-                top_p=top_p,
-                max_tokens=max_new_tokens,
-                seed=question_seed(seed, q),
-            )
-            for q in questions
-        ]
+        inputs, params, descriptions = [], [], []
+        for user in users:
+            for prompt, q in zip(user.prompts(cot=cot), user.questions, strict=True):
+                inputs.append({"prompt_token_ids": plain_prompt_ids(self.tokenizer, prompt)})
+                params.append(
+                    SamplingParams(
+                        n=1,
+                        temperature=temperature,
+                        top_p=top_p,
+                        max_tokens=max_new_tokens,
+                        seed=question_seed(seed, q),
+                    )
+                )
+                descriptions.append(user.description)
         outputs = self.llm.generate(inputs, params, lora_request=self._lora, use_tqdm=False)
-        generations = []
-        for item, out in zip(inputs, outputs, strict=True):
+        flat = []
+        for item, out, d in zip(inputs, outputs, descriptions, strict=True):
             choice = out.outputs[0]
-            generations.append(
+            flat.append(
                 finish_generation(
                     choice.text,
                     cot=cot,
-                    description=description,
+                    description=d,
                     prompt_tokens=len(item["prompt_token_ids"]),
                     new_tokens=len(choice.token_ids),
                     cached_tokens=int(getattr(out, "num_cached_tokens", 0) or 0),
                     finish_reason=choice.finish_reason or "stop",
                 )
             )
-        return generations
+        return _regroup(users, flat)
 
 
 def backend_from_spec(spec: str, **options: Any) -> PersonalizationBackend:

@@ -334,22 +334,30 @@ def test_it_rejects_malformed_completions_bodies_with_a_clear_400(server_url: st
     assert missing.status_code == 404 and "nope" in missing.json()["error"]["message"]
 
 
-def test_it_generates_for_episodes_grouped_by_user(local: LocalBackend) -> None:
-    users = {"a": SHOTS[:2], "b": SHOTS[2:]}
+def test_it_generates_for_episodes_grouped_by_user_in_one_batched_call(local: LocalBackend) -> None:
+    users = {"a": SHOTS[:2], "b": SHOTS[2:], "c": SHOTS[1:3]}
+    asked = [
+        ("a", QUESTIONS[0]),
+        ("b", QUESTIONS[1]),
+        ("c", QUESTIONS[4]),
+        ("a", QUESTIONS[2]),
+        ("b", QUESTIONS[3]),
+    ]
     episodes = [
-        Episode(instruction=INSTRUCTION, shots=tuple(users[u]), question=q, user_id=u)
-        for u, q in [("a", QUESTIONS[0]), ("b", QUESTIONS[1]), ("a", QUESTIONS[2]), ("b", QUESTIONS[3])]
+        Episode(instruction=INSTRUCTION, shots=tuple(users[u]), question=q, user_id=u) for u, q in asked
     ]
 
     generations = generate_for_episodes(local, episodes, max_new_tokens=6)
+    stats = local.last_stats
 
-    expected_a = local.generate(
-        users["a"], [QUESTIONS[0], QUESTIONS[2]], instruction=INSTRUCTION, max_new_tokens=6
-    )
-    expected_b = local.generate(
-        users["b"], [QUESTIONS[1], QUESTIONS[3]], instruction=INSTRUCTION, max_new_tokens=6
-    )
-    assert outputs(generations) == outputs([expected_a[0], expected_b[0], expected_a[1], expected_b[1]])
+    one_by_one = [
+        local.generate(users[u], [q], instruction=INSTRUCTION, max_new_tokens=6)[0] for u, q in asked
+    ]
+    assert outputs(generations) == outputs(one_by_one)
+    assert (stats.questions, stats.reused) == (
+        5,
+        4,
+    )  # users a and b reuse their prefix; c's lone question does not
 
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed here")
