@@ -1,0 +1,428 @@
+"""FSPO IPO training throughput and peak memory against TRL's ``DPOTrainer(loss_type="ipo")``, same run.
+
+    ./run bench train                          # 4 and 8 shots, batch 4, 2 warm-up + 12 timed steps
+    ./run bench train --shots 8 --steps 6      # a shorter timed window
+
+Workload: a procedural ELIX dataset (``fspo synth``'s engine, 600 users x 12 pairs, built in a temp dir)
+and a random tiny Llama (hidden 128, 4 layers, 4 heads, intermediate 384, tied embeddings) with a byte-level
+BPE tokenizer (vocab 1024) trained on the dataset's text -- ``modeling.train.build_tiny_model``, built once
+and saved, so every run starts from the same weights. float32, CPU, 2 torch threads everywhere.
+
+Three peers per shot count, each in a fresh subprocess so its peak RSS (ru_maxrss) is its own:
+
+- ``ours``: ``modeling.train.train(TrainConfig(stage="ipo", ...))`` itself, on that init checkpoint. Its
+  loop body is the real one: ``_examples`` (tokenize the step's episodes), ``_pref_loss`` (``packed_pair_logps``:
+  one row [prompt | chosen | rejected] per pair, then ``ipo_loss``), backward, clip, AdamW. The reference
+  log-probs are precomputed before the loop by ``_reference_logps``, as the stage always does; that pass is
+  timed separately (by wrapping the function, not re-implementing it).
+- ``trl``: ``DPOTrainer(model, ref_model=<frozen copy>, DPOConfig(loss_type="ipo"))``; ``trainer.train()``.
+  Each step runs the reference model on the batch (TRL's default).
+- ``trl_pre``: the same with ``precompute_ref_log_probs=True`` (no reference model kept; the reference
+  pass runs once in ``DPOTrainer.__init__``, timed separately).
+
+Both sides see the same episodes (the ones ``train`` draws for each step: ``_episodes_for_step``), in the
+same order (TRL's sampler is set to sequential), so every step has the same 4 pairs on both sides. TRL gets
+prompt = BOS + ``build_prompt(...)`` and the episode's responses as chosen/rejected (TRL appends EOS); the
+subprocess asserts that TRL's tokenized prompt/chosen/rejected ids equal ``tokenize_episode``'s, so both
+sides process exactly the same real tokens (``max_length=None``: no truncation). Same lr (constant, no
+warm-up), AdamW (betas 0.9/0.95, no weight decay), grad clip 1.0, beta 0.01. Throughput is over the steps
+after the warm-up ones, from step-end to step-end (ours: ``train``'s progress callback; TRL: a
+``TrainerCallback.on_step_end``), so it excludes model loading, TRL's dataset tokenization and either
+side's reference precompute. ``ours`` runs with ``average_logps=True`` (TRL's IPO length-normalisation);
+FSPO's default (sum) costs the same.
+
+Non-default TRL settings and why: ``gradient_checkpointing=False`` (DPOConfig defaults to True; ours does
+not checkpoint), ``bf16=False`` (DPOConfig defaults to bf16; both sides float32), ``max_length=None``.
+
+About 4 minutes on a quiet 2-core machine. With another job loading the cores, 2-thread steps slow down 3-5x
+and unevenly, and the ratios are not meaningful; the per-step times are printed to stderr to show it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+USERS, PAIRS_PER_USER = 600, 12
+THREADS = 2
+LR = 1e-4
+BETA = 0.01
+KINDS = ("ours", "trl", "trl_pre")
+
+
+def _env() -> None:
+    for k, v in {
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "TQDM_DISABLE": "1",
+        "WANDB_DISABLED": "true",
+    }.items():
+        os.environ.setdefault(k, v)
+
+
+def prepare(work: Path) -> None:
+    """Dataset and the init checkpoint (model + tokenizer), under ``work``."""
+    from modeling.data import EpisodeSource
+    from modeling.synth import generate_dataset
+    from modeling.train import TrainConfig, build_tiny_model
+
+    generate_dataset(out_dir=work / "ds", domain="elix", users=USERS, pairs_per_user=PAIRS_PER_USER, seed=0)
+    cfg = TrainConfig(dataset=str(work / "ds"), out_dir=str(work / "init"), stage="pretrain", seed=0)
+    model, tok = build_tiny_model(EpisodeSource(work / "ds", split="train"), work / "init", cfg)
+    model.save_pretrained(work / "init", safe_serialization=True)
+    tok.save_pretrained(work / "init")
+    shutil.rmtree(work / "init" / "tokenizer", ignore_errors=True)
+
+
+def train_config(work: Path, shots: int, steps: int, batch: int, out: str):
+    from modeling.train import TrainConfig
+
+    return TrainConfig(
+        dataset=str(work / "ds"),
+        out_dir=str(work / out),
+        init=str(work / "init"),
+        stage="ipo",
+        shots=(shots, shots),
+        steps=steps,
+        batch_size=batch,
+        lr=LR,
+        warmup_steps=0,
+        schedule="constant",
+        weight_decay=0.0,
+        grad_clip=1.0,
+        beta=BETA,
+        average_logps=True,
+        eval_every=steps,  # evaluate only at step 0 and after the last step (both outside the timed window)
+        eval_episodes=batch,
+        save_every=steps + 1,  # no intermediate checkpoint inside the loop
+        seed=0,
+    )
+
+
+def run_ours(work: Path, shots: int, steps: int, warmup: int, batch: int) -> dict:
+    import modeling.train as T
+
+    cfg = train_config(work, shots, steps, batch, f"ours-{shots}")
+    ref_seconds: list[float] = []
+    processed: list[int] = []
+    orig_ref, orig_pair = T._reference_logps, T._pair_logps
+
+    def timed_ref(*a, **k):
+        t = time.perf_counter()
+        out = orig_ref(*a, **k)
+        ref_seconds.append(time.perf_counter() - t)
+        return out
+
+    def counted_pair(*a, **k):
+        out = orig_pair(*a, **k)
+        if T.torch.is_grad_enabled():  # training steps only (reference and eval passes run under no_grad)
+            processed.append(out[2])
+        return out
+
+    T._reference_logps, T._pair_logps = timed_ref, counted_pair
+    step_end: dict[int, float] = {}
+
+    def progress(done: int, total: int, msg: str) -> None:
+        if msg.startswith(cfg.stage):
+            step_end[done] = time.perf_counter()
+
+    t0 = time.perf_counter()
+    T.train(cfg, progress=progress)
+    wall = time.perf_counter() - t0
+
+    # The pairs each step trained on (recomputed here, after the run, with train.py's own functions).
+    from transformers import AutoTokenizer
+
+    from modeling.data import EpisodeSource
+
+    tok = AutoTokenizer.from_pretrained(work / "init")
+    src = EpisodeSource(cfg.dataset, split="train")
+    pair_tokens = [
+        [
+            len(e.prompt) + len(e.chosen) + len(e.rejected)
+            for e in T._examples(src, tok, cfg, s, src.responses)
+        ]
+        for s in range(steps)
+    ]
+    assert len(processed) == steps, processed
+    return {
+        "timed_seconds": step_end[steps] - step_end[warmup],
+        "step_seconds": [step_end[s + 1] - step_end[s] for s in range(warmup, steps)],
+        # first call: the training batches; second: the eval batch
+        "ref_precompute_seconds": ref_seconds[0],
+        "pair_tokens": pair_tokens,
+        "processed_tokens": processed,
+        "wall_seconds": wall,
+    }
+
+
+def run_trl(work: Path, shots: int, steps: int, warmup: int, batch: int, precompute: bool) -> dict:
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    import modeling.train as T
+    from modeling.data import EpisodeSource
+
+    cfg = train_config(work, shots, steps, batch, "unused")
+    tok = AutoTokenizer.from_pretrained(work / "init")
+    src = EpisodeSource(cfg.dataset, split="train")
+    episodes = [e for s in range(steps) for e in T._episodes_for_step(src, cfg, s)]
+    texts = [T.episode_texts(e, cfg) for e in episodes]
+    ours = [T.tokenize_episode(tok, e, cfg) for e in episodes]
+    dataset = Dataset.from_dict(
+        {
+            # tokenize_episode puts BOS before the prompt; this tokenizer adds none itself, so TRL gets it as text
+            "prompt": [tok.bos_token + p for p, _, _ in texts],
+            "chosen": [c for _, c, _ in texts],
+            "rejected": [r for _, _, r in texts],
+        }
+    )
+
+    def load():
+        import torch
+
+        return AutoModelForCausalLM.from_pretrained(work / "init", dtype=torch.float32)
+
+    model = load()
+    ref_model = None
+    if not precompute:
+        ref_model = load()
+        ref_model.eval().requires_grad_(False)
+    args = DPOConfig(
+        output_dir=str(work / f"trl-{shots}-{int(precompute)}"),
+        loss_type="ipo",
+        beta=BETA,
+        per_device_train_batch_size=batch,
+        max_steps=steps,
+        learning_rate=LR,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        adam_beta1=0.9,
+        adam_beta2=0.95,
+        max_grad_norm=1.0,
+        max_length=None,  # no truncation: the same tokens as ours
+        precompute_ref_log_probs=precompute,
+        gradient_checkpointing=False,  # DPOConfig's default is True; ours does not checkpoint
+        bf16=False,  # DPOConfig's default is bf16; compare in float32
+        use_cpu=True,
+        report_to=[],
+        logging_steps=steps,  # one log, after the last step (outside the timed window)
+        save_strategy="no",
+        train_sampling_strategy="sequential",  # the same pairs in each step as ours
+        disable_tqdm=True,
+        seed=0,
+    )
+
+    pre_seconds: list[float] = []
+    orig_pre = DPOTrainer._precompute_ref_logps
+
+    def timed_pre(self, *a, **k):
+        t = time.perf_counter()
+        out = orig_pre(self, *a, **k)
+        pre_seconds.append(time.perf_counter() - t)
+        return out
+
+    DPOTrainer._precompute_ref_logps = timed_pre
+    t0 = time.perf_counter()
+    trainer = DPOTrainer(
+        model=model, ref_model=ref_model, args=args, train_dataset=dataset, processing_class=tok
+    )
+    init_seconds = time.perf_counter() - t0
+
+    # Same tokens as ours, id for id (and nothing dropped or truncated).
+    ds = trainer.train_dataset
+    assert len(ds) == len(ours), (len(ds), len(ours))
+    for i, ex in enumerate(ours):
+        row = ds[i]
+        assert row["prompt_ids"] == ex.prompt, f"pair {i}: prompt ids differ"
+        assert row["chosen_ids"] == ex.chosen, f"pair {i}: chosen ids differ"
+        assert row["rejected_ids"] == ex.rejected, f"pair {i}: rejected ids differ"
+
+    processed: list[int] = []
+    collate = trainer.data_collator
+
+    def counted_collate(examples):
+        out = collate(examples)
+        processed.append(int(out["input_ids"].numel()))
+        return out
+
+    trainer.data_collator = counted_collate
+    step_end: dict[int, float] = {}
+
+    class StepTimes(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            step_end[state.global_step] = time.perf_counter()
+
+    trainer.add_callback(StepTimes())
+    t1 = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - t1
+    pair_tokens = [
+        [
+            len(ds[s * batch + j]["prompt_ids"])
+            + len(ds[s * batch + j]["chosen_ids"])
+            + len(ds[s * batch + j]["rejected_ids"])
+            for j in range(batch)
+        ]
+        for s in range(steps)
+    ]
+    return {
+        "timed_seconds": step_end[steps] - step_end[warmup],
+        "step_seconds": [step_end[s + 1] - step_end[s] for s in range(warmup, steps)],
+        "ref_precompute_seconds": pre_seconds[0] if pre_seconds else None,
+        "init_seconds": init_seconds,  # dataset tokenization (+ the reference precompute with trl_pre)
+        "pair_tokens": pair_tokens,
+        "processed_tokens": processed[:steps],
+        "wall_seconds": wall,
+    }
+
+
+def one(kind: str, shots: int, work: Path, steps: int, warmup: int, batch: int) -> dict:
+    _env()
+    import torch
+
+    torch.set_num_threads(THREADS)
+    import datasets  # noqa: F401 - imports are not part of anything timed
+    import transformers  # noqa: F401
+
+    import modeling.train  # noqa: F401
+
+    if kind != "ours":
+        import trl  # noqa: F401
+    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if kind == "ours":
+        res = run_ours(work, shots, steps, warmup, batch)
+    else:
+        res = run_trl(work, shots, steps, warmup, batch, precompute=kind == "trl_pre")
+    timed = [t for s in res["pair_tokens"][warmup:] for t in s]
+    res.update(
+        kind=kind,
+        shots=shots,
+        pairs_per_s=len(timed) / res["timed_seconds"],
+        pair_tokens_per_s=sum(timed) / res["timed_seconds"],
+        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        rss_after_imports_mb=base_rss / 1024,
+        torch_threads=torch.get_num_threads(),
+    )
+    return res
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--shots", type=int, nargs="+", default=[4, 8])
+    p.add_argument("--steps", type=int, default=12, help="timed optimizer steps")
+    p.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps before them")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--one", nargs=3, metavar=("KIND", "SHOTS", "WORK"), help=argparse.SUPPRESS)
+    p.add_argument("--prepare", metavar="WORK", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    total = args.steps + args.warmup
+    if args.prepare:
+        _env()
+        prepare(Path(args.prepare))
+        return 0
+    if args.one:
+        kind, shots, work = args.one
+        print(json.dumps(one(kind, int(shots), Path(work), total, args.warmup, args.batch)))
+        return 0
+
+    _env()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-train-"))
+    try:
+        t = time.perf_counter()
+        # In a subprocess too: a child's ru_maxrss starts from its parent's peak RSS (Linux keeps it across
+        # fork and exec), so this parent stays free of torch and of the model it would otherwise build.
+        subprocess.run([sys.executable, __file__, "--prepare", str(tmp)], check=True)
+        print(f"  prepared dataset and init model in {time.perf_counter() - t:.1f} s", file=sys.stderr)
+        results: dict[tuple[str, int], dict] = {}
+        for shots in args.shots:
+            for kind in KINDS:
+                cmd = [sys.executable, __file__, "--one", kind, str(shots), str(tmp)]
+                cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch)]
+                env = {**os.environ, "HF_DATASETS_CACHE": str(tmp / f"hf-datasets-{kind}-{shots}")}
+                proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                if proc.returncode:
+                    sys.stderr.write(proc.stderr[-4000:])
+                    raise SystemExit(f"{kind} at {shots} shots failed (exit {proc.returncode})")
+                r = results[kind, shots] = json.loads(proc.stdout.strip().splitlines()[-1])
+                extra = (
+                    f", ref precompute {r['ref_precompute_seconds']:.1f} s"
+                    if r["ref_precompute_seconds"]
+                    else ""
+                )
+                print(
+                    f"  {kind:8s} {shots} shots: {r['pairs_per_s']:5.2f} pairs/s, "
+                    f"{r['pair_tokens_per_s']:7,.0f} pair tokens/s, peak RSS {r['peak_rss_mb']:4.0f} MB{extra}; "
+                    f"step s: {' '.join(f'{x:.2f}' for x in r['step_seconds'])}",
+                    file=sys.stderr,
+                )
+            # Same pairs, same real tokens on every side.
+            assert results["ours", shots]["pair_tokens"] == results["trl", shots]["pair_tokens"]
+            assert results["ours", shots]["pair_tokens"] == results["trl_pre", shots]["pair_tokens"]
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    B, N, W = args.batch, args.steps, args.warmup
+    print(
+        f"\nFSPO IPO training vs TRL DPOTrainer(loss_type='ipo'): tiny Llama (hidden 128, 4 layers), "
+        f"float32 CPU, {THREADS} threads, batch {B}, {N} timed steps after {W} warm-up\n"
+    )
+    print(
+        "| shots | pair tokens/pair | ours pairs/s | TRL pairs/s | ours/TRL | TRL precomputed-ref pairs/s "
+        "| ours/TRL-pre | ours pair tokens/s | TRL pair tokens/s | TRL-pre pair tokens/s "
+        "| peak RSS ours / TRL / TRL-pre (MB) |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for s in args.shots:
+        o, t, q = (results[k, s] for k in KINDS)
+        per_pair = sum(sum(x) for x in o["pair_tokens"][W:]) / (N * B)
+        print(
+            f"| {s} | {per_pair:,.0f} | {o['pairs_per_s']:.2f} | {t['pairs_per_s']:.2f} | "
+            f"{o['pairs_per_s'] / t['pairs_per_s']:.2f}x | {q['pairs_per_s']:.2f} | "
+            f"{o['pairs_per_s'] / q['pairs_per_s']:.2f}x | {o['pair_tokens_per_s']:,.0f} | "
+            f"{t['pair_tokens_per_s']:,.0f} | {q['pair_tokens_per_s']:,.0f} | "
+            f"{o['peak_rss_mb']:.0f} / {t['peak_rss_mb']:.0f} / {q['peak_rss_mb']:.0f} |"
+        )
+    print(
+        "\n| shots | model input tokens/pair, ours (packed) | TRL (prompt twice) | ratio "
+        "| ours/TRL, ours/TRL-pre by median step time | ours ref precompute (s) | TRL-pre ref precompute (s) "
+        "| TRL init incl. tokenization (s) | RSS after imports ours / TRL (MB) |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for s in args.shots:
+        o, t, q = (results[k, s] for k in KINDS)
+        op = sum(o["processed_tokens"][W:]) / (N * B)
+        tp = sum(t["processed_tokens"][W:]) / (N * B)
+        assert t["processed_tokens"] == q["processed_tokens"]
+        med = {k: statistics.median(results[k, s]["step_seconds"]) for k in KINDS}
+        print(
+            f"| {s} | {op:,.0f} | {tp:,.0f} | {tp / op:.2f}x | {med['trl'] / med['ours']:.2f}x, "
+            f"{med['trl_pre'] / med['ours']:.2f}x | {o['ref_precompute_seconds']:.1f} | "
+            f"{q['ref_precompute_seconds']:.1f} | {t['init_seconds']:.1f} | "
+            f"{o['rss_after_imports_mb']:.0f} / {t['rss_after_imports_mb']:.0f} |"
+        )
+    print(
+        f"\n(reference precompute covers all {N + W} training batches; model input tokens include padding: "
+        "ours B x max(P+C+R) per batch, TRL 2B x max(P+max(C,R)))"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
