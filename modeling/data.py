@@ -183,7 +183,14 @@ class EpisodeSource:
     the target question was seen in training. ``all_questions`` lifts the question split for data whose
     labels are not used (pretraining the base model on the domain's language)."""
 
-    def __init__(self, dataset: Any, *, split: str = "train", instruction: str | None = None, all_questions: bool = False) -> None:
+    def __init__(
+        self,
+        dataset: Any,
+        *,
+        split: str = "train",
+        instruction: str | None = None,
+        all_questions: bool = False,
+    ) -> None:
         from .synth import DatasetError, load_dataset, load_domain
 
         ds = load_dataset(dataset) if not hasattr(dataset, "manifest") else dataset

@@ -31,7 +31,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 from .data import Episode, Pair, build_cot_prompt, build_prompt, split_cot_output
 from .llm import (
@@ -561,44 +561,11 @@ class _Decoder:
 # Back ends
 
 
-@runtime_checkable
-class PersonalizationBackend(Protocol):
-    """Anything that writes responses personalized from users' few-shot picks, in question order."""
+class PersonalizationBackend(ABC):
+    """Anything that writes responses personalized from users' few-shot picks, in question order.
 
-    name: str
-
-    def generate(
-        self,
-        shots: Sequence[Pair],
-        questions: Sequence[str],
-        *,
-        instruction: str,
-        cot: bool = False,
-        description: str | None = None,
-        max_new_tokens: int = 256,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-    ) -> list[Generation]:
-        """One user's generations."""
-        ...
-
-    def generate_many(
-        self,
-        users: Sequence[UserQuestions],
-        *,
-        cot: bool = False,
-        max_new_tokens: int = 256,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-    ) -> list[list[Generation]]:
-        """Several users' generations in one call (batched across users), one list per user."""
-        ...
-
-
-class _Backend(ABC):
-    """The shared half of the back ends: ``generate`` (one user) is ``generate_many`` of one."""
+    Back ends implement ``generate_many`` (several users, batched across users); ``generate`` (one
+    user) is ``generate_many`` of one."""
 
     name: str
 
@@ -672,7 +639,7 @@ def generate_for_episodes(
     return [g for g in out if g is not None]
 
 
-class LocalBackend(_Backend):
+class LocalBackend(PersonalizationBackend):
     """A local Hugging Face causal-LM directory (optionally with a peft LoRA adapter directory), loaded
     once, generating through ``generate_for_users``.
 
@@ -751,7 +718,7 @@ def _check_prompt_format(path: Path) -> None:
         )
 
 
-class OpenAICompletionsBackend(_Backend):
+class OpenAICompletionsBackend(PersonalizationBackend):
     """An OpenAI-compatible ``/v1/completions`` endpoint given the FSPO prompt as plain text.
 
     ``model`` is the served name: the base model, or a LoRA adapter (vLLM's ``--lora-modules
@@ -817,7 +784,7 @@ class OpenAICompletionsBackend(_Backend):
 VLLM_MISSING = "vLLM is not installed: pip install 'fspo-studies[vllm]' on a GPU host"
 
 
-class VLLMBackend(_Backend):
+class VLLMBackend(PersonalizationBackend):
     """vLLM's offline engine (``vllm.LLM``) with automatic prefix caching, so a user's shared few-shot
     prefix is computed once across their questions. Prompts go in as token ids encoded exactly as
     locally (BOS once); ``adapter`` is a peft LoRA directory served through ``LoRARequest``."""
