@@ -23,9 +23,9 @@ from rich.progress import (
 from rich.table import Table
 
 console = Console(stderr=True)
-out = Console()
+out = Console(soft_wrap=True)
 if not out.is_terminal:  # piped or captured: do not squeeze tables into 80 columns
-    out = Console(width=132)
+    out = Console(width=132, soft_wrap=True)
 
 
 @contextmanager
