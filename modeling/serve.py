@@ -30,6 +30,15 @@ from starlette.concurrency import run_in_threadpool
 from modeling.llm import ChatRequest, Completion, LLMError, TextRequest, TransformersBackend
 
 
+def _unknown_model(model: str, targets: dict[str, Any]) -> JSONResponse:
+    return _error(
+        404,
+        f"The model `{model}` does not exist (served: {', '.join(targets)}).",
+        code="model_not_found",
+        param="model",
+    )
+
+
 def _error(
     status: int,
     message: str,
@@ -203,12 +212,7 @@ def create_app(
         except ValueError as exc:
             return _error(400, str(exc))
         if model not in targets:
-            return _error(
-                404,
-                f"The model `{model}` does not exist (served: {', '.join(targets)}).",
-                code="model_not_found",
-                param="model",
-            )
+            return _unknown_model(model, targets)
         target = targets[model]
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         if stream:
@@ -263,12 +267,7 @@ def create_app(
         except ValueError as exc:
             return _error(400, str(exc))
         if model not in targets:
-            return _error(
-                404,
-                f"The model `{model}` does not exist (served: {', '.join(targets)}).",
-                code="model_not_found",
-                param="model",
-            )
+            return _unknown_model(model, targets)
         target = targets[model]
 
         def run() -> list[Completion]:
