@@ -499,28 +499,25 @@ def train(
             tokenize_episode(tok, pretrain_episode(e, rng, pool), cfg)
             for e in eval_src.sample(cfg.eval_episodes, shots=cfg.shots, seed=10_007)
         ]
-    eval_ref = (
-        _reference_logps(
-            model,
-            [eval_examples[i : i + cfg.batch_size] for i in range(0, len(eval_examples), cfg.batch_size)],
-            dataclasses.replace(cfg),
-            pad_id,
-            None,
-        )
-        if preference and state is None
-        else (state or {}).get("eval_ref")
-    )
+    # The held-out pairs' reference log-probs, also once (a resumed run reads them back).
+    eval_batches = [
+        eval_examples[i : i + cfg.batch_size] for i in range(0, len(eval_examples), cfg.batch_size)
+    ]
+    if not preference:
+        eval_ref = None
+    elif state is not None:
+        eval_ref = state["eval_ref"]
+    else:
+        eval_ref = _reference_logps(model, eval_batches, cfg, pad_id, None)
 
     def evaluate() -> dict[str, float]:
         model.eval()
         with torch.no_grad():
             if preference:
                 assert eval_ref is not None
-                vals = []
-                accs = []
-                for i in range(0, len(eval_examples), cfg.batch_size):
-                    ex = eval_examples[i : i + cfg.batch_size]
-                    loss, m, _ = _pref_loss(model, ex, eval_ref[i // cfg.batch_size, : len(ex)], cfg, pad_id)
+                vals, accs = [], []
+                for b, ex in enumerate(eval_batches):
+                    loss, m, _ = _pref_loss(model, ex, eval_ref[b, : len(ex)], cfg, pad_id)
                     vals.append(float(loss) * len(ex))
                     accs.append(m["pref_accuracy"] * len(ex))
                 res = {
@@ -528,11 +525,11 @@ def train(
                     "eval_pref_accuracy": sum(accs) / len(eval_examples),
                 }
             else:
-                vals = [
-                    float(_sft_loss(model, eval_examples[i : i + cfg.batch_size], cfg, pad_id)[0])
-                    for i in range(0, len(eval_examples), cfg.batch_size)
-                ]
-                res = {"eval_loss": float(np.mean(vals))}
+                res = {
+                    "eval_loss": float(
+                        np.mean([float(_sft_loss(model, ex, cfg, pad_id)[0]) for ex in eval_batches])
+                    )
+                }
         model.train()
         return res
 
