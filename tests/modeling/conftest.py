@@ -20,6 +20,8 @@ import pytest
 from tests.conftest import stop_process
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+BASE_NAME = "tiny"  # served name of the tiny model
+ADAPTER_NAME = "tiny-lora"  # served name of its LoRA adapter
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -187,3 +189,33 @@ class ScriptedServer:
         self.httpd.shutdown()
         self.httpd.server_close()
         self.thread.join()
+
+
+@pytest.fixture(scope="module")
+def lora_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A LoRA adapter on the tiny model whose B matrices are random, so it changes outputs."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    peft_model = get_peft_model(model, config)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:  # peft zero-inits B, which would make the adapter a no-op
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+    out = tmp_path_factory.mktemp("lora") / "adapter"
+    peft_model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def server_url(
+    tiny_model_dir: Path, lora_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """`fspo serve-model` as a real subprocess on a free loopback port; yields its /v1 URL."""
+    args = ["--adapter", f"{ADAPTER_NAME}={lora_dir}", "--served-name", BASE_NAME]
+    with serve_model(tiny_model_dir, tmp_path_factory.mktemp("serve") / "serve.log", *args) as url:
+        yield url

@@ -24,12 +24,9 @@ from modeling.infer import (
     generate_personalized,
 )
 from modeling.llm import LLMError, TextRequest, generate_ids, plain_prompt_ids
-from tests.modeling.conftest import english_like_sentences, serve_model
-from tests.modeling.test_llm import lora_dir  # noqa: F401 (the same random-B LoRA adapter fixture)
+from tests.modeling.conftest import ADAPTER_NAME, BASE_NAME, english_like_sentences
 
 INSTRUCTION = "Answer the question the way this user prefers."
-BASE_NAME = "tiny"
-ADAPTER_NAME = "tiny-lora"
 _S = english_like_sentences(80, seed=7)
 SHOTS = [Pair(_S[i], f"{_S[i + 1]} {_S[i + 2]}", _S[i + 3]) for i in range(0, 16, 4)]
 QUESTIONS = [  # different lengths, so the suffixes need padding
@@ -239,17 +236,6 @@ def local(tiny_model_dir: Path) -> LocalBackend:
 
 
 @pytest.fixture(scope="module")
-def server_url(
-    tiny_model_dir: Path,
-    lora_dir: Path,  # noqa: F811
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[str]:
-    args = ["--adapter", f"{ADAPTER_NAME}={lora_dir}", "--served-name", BASE_NAME]
-    with serve_model(tiny_model_dir, tmp_path_factory.mktemp("serve") / "serve.log", *args) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
 def remote(server_url: str) -> Iterator[OpenAICompletionsBackend]:
     with OpenAICompletionsBackend(server_url, BASE_NAME, max_retries=0) as backend:
         yield backend
@@ -280,7 +266,7 @@ def test_it_samples_the_same_over_http_with_a_seed(
 def test_it_selects_a_lora_adapter_by_model_name_over_http(
     server_url: str,
     tiny_model_dir: Path,
-    lora_dir: Path,  # noqa: F811
+    lora_dir: Path,
     local: LocalBackend,
 ) -> None:
     kwargs: dict[str, Any] = {"instruction": INSTRUCTION, "max_new_tokens": 10}
@@ -385,7 +371,7 @@ def test_it_reports_a_bad_model_or_adapter_directory_clearly(tiny_model_dir: Pat
 
 def test_it_builds_backends_from_specs(
     tiny_model_dir: Path,
-    lora_dir: Path,  # noqa: F811
+    lora_dir: Path,
 ) -> None:
     http = backend_from_spec("http://127.0.0.1:8000/v1#my-adapter")
     assert isinstance(http, OpenAICompletionsBackend)
