@@ -62,16 +62,22 @@ def _content_text(content: Any) -> Any:
     return content
 
 
-def _parse_body(body: Any) -> tuple[str, ChatRequest, bool, bool]:
-    """Validate a chat-completions body; returns (model, request, stream, include_usage).
-
-    Raises ValueError with a one-line message naming the bad field.
-    """
+def _body_model(body: Any) -> str:
+    """The ``model`` of a request body, which must be a JSON object (ValueError otherwise)."""
     if not isinstance(body, dict):
         raise ValueError("request body must be a JSON object")
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise ValueError("'model' is required and must be a string")
+    return model
+
+
+def _parse_body(body: Any) -> tuple[str, ChatRequest, bool, bool]:
+    """Validate a chat-completions body; returns (model, request, stream, include_usage).
+
+    Raises ValueError with a one-line message naming the bad field.
+    """
+    model = _body_model(body)
     messages = body.get("messages")
     if not isinstance(messages, list):
         raise ValueError("'messages' is required and must be a list of {'role', 'content'} objects")
@@ -113,11 +119,7 @@ def _parse_text_body(body: Any) -> tuple[str, list[TextRequest]]:
     """Validate a (text) completions body; returns (model, one request per prompt).
 
     Raises ValueError with a one-line message naming the bad field."""
-    if not isinstance(body, dict):
-        raise ValueError("request body must be a JSON object")
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise ValueError("'model' is required and must be a string")
+    model = _body_model(body)
     prompt = body.get("prompt")
     prompts = [prompt] if isinstance(prompt, str) else prompt
     if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
