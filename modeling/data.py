@@ -32,6 +32,7 @@ every checkpoint and checked when one is loaded:
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -158,6 +159,19 @@ def split_cot_output(text: str) -> tuple[str, str]:
     return head.strip(), tail.strip()
 
 
+_SHOT_PREFERRED = re.compile(
+    r"# Example \d+\n## Question\n.*?\n## Preferred Response\n(.*?)\n## Dispreferred Response\n", re.DOTALL
+)
+
+
+def shot_response_spans(prompt: str) -> list[tuple[int, int]]:
+    """Character spans of the shots' preferred responses in a prompt made by ``build_prompt``.
+
+    Pref-FT with ``shot_targets`` supervises them too: shot i's preferred response given shots 1..i-1 is
+    the same task as the final target with i-1 shots."""
+    return [m.span(1) for m in _SHOT_PREFERRED.finditer(prompt)]
+
+
 def _body(shots: Sequence[Pair], question: str, instruction: str) -> str:
     parts = []
     for i, p in enumerate(shots, 1):
@@ -212,7 +226,12 @@ class EpisodeSource:
         if p.empty:
             raise DatasetError(f"{ds.path}: no preference pairs of {split} users")
         self.questions = ds.table("questions", ["text", "topic"]).to_pandas()
-        self.responses = ds.table("responses", ["text"]).column("text").to_pylist()
+        resp = ds.table("responses", ["question_id", "text"]).to_pandas()
+        self.responses = resp.text.tolist()
+        # Every response written for a question: the unlabeled answers the base model learns from.
+        self.answers: dict[int, list[str]] = {
+            int(q): g.tolist() for q, g in resp.groupby("question_id", sort=True).text
+        }
         users = ds.table("users", ["user_id", "description"]).to_pandas().set_index("user_id")
         self.descriptions = users["description"].to_dict()
         self.by_user: dict[int, dict[str, np.ndarray]] = {}

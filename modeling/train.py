@@ -41,6 +41,7 @@ from .data import (
     build_cot_prompt,
     build_prompt,
     cot_target,
+    shot_response_spans,
 )
 
 Progress = Callable[[int, int, str], None]
@@ -63,7 +64,14 @@ class TrainConfig:
     average_logps: length-average sequence log-probs (TRL's IPO) instead of summing them (FSPO's code).
     sft_include_rejected: Pref-FT also on the rejected response as a second target (the released code's
         variant; the paper trains on the preferred one only).
+    shot_targets: Pref-FT also on each shot's preferred response given the shots before it. Every prefix
+        of an episode is then a training task (shot i is the target of an (i-1)-shot prompt), which gives
+        up to hi+1 supervised responses per forward pass instead of one. Off by default (the paper
+        supervises the final target only).
     lora: train a peft LoRA adapter instead of all weights.
+    freeze_embeddings: keep the token embeddings (and the output head) fixed. A small model fine-tuned
+        on the train-split questions otherwise unlearns the words of held-out topics (they are never a
+        target, so the softmax pushes them down) and stops copying the question's topic.
     """
 
     dataset: str
@@ -84,7 +92,9 @@ class TrainConfig:
     beta: float = 0.01
     average_logps: bool = False
     sft_include_rejected: bool = False
+    shot_targets: bool = False
     lora: bool = False
+    freeze_embeddings: bool = False
     lora_r: int = 16
     lora_alpha: int = 32
     dtype: Literal["float32", "bfloat16"] = "float32"
@@ -194,6 +204,8 @@ class Example:
     prompt: list[int]
     chosen: list[int]
     rejected: list[int]
+    # Labels over the prompt (-100 = not supervised), set for Pref-FT with shot_targets.
+    prompt_labels: list[int] | None = None
 
 
 def episode_texts(ep: Episode, cfg: TrainConfig) -> tuple[str, str, str]:
@@ -227,27 +239,37 @@ def tokenize_episode(tok: Any, ep: Episode, cfg: TrainConfig) -> Example:
     """Token ids; a prompt over max_prompt_tokens drops its earliest shots until it fits."""
     eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
     bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    label_shots = cfg.shot_targets and cfg.stage == "sft" and cfg.context == "fewshot"
     while True:
         prompt, chosen, rejected = episode_texts(ep, cfg)
-        p = bos + tok(prompt, add_special_tokens=False)["input_ids"]
+        enc = tok(prompt, add_special_tokens=False, return_offsets_mapping=label_shots)
+        p = bos + enc["input_ids"]
         if len(p) <= cfg.max_prompt_tokens or not ep.shots:
             break
         ep = dataclasses.replace(ep, shots=ep.shots[1:])
     c = tok(chosen, add_special_tokens=False)["input_ids"][: cfg.max_target_tokens] + eos
     r = tok(rejected, add_special_tokens=False)["input_ids"][: cfg.max_target_tokens] + eos
-    return Example(p[-cfg.max_prompt_tokens :], c, r)
+    labels = None
+    if label_shots:
+        spans = shot_response_spans(prompt)
+        inside = [any(a <= s and e <= b for a, b in spans) for s, e in enc["offset_mapping"]]
+        labels = [-100] * len(bos) + [t if i else -100 for t, i in zip(enc["input_ids"], inside, strict=True)]
+        labels = labels[-cfg.max_prompt_tokens :]
+    return Example(p[-cfg.max_prompt_tokens :], c, r, labels)
 
 
-def pretrain_episode(ep: Episode, rng: random.Random, pool: list[str]) -> Episode:
-    """The base model's data: the same format, but each shot's pair in random order and a random target
-    response, so no preference signal reaches the base."""
+def pretrain_episode(ep: Episode, rng: random.Random, answers: dict[int, list[str]]) -> Episode:
+    """The base model's data: the same format, but each shot's pair in random order and as the target a
+    random answer to the target question (``answers``: question id -> its responses), so the base learns
+    to answer on topic in the domain's language without ever seeing a preference signal."""
     from .data import Pair
 
     shots = tuple(
         Pair(s.question, *((s.chosen, s.rejected) if rng.random() < 0.5 else (s.rejected, s.chosen)))
         for s in ep.shots
     )
-    return dataclasses.replace(ep, shots=shots, chosen=rng.choice(pool), rejected=rng.choice(pool))
+    options = answers[int(ep.meta["question_id"])]
+    return dataclasses.replace(ep, shots=shots, chosen=rng.choice(options), rejected=rng.choice(options))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -312,14 +334,18 @@ def _episodes_for_step(src: EpisodeSource, cfg: TrainConfig, step: int) -> list[
     # Deterministic in (seed, step): a resumed run sees exactly the batches it would have seen.
     if cfg.overfit_batches:
         step %= cfg.overfit_batches
-    return src.sample(cfg.batch_size, shots=cfg.shots, seed=_batch_seed(cfg, step))
+    # One shot count per batch (drawn from the range): the rows then have nearly the same length, so
+    # padding wastes little compute; over many steps every N in the range is still trained.
+    seed = _batch_seed(cfg, step)
+    shots = int(np.random.default_rng(seed).integers(cfg.shots[0], cfg.shots[1] + 1))
+    return src.sample(cfg.batch_size, shots=shots, seed=seed)
 
 
-def _examples(src: EpisodeSource, tok: Any, cfg: TrainConfig, step: int, pool: list[str]) -> list[Example]:
+def _examples(src: EpisodeSource, tok: Any, cfg: TrainConfig, step: int) -> list[Example]:
     eps = _episodes_for_step(src, cfg, step)
     if cfg.stage == "pretrain":
         rng = random.Random(_batch_seed(cfg, step))
-        eps = [pretrain_episode(e, rng, pool) for e in eps]
+        eps = [pretrain_episode(e, rng, src.answers) for e in eps]
     return [tokenize_episode(tok, e, cfg) for e in eps]
 
 
@@ -331,7 +357,10 @@ def _sft_loss(model: Any, examples: list[Example], cfg: TrainConfig, pad_id: int
         for t in targets:
             rows.append(ex.prompt + t)
             # pretrain: the whole sequence is text to model; Pref-FT: only the response (prompt masked).
-            labels.append(ex.prompt + t if cfg.stage == "pretrain" else [-100] * len(ex.prompt) + t)
+            if cfg.stage == "pretrain":
+                labels.append(ex.prompt + t)
+            else:
+                labels.append((ex.prompt_labels or [-100] * len(ex.prompt)) + t)
     width = max(map(len, rows))
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     lab = torch.full((len(rows), width), -100, dtype=torch.long)
@@ -461,10 +490,13 @@ def train(
                     task_type="CAUSAL_LM",
                 ),
             )
+    if cfg.freeze_embeddings:
+        for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+            if module is not None:
+                module.weight.requires_grad_(False)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-    pool = src.responses
     preference = cfg.stage in ("ipo", "dpo")
 
     # Reference log-probs for every training batch, once, from the initial (= reference) model.
@@ -473,7 +505,7 @@ def train(
         if state is not None:
             ref_all = state["ref"]
         else:
-            batches = [_examples(src, tok, cfg, s, pool) for s in range(cfg.steps)]
+            batches = [_examples(src, tok, cfg, s) for s in range(cfg.steps)]
             ref_all = _reference_logps(model, batches, cfg, pad_id, progress)
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -496,7 +528,7 @@ def train(
     if cfg.stage == "pretrain":
         rng = random.Random(10_007)
         eval_examples = [
-            tokenize_episode(tok, pretrain_episode(e, rng, pool), cfg)
+            tokenize_episode(tok, pretrain_episode(e, rng, eval_src.answers), cfg)
             for e in eval_src.sample(cfg.eval_episodes, shots=cfg.shots, seed=10_007)
         ]
     # The held-out pairs' reference log-probs, also once (a resumed run reads them back).
@@ -539,7 +571,7 @@ def train(
         history.append({"step": 0, **evaluate()})
     tokens, t0 = 0, time.perf_counter()
     for step in range(start_step, cfg.steps):
-        examples = _examples(src, tok, cfg, step, pool)
+        examples = _examples(src, tok, cfg, step)
         if preference:
             assert ref_all is not None
             loss, metrics, n = _pref_loss(model, examples, ref_all[step, : len(examples)], cfg, pad_id)

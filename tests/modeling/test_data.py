@@ -16,6 +16,7 @@ from modeling.data import (
     build_prompt,
     cot_target,
     dumps_episodes,
+    shot_response_spans,
     split_cot_output,
 )
 from modeling.synth import DatasetError, generate_dataset
@@ -55,6 +56,17 @@ def test_it_renders_the_paper_markdown_layout():
         build_prompt(SHOTS, "What is wind?", instruction="Explain the concept at the level this user wants.")
         == GOLDEN
     )
+
+
+def test_shot_response_spans_cover_exactly_the_preferred_responses_of_the_shots():
+    prompt = build_prompt(
+        SHOTS, "What is wind?", instruction="Explain the concept at the level this user wants."
+    )
+    assert [prompt[a:b] for a, b in shot_response_spans(prompt)] == [
+        "Water falling from clouds.",
+        "Light scatters.",
+    ]
+    assert shot_response_spans(build_prompt([], "What is wind?", instruction="Explain.")) == []
 
 
 def test_it_renders_zero_shots_and_the_user_description_sections():

@@ -69,6 +69,35 @@ def test_pref_ft_lowers_the_held_out_loss_of_preferred_responses(base_model, dat
     assert load_checkpoint_manifest(tmp_path / "sft")["init_stage"] == "pretrain"
 
 
+def test_shot_targets_supervise_each_shots_preferred_response_and_nothing_else(base_model, dataset):
+    from modeling.data import EpisodeSource
+    from modeling.train import tokenize_episode
+
+    _, tok = load_model(base_model)
+    episode = EpisodeSource(dataset, split="train").sample(1, shots=2, seed=3)[0]
+    plain = tokenize_episode(tok, episode, cfg(dataset, "unused", stage="sft", init="unused"))
+    dense = tokenize_episode(
+        tok, episode, cfg(dataset, "unused", stage="sft", init="unused", shot_targets=True)
+    )
+    assert plain.prompt_labels is None and dense.prompt == plain.prompt
+    supervised = [t for t in dense.prompt_labels if t != -100]
+    assert tok.decode(supervised) == "".join(s.chosen for s in episode.shots)
+    ipo = tokenize_episode(
+        tok, episode, cfg(dataset, "unused", stage="ipo", init="unused", shot_targets=True)
+    )
+    assert ipo.prompt_labels is None  # IPO's pairs are the final target's only
+
+
+def test_frozen_embeddings_stay_bit_identical_while_the_rest_trains(base_model, dataset, tmp_path):
+    train(cfg(dataset, tmp_path / "sft", stage="sft", init=str(base_model), steps=5, freeze_embeddings=True))
+    before, _ = load_model(base_model)
+    after, _ = load_model(tmp_path / "sft")
+    assert torch.equal(before.get_input_embeddings().weight, after.get_input_embeddings().weight)
+    assert not torch.equal(
+        before.model.layers[0].mlp.up_proj.weight, after.model.layers[0].mlp.up_proj.weight
+    )
+
+
 def test_a_killed_run_resumes_from_its_last_checkpoint_to_the_same_weights(base_model, dataset, tmp_path):
     c = cfg(dataset, tmp_path / "a", stage="sft", init=str(base_model), steps=25)
 
