@@ -291,7 +291,12 @@ def cmd_eval(argv: list[str]) -> int:
     p.add_argument(
         "--judge",
         default="oracle",
-        help="oracle (exact, procedural datasets) or an LLM spec: http://HOST:PORT/v1#MODEL",
+        metavar="oracle|SPEC",
+        help="who compares each arm's answer with the baseline's. 'oracle' (default): the exact oracle of "
+        "a procedural dataset. Otherwise an LLM judge, shown the user's description and asked in both "
+        "orders (a judge that always picks the first position scores a tie; ties count as half a win): "
+        "http(s)://HOST:PORT/v1#MODEL for an OpenAI-compatible chat endpoint (vLLM or fspo serve-model, "
+        "which honour guided_choice; API key from OPENAI_API_KEY), or hf:/path/to/model-dir",
     )
     p.add_argument("--max-new-tokens", type=int, default=160)
     args = p.parse_args(argv)

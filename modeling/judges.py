@@ -5,6 +5,8 @@ A judge compares two responses to a question for one user and returns a score fo
 - ``OracleJudge``: the procedural world's exact oracle, reading the user's true preferences.
 - ``LLMJudge``: an AlpacaEval-style pairwise prompt that shows the user's description, asked in both
   orders; the two verdicts are averaged, so a judge that always picks the first position scores a tie.
+  Identical responses tie without a request, and a judge that answers none of its prompts with "a" or
+  "b" is an error rather than a run of ties.
 
 ``win_rate`` turns per-comparison scores into a win rate with a 95% bootstrap interval and a one-sided
 binomial test (ties split as halves), as the paper reports them.
@@ -18,7 +20,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .llm import ChatBackend, ChatRequest
+from .llm import ChatBackend, ChatRequest, LLMError
 
 
 @dataclass(frozen=True)
@@ -117,21 +119,31 @@ class LLMJudge:
         )
 
     def score(self, comparisons: Sequence[Comparison]) -> list[float]:
+        # Identical responses are a tie by definition: asking could only add the judge's sampling noise.
+        asked = [i for i, c in enumerate(comparisons) if c.first != c.second]
         reqs = [
             r
-            for c in comparisons
+            for c in (comparisons[i] for i in asked)
             for r in (self._request(c, c.first, c.second), self._request(c, c.second, c.first))
         ]
         replies = self.backend.chat(reqs)
-        out = []
-        for i in range(len(comparisons)):
-            shown_first, shown_second = _verdict(replies[2 * i]), _verdict(replies[2 * i + 1])
+        verdicts = [_verdict(r) for r in replies]
+        # An unreadable verdict counts as half a vote, so a judge that never answers in the format (a
+        # server that ignores guided_choice) would report every arm at exactly 50%: fail instead.
+        if verdicts and all(v is None for v in verdicts):
+            raise LLMError(
+                f"LLM judge {self.backend.name} answered none of its {len(replies)} prompts with 'a' or 'b' "
+                f"(first reply: {replies[0][:60]!r}); it must follow guided_choice or the prompt's format"
+            )
+        out = [0.5] * len(comparisons)
+        for k, i in enumerate(asked):
+            shown_first, shown_second = verdicts[2 * k], verdicts[2 * k + 1]
             # order 1: "a" means the first response; order 2 shows them swapped, so "b" means the first.
             votes = [
                 1.0 if shown_first == "a" else 0.0 if shown_first == "b" else 0.5,
                 1.0 if shown_second == "b" else 0.0 if shown_second == "a" else 0.5,
             ]
-            out.append(sum(votes) / 2)
+            out[i] = sum(votes) / 2
         return out
 
 

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -148,13 +148,16 @@ def serve_model(model_dir: Path, log_path: Path, *args: str) -> Iterator[str]:
 class ScriptedServer:
     """A stdlib HTTP server on loopback that answers POSTs from a script of (status, body) and counts hits.
 
+    ``script`` may instead be a function from the request body to (status, body), for a server whose
+    answer depends on what it is asked; ``bodies`` holds every request body received.
     A request whose body contains "HOLD" is answered only once ``release`` is set (or after 5 s);
     ``released_in_time`` records which it was.
     """
 
-    def __init__(self, script: list[tuple[int, bytes]]) -> None:
+    def __init__(self, script: list[tuple[int, bytes]] | Callable[[bytes], tuple[int, bytes]]) -> None:
         self.script = script
         self.hits = 0
+        self.bodies: list[bytes] = []
         self.release = threading.Event()
         self.released_in_time: list[bool] = []
         lock = threading.Lock()
@@ -164,8 +167,12 @@ class ScriptedServer:
             def do_POST(self) -> None:  # noqa: N802 (stdlib name)
                 request_body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 with lock:
-                    status, body = outer.script[min(outer.hits, len(outer.script) - 1)]
+                    if callable(outer.script):
+                        status, body = outer.script(request_body)
+                    else:
+                        status, body = outer.script[min(outer.hits, len(outer.script) - 1)]
                     outer.hits += 1
+                    outer.bodies.append(request_body)
                 if b"HOLD" in request_body:
                     outer.released_in_time.append(outer.release.wait(5))
                 self.send_response(status)

@@ -8,7 +8,7 @@ import pytest
 from scipy import stats
 
 from modeling.judges import Comparison, LLMJudge, OracleJudge, win_rate
-from modeling.llm import TransformersBackend
+from modeling.llm import LLMError, TransformersBackend
 from modeling.synth import generate_dataset, load_domain
 from modeling.synth.world import render_response
 
@@ -52,6 +52,36 @@ def test_asking_both_orders_cancels_position_bias():
     judge = LLMJudge(AlwaysFirst())
     c = [Comparison("q?", "one answer", "another answer", user_id=1, description="I like short answers.")]
     assert judge.score(c) == [0.5]
+
+
+class Scripted:
+    """A judge back end that gives one fixed reply and records what it was asked."""
+
+    name = "scripted"
+
+    def __init__(self, reply):
+        self.reply = reply
+        self.asked = []
+
+    def chat(self, requests, *, progress=None):
+        self.asked += requests
+        return [self.reply for _ in requests]
+
+
+def test_identical_responses_tie_without_asking_the_judge():
+    backend = Scripted("a")
+    c = Comparison("q?", "one answer", "another answer", user_id=1, description="I like short answers.")
+    same = Comparison("q?", "one answer", "one answer", user_id=1, description="I like short answers.")
+
+    assert LLMJudge(backend).score([same, c, same]) == [0.5, 0.5, 0.5]
+    assert len(backend.asked) == 2  # both orders of the one comparison that differs
+
+
+def test_a_judge_that_never_answers_a_or_b_is_an_error_not_a_tie():
+    c = Comparison("q?", "one answer", "another answer", user_id=1, description="I like short answers.")
+
+    with pytest.raises(LLMError, match=r"LLM judge scripted answered none of its 2 prompts with 'a' or 'b'"):
+        LLMJudge(Scripted("Output")).score([c])
 
 
 def test_a_deterministic_llm_judge_is_antisymmetric(tiny_model_dir):
