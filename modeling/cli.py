@@ -198,6 +198,16 @@ def cmd_train(argv: list[str]) -> int:
         "--average-logps", action="store_true", help="length-average log-probs (TRL's IPO) instead of summing"
     )
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    p.add_argument(
+        "--freeze-embeddings",
+        action="store_true",
+        help="keep token embeddings and the output head fixed (keeps a small model copying unseen topics)",
+    )
+    p.add_argument(
+        "--shot-targets",
+        action="store_true",
+        help="Pref-FT also on each shot's preferred response given the shots before it",
+    )
     args = p.parse_args(argv)
     fields = json.loads(args.config.read_text()) if args.config else {}
     fields.update(
@@ -225,8 +235,9 @@ def cmd_train(argv: list[str]) -> int:
             fields[name] = getattr(args, name)
     if args.lora:
         fields["lora"] = True
-    if args.average_logps:
-        fields["average_logps"] = True
+    for flag in ("average_logps", "freeze_embeddings", "shot_targets"):
+        if getattr(args, flag):
+            fields[flag] = True
     cfg = TrainConfig(**fields)
     with progress_bar(f"train {cfg.stage}") as update:
         result = train(cfg, progress=update)

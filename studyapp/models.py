@@ -1,0 +1,257 @@
+"""Studies, their arms, the participants who take them, and coordinators' background jobs.
+
+Items and judgments (questions, candidate pairs, picks, generated responses, A/B ratings, surveys) live in
+annotation/models.py.
+"""
+
+import secrets
+import uuid
+
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.core.validators import MaxValueValidator, MinValueValidator
+from django.db import models
+from django.db.models import F, Q
+
+
+class Study(models.Model):
+    """One human study: what participants see, how many judgments they make, and what they are paid with.
+
+    The question pool (annotation.Question and annotation.CandidatePair) and the arms hang off the study.
+    """
+
+    slug = models.SlugField(max_length=64, unique=True, help_text="The entry link is /s/<slug>/.")
+    title = models.CharField(max_length=200)
+    domain = models.CharField(
+        max_length=64, help_text="The synthetic domain the pool comes from (reviews, elix, roleplay, ...)."
+    )
+    instruction = models.TextField(
+        help_text="The task instruction the models are given under '# Task' (the domain's task text, "
+        "exactly as in training)."
+    )
+    n_pairs = models.PositiveSmallIntegerField(
+        default=9,
+        validators=[MinValueValidator(1), MaxValueValidator(64)],
+        help_text="Pairwise picks each participant makes: the few-shot examples the models see.",
+    )
+    n_eval_questions = models.PositiveSmallIntegerField(
+        default=11,
+        validators=[MinValueValidator(1), MaxValueValidator(200)],
+        help_text="Held-out questions answered by every arm for each participant.",
+    )
+    consistency_repeats = models.PositiveSmallIntegerField(
+        default=2, help_text="Rated pairs shown a second time, sides swapped (intra-user consistency)."
+    )
+    attention_checks = models.PositiveSmallIntegerField(default=1)
+    attention_failures_allowed = models.PositiveSmallIntegerField(
+        default=0, help_text="More failed attention checks than this gives the failed-attention code."
+    )
+    quota = models.PositiveIntegerField(
+        default=50,
+        help_text="Places: participants who are taking or have finished the study. Newcomers beyond it "
+        "are screened out.",
+    )
+    consent_text = models.TextField()
+    instructions_text = models.TextField(
+        blank=True, help_text="Shown before the first pick; a standard text is shown when empty."
+    )
+    completion_code = models.CharField(max_length=64)
+    screened_out_code = models.CharField(max_length=64, blank=True)
+    failed_attention_code = models.CharField(max_length=64, blank=True)
+    declined_code = models.CharField(max_length=64, blank=True)
+    completion_url = models.URLField(
+        max_length=500,
+        blank=True,
+        help_text="Where a finished participant is sent; '{code}' is replaced by their code, e.g. "
+        "https://app.prolific.com/submissions/complete?cc={code}",
+    )
+    max_new_tokens = models.PositiveIntegerField(
+        default=256, validators=[MinValueValidator(1), MaxValueValidator(4096)]
+    )
+    is_open = models.BooleanField(default=False, help_text="Only an open study takes new participants.")
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        verbose_name_plural = "studies"
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return self.title or self.slug
+
+
+class Arm(models.Model):
+    """A model checkpoint plus a method; participants never see which arm wrote a response."""
+
+    class Method(models.TextChoices):
+        FSPO = "fspo", "FSPO"
+        FSPO_COT = "fspo_cot", "FSPO + user-description CoT"
+        FEWSHOT = "fewshot", "few-shot prompting"
+        NO_CONTEXT = "no_context", "no user context (base, SFT, IPO)"
+
+    study = models.ForeignKey(Study, on_delete=models.CASCADE, related_name="arms")
+    name = models.CharField(max_length=64, help_text="The coordinator's label (never shown to participants).")
+    method = models.CharField(max_length=16, choices=Method.choices)
+    checkpoint = models.CharField(
+        max_length=500,
+        help_text="A generation spec: a local model or adapter directory (or hf:/dir), vllm:/dir, or "
+        "http(s)://host:port/v1#model.",
+    )
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["study", "name"], name="arm_name_unique_in_study")]
+        ordering = ["study", "name"]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.get_method_display()})"
+
+    @property
+    def uses_picks(self) -> bool:
+        """Whether the participant's picks go into the prompt as few-shot examples."""
+        return self.method != self.Method.NO_CONTEXT
+
+    @property
+    def cot(self) -> bool:
+        """Whether the model writes a user description before the response."""
+        return self.method == self.Method.FSPO_COT
+
+
+class Comparison(models.Model):
+    """One A/B pairing shown for every evaluation question: `arm` (e.g. FSPO) against `baseline`."""
+
+    study = models.ForeignKey(Study, on_delete=models.CASCADE, related_name="comparisons")
+    arm = models.ForeignKey(Arm, on_delete=models.CASCADE, related_name="+")
+    baseline = models.ForeignKey(Arm, on_delete=models.CASCADE, related_name="+")
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["study", "arm", "baseline"], name="comparison_unique"),
+            models.CheckConstraint(condition=~Q(arm=F("baseline")), name="comparison_of_two_arms"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.arm.name} vs {self.baseline.name}"
+
+    def clean(self) -> None:
+        if self.arm_id and self.arm.study_id != self.study_id:
+            raise ValidationError({"arm": "The arm belongs to another study."})
+        if self.baseline_id and self.baseline.study_id != self.study_id:
+            raise ValidationError({"baseline": "The baseline belongs to another study."})
+
+
+def new_participant_token() -> str:
+    return secrets.token_hex(16)
+
+
+class Participant(models.Model):
+    """One person taking one study, known only by pseudonyms.
+
+    `token` is random: it names the participant in URLs, sockets and exports. A recruitment id
+    (PROLIFIC_PID) is kept only as a keyed hash (`recruitment_id_hash`), so the same id always maps back
+    to the same participant. No IP address or user agent is stored.
+
+    Where they are in the study is `state` plus two counters; studyapp.flow turns that into the page to
+    show. `n_picks` and `n_ratings` are fixed when the items are assigned, so later edits of the study
+    never move a participant who has started.
+    """
+
+    class State(models.TextChoices):
+        CONSENT = "consent"
+        INSTRUCTIONS = "instructions"
+        ELICITATION = "elicitation"
+        WAITING = "waiting"
+        RATING = "rating"
+        SURVEY = "survey"
+        COMPLETED = "completed"
+        WITHDRAWN = "withdrawn"
+        DECLINED = "declined"
+        SCREENED_OUT = "screened_out"
+
+    class Generation(models.TextChoices):
+        NOT_STARTED = "not_started"
+        QUEUED = "queued"
+        RUNNING = "running"
+        READY = "ready"
+        FAILED = "failed"
+
+    FINISHED_STATES = (State.COMPLETED, State.WITHDRAWN, State.DECLINED, State.SCREENED_OUT)
+
+    study = models.ForeignKey(Study, on_delete=models.CASCADE, related_name="participants")
+    token = models.CharField(max_length=32, unique=True, default=new_participant_token, editable=False)
+    recruitment_id_hash = models.CharField(max_length=64, null=True, blank=True, editable=False)
+    recruitment_study_id = models.CharField(max_length=64, blank=True, help_text="STUDY_ID")
+    recruitment_session_id = models.CharField(max_length=64, blank=True, help_text="SESSION_ID")
+    state = models.CharField(max_length=16, choices=State.choices, default=State.CONSENT)
+    n_picks = models.PositiveSmallIntegerField(default=0)
+    picks_done = models.PositiveSmallIntegerField(default=0)
+    n_ratings = models.PositiveSmallIntegerField(default=0)
+    ratings_done = models.PositiveSmallIntegerField(default=0)
+    generation = models.CharField(max_length=16, choices=Generation.choices, default=Generation.NOT_STARTED)
+    generation_error = models.TextField(blank=True, help_text="Why generation failed (coordinators only).")
+    created_at = models.DateTimeField(auto_now_add=True)
+    consented_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["study", "recruitment_id_hash"],
+                condition=Q(recruitment_id_hash__isnull=False),
+                name="one_participant_per_recruitment_id",
+            ),
+            models.CheckConstraint(condition=Q(picks_done__lte=F("n_picks")), name="picks_done_lte_n"),
+            models.CheckConstraint(condition=Q(ratings_done__lte=F("n_ratings")), name="ratings_done_lte_n"),
+        ]
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.token[:8]} ({self.state})"
+
+    @property
+    def is_finished(self) -> bool:
+        return self.state in self.FINISHED_STATES
+
+
+class Job(models.Model):
+    """A coordinator's background job (synthetic generation, training, evaluation) and its progress.
+
+    Its id names the channel-layer group its progress goes to (studyapp.realtime.job_group)."""
+
+    class Kind(models.TextChoices):
+        SYNTH = "synth", "synthetic generation"
+        TRAIN = "train", "training"
+        EVALUATE = "evaluate", "evaluation"
+
+    class Status(models.TextChoices):
+        QUEUED = "queued"
+        RUNNING = "running"
+        SUCCEEDED = "succeeded"
+        FAILED = "failed"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED)
+    study = models.ForeignKey(Study, null=True, blank=True, on_delete=models.SET_NULL, related_name="jobs")
+    params = models.JSONField(default=dict, blank=True)
+    celery_task_id = models.CharField(max_length=64, blank=True)
+    progress_done = models.PositiveIntegerField(default=0)
+    progress_total = models.PositiveIntegerField(default=0)
+    stage = models.CharField(max_length=200, blank=True)
+    result = models.JSONField(null=True, blank=True)
+    error = models.TextField(blank=True)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.get_kind_display()} {self.id} ({self.status})"

@@ -4,6 +4,7 @@ from typing import Any
 
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
+from django.db import transaction
 
 
 def job_group(job_id: str) -> str:
@@ -15,3 +16,21 @@ def notify_job(job_id: str, payload: dict[str, Any]) -> None:
     """Send `payload` (JSON-serializable) to every socket watching the job."""
     channel_layer = get_channel_layer()
     async_to_sync(channel_layer.group_send)(job_group(job_id), {"type": "job.progress", "payload": payload})
+
+
+def participant_group(token: str) -> str:
+    """The channel-layer group of one participant's sockets (their waiting page)."""
+    return f"participant-{token}"
+
+
+def notify_participant(token: str, payload: dict[str, Any]) -> None:
+    """Send `payload` (JSON-serializable) to the participant's open pages."""
+    channel_layer = get_channel_layer()
+    async_to_sync(channel_layer.group_send)(
+        participant_group(token), {"type": "participant.update", "payload": payload}
+    )
+
+
+def notify_participant_on_commit(token: str, payload: dict[str, Any]) -> None:
+    """`notify_participant` once the current transaction commits (never for a change rolled back)."""
+    transaction.on_commit(lambda: notify_participant(token, payload))

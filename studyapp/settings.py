@@ -54,6 +54,16 @@ if not SECRET_KEY:
         raise ImproperlyConfigured("SECRET_KEY must be set when DEBUG is false")
     SECRET_KEY = "dev-only-insecure-key-do-not-deploy"
 
+# Participants' recruitment ids (PROLIFIC_PID) are stored only as an HMAC under this key, so the same id
+# maps back to the same participant while the table never holds the id itself. It is separate from
+# SECRET_KEY so that rotating the session key does not orphan every participant; keep it stable and
+# secret for the life of the studies (like SECRET_KEY, a deployment must set it).
+PARTICIPANT_ID_KEY = env_str("PARTICIPANT_ID_KEY", "")
+if not PARTICIPANT_ID_KEY:
+    if not DEBUG:
+        raise ImproperlyConfigured("PARTICIPANT_ID_KEY must be set when DEBUG is false")
+    PARTICIPANT_ID_KEY = "dev-only-participant-id-key"
+
 ALLOWED_HOSTS = [
     h.strip() for h in env_str("ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]").split(",") if h.strip()
 ]
@@ -166,6 +176,16 @@ CELERY_TASK_TRACK_STARTED = True
 CELERY_TASK_SERIALIZER = "json"
 CELERY_RESULT_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
+
+# personalize(participant_id) on the gpu queue: retried with exponential back-off from
+# PERSONALIZE_RETRY_DELAY_S, at most PERSONALIZE_MAX_RETRIES times, then the participant is told it failed.
+# The soft limit raises inside the task (so it is retried like any error); the hard one kills it.
+PERSONALIZE_MAX_RETRIES = env_int("PERSONALIZE_MAX_RETRIES", 2)
+PERSONALIZE_RETRY_DELAY_S = env_int("PERSONALIZE_RETRY_DELAY_S", 10)
+PERSONALIZE_TIME_LIMIT_S = env_int("PERSONALIZE_TIME_LIMIT_S", 600)
+# Where a worker runs local checkpoints (hf:/dir or a bare directory): "cuda" on a GPU host.
+GENERATION_DEVICE = env_str("GENERATION_DEVICE", "cpu")
+GENERATION_DTYPE = env_str("GENERATION_DTYPE", "float32")
 
 if REDIS_URL:
     CHANNEL_LAYERS = {

@@ -1,7 +1,8 @@
 """Session fixtures shared by the suite.
 
 - `celery_worker`: a real `celery worker` process (queues cpu and gpu) on a Redis database of its own,
-  and a client app that talks to it.
+  and a client app that talks to it. It uses the test database, so tasks see rows that a transactional
+  test (`django_db(transaction=True)`) has committed.
 """
 
 import os
@@ -44,8 +45,18 @@ class RunningWorker:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
 
 
+def worker_database_url() -> str | None:
+    """DATABASE_URL pointed at the database the tests run on (test_<name>), or None without PostgreSQL."""
+    from django.db import connection
+
+    base = os.environ.get("DATABASE_URL", "")
+    if not base.startswith("postgres"):
+        return None
+    return urlsplit(base)._replace(path=f"/{connection.settings_dict['NAME']}").geturl()
+
+
 @pytest.fixture(scope="session")
-def celery_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningWorker]:
+def celery_worker(tmp_path_factory: pytest.TempPathFactory, django_db_setup: None) -> Iterator[RunningWorker]:
     redis_url = os.environ.get("REDIS_URL")
     if not redis_url:
         pytest.fail("the Celery worker tests need Redis: run them with ./run test (it sets REDIS_URL)")
@@ -58,6 +69,11 @@ def celery_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningW
 
     env = {k: v for k, v in os.environ.items() if k not in ("CELERY_BROKER_URL", "CELERY_RESULT_BACKEND")}
     env["REDIS_URL"] = url
+    if database_url := worker_database_url():
+        env["DATABASE_URL"] = database_url
+    # No connection outlives its task (so the test database can be dropped at the end), and a failed task
+    # is retried at once instead of after the production back-off.
+    env.update(DB_CONN_MAX_AGE="0", PERSONALIZE_RETRY_DELAY_S="0")
     hostname = f"pytest-{uuid.uuid4().hex[:8]}@%h"
     celery = Path(sys.executable).with_name("celery")
     log = tmp_path_factory.mktemp("celery") / "worker.log"

@@ -8,7 +8,15 @@ import pytest
 from django.db import connection
 
 REPO = Path(__file__).resolve().parent.parent
-KNOBS = ("DATABASE_URL", "REDIS_URL", "CELERY_BROKER_URL", "CELERY_RESULT_BACKEND", "DEBUG", "SECRET_KEY")
+KNOBS = (
+    "DATABASE_URL",
+    "REDIS_URL",
+    "CELERY_BROKER_URL",
+    "CELERY_RESULT_BACKEND",
+    "DEBUG",
+    "SECRET_KEY",
+    "PARTICIPANT_ID_KEY",
+)
 
 # Loads the settings the way a process does (through the Celery app, which reads them from Django)
 # and prints what the environment turned into.
@@ -88,6 +96,13 @@ def test_it_refuses_to_start_without_secret_key_when_debug_is_off() -> None:
 
     assert proc.returncode != 0
     assert "SECRET_KEY must be set when DEBUG is false" in proc.stderr
+
+
+def test_it_refuses_to_start_without_a_participant_id_key_when_debug_is_off() -> None:
+    proc = run_settings(DEBUG="false", SECRET_KEY="a-real-secret")
+
+    assert proc.returncode != 0
+    assert "PARTICIPANT_ID_KEY must be set when DEBUG is false" in proc.stderr
 
 
 def test_it_rejects_a_boolean_it_cannot_read() -> None:

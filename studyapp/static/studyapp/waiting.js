@@ -1,0 +1,43 @@
+// The waiting page: wait for the participant's responses over a WebSocket, polling the status URL if
+// the socket cannot be opened or drops. When they are ready (or the participant has moved on) the page
+// reloads, and the server redirects to the right step; if generation failed, the message is shown.
+(function () {
+  "use strict";
+  var root = document.getElementById("waiting");
+  if (!root) return;
+  var POLL_MS = 3000;
+  var pollTimer = null;
+  var finished = false;
+
+  function handle(status) {
+    if (finished || !status) return;
+    if (status.generation === "ready" || status.state !== "waiting") {
+      finished = true;
+      window.location.reload();
+    } else if (status.generation === "failed") {
+      finished = true;
+      document.getElementById("waiting-busy").hidden = true;
+      document.getElementById("waiting-failed").hidden = false;
+    }
+  }
+
+  function poll() {
+    if (pollTimer !== null || finished) return;
+    pollTimer = window.setInterval(function () {
+      fetch(root.dataset.statusUrl, { credentials: "same-origin", headers: { Accept: "application/json" } })
+        .then(function (r) { return r.ok ? r.json() : null; })
+        .then(handle)
+        .catch(function () { /* offline for a moment: try again on the next tick */ });
+    }, POLL_MS);
+  }
+
+  try {
+    var scheme = window.location.protocol === "https:" ? "wss://" : "ws://";
+    var socket = new WebSocket(scheme + window.location.host + root.dataset.socketPath);
+    socket.onmessage = function (event) { handle(JSON.parse(event.data)); };
+    socket.onerror = poll;
+    socket.onclose = poll;
+  } catch (e) {
+    poll();
+  }
+})();

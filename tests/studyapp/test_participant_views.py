@@ -1,0 +1,365 @@
+import re
+
+import pytest
+from django.test import Client
+
+from annotation.models import ElicitationPick, GeneratedResponse, Rating, RatingItem, Side, SurveyResponse
+from studyapp.models import Participant, Study
+from studyapp.services import recruitment_id_hash
+from tests.factories import (
+    make_participant,
+    make_study,
+    participant_at_elicitation,
+    participant_rating,
+    participant_waiting,
+    pick,
+    rate_all,
+)
+from tests.support import browser_of
+
+pytestmark = pytest.mark.django_db
+State = Participant.State
+
+
+def url(study: Study, path: str = "") -> str:
+    return f"/s/{study.slug}/{path}"
+
+
+def post_pick(client: Client, participant: Participant, position: int, choice: str = "left", item_id=None):
+    item_id = item_id if item_id is not None else participant.elicitation_items.get(position=position).pk
+    return client.post(url(participant.study, f"pick/{position + 1}/"), {"item": item_id, "choice": choice})
+
+
+def post_rating(client: Client, participant: Participant, position: int, **fields: object):
+    item = participant.rating_items.get(position=position)
+    data = {"item": item.pk, "choice": "left", "strength": 4, "reason": "", **fields}
+    return client.post(url(participant.study, f"rate/{position + 1}/"), data)
+
+
+def test_it_enrolls_a_prolific_participant_and_sends_them_to_consent(client: Client) -> None:
+    study = make_study()
+
+    response = client.get(url(study), {"PROLIFIC_PID": "5f1a2b", "STUDY_ID": "st-1", "SESSION_ID": "se-1"})
+
+    assert response.status_code == 302
+    assert response.url == url(study, "consent/")
+    participant = Participant.objects.get(study=study)
+    assert (participant.recruitment_study_id, participant.recruitment_session_id) == ("st-1", "se-1")
+
+
+def test_it_stores_only_a_keyed_hash_of_the_prolific_pid(client: Client) -> None:
+    study = make_study()
+
+    client.get(url(study), {"PROLIFIC_PID": "5f1a2b"})
+
+    participant = Participant.objects.get(study=study)
+    assert participant.recruitment_id_hash == recruitment_id_hash("5f1a2b")
+    assert "5f1a2b" not in participant.recruitment_id_hash
+    assert "5f1a2b" not in participant.token
+
+
+def test_it_maps_the_same_prolific_pid_to_the_same_participant() -> None:
+    study = make_study()
+
+    Client().get(url(study), {"PROLIFIC_PID": "5f1a2b"})
+    Client().get(url(study), {"PROLIFIC_PID": "5f1a2b"})
+
+    assert Participant.objects.filter(study=study).count() == 1
+
+
+def test_it_gives_a_generated_id_to_a_participant_without_a_recruitment_id(client: Client) -> None:
+    study = make_study()
+
+    client.get(url(study))
+    client.get(url(study))
+
+    participant = Participant.objects.get(study=study)
+    assert participant.recruitment_id_hash is None
+    assert len(participant.token) == 32
+
+
+def test_it_screens_out_newcomers_once_the_quota_is_full(client: Client) -> None:
+    study = make_study(quota=1)
+    make_participant(study, recruitment_id="first")
+
+    response = client.get(url(study), {"PROLIFIC_PID": "second"}, follow=True)
+
+    assert (
+        Participant.objects.get(recruitment_id_hash=recruitment_id_hash("second")).state == State.SCREENED_OUT
+    )
+    assert "FULL123" in response.content.decode()
+
+
+def test_it_turns_newcomers_away_from_a_closed_study(client: Client) -> None:
+    study = make_study(is_open=False)
+
+    response = client.get(url(study), {"PROLIFIC_PID": "5f1a2b"})
+
+    assert "closed" in response.content.decode()
+    assert not Participant.objects.filter(study=study).exists()
+
+
+def test_it_redirects_a_request_for_another_step_to_the_current_one() -> None:
+    participant = participant_at_elicitation(make_study())
+    client = browser_of(participant)
+
+    for path in ("consent/", "instructions/", "waiting/", "rate/1/", "survey/", "done/", "pick/3/"):
+        response = client.get(url(participant.study, path))
+        assert (path, response.status_code, response.url) == (path, 302, url(participant.study, "pick/1/"))
+
+
+def test_it_redirects_the_back_button_to_the_next_pair() -> None:
+    participant = participant_at_elicitation(make_study())
+    client = browser_of(participant)
+    post_pick(client, participant, 0)
+
+    response = client.get(url(participant.study, "pick/1/"))
+
+    assert response.url == url(participant.study, "pick/2/")
+
+
+def test_it_shows_a_second_tab_the_same_step() -> None:
+    participant = participant_at_elicitation(make_study())
+    client = browser_of(participant)
+    pick(participant, 0)
+
+    response = client.get(url(participant.study))
+
+    assert response.url == url(participant.study, "pick/2/")
+
+
+def test_it_resumes_the_next_day_in_another_browser_with_the_same_prolific_pid() -> None:
+    study = make_study()
+    participant = participant_at_elicitation(study, recruitment_id="5f1a2b")
+    pick(participant, 0)
+
+    response = Client().get(url(study), {"PROLIFIC_PID": "5f1a2b"})
+
+    assert response.url == url(study, "pick/2/")
+
+
+def test_it_sends_a_browser_without_a_participant_to_the_entry_link(client: Client) -> None:
+    participant = participant_at_elicitation(make_study())
+
+    response = client.get(url(participant.study, "pick/1/"))
+
+    assert response.url == url(participant.study)
+
+
+def test_it_records_a_replayed_pick_once() -> None:
+    participant = participant_at_elicitation(make_study())
+    client = browser_of(participant)
+
+    first = post_pick(client, participant, 0, "left")
+    replay = post_pick(client, participant, 0, "right")
+
+    assert (first.status_code, replay.status_code) == (302, 302)
+    assert ElicitationPick.objects.filter(item__participant=participant).count() == 1
+    assert ElicitationPick.objects.get(item__participant=participant).choice == "left"
+
+
+def test_it_records_a_replayed_rating_once() -> None:
+    participant = participant_rating(make_study())
+    client = browser_of(participant)
+
+    post_rating(client, participant, 0, choice="left")
+    post_rating(client, participant, 0, choice="right")
+
+    assert Rating.objects.filter(item__participant=participant).count() == 1
+    participant.refresh_from_db()
+    assert participant.ratings_done == 1
+
+
+def test_it_rejects_a_pick_on_another_participants_pair() -> None:
+    study = make_study()
+    participant, other = participant_at_elicitation(study), participant_at_elicitation(study)
+    client = browser_of(participant)
+
+    response = post_pick(client, participant, 0, item_id=other.elicitation_items.get(position=0).pk)
+
+    assert response.status_code == 400
+    assert "not one of yours" in response.content.decode()
+    assert not ElicitationPick.objects.exists()
+
+
+def test_it_rejects_a_pick_on_a_later_pair_of_ones_own() -> None:
+    participant = participant_at_elicitation(make_study())
+
+    response = post_pick(
+        browser_of(participant), participant, 0, item_id=participant.elicitation_items.get(position=2).pk
+    )
+
+    assert response.status_code == 400
+    assert not ElicitationPick.objects.exists()
+
+
+def test_it_rejects_a_choice_outside_the_allowed_values() -> None:
+    participant = participant_at_elicitation(make_study())
+
+    response = post_pick(browser_of(participant), participant, 0, choice="both")
+
+    assert response.status_code == 400
+    assert not ElicitationPick.objects.exists()
+    participant.refresh_from_db()
+    assert participant.picks_done == 0
+
+
+def test_it_rejects_a_strength_outside_one_to_five() -> None:
+    participant = participant_rating(make_study())
+
+    response = post_rating(browser_of(participant), participant, 0, strength=9)
+
+    assert response.status_code == 400
+    assert not Rating.objects.exists()
+
+
+def test_it_rejects_a_rating_of_another_participants_item() -> None:
+    study = make_study()
+    participant, other = participant_rating(study), participant_rating(study)
+    item = other.rating_items.get(position=0)
+
+    response = post_rating(browser_of(participant), participant, 0, item=item.pk)
+
+    assert response.status_code == 400
+    assert not Rating.objects.exists()
+
+
+def test_it_never_shows_one_participant_another_participants_pairs() -> None:
+    study = make_study()
+    participant, other = participant_at_elicitation(study), participant_at_elicitation(study)
+
+    page = browser_of(participant).get(url(study, "pick/1/")).content.decode()
+
+    mine = participant.elicitation_items.get(position=0)
+    theirs = other.elicitation_items.get(position=0)
+    assert f'value="{mine.pk}"' in page
+    assert f'value="{theirs.pk}"' not in page
+
+
+def test_it_refuses_the_status_of_a_participant_this_browser_is_not(client: Client) -> None:
+    study = make_study()
+    participant_waiting(study)
+
+    response = client.get(url(study, "status/"))
+
+    assert response.status_code == 403
+
+
+def test_it_reports_the_generation_status_as_json_for_polling() -> None:
+    participant = participant_waiting(make_study())
+
+    response = browser_of(participant).get(url(participant.study, "status/"))
+
+    assert response.json() == {"state": "waiting", "generation": "queued"}
+
+
+def test_it_enqueues_personalization_only_when_the_last_pick_commits(
+    django_capture_on_commit_callbacks,
+) -> None:
+    participant = participant_at_elicitation(make_study(n_pairs=2))
+    client = browser_of(participant)
+
+    with django_capture_on_commit_callbacks() as after_first:
+        post_pick(client, participant, 0)
+    with django_capture_on_commit_callbacks() as after_last:
+        post_pick(client, participant, 1)
+
+    assert after_first == []
+    assert [callback.func.__name__ for callback in after_last] == ["_enqueue_personalize"]
+    assert [callback.args for callback in after_last] == [(participant.pk,)]
+
+
+def test_it_records_server_side_timing_for_each_judgment() -> None:
+    participant = participant_at_elicitation(make_study())
+    client = browser_of(participant)
+
+    client.get(url(participant.study, "pick/1/"))
+    post_pick(client, participant, 0)
+
+    item = participant.elicitation_items.get(position=0)
+    assert item.shown_at is not None
+    assert item.pick.answered_at >= item.shown_at
+    assert item.pick.elapsed_ms == round((item.pick.answered_at - item.shown_at).total_seconds() * 1000)
+
+
+def test_it_shows_the_blind_pair_without_naming_the_arm() -> None:
+    participant = participant_rating(make_study())
+    item = participant.rating_items.exclude(is_attention_check=True).order_by("position").first()
+    participant.ratings_done = item.position
+    participant.save()
+
+    page = browser_of(participant).get(url(participant.study, f"rate/{item.position + 1}/")).content.decode()
+
+    assert item.left.text in page and item.right.text in page
+    for arm in participant.study.arms.all():
+        assert not re.search(rf"\b{arm.name}\b", page, re.IGNORECASE)
+        assert arm.checkpoint not in page
+
+
+def test_it_deletes_a_participants_data_when_they_withdraw() -> None:
+    participant = participant_rating(make_study())
+    rate_all(participant)
+    client = browser_of(participant)
+
+    response = client.post(url(participant.study, "withdraw/"), follow=True)
+
+    participant.refresh_from_db()
+    assert participant.state == State.WITHDRAWN
+    assert not ElicitationPick.objects.filter(item__participant=participant).exists()
+    assert not GeneratedResponse.objects.filter(participant=participant).exists()
+    assert not RatingItem.objects.filter(participant=participant).exists()
+    assert not Rating.objects.filter(item__participant=participant).exists()
+    assert "have been deleted" in response.content.decode()
+
+
+def test_it_completes_the_study_with_the_completion_code_after_the_survey() -> None:
+    participant = rate_all(participant_rating(make_study()))
+
+    response = browser_of(participant).post(
+        url(participant.study, "survey/"),
+        {"self_description": "I like short answers.", "age_range": "25-34"},
+        follow=True,
+    )
+
+    page = response.content.decode()
+    assert "DONE123" in page
+    assert "https://app.prolific.com/submissions/complete?cc=DONE123" in page
+    assert SurveyResponse.objects.get(participant=participant).self_description == "I like short answers."
+
+
+def test_it_gives_the_failed_attention_code_to_a_participant_who_failed_an_attention_check() -> None:
+    participant = rate_all(participant_rating(make_study()), pass_attention_checks=False)
+
+    response = browser_of(participant).post(url(participant.study, "survey/"), {}, follow=True)
+
+    assert "ATTN123" in response.content.decode()
+    assert "DONE123" not in response.content.decode()
+
+
+def test_it_gives_the_declined_code_when_consent_is_declined() -> None:
+    participant = make_participant(make_study())
+
+    response = browser_of(participant).post(
+        url(participant.study, "consent/"), {"decision": "decline"}, follow=True
+    )
+
+    participant.refresh_from_db()
+    assert participant.state == State.DECLINED
+    assert "NOPE123" in response.content.decode()
+
+
+def test_it_walks_a_participant_through_consent_instructions_and_picks_to_the_waiting_page() -> None:
+    participant = make_participant(make_study(n_pairs=2))
+    client = browser_of(participant)
+    study = participant.study
+
+    client.post(url(study, "consent/"), {"decision": "agree"})
+    client.post(url(study, "instructions/"))
+    participant.refresh_from_db()
+    for position in range(2):
+        post_pick(client, participant, position, Side.RIGHT)
+    response = client.get(url(study, "waiting/"))
+
+    assert response.status_code == 200
+    assert "Step 4 of 6" in response.content.decode()
+    assert f"/ws/participants/{participant.token}/" in response.content.decode()

@@ -1,0 +1,117 @@
+import asyncio
+import time
+from collections.abc import Callable
+
+import pytest
+import redis
+from asgiref.sync import sync_to_async
+from channels_redis.core import RedisChannelLayer
+
+from annotation.models import GeneratedResponse, RatingItem
+from studyapp.models import Participant
+from studyapp.realtime import participant_group
+from tests.conftest import RunningWorker
+from tests.factories import make_study, participant_at_elicitation, participant_waiting, pick
+from tests.support import browser_of, run_async
+from worker.tasks import personalize
+
+# The worker is another process: it sees only committed rows.
+pytestmark = pytest.mark.django_db(transaction=True)
+State, Generation = Participant.State, Participant.Generation
+
+
+def wait_for(
+    worker: RunningWorker, participant: Participant, done: Callable[[Participant], bool], timeout: float = 120
+) -> Participant:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        participant.refresh_from_db()
+        if done(participant):
+            return participant
+        time.sleep(0.2)
+    raise AssertionError(
+        f"participant still {participant.state}/{participant.generation}\n--- worker log ---\n{worker.log_tail()}"
+    )
+
+
+def test_it_personalizes_a_participant_after_their_last_pick_with_a_real_model(
+    tasks_go_to_the_worker: RunningWorker, tiny_checkpoint
+) -> None:
+    study = make_study(checkpoint=str(tiny_checkpoint))
+    participant = participant_at_elicitation(study)
+    browser = browser_of(participant)
+    for position in range(participant.n_picks):
+        item = participant.elicitation_items.get(position=position)
+        browser.post(f"/s/{study.slug}/pick/{position + 1}/", {"item": item.pk, "choice": "left"})
+
+    participant = wait_for(tasks_go_to_the_worker, participant, lambda p: p.state != State.WAITING)
+
+    assert (participant.state, participant.generation) == (State.RATING, Generation.READY)
+    responses = GeneratedResponse.objects.filter(participant=participant)
+    assert responses.count() == 2 * 2  # arms x evaluation questions
+    assert all(r.new_tokens > 0 for r in responses)
+    # FSPO's prompt holds the participant's picks as shots; the no-context arm's does not.
+    fspo, base = (responses.filter(arm__name=name).order_by("question_id") for name in ("fspo", "base"))
+    assert all(f.prompt_tokens > b.prompt_tokens for f, b in zip(fspo, base, strict=True))
+    assert RatingItem.objects.filter(participant=participant).count() == participant.n_ratings == 4
+    assert browser.get(f"/s/{study.slug}/waiting/").url == f"/s/{study.slug}/rate/1/"
+
+
+def test_it_tells_the_participants_group_when_their_responses_are_ready(
+    tasks_go_to_the_worker: RunningWorker, tiny_checkpoint
+) -> None:
+    participant = participant_at_elicitation(make_study(checkpoint=str(tiny_checkpoint)))
+    for position in range(participant.n_picks - 1):
+        pick(participant, position)
+    layer = RedisChannelLayer(hosts=[tasks_go_to_the_worker.redis_url])
+
+    async def watch() -> list[dict]:
+        channel = await layer.new_channel()
+        await layer.group_add(participant_group(participant.token), channel)
+        await sync_to_async(pick)(participant, participant.n_picks - 1)
+        updates: list[dict] = []
+        while not updates or updates[-1]["generation"] != Generation.READY:
+            try:
+                event = await asyncio.wait_for(layer.receive(channel), timeout=120)
+            except (TimeoutError, redis.exceptions.TimeoutError):
+                raise AssertionError(f"got {updates}\n{tasks_go_to_the_worker.log_tail()}") from None
+            updates.append(event["payload"])
+        return updates
+
+    updates = run_async(watch())
+
+    assert updates == [
+        {"state": "waiting", "generation": "running"},
+        {"state": "rating", "generation": "ready"},
+    ]
+
+
+def test_it_does_nothing_for_a_participant_whose_responses_are_stored(
+    tasks_go_to_the_worker: RunningWorker, tiny_checkpoint
+) -> None:
+    participant = participant_waiting(make_study(checkpoint=str(tiny_checkpoint)))
+    wait_for(tasks_go_to_the_worker, participant, lambda p: p.state == State.RATING)
+    items = list(RatingItem.objects.filter(participant=participant).values_list("pk", "left_id", "right_id"))
+
+    result = tasks_go_to_the_worker.app.send_task(personalize.name, args=[participant.pk]).get(timeout=60)
+
+    assert result == {"participant_id": participant.pk, "stored": 0, "skipped": True}
+    assert GeneratedResponse.objects.filter(participant=participant).count() == 4
+    assert (
+        list(RatingItem.objects.filter(participant=participant).values_list("pk", "left_id", "right_id"))
+        == items
+    )
+
+
+def test_it_tells_the_participant_when_generation_fails_for_good(
+    tasks_go_to_the_worker: RunningWorker,
+) -> None:
+    participant = participant_waiting(make_study(checkpoint="/nonexistent/checkpoint"))
+
+    participant = wait_for(tasks_go_to_the_worker, participant, lambda p: p.generation == Generation.FAILED)
+
+    assert participant.state == State.WAITING
+    assert "/nonexistent/checkpoint" in participant.generation_error  # for the coordinator
+    page = browser_of(participant).get(f"/s/{participant.study.slug}/waiting/").content.decode()
+    assert "We could not prepare your answers" in page
+    assert "/nonexistent/checkpoint" not in page
