@@ -310,6 +310,12 @@ def cmd_eval(argv: list[str]) -> int:
         "which honour guided_choice; API key from OPENAI_API_KEY), or hf:/path/to/model-dir",
     )
     p.add_argument("--max-new-tokens", type=int, default=160)
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="0 = greedy; above 0 every arm samples with a fixed seed",
+    )
     args = p.parse_args(argv)
     judge = None
     if args.judge != "oracle":
@@ -329,6 +335,7 @@ def cmd_eval(argv: list[str]) -> int:
             shot_sweep=args.shot_sweep,
             sweep_arm=args.sweep_arm,
             max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
             progress=update,
         )
     _print_eval(result)
@@ -370,9 +377,18 @@ commands:
 """
 
 
+def quiet_library_progress_bars() -> None:
+    """Our own bar is the one to watch: silence the hub's and transformers' per-file bars."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # our own bar is the one to watch
+    if argv[:1] and argv[0] in ("train", "eval", "paper-table", "serve-model"):  # commands that load models
+        quiet_library_progress_bars()
     from .data import EpisodeError
     from .llm import LLMError
     from .synth import DatasetError, DomainError

@@ -69,9 +69,16 @@ def _episodes_for(arm: Arm, episodes: Sequence[Episode]) -> list[Episode]:
 
 
 def generate_arm(
-    arm: Arm, episodes: Sequence[Episode], *, max_new_tokens: int, backend: Any = None
+    arm: Arm,
+    episodes: Sequence[Episode],
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    seed: int = 0,
+    backend: Any = None,
 ) -> list[str]:
-    """Greedy responses of one arm to the episodes' target questions."""
+    """One response of one arm to each episode's target question (greedy at temperature 0, else
+    sampled with a seed per question, so every arm and rerun draws the same way)."""
     from .infer import LocalBackend, generate_for_episodes
 
     backend = backend or LocalBackend(arm.model)
@@ -81,7 +88,8 @@ def generate_arm(
         cot=arm.cot,
         oracle_description=arm.context == "description",
         max_new_tokens=max_new_tokens,
-        temperature=0.0,
+        temperature=temperature,
+        seed=seed if temperature > 0 else None,
     )
     return [g.text for g in gens]
 
@@ -116,10 +124,13 @@ def evaluate(
     shot_sweep: Sequence[int] = (),
     sweep_arm: str | None = None,
     max_new_tokens: int = 160,
+    temperature: float = 0.0,
     seed: int = 0,
     progress: Progress | None = None,
 ) -> EvalResult:
-    """Run every arm on the same held-out episodes and judge each against ``baseline``."""
+    """Run every arm on the same held-out episodes and judge each against ``baseline``.
+
+    ``temperature`` 0 decodes greedily; above 0 each arm samples (seeded), as the paper's arms do."""
     names = [a.name for a in arms]
     if baseline not in names:
         raise ValueError(f"baseline {baseline!r} is not one of the arms {names}")
@@ -139,7 +150,9 @@ def evaluate(
     for i, arm in enumerate(arms):
         if progress:
             progress(i, total, f"generating: {arm.name}")
-        texts[arm.name] = generate_arm(arm, eps, max_new_tokens=max_new_tokens)
+        texts[arm.name] = generate_arm(
+            arm, eps, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed
+        )
     table = []
     oracle = judge if isinstance(judge, OracleJudge) else None
     for arm in arms:
@@ -168,7 +181,9 @@ def evaluate(
             if progress:
                 progress(len(arms) + j, total, f"shot sweep: {arm.name} N={n}")
             eps_n = [dataclasses.replace(e, shots=e.shots[:n]) for e in pool]
-            t = generate_arm(arm, eps_n, max_new_tokens=max_new_tokens, backend=backend)
+            t = generate_arm(
+                arm, eps_n, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, backend=backend
+            )
             w = win_rate(_compare(judge, eps_n, t, texts[baseline]), seed=seed)
             sweep.append({"shots": n, **w.to_dict()})
     if progress:
@@ -184,6 +199,7 @@ def evaluate(
         "dataset": str(dataset),
         "episodes": len(eps),
         "shots": shots,
+        "temperature": temperature,
         "judge": judge.name,
         "baseline": baseline,
         "split": "held-out users x held-out question topics",
@@ -198,11 +214,13 @@ def evaluate(
 
 
 def report_markdown(result: EvalResult, meta: dict[str, Any]) -> str:
+    t = meta.get("temperature", 0.0)
+    decoding = f"sampled at temperature {t}" if t else "greedy"
     lines = [
         "# FSPO evaluation on held-out synthetic users",
         "",
         f"Dataset `{meta['dataset']}`; {meta['episodes']} episodes ({meta['split']}); {meta['shots']} shots; "
-        f"judge: {meta['judge']}; win rate against `{meta['baseline']}`, ties counted as halves, 95% bootstrap interval; "
+        f"decoding: {decoding}; judge: {meta['judge']}; win rate against `{meta['baseline']}`, ties counted as halves, 95% bootstrap interval; "
         "p: one-sided binomial test of win rate > 50%.",
         "",
         "| arm | context | CoT | win rate vs base | 95% CI | p | mean oracle score |",

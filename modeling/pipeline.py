@@ -44,20 +44,31 @@ class PipelineConfig:
     steps: dict[str, int] = field(default_factory=lambda: {"pretrain": 400, "sft": 300, "ipo": 150})
     lr: dict[str, float] = field(default_factory=lambda: {"pretrain": 3e-3, "sft": 1e-3, "ipo": 5e-5})
     beta: float = 0.1
+    # The tiny world's fine-tuning recipe (see TrainConfig): embeddings fixed after pretraining, and
+    # Pref-FT supervising every shot's preferred response too.
+    freeze_embeddings: bool = True
+    shot_targets: bool = True
+    # Word-level in effect: the domain's vocabulary fits in 2048 BPE tokens, which halves the sequence
+    # length of the byte-level 512-token vocabulary.
     tiny: dict[str, int] = field(
         default_factory=lambda: {
-            "hidden_size": 96,
-            "num_layers": 3,
+            "hidden_size": 128,
+            "num_layers": 4,
             "num_heads": 4,
-            "intermediate_size": 256,
-            "vocab_size": 512,
+            "intermediate_size": 384,
+            "vocab_size": 2048,
         }
     )
     eval_episodes: int = 100
     eval_shots: int = 4
-    shot_sweep: tuple[int, ...] = (0, 1, 2, 4)
+    shot_sweep: tuple[int, ...] = (0, 1, 2, 4, 8)
     max_new_tokens: int = 120
+    # Sampled, as the paper's arms are: greedy decoding of a tiny model collapses into one repeated
+    # sentence, which the oracle penalises in every arm alike.
+    temperature: float = 0.7
     seed: int = 0
+    # A subset of the stages to train (and of the arms to evaluate); None = all of them.
+    only: tuple[str, ...] | None = None
 
 
 def _stage(
@@ -89,6 +100,8 @@ def _stage(
         eval_episodes=16,
         warmup_steps=min(20, pc.steps[kind] // 5),
         seed=pc.seed,
+        freeze_embeddings=pc.freeze_embeddings and stage != "pretrain",
+        shot_targets=pc.shot_targets and stage == "sft",
     )
 
 
@@ -108,7 +121,7 @@ def stages(pc: PipelineConfig) -> list[tuple[str, TrainConfig]]:
         ("oracle-sft", _stage(pc, "oracle-sft", "sft", init=p("base"), context="description")),
         ("oracle", _stage(pc, "oracle", "ipo", init=p("oracle-sft"), context="description")),
     ]
-    if pc.random_dataset:
+    if pc.random_dataset and (pc.only is None or "fspo-random" in pc.only):
         plan += [
             ("random-sft", _stage(pc, "random-sft", "sft", init=p("base"), dataset=pc.random_dataset)),
             (
@@ -116,6 +129,15 @@ def stages(pc: PipelineConfig) -> list[tuple[str, TrainConfig]]:
                 _stage(pc, "fspo-random", "ipo", init=p("random-sft"), dataset=pc.random_dataset),
             ),
         ]
+    if pc.only is not None:
+        unknown = set(pc.only) - {name for name, _ in plan}
+        if unknown:
+            raise ValueError(f"unknown stage(s) {sorted(unknown)}; the stages are {[n for n, _ in plan]}")
+        needed = set(pc.only)
+        for name, cfg in reversed(plan):  # a stage also needs the stages it starts from
+            if name in needed and cfg.init:
+                needed.add(Path(cfg.init).name)
+        plan = [(name, cfg) for name, cfg in plan if name in needed]
     return plan
 
 
@@ -132,7 +154,8 @@ def arms(pc: PipelineConfig) -> list[Arm]:
     ]
     if pc.random_dataset:
         a.append(Arm("FSPO on random data (ablation)", str(out / "fspo-random"), "fewshot"))
-    return a
+    trained = {name for name, _ in stages(pc)}
+    return [arm for arm in a if Path(arm.model).name in trained]
 
 
 def _done(cfg: TrainConfig) -> bool:
@@ -167,9 +190,10 @@ def run_pipeline(
         out_dir=Path(pc.out_dir) / "eval",
         episodes=pc.eval_episodes,
         shots=pc.eval_shots,
-        shot_sweep=pc.shot_sweep,
+        shot_sweep=pc.shot_sweep if any(a.name == "FSPO" for a in arms(pc)) else (),
         sweep_arm="FSPO",
         max_new_tokens=pc.max_new_tokens,
+        temperature=pc.temperature,
         seed=pc.seed,
         progress=progress,
     )
@@ -177,4 +201,7 @@ def run_pipeline(
 
 def config_from_json(path: str | Path, **overrides: Any) -> PipelineConfig:
     data = {**json.loads(Path(path).read_text()), **overrides}
+    for key in ("shots", "shot_sweep", "only"):  # JSON has lists where the config holds tuples
+        if isinstance(data.get(key), list):
+            data[key] = tuple(data[key])
     return PipelineConfig(**data)

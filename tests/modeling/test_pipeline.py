@@ -1,0 +1,74 @@
+"""The paper-table pipeline on a tiny budget: stages train in order, arms are evaluated, reruns skip."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from modeling.pipeline import PipelineConfig, arms, run_pipeline, stages
+
+TINY = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64, "vocab_size": 400}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    from modeling.synth import generate_dataset
+
+    out = tmp_path_factory.mktemp("ds") / "elix"
+    return str(generate_dataset(out_dir=out, domain="elix", users=200, pairs_per_user=8, seed=0).path)
+
+
+def config(dataset, out, **kw):
+    base = dict(
+        dataset=dataset,
+        out_dir=str(out),
+        only=("pref-ft", "fspo"),
+        shots=(1, 2),
+        batch_size=2,
+        steps={"pretrain": 6, "sft": 4, "ipo": 3},
+        tiny=TINY,
+        eval_episodes=6,
+        eval_shots=2,
+        shot_sweep=(0, 2),
+        max_new_tokens=12,
+    )
+    return PipelineConfig(**{**base, **kw})
+
+
+def test_a_subset_of_stages_brings_the_stages_it_starts_from(dataset, tmp_path):
+    pc = config(dataset, tmp_path)
+    assert [name for name, _ in stages(pc)] == ["base", "pref-ft", "fspo"]
+    assert [a.name for a in arms(pc)] == [
+        "base (no context)",
+        "few-shot prompting",
+        "few-shot Pref-FT",
+        "FSPO",
+    ]
+    with pytest.raises(ValueError, match="unknown stage"):
+        stages(config(dataset, tmp_path, only=("fspo", "nonsense")))
+
+
+def test_the_pipeline_trains_evaluates_and_skips_finished_stages_on_a_rerun(dataset, tmp_path):
+    pc = config(dataset, tmp_path)
+    result = run_pipeline(pc)
+    names = [r["arm"] for r in result.table]
+    assert names == ["base (no context)", "few-shot prompting", "few-shot Pref-FT", "FSPO"]
+    assert all(0 <= r["win_rate"] <= 1 and r["n"] == 6 for r in result.table)
+    assert [r["shots"] for r in result.shot_sweep] == [0, 2]
+    saved = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert [r["arm"] for r in saved["table"]] == names
+    assert (tmp_path / "eval" / "win_rates.png").is_file() and (
+        tmp_path / "eval" / "shot_sweep.png"
+    ).is_file()
+    # The FSPO stage starts from Pref-FT, which is its frozen reference.
+    manifest = json.loads((tmp_path / "fspo" / "fspo.json").read_text())
+    assert manifest["init_stage"] == "sft" and manifest["config"]["freeze_embeddings"] is True
+
+    logged: list[str] = []
+    run_pipeline(pc, log=logged.append)
+    assert logged == [
+        "[1/3] base: already trained, skipped",
+        "[2/3] pref-ft: already trained, skipped",
+        "[3/3] fspo: already trained, skipped",
+    ]
