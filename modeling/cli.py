@@ -342,6 +342,35 @@ def cmd_eval(argv: list[str]) -> int:
     return 0
 
 
+def cmd_probe(argv: list[str]) -> int:
+    from .evaluate import shot_sensitivity
+
+    p = argparse.ArgumentParser(
+        prog="fspo probe",
+        description="Does a checkpoint read the user's shots? Held-out pairs scored with the user's own shots, "
+        "another user's shots and none.",
+    )
+    p.add_argument("--model", required=True, help="a checkpoint directory")
+    p.add_argument("--dataset", required=True, help="a synthetic dataset (its held-out users are used)")
+    p.add_argument("--episodes", type=int, default=96)
+    p.add_argument("--shots", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    r = shot_sensitivity(args.model, args.dataset, episodes=args.episodes, shots=args.shots, seed=args.seed)
+    if args.json:
+        out.print_json(json.dumps(r.to_dict()))
+        return 0
+    lo, hi = r.margin_gain_ci
+    out.print(
+        f"{r.episodes} held-out pairs, {r.shots} shots: log p(chosen) > log p(rejected) in "
+        f"{100 * r.accuracy_own:.1f}% with the user's own shots, {100 * r.accuracy_other:.1f}% with another "
+        f"user's, {100 * r.accuracy_none:.1f}% with none; own-minus-other margin {r.margin_gain:+.3f} nats "
+        f"(95% CI {lo:+.3f} to {hi:+.3f})"
+    )
+    return 0
+
+
 def cmd_paper_table(argv: list[str]) -> int:
     from .pipeline import PipelineConfig, config_from_json, run_pipeline
 
@@ -374,6 +403,7 @@ commands:
   train         one FSPO training stage: pretrain | sft (Pref-FT) | ipo | dpo (fspo train --help)
   eval          win rates of checkpoints against a baseline on held-out synthetic users
   paper-table   train every arm of the paper's comparison, then evaluate them
+  probe         does a checkpoint read the user's shots? (own vs another user's vs no shots)
 """
 
 
@@ -387,7 +417,13 @@ def quiet_library_progress_bars() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] and argv[0] in ("train", "eval", "paper-table", "serve-model"):  # commands that load models
+    if argv[:1] and argv[0] in (
+        "train",
+        "eval",
+        "probe",
+        "paper-table",
+        "serve-model",
+    ):  # commands that load models
         quiet_library_progress_bars()
     from .data import EpisodeError
     from .llm import LLMError
@@ -403,6 +439,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_train(argv[1:])
         if argv[:1] == ["eval"]:
             return cmd_eval(argv[1:])
+        if argv[:1] == ["probe"]:
+            return cmd_probe(argv[1:])
         if argv[:1] == ["paper-table"]:
             return cmd_paper_table(argv[1:])
         if argv[:1] == ["serve-model"]:

@@ -284,3 +284,79 @@ def _plots(result: EvalResult, baseline: str, out: Path) -> None:
         fig.tight_layout()
         fig.savefig(out / "shot_sweep.png", dpi=120)
         plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Does the model read the user's shots at all?
+
+
+@dataclass
+class ShotSensitivity:
+    """How a model's preference between a held-out pair moves with what its prompt holds about the user.
+
+    ``accuracy_*``: share of held-out pairs where log p(chosen) > log p(rejected) (summed log-probs) given
+    the user's own shots, another held-out user's shots, and no shots. ``margin_gain``: mean over pairs
+    of (chosen - rejected margin with own shots) - (the same with another user's shots), with a 95%
+    bootstrap interval; about 0 means the model ignores whose shots it is shown."""
+
+    episodes: int
+    shots: int
+    accuracy_own: float
+    accuracy_other: float
+    accuracy_none: float
+    margin_gain: float
+    margin_gain_ci: tuple[float, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def shot_sensitivity(
+    model_dir: str | Path, dataset: str | Path, *, episodes: int = 96, shots: int = 4, seed: int = 0
+) -> ShotSensitivity:
+    """Score held-out pairs under own / another user's / no shots (see :class:`ShotSensitivity`)."""
+    import torch
+
+    from .losses import packed_pair_logps
+    from .train import TrainConfig, load_model, tokenize_episode
+
+    if episodes < 2:
+        raise ValueError("shot sensitivity needs at least 2 episodes (one user's shots go to another)")
+    model, tok = load_model(model_dir)
+    model.eval()
+    src = EpisodeSource(dataset, split="test")
+    eps = src.sample(episodes, shots=shots, seed=seed)
+    # Each episode borrows the shots of the next one, so the target pair is the same in all three.
+    borrowed = [dataclasses.replace(e, shots=o.shots) for e, o in zip(eps, eps[1:] + eps[:1], strict=True)]
+    bare = [dataclasses.replace(e, shots=()) for e in eps]
+    cfg = TrainConfig(dataset=str(dataset), out_dir="unused", init=str(model_dir))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+
+    def margins(batch: list[Episode]) -> np.ndarray:
+        out: list[float] = []
+        for i in range(0, len(batch), 8):
+            ex = [tokenize_episode(tok, e, cfg) for e in batch[i : i + 8]]
+            with torch.no_grad():
+                c, r, _ = packed_pair_logps(
+                    model,
+                    [x.prompt for x in ex],
+                    [x.chosen for x in ex],
+                    [x.rejected for x in ex],
+                    pad_id=pad,
+                )
+            out += (c - r).double().cpu().tolist()
+        return np.asarray(out)
+
+    own, other, none = margins(eps), margins(borrowed), margins(bare)
+    gain = own - other
+    rng = np.random.default_rng(seed)
+    boots = gain[rng.integers(0, len(gain), size=(2000, len(gain)))].mean(axis=1)
+    return ShotSensitivity(
+        episodes=len(eps),
+        shots=shots,
+        accuracy_own=float((own > 0).mean()),
+        accuracy_other=float((other > 0).mean()),
+        accuracy_none=float((none > 0).mean()),
+        margin_gain=float(gain.mean()),
+        margin_gain_ci=(float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))),
+    )

@@ -93,3 +93,48 @@ def test_bad_arms_get_clear_errors(setup, tmp_path):
             episodes=2,
             max_new_tokens=4,
         )
+
+
+def test_shot_sensitivity_scores_the_same_pairs_under_own_borrowed_and_no_shots(setup):
+    import dataclasses
+
+    import numpy as np
+    import torch
+
+    from modeling.data import EpisodeSource
+    from modeling.evaluate import shot_sensitivity
+    from modeling.losses import separate_pair_logps
+    from modeling.train import load_model, tokenize_episode
+
+    ds, base = setup
+    result = shot_sensitivity(base, ds, episodes=6, shots=2, seed=3)
+    # Recompute independently: the plain (unpacked) log-probs of the same episodes.
+    model, tok = load_model(base)
+    eps = EpisodeSource(ds, split="test").sample(6, shots=2, seed=3)
+    cfg = TrainConfig(dataset=str(ds), out_dir="unused", init=str(base))
+
+    def margins(batch):
+        ex = [tokenize_episode(tok, e, cfg) for e in batch]
+        with torch.no_grad():
+            c, r, _ = separate_pair_logps(
+                model,
+                [x.prompt for x in ex],
+                [x.chosen for x in ex],
+                [x.rejected for x in ex],
+                pad_id=tok.pad_token_id,
+            )
+        return (c - r).double().numpy()
+
+    own = margins(eps)
+    other = margins(
+        [dataclasses.replace(e, shots=o.shots) for e, o in zip(eps, eps[1:] + eps[:1], strict=True)]
+    )
+    none = margins([dataclasses.replace(e, shots=()) for e in eps])
+    assert result.episodes == 6 and result.shots == 2
+    assert result.accuracy_own == pytest.approx((own > 0).mean())
+    assert result.accuracy_other == pytest.approx((other > 0).mean())
+    assert result.accuracy_none == pytest.approx((none > 0).mean())
+    assert result.margin_gain == pytest.approx(float(np.mean(own - other)), abs=1e-3)
+    assert result.margin_gain_ci[0] <= result.margin_gain <= result.margin_gain_ci[1]
+    with pytest.raises(ValueError, match="at least 2 episodes"):
+        shot_sensitivity(base, ds, episodes=1)
