@@ -224,12 +224,13 @@ class SurveyResponse(models.Model):
     (real participants against synthetic personas)."""
 
     class AgeRange(models.TextChoices):
-        UNDER_25 = "18-24"
-        FROM_25 = "25-34"
-        FROM_35 = "35-44"
-        FROM_45 = "45-54"
-        FROM_55 = "55-64"
-        OVER_65 = "65+"
+        # Labels spelled out: the ones Django derives from the member names ("From 25") misread the ranges.
+        FROM_18 = "18-24", "18–24"
+        FROM_25 = "25-34", "25–34"
+        FROM_35 = "35-44", "35–44"
+        FROM_45 = "45-54", "45–54"
+        FROM_55 = "55-64", "55–64"
+        FROM_65 = "65+", "65 or older"
 
     class Education(models.TextChoices):
         SECONDARY = "secondary", "Secondary school or less"

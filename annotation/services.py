@@ -16,11 +16,12 @@ from typing import Any
 
 from django.core.exceptions import ValidationError
 from django.db import transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from studyapp.flow import Step, participant_next_step
-from studyapp.models import Participant
-from studyapp.realtime import notify_participant_on_commit
+from studyapp.models import Participant, Study
+from studyapp.realtime import notify_participant_on_commit, notify_study_on_commit
 from studyapp.selectors import participant_for_update, participant_status
 
 from .models import (
@@ -34,6 +35,7 @@ from .models import (
     Side,
     SurveyResponse,
 )
+from .pool import PoolRow
 
 State = Participant.State
 REASON_MAX_LENGTH = 500
@@ -93,6 +95,7 @@ def elicitation_pick_record(*, participant: Participant, item_id: int, choice: s
         if participant.picks_done == participant.n_picks:
             participant.state, participant.generation = State.WAITING, Participant.Generation.QUEUED
             transaction.on_commit(partial(_enqueue_personalize, participant.pk))
+            notify_study_on_commit(participant.study_id)
         participant.save(update_fields=["picks_done", "state", "generation", "updated_at"])
         return True
 
@@ -137,6 +140,7 @@ def rating_record(
         if participant.ratings_done == participant.n_ratings:
             participant.state = State.SURVEY
         participant.save(update_fields=["ratings_done", "state", "updated_at"])
+        notify_study_on_commit(participant.study_id)
         return True
 
 
@@ -158,6 +162,7 @@ def survey_record(*, participant: Participant, answers: dict[str, Any]) -> bool:
         survey.save()
         participant.state, participant.finished_at = State.COMPLETED, now
         participant.save(update_fields=["state", "finished_at", "updated_at"])
+        notify_study_on_commit(participant.study_id)
         return True
 
 
@@ -287,6 +292,7 @@ def responses_store(*, participant_id: int, responses: Sequence[NewResponse]) ->
             ]
         )
         notify_participant_on_commit(participant.token, participant_status(participant=participant))
+        notify_study_on_commit(participant.study_id)
         return True
 
 
@@ -310,3 +316,59 @@ def _rating_items_create(participant: Participant, plan: Sequence[PlannedItem]) 
     RatingItem.objects.bulk_create(
         row(i, p, by_position[p.original]) for i, p in enumerate(plan) if p.original is not None
     )
+
+
+@dataclass(frozen=True)
+class PoolImported:
+    """What question_pool_import added."""
+
+    elicitation_pairs: int
+    evaluation_questions: int
+    skipped_duplicates: int = 0
+
+
+def question_pool_import(*, study: Study, rows: Sequence[PoolRow], replace: bool = False) -> PoolImported:
+    """Add rows to the study's question pool: a Question per distinct question, and a CandidatePair per
+    elicitation row (elicitation rows with the same question text share one Question). An evaluation
+    question the pool already holds is skipped.
+
+    With `replace`, the current pool is deleted first. That is refused (ValidationError, nothing changes)
+    once any participant has been shown pairs or been given responses from it: their data points at it."""
+    with transaction.atomic():
+        study = Study.objects.select_for_update().get(pk=study.pk)
+        if replace:
+            shown = (
+                Participant.objects.filter(study=study)
+                .filter(Q(elicitation_items__isnull=False) | Q(responses__isnull=False))
+                .distinct()
+                .count()
+            )
+            if shown:
+                raise ValidationError(
+                    f"{shown} participant(s) have already been shown this pool, so it can no longer be "
+                    "replaced; add to it instead."
+                )
+            Question.objects.filter(study=study).delete()
+        questions = {
+            (q.use, q.text): q for q in Question.objects.filter(study=study).only("id", "use", "text")
+        }
+        pairs, added_evaluation, skipped = [], 0, 0
+        for row in rows:
+            question = questions.get((row.kind, row.question))
+            if question is not None and row.kind == Question.Use.EVALUATION:
+                skipped += 1
+                continue
+            if question is None:
+                question = Question.objects.create(
+                    study=study, use=row.kind, text=row.question, topic=row.topic, source_id=row.source_id
+                )
+                questions[row.kind, row.question] = question
+                added_evaluation += row.kind == Question.Use.EVALUATION
+            if row.kind == Question.Use.ELICITATION:
+                pairs.append(
+                    CandidatePair(question=question, response_a=row.response_a, response_b=row.response_b)
+                )
+        CandidatePair.objects.bulk_create(pairs)
+        return PoolImported(
+            elicitation_pairs=len(pairs), evaluation_questions=added_evaluation, skipped_duplicates=skipped
+        )

@@ -51,4 +51,4 @@ class ParticipantAdmin(admin.ModelAdmin):
 class JobAdmin(admin.ModelAdmin):
     list_display = ["id", "kind", "status", "study", "stage", "created_at", "finished_at"]
     list_filter = ["kind", "status"]
-    readonly_fields = ["id", "celery_task_id", "created_at", "started_at", "finished_at"]
+    readonly_fields = ["id", "celery_task_id", "output_dir", "log", "created_at", "started_at", "finished_at"]

@@ -1,29 +1,106 @@
+"""WebSocket consumers. Each one authenticates, joins a group named by studyapp.realtime, and forwards.
+
+- JobProgressConsumer (/ws/jobs/<id>/) and StudyDashboardConsumer (/ws/studies/<slug>/dashboard/):
+  coordinators only (studyapp.coordinators), checked on connect.
+- ParticipantConsumer (/ws/participants/<token>/): only the participant's own browser session.
+"""
+
+import uuid
 from typing import Any
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
-from studyapp.realtime import job_group, participant_group
-from studyapp.selectors import participant_status_by_token
+from studyapp.coordinators import is_coordinator
+from studyapp.models import Study
+from studyapp.realtime import job_group, participant_group, study_group
+from studyapp.selectors import job_status_by_id, participant_status_by_token, study_dashboard_by_id
 from studyapp.sessions import session_tokens
 
-# Close code for a socket refused because it is not this session's participant (4000-4999: application).
+# Close codes (4000-4999: application): a socket this session may not open; one for nothing that exists.
 FORBIDDEN = 4403
+NOT_FOUND = 4404
+
+
+@database_sync_to_async
+def _is_coordinator(scope: dict[str, Any]) -> bool:
+    return is_coordinator(scope.get("user"))
+
+
+@database_sync_to_async
+def _job_status(job_id: str) -> dict[str, Any] | None:
+    try:
+        uuid.UUID(job_id)
+    except ValueError:
+        return None
+    return job_status_by_id(job_id=job_id)
 
 
 class JobProgressConsumer(AsyncJsonWebsocketConsumer):
-    """Forwards a job's progress events (sent with realtime.notify_job) to the socket as JSON."""
+    """A job page's socket (coordinators only): the job's status at once, then every event sent with
+    realtime.notify_job."""
+
+    group: str | None = None
 
     async def connect(self) -> None:
-        self.group = job_group(self.scope["url_route"]["kwargs"]["job_id"])
+        if not await _is_coordinator(self.scope):
+            await self.close(code=FORBIDDEN)
+            return
+        job_id = self.scope["url_route"]["kwargs"]["job_id"]
+        status = await _job_status(job_id)
+        if status is None:
+            await self.close(code=NOT_FOUND)
+            return
+        self.group = job_group(job_id)
         await self.channel_layer.group_add(self.group, self.channel_name)
         await self.accept()
+        await self.send_json(status)
 
     async def disconnect(self, code: int) -> None:
-        await self.channel_layer.group_discard(self.group, self.channel_name)
+        if self.group is not None:
+            await self.channel_layer.group_discard(self.group, self.channel_name)
 
     async def job_progress(self, event: dict[str, Any]) -> None:
         await self.send_json(event["payload"])
+
+
+@database_sync_to_async
+def _study_id(slug: str) -> int | None:
+    return Study.objects.filter(slug=slug).values_list("pk", flat=True).first()
+
+
+class StudyDashboardConsumer(AsyncJsonWebsocketConsumer):
+    """A study dashboard's socket (coordinators only): the dashboard's numbers at once, and again each
+    time a service tells the study's group that participants or ratings changed (realtime.notify_study)."""
+
+    group: str | None = None
+    study_id: int | None = None
+
+    async def connect(self) -> None:
+        if not await _is_coordinator(self.scope):
+            await self.close(code=FORBIDDEN)
+            return
+        self.study_id = await _study_id(self.scope["url_route"]["kwargs"]["slug"])
+        if self.study_id is None:
+            await self.close(code=NOT_FOUND)
+            return
+        self.group = study_group(self.study_id)
+        await self.channel_layer.group_add(self.group, self.channel_name)
+        await self.accept()
+        await self.send_dashboard()
+
+    async def disconnect(self, code: int) -> None:
+        if self.group is not None:
+            await self.channel_layer.group_discard(self.group, self.channel_name)
+
+    async def study_changed(self, event: dict[str, Any]) -> None:
+        await self.send_dashboard()
+
+    async def send_dashboard(self) -> None:
+        assert self.study_id is not None
+        dashboard = await database_sync_to_async(study_dashboard_by_id)(study_id=self.study_id)
+        if dashboard is not None:
+            await self.send_json(dashboard)
 
 
 @database_sync_to_async

@@ -89,6 +89,11 @@ class Progress:
     def total(self) -> int:
         return len(self.steps)
 
+    @property
+    def title(self) -> str:
+        """The current step's name, as the indicator shows it."""
+        return self.steps[self.current - 1].title
+
 
 def participant_progress(participant: Participant, step: Step) -> Progress | None:
     """The progress indicator of a step (none on the last page)."""

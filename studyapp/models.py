@@ -82,6 +82,15 @@ class Study(models.Model):
     def __str__(self) -> str:
         return self.title or self.slug
 
+    def clean(self) -> None:
+        if self.attention_failures_allowed > self.attention_checks:
+            raise ValidationError(
+                {
+                    "attention_failures_allowed": "Cannot allow more failures than there are attention checks "
+                    f"({self.attention_checks})."
+                }
+            )
+
 
 class Arm(models.Model):
     """A model checkpoint plus a method; participants never see which arm wrote a response."""
@@ -219,6 +228,9 @@ class Participant(models.Model):
 class Job(models.Model):
     """A coordinator's background job (synthetic generation, training, evaluation) and its progress.
 
+    `params` are the validated inputs the worker runs with (studyapp.services.job_launch); `output_dir` is
+    where the job writes (a dataset, a checkpoint, or an evaluation run with its report.md and plots);
+    `log` holds timestamped lines, one per event; `result` the metrics the modeling entry point returned.
     Its id names the channel-layer group its progress goes to (studyapp.realtime.job_group)."""
 
     class Kind(models.TextChoices):
@@ -241,6 +253,8 @@ class Job(models.Model):
     progress_done = models.PositiveIntegerField(default=0)
     progress_total = models.PositiveIntegerField(default=0)
     stage = models.CharField(max_length=200, blank=True)
+    output_dir = models.CharField(max_length=500, blank=True)
+    log = models.TextField(blank=True)
     result = models.JSONField(null=True, blank=True)
     error = models.TextField(blank=True)
     created_by = models.ForeignKey(
@@ -255,3 +269,20 @@ class Job(models.Model):
 
     def __str__(self) -> str:
         return f"{self.get_kind_display()} {self.id} ({self.status})"
+
+    @property
+    def name(self) -> str:
+        """The coordinator's name for the job's output (the last part of its output directory)."""
+        return str(self.params.get("name", "")) or str(self.id)[:8]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status in (self.Status.SUCCEEDED, self.Status.FAILED)
+
+    @property
+    def percent(self) -> int:
+        if self.status == self.Status.SUCCEEDED:
+            return 100
+        if not self.progress_total:
+            return 0
+        return min(100, 100 * self.progress_done // self.progress_total)

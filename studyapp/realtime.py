@@ -34,3 +34,26 @@ def notify_participant(token: str, payload: dict[str, Any]) -> None:
 def notify_participant_on_commit(token: str, payload: dict[str, Any]) -> None:
     """`notify_participant` once the current transaction commits (never for a change rolled back)."""
     transaction.on_commit(lambda: notify_participant(token, payload))
+
+
+def notify_job_on_commit(job_id: str, payload: dict[str, Any]) -> None:
+    """`notify_job` once the current transaction commits."""
+    transaction.on_commit(lambda: notify_job(job_id, payload))
+
+
+def study_group(study_id: int) -> str:
+    """The channel-layer group of a study's live dashboards."""
+    return f"study-{study_id}"
+
+
+def notify_study(study_id: int) -> None:
+    """Tell the study's open dashboards that its participants or ratings changed (they recompute)."""
+    channel_layer = get_channel_layer()
+    async_to_sync(channel_layer.group_send)(study_group(study_id), {"type": "study.changed"})
+
+
+def notify_study_on_commit(study_id: int) -> None:
+    """`notify_study` once the current transaction commits. Called by every service that moves a
+    participant to another state or records a rating. Robust: a dashboard that cannot be told must never
+    fail the participant's request (the dashboard's polling catches up)."""
+    transaction.on_commit(lambda: notify_study(study_id), robust=True)

@@ -1,12 +1,15 @@
-"""Reads about studies and participants (writes are in services.py)."""
+"""Reads about studies, participants and jobs (writes are in services.py)."""
 
-from dataclasses import dataclass
+import statistics
+from dataclasses import asdict, dataclass
 from typing import Any
 
-from django.db.models import F
+from django.db.models import Count, F, Q, QuerySet
+from scipy.stats import binomtest
 
-from annotation.models import Rating
-from studyapp.models import Participant, Study
+from annotation.models import Rating, Side
+from studyapp.flow import STEP_OF_STATE, STEPS
+from studyapp.models import Job, Participant, Study
 
 State = Participant.State
 
@@ -74,3 +77,189 @@ def participant_outcome(*, participant: Participant) -> Outcome:
         raise ValueError(f"participant {participant.token} has not finished (state {participant.state})")
     url = study.completion_url.replace("{code}", code) if study.completion_url and code else ""
     return Outcome(kind, code, url)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The coordinators' studio
+
+
+def studies_overview() -> QuerySet[Study]:
+    """Every study with its participant counts (`n_participants`, `n_completed`), newest first."""
+    return Study.objects.annotate(
+        n_participants=Count("participants"),
+        n_completed=Count("participants", filter=Q(participants__state=State.COMPLETED)),
+    ).order_by("-created_at")
+
+
+@dataclass(frozen=True)
+class WinRate:
+    """How often `arm`'s response was preferred to `baseline`'s in one comparison: `wins` of `n` ratings
+    (arm preferred = 1, baseline preferred = 0), the proportion, its 95% Wilson score interval, and the
+    one-sided binomial test of a win rate above 50% (the paper's test). None while there are no ratings."""
+
+    comparison_id: int
+    arm: str
+    baseline: str
+    wins: int
+    n: int
+    rate: float | None
+    ci_low: float | None
+    ci_high: float | None
+    p_value: float | None
+
+
+def win_rate(*, comparison_id: int, arm: str, baseline: str, wins: int, n: int) -> WinRate:
+    if n == 0:
+        return WinRate(comparison_id, arm, baseline, 0, 0, None, None, None, None)
+    # The interval is two-sided; the test one-sided (does the arm win more than half the time?).
+    ci = binomtest(wins, n).proportion_ci(confidence_level=0.95, method="wilson")
+    p_value = binomtest(wins, n, p=0.5, alternative="greater").pvalue
+    return WinRate(comparison_id, arm, baseline, wins, n, wins / n, ci.low, ci.high, float(p_value))
+
+
+def study_win_rates(*, study: Study) -> list[WinRate]:
+    """The current win rate of every comparison of the study, from the ratings recorded so far.
+
+    Counted: each rated A/B item whose two responses are the comparison's arms. Not counted: attention
+    checks, and consistency repeats (a second look at a pair already counted)."""
+    comparisons = list(study.comparisons.select_related("arm", "baseline").order_by("id"))
+    by_arms: dict[frozenset[int], list[int]] = {}
+    for c in comparisons:
+        by_arms.setdefault(frozenset((c.arm_id, c.baseline_id)), []).append(c.pk)
+    arm_of = {c.pk: c.arm_id for c in comparisons}
+    wins = dict.fromkeys(arm_of, 0)
+    n = dict.fromkeys(arm_of, 0)
+    ratings = Rating.objects.filter(
+        item__participant__study=study, item__is_attention_check=False, item__is_repeat=False
+    ).values_list("choice", "item__left__arm_id", "item__right__arm_id")
+    for choice, left_arm, right_arm in ratings:
+        preferred = left_arm if choice == Side.LEFT else right_arm
+        for comparison_id in by_arms.get(frozenset((left_arm, right_arm)), ()):
+            n[comparison_id] += 1
+            wins[comparison_id] += preferred == arm_of[comparison_id]
+    return [
+        win_rate(comparison_id=c.pk, arm=c.arm.name, baseline=c.baseline.name, wins=wins[c.pk], n=n[c.pk])
+        for c in comparisons
+    ]
+
+
+@dataclass(frozen=True)
+class StepCount:
+    step: str
+    title: str
+    count: int
+
+
+@dataclass(frozen=True)
+class StudyDashboard:
+    """What the live dashboard shows (the socket and the polling endpoint send `to_json()`)."""
+
+    study_id: int
+    participants: int
+    places_taken: int
+    quota: int
+    by_step: list[StepCount]
+    by_state: dict[str, int]
+    completed: int
+    median_completion_s: float | None
+    generation_failed: int
+    failed_attention: int
+    ratings: int
+    win_rates: list[WinRate]
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "median_completion": duration_text(self.median_completion_s)}
+
+
+def duration_text(seconds: float | None) -> str:
+    """A duration as people read it: "—", "45 s", "12 min 5 s", "2 h 3 min"."""
+    if seconds is None:
+        return "—"
+    s = round(seconds)
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60} s"
+    return f"{s // 3600} h {s % 3600 // 60} min"
+
+
+def study_dashboard(*, study: Study) -> StudyDashboard:
+    """Participants by step and by state, completions and the median time to complete (from consent to
+    the end of the survey), participants needing attention, and the win rate of every comparison."""
+    by_state = dict.fromkeys(State.values, 0)
+    for state, count in (
+        Participant.objects.filter(study=study).values_list("state").annotate(count=Count("id")).order_by()
+    ):
+        by_state[state] = count
+    by_step = [
+        StepCount(
+            spec.name, spec.title, sum(by_state[s] for s, step in STEP_OF_STATE.items() if step == spec.name)
+        )
+        for spec in STEPS
+    ]
+    finished_rows = Participant.objects.filter(
+        study=study, state=State.COMPLETED, consented_at__isnull=False, finished_at__isnull=False
+    )
+    durations = [
+        (finished - consented).total_seconds()
+        for consented, finished in finished_rows.values_list("consented_at", "finished_at")
+    ]
+    failed_attention = (
+        Rating.objects.filter(
+            item__participant__study=study,
+            item__participant__state=State.COMPLETED,
+            item__is_attention_check=True,
+        )
+        .exclude(choice=F("item__expected_choice"))
+        .values("item__participant")
+        .annotate(failures=Count("id"))
+        .filter(failures__gt=study.attention_failures_allowed)
+        .count()
+    )
+    return StudyDashboard(
+        study_id=study.pk,
+        participants=sum(by_state.values()),
+        places_taken=study_places_taken(study=study),
+        quota=study.quota,
+        by_step=by_step,
+        by_state=by_state,
+        completed=by_state[State.COMPLETED],
+        median_completion_s=statistics.median(durations) if durations else None,
+        generation_failed=Participant.objects.filter(
+            study=study, state=State.WAITING, generation=Participant.Generation.FAILED
+        ).count(),
+        failed_attention=failed_attention,
+        ratings=Rating.objects.filter(
+            item__participant__study=study, item__is_attention_check=False, item__is_repeat=False
+        ).count(),
+        win_rates=study_win_rates(study=study),
+    )
+
+
+def study_dashboard_by_id(*, study_id: int) -> dict[str, Any] | None:
+    study = Study.objects.filter(pk=study_id).first()
+    return None if study is None else study_dashboard(study=study).to_json()
+
+
+JOB_LOG_LINES_SHOWN = 200
+
+
+def job_status(*, job: Job) -> dict[str, Any]:
+    """What the job page needs to follow a job (its socket and polling endpoint send exactly this)."""
+    return {
+        "job_id": str(job.id),
+        "kind": job.kind,
+        "status": job.status,
+        "finished": job.is_finished,
+        "done": job.progress_done,
+        "total": job.progress_total,
+        "percent": job.percent,
+        "stage": job.stage,
+        "error": job.error,
+        "log": "\n".join(job.log.splitlines()[-JOB_LOG_LINES_SHOWN:]),
+    }
+
+
+def job_status_by_id(*, job_id: str) -> dict[str, Any] | None:
+    job = Job.objects.filter(pk=job_id).first()
+    return None if job is None else job_status(job=job)

@@ -138,6 +138,16 @@ TIME_ZONE = "UTC"
 USE_I18N = True
 USE_TZ = True
 
+# The coordinators' studio (/studio/): staff users (or members of the "coordinators" group) sign in here.
+LOGIN_URL = "studio-login"
+LOGIN_REDIRECT_URL = "studio-home"
+LOGOUT_REDIRECT_URL = "studio-login"
+# Where the studio's jobs write (datasets/, checkpoints/, evaluations/) and the only folder its pages read
+# datasets and checkpoints from. Workers must see it at the same path (a shared volume in production).
+STUDIO_DATA_DIR = env_str("STUDIO_DATA_DIR", str(VAR_DIR / "studio"))
+# The largest question-pool file a coordinator may upload.
+POOL_UPLOAD_MAX_BYTES = env_int("POOL_UPLOAD_MAX_BYTES", 10 * 1024 * 1024)
+
 STATIC_URL = env_str("STATIC_URL", "static/")
 STATIC_ROOT = env_str("STATIC_ROOT", str(VAR_DIR / "static"))
 
@@ -165,6 +175,7 @@ CELERY_TASK_DEFAULT_QUEUE = "cpu"
 CELERY_TASK_ROUTES = {
     "worker.tasks.personalize*": {"queue": "gpu"},
     "worker.tasks.train*": {"queue": "gpu"},
+    "worker.tasks.evaluate*": {"queue": "gpu"},
     "worker.tasks.synth_generate": {"queue": "cpu"},
 }
 # A task is acknowledged only once it has finished, and one whose worker died goes back on the queue;
@@ -188,8 +199,14 @@ GENERATION_DEVICE = env_str("GENERATION_DEVICE", "cpu")
 GENERATION_DTYPE = env_str("GENERATION_DTYPE", "float32")
 
 if REDIS_URL:
+    # channels-redis waits for a socket's next message in blocking reads of 5 s (BZPOPMIN). redis-py 8 gives
+    # every connection a 5 s read timeout by default, which then fires first and drops any socket left
+    # idle that long (the waiting page's, for one): reads get a timeout well past the blocking read.
     CHANNEL_LAYERS = {
-        "default": {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {"hosts": [REDIS_URL]}}
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {"hosts": [{"address": REDIS_URL, "socket_timeout": 30}]},
+        }
     }
 else:
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}

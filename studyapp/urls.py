@@ -1,7 +1,9 @@
 from django.contrib import admin
+from django.contrib.auth import views as auth_views
 from django.urls import path
 
 from studyapp import participant_views as p
+from studyapp import studio_views as studio
 from studyapp import views
 
 urlpatterns = [
@@ -18,4 +20,22 @@ urlpatterns = [
     path("s/<slug:slug>/survey/", p.survey, name="participant-survey"),
     path("s/<slug:slug>/done/", p.done, name="participant-done"),
     path("s/<slug:slug>/withdraw/", p.withdraw, name="participant-withdraw"),
+    # The coordinators' studio.
+    path(
+        "studio/login/",
+        auth_views.LoginView.as_view(template_name="studio/login.html", redirect_authenticated_user=True),
+        name="studio-login",
+    ),
+    path("studio/logout/", auth_views.LogoutView.as_view(), name="studio-logout"),
+    path("studio/", studio.home, name="studio-home"),
+    path("studio/studies/new/", studio.new_study, name="studio-study-new"),
+    path("studio/studies/<slug:slug>/", studio.dashboard, name="studio-study"),
+    path("studio/studies/<slug:slug>/edit/", studio.edit_study, name="studio-study-edit"),
+    path(
+        "studio/studies/<slug:slug>/dashboard.json", studio.dashboard_json, name="studio-study-dashboard-json"
+    ),
+    path("studio/jobs/new/<slug:kind>/", studio.new_job, name="studio-job-new"),
+    path("studio/jobs/<uuid:job_id>/", studio.job_page, name="studio-job"),
+    path("studio/jobs/<uuid:job_id>/status.json", studio.job_status_json, name="studio-job-status"),
+    path("studio/jobs/<uuid:job_id>/files/<str:name>", studio.job_file, name="studio-job-file"),
 ]

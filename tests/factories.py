@@ -2,11 +2,14 @@
 (brought there through the real services, so their rows are what the site would have written)."""
 
 import itertools
+from typing import Any
+
+from django.contrib.auth.models import User
 
 from annotation.models import CandidatePair, Question, Side
 from annotation.selectors import evaluation_questions_for
 from annotation.services import NewResponse, elicitation_pick_record, rating_record, responses_store
-from studyapp.models import Arm, Comparison, Participant, Study
+from studyapp.models import Arm, Comparison, Job, Participant, Study
 from studyapp.services import participant_consent, participant_enroll, participant_start_elicitation
 
 _serial = itertools.count(1)
@@ -110,3 +113,18 @@ def rate_all(participant: Participant, *, pass_attention_checks: bool = True) ->
         rate(participant, item.position, choice)
     participant.refresh_from_db()
     return participant
+
+
+def make_coordinator(**fields: Any) -> User:
+    """A staff user: a study coordinator."""
+    return User.objects.create_user(
+        username=f"coordinator-{next(_serial)}",
+        password="a-long-test-password",
+        **{"is_staff": True, **fields},
+    )
+
+
+def make_job(**fields: Any) -> Job:
+    """A job row as job_launch would write it (nothing is enqueued)."""
+    defaults: dict[str, Any] = {"kind": Job.Kind.SYNTH, "params": {"name": f"job-{next(_serial)}"}}
+    return Job.objects.create(**{**defaults, **fields})

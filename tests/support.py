@@ -1,11 +1,14 @@
-"""Helpers for driving the site as a participant would: a browser that is a given participant, and a
-way to run async socket code against the test database."""
+"""Helpers for driving the site as a participant or a coordinator would: a browser that is a given
+participant or a signed-in coordinator, socket headers carrying a session, and a way to run async socket
+code against the test database."""
 
 import asyncio
 from collections.abc import Coroutine
 from typing import Any
 
 from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.contrib.auth.models import User
 from django.db import connections
 from django.test import Client
 
@@ -33,3 +36,19 @@ def run_async(scenario: Coroutine[Any, Any, Any]) -> Any:
             await sync_to_async(connections.close_all)()
 
     return asyncio.run(run_and_close())
+
+
+def coordinator_browser(user: User) -> Client:
+    """A test client signed in as this user."""
+    client = Client()
+    client.force_login(user)
+    return client
+
+
+def socket_headers(client: Client | None = None) -> list[tuple[bytes, bytes]]:
+    """WebSocket request headers from this site's origin, carrying the client's session cookie if any."""
+    headers = [(b"origin", b"http://localhost")]
+    if client is not None and settings.SESSION_COOKIE_NAME in client.cookies:
+        cookie = f"{settings.SESSION_COOKIE_NAME}={client.cookies[settings.SESSION_COOKIE_NAME].value}"
+        headers.append((b"cookie", cookie.encode()))
+    return headers

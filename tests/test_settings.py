@@ -123,6 +123,8 @@ def test_it_routes_model_tasks_to_the_gpu_queue_and_the_rest_to_cpu() -> None:
     assert queue_of("worker.tasks.synth_generate") == ("cpu", "cpu", "cpu")
     assert queue_of("worker.tasks.personalize_participant") == ("gpu", "gpu", "gpu")
     assert queue_of("worker.tasks.train_fspo") == ("gpu", "gpu", "gpu")
+    assert queue_of("worker.tasks.train_checkpoint") == ("gpu", "gpu", "gpu")
+    assert queue_of("worker.tasks.evaluate_arms") == ("gpu", "gpu", "gpu")
     assert queue_of("worker.tasks.anything_else") == ("cpu", "cpu", "cpu")
 
 

@@ -1,4 +1,4 @@
-"""Celery tasks. Each one is thin: plain arguments or ids in, one modeling entry point, progress out.
+"""Celery tasks. Each one is thin: an id in, one modeling entry point, progress out (through services).
 
 Queues come from CELERY_TASK_ROUTES in settings. modeling's heavy parts are imported inside each task: a
 worker imports every task module at start, and torch should load only where a job runs (the selectors
@@ -6,6 +6,7 @@ import only modeling.data, the light episode schema).
 """
 
 import functools
+import json
 import time
 from collections.abc import Callable
 from typing import Any
@@ -15,8 +16,16 @@ from django.conf import settings
 
 from annotation.selectors import ArmEpisodes, PersonalizationRequest, personalization_request
 from annotation.services import NewResponse, responses_store
-from studyapp.realtime import notify_job
-from studyapp.services import participant_generation_fail, participant_generation_start
+from studyapp.models import Job
+from studyapp.services import (
+    job_fail,
+    job_log_append,
+    job_progress_record,
+    job_start,
+    job_succeed,
+    participant_generation_fail,
+    participant_generation_start,
+)
 
 ProgressCallback = Callable[[int, int, str], None]
 
@@ -41,39 +50,121 @@ def throttled(
 
 
 def progress_reporter(task: Task, job_id: str) -> ProgressCallback:
-    """A modeling progress callback `cb(done, total, stage)` that updates the task's Celery state and
-    tells the job's watchers, about four times a second at most."""
+    """A modeling progress callback `cb(done, total, stage)` that records the job's progress (its page is
+    told) and the task's Celery state, about four times a second at most, and writes a log line at each
+    tenth of a stage's total."""
+    logged = {"total": -1, "tenth": -1}
 
     def report(done: int, total: int, stage: str) -> None:
-        meta = {"done": done, "total": total, "stage": stage}
-        task.update_state(state="PROGRESS", meta=meta)
-        notify_job(job_id, {"job_id": job_id, "state": "PROGRESS", **meta})
+        tenth = 10 * done // total if total > 0 else 0
+        line = ""
+        if total != logged["total"] or tenth > logged["tenth"]:
+            logged.update(total=total, tenth=tenth)
+            line = f"{stage}: {done:,}/{total:,}"
+        task.update_state(state="PROGRESS", meta={"done": done, "total": total, "stage": stage})
+        job_progress_record(job_id=job_id, done=done, total=total, stage=stage, log_line=line)
 
     return throttled(report, min_interval=0.25)
 
 
-@shared_task(bind=True, acks_late=True)
-def synth_generate(
-    self: Task, *, job_id: str, domain: str, users: int, pairs_per_user: int, seed: int, out_dir: str
-) -> dict[str, Any]:
-    """Generate a synthetic preference dataset into `out_dir`; returns the dataset's summary."""
-    from modeling.synth import generate_dataset
+JobWork = Callable[[Job, ProgressCallback], dict[str, Any]]
 
+
+def _plain(value: Any) -> Any:
+    """numpy scalars and paths in a result, as JSON takes them."""
+    return value.item() if hasattr(value, "item") else str(value)
+
+
+def run_job(task: Task, job_id: str, work: JobWork) -> dict[str, Any]:
+    """Run a coordinator's job: mark it running, call `work(job, progress)` (one modeling entry point),
+    then store its result, or its error (and re-raise it, so Celery records the failure too). A job that
+    has already finished (a redelivered message) is not run again."""
+    job = job_start(job_id=job_id, celery_task_id=task.request.id or "")
+    if job is None:
+        return {"job_id": job_id, "skipped": True}
     try:
-        dataset = generate_dataset(
-            domain=domain,
-            out_dir=out_dir,
-            users=users,
-            pairs_per_user=pairs_per_user,
-            seed=seed,
-            progress=progress_reporter(self, job_id),
-        )
+        result = json.loads(json.dumps(work(job, progress_reporter(task, job_id)), default=_plain))
     except Exception as exc:
-        notify_job(job_id, {"job_id": job_id, "state": "FAILURE", "error": f"{type(exc).__name__}: {exc}"})
+        job_fail(job_id=job_id, error=f"{type(exc).__name__}: {exc}")
         raise
-    summary = dataset.to_dict()
-    notify_job(job_id, {"job_id": job_id, "state": "SUCCESS", "result": summary})
-    return summary
+    job_succeed(job_id=job_id, result=result)
+    return result
+
+
+# Jobs are not retried: a failed job says why on its page, and the coordinator launches another. A job
+# whose worker died is redelivered (acks_late) and starts again; training resumes from its checkpoint.
+@shared_task(bind=True, acks_late=True)
+def synth_generate(self: Task, job_id: str) -> dict[str, Any]:
+    """Generate the job's synthetic dataset (modeling.synth.generate_dataset) into its output folder;
+    the result is the dataset's summary (counts, quality)."""
+
+    def work(job: Job, progress: ProgressCallback) -> dict[str, Any]:
+        from modeling.synth import generate_dataset
+
+        p = job.params
+        dataset = generate_dataset(
+            out_dir=job.output_dir,
+            domain=p["domain"],
+            users=p["users"],
+            pairs_per_user=p["pairs_per_user"],
+            seed=p["seed"],
+            progress=progress,
+        )
+        return dataset.to_dict()
+
+    return run_job(self, job_id, work)
+
+
+def _metrics_line(row: dict[str, Any]) -> str:
+    """A training log row (step, loss, held-out metrics) as one line of the job's log."""
+    values = ", ".join(
+        f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items() if k != "step"
+    )
+    return f"step {row.get('step')}: {values}"
+
+
+@shared_task(bind=True, acks_late=True)
+def train_checkpoint(self: Task, job_id: str) -> dict[str, Any]:
+    """Train one stage (modeling.train.train) into the job's output folder; the result is the run's
+    metrics (final held-out loss and accuracy, the evaluation history, parameter counts)."""
+
+    def work(job: Job, progress: ProgressCallback) -> dict[str, Any]:
+        from modeling.train import TrainConfig, train
+
+        def log(row: dict[str, Any]) -> None:
+            job_log_append(job_id=job_id, line=_metrics_line(row))
+
+        result = train(TrainConfig(**job.params["config"]), progress=progress, log=log)
+        return {"path": str(result.out_dir), **result.metrics}
+
+    return run_job(self, job_id, work)
+
+
+@shared_task(bind=True, acks_late=True)
+def evaluate_arms(self: Task, job_id: str) -> dict[str, Any]:
+    """Evaluate the job's arms against its baseline on held-out synthetic users (modeling.evaluate);
+    the result is the win-rate table, and the run folder holds report.md and the plots."""
+
+    def work(job: Job, progress: ProgressCallback) -> dict[str, Any]:
+        from modeling.evaluate import Arm, evaluate
+
+        p = job.params
+        result = evaluate(
+            p["dataset"],
+            [Arm(**arm) for arm in p["arms"]],
+            baseline=p["baseline"],
+            out_dir=job.output_dir,
+            episodes=p["episodes"],
+            shots=p["shots"],
+            progress=progress,
+        )
+        return {
+            "table": result.table,
+            "shot_sweep": result.shot_sweep,
+            "report": str(result.out_dir / "report.md"),
+        }
+
+    return run_job(self, job_id, work)
 
 
 @functools.lru_cache(maxsize=4)

@@ -1,74 +1,125 @@
 import asyncio
-import json
-import uuid
+import time
 from pathlib import Path
-from typing import Any
 
+import pytest
 from asgiref.sync import sync_to_async
-from celery.result import AsyncResult
 from channels_redis.core import RedisChannelLayer
+from django.test import Client
 
+from studyapp.models import Job
 from studyapp.realtime import job_group
+from studyapp.services import job_launch
+from tests.conftest import RunningWorker
+from tests.factories import make_coordinator, make_job
+from tests.support import coordinator_browser, run_async
 from worker.tasks import synth_generate, throttled
 
-
-def send_synth(worker, *, job_id: str, out_dir: Path) -> AsyncResult:
-    kwargs = dict(job_id=job_id, domain="reviews", users=4, pairs_per_user=5, seed=0, out_dir=str(out_dir))
-    return worker.app.send_task(synth_generate.name, kwargs=kwargs)
+Status = Job.Status
 
 
-def wait_for(worker, result: AsyncResult) -> Any:
-    try:
-        return result.get(timeout=120)
-    except Exception as exc:
-        raise AssertionError(
-            f"{result.name} failed: {exc!r}\n--- worker log ---\n{worker.log_tail()}"
-        ) from exc
+@pytest.fixture
+def data_dir(settings, tmp_path: Path) -> Path:
+    """The studio's data folder for the test: the job's output goes under it (the worker gets the absolute
+    path in the job's parameters)."""
+    settings.STUDIO_DATA_DIR = str(tmp_path)
+    return tmp_path
 
 
-def test_it_generates_a_synthetic_dataset_in_a_real_worker(celery_worker, tmp_path: Path) -> None:
-    out_dir = tmp_path / "dataset"
-
-    summary = wait_for(celery_worker, send_synth(celery_worker, job_id="test-synth", out_dir=out_dir))
-
-    manifest = json.loads((out_dir / "dataset.json").read_text())
-    assert summary["path"] == str(out_dir)
-    assert summary["domain"] == "reviews"
-    assert summary["counts"]["users"] == 4
-    assert summary["counts"]["preferences"] == 4 * 5
-    assert manifest["counts"] == summary["counts"]
+def wait_until_finished(worker: RunningWorker, job: Job, timeout: float = 120) -> Job:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job.refresh_from_db()
+        if job.is_finished:
+            return job
+        time.sleep(0.2)
+    raise AssertionError(f"job still {job.status} after {timeout} s\n--- worker log ---\n{worker.log_tail()}")
 
 
-def test_it_reports_progress_and_the_result_to_the_jobs_group(celery_worker, tmp_path: Path) -> None:
-    job_id = f"job-{uuid.uuid4().hex}"
-    layer = RedisChannelLayer(hosts=[celery_worker.redis_url])
+@pytest.mark.django_db(transaction=True)
+def test_a_synth_job_launched_from_the_studio_runs_in_the_worker_and_records_its_progress(
+    tasks_go_to_the_worker: RunningWorker, data_dir: Path
+) -> None:
+    browser: Client = coordinator_browser(make_coordinator())
+    form = {"name": "reviews-50", "domain": "reviews", "users": 50, "pairs_per_user": 4, "seed": 0}
 
-    async def watch() -> tuple[list[dict], AsyncResult]:
+    response = browser.post("/studio/jobs/new/synth/", form)
+
+    job = Job.objects.get()
+    assert response.status_code == 302
+    assert response.url == f"/studio/jobs/{job.pk}/"
+    job = wait_until_finished(tasks_go_to_the_worker, job)
+    assert job.status == Status.SUCCEEDED, job.error
+    assert (job.progress_done, job.progress_total, job.stage) == (200, 200, "pairs")
+    assert job.result["counts"]["users"] == 50
+    assert job.result["counts"]["preferences"] == 200
+    assert Path(job.output_dir) == data_dir / "datasets" / "reviews-50"
+    assert (Path(job.output_dir) / "dataset.json").is_file()
+    assert [line.split(" ", 2)[2] for line in job.log.splitlines()] == [
+        f"queued by {job.created_by.username}",
+        "started",
+        "pairs: 200/200",
+        "succeeded",
+    ]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_it_tells_the_jobs_group_about_its_progress_and_its_end(
+    tasks_go_to_the_worker: RunningWorker, data_dir: Path
+) -> None:
+    layer = RedisChannelLayer(hosts=[tasks_go_to_the_worker.redis_url])
+
+    async def watch() -> list[dict]:
         channel = await layer.new_channel()
-        await layer.group_add(job_group(job_id), channel)
-        result = await sync_to_async(send_synth)(celery_worker, job_id=job_id, out_dir=tmp_path / "dataset")
-        payloads: list[dict] = []
-        while not payloads or payloads[-1]["state"] == "PROGRESS":
+        job = await sync_to_async(job_launch)(
+            kind=Job.Kind.SYNTH,
+            params={"name": "tiny", "domain": "elix", "users": 4, "pairs_per_user": 5, "seed": 0},
+        )
+        await layer.group_add(job_group(str(job.pk)), channel)
+        statuses: list[dict] = []
+        while not statuses or not statuses[-1]["finished"]:
             try:
                 event = await asyncio.wait_for(layer.receive(channel), timeout=120)
             except TimeoutError:
-                raise AssertionError(f"no event after {payloads}\n{celery_worker.log_tail()}") from None
+                raise AssertionError(
+                    f"no event after {statuses}\n{tasks_go_to_the_worker.log_tail()}"
+                ) from None
             assert event["type"] == "job.progress"
-            payloads.append(event["payload"])
-        return payloads, result
+            statuses.append(event["payload"])
+        return statuses
 
-    payloads, result = asyncio.run(watch())
+    statuses = run_async(watch())
 
-    summary = wait_for(celery_worker, result)
-    *progress, final = payloads
-    assert final == {"job_id": job_id, "state": "SUCCESS", "result": summary}
-    assert progress and progress[-1] == {
-        "job_id": job_id,
-        "state": "PROGRESS",
-        "done": 20,
-        "total": 20,
-        "stage": "pairs",
-    }
+    assert [s["status"] for s in statuses][-1] == Status.SUCCEEDED
+    assert {"status": "running", "done": 20, "total": 20, "percent": 100} in [
+        {k: s[k] for k in ("status", "done", "total", "percent")} for s in statuses
+    ]
+
+
+@pytest.mark.django_db
+def test_it_marks_a_job_failed_with_the_modeling_error(tmp_path: Path) -> None:
+    params = {"name": "bad", "domain": "no-such-domain", "users": 4, "pairs_per_user": 5, "seed": 0}
+    job = make_job(params=params, output_dir=str(tmp_path / "bad"))
+
+    outcome = synth_generate.apply(args=[str(job.pk)])
+
+    job.refresh_from_db()
+    assert outcome.failed()
+    assert job.status == Status.FAILED
+    assert "no-such-domain" in job.error
+    assert job.log.splitlines()[-1].split(" ", 2)[2].startswith("failed: ")
+
+
+@pytest.mark.django_db
+def test_it_does_not_run_a_finished_job_again(tmp_path: Path) -> None:
+    job = make_job(status=Status.SUCCEEDED, output_dir=str(tmp_path / "done"), result={"kept": True})
+
+    outcome = synth_generate.apply(args=[str(job.pk)])
+
+    job.refresh_from_db()
+    assert outcome.get() == {"job_id": str(job.pk), "skipped": True}
+    assert job.result == {"kept": True}
+    assert not (tmp_path / "done").exists()
 
 
 def test_it_throttles_progress_but_passes_each_new_stage_and_the_last_step() -> None:

@@ -9,8 +9,16 @@
   var pollTimer = null;
   var finished = false;
 
+  // What the status line says while the participant waits (the server renders the first one).
+  var WAITING_TEXT = {
+    queued: "Your answers are next in line.",
+    running: "Writing your answers now."
+  };
+  var statusLine = document.getElementById("waiting-status");
+
   function handle(status) {
     if (finished || !status) return;
+    if (statusLine && WAITING_TEXT[status.generation]) statusLine.textContent = WAITING_TEXT[status.generation];
     if (status.generation === "ready" || status.state !== "waiting") {
       finished = true;
       window.location.reload();

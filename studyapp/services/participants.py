@@ -1,10 +1,6 @@
-"""Changes to studies and participants. Each runs in one transaction and fires its side effects (task
-enqueue, socket event) with transaction.on_commit. Judgments (picks, ratings, survey) and the storing of
-generated responses are in annotation/services.py.
-
-A participant row is locked (selectors.participant_for_update) by every change to it, so two tabs or a
-double-click can never both move it.
-"""
+"""Changes to participants. A participant row is locked (selectors.participant_for_update) by every
+change to it, so two tabs or a double-click can never both move it; every change of state tells the
+participant's open pages and the study's dashboards once the transaction commits."""
 
 import hashlib
 import hmac
@@ -18,7 +14,7 @@ from django.utils import timezone
 from annotation.models import ElicitationItem, GeneratedResponse, RatingItem, SurveyResponse
 from annotation.services import elicitation_items_assign
 from studyapp.models import Participant, Study
-from studyapp.realtime import notify_participant_on_commit
+from studyapp.realtime import notify_participant_on_commit, notify_study_on_commit
 from studyapp.selectors import participant_for_update, participant_status, study_places_taken
 
 State = Participant.State
@@ -60,6 +56,7 @@ def participant_enroll(
         if not study.is_open:
             raise StudyClosed(study.slug)
         full = study_places_taken(study=study) >= study.quota
+        notify_study_on_commit(study.pk)
         return Participant.objects.create(
             study=study,
             recruitment_id_hash=id_hash,
@@ -83,6 +80,7 @@ def participant_consent(*, participant: Participant, agreed: bool) -> Participan
         else:
             participant.state, participant.finished_at = State.DECLINED, now
         participant.save(update_fields=["state", "consented_at", "finished_at", "updated_at"])
+        notify_study_on_commit(participant.study_id)
         return participant
 
 
@@ -100,6 +98,7 @@ def participant_start_elicitation(*, participant: Participant) -> Participant:
             )
         participant.state, participant.n_picks, participant.picks_done = State.ELICITATION, n, 0
         participant.save(update_fields=["state", "n_picks", "picks_done", "updated_at"])
+        notify_study_on_commit(participant.study_id)
         return participant
 
 
@@ -123,6 +122,7 @@ def participant_withdraw(*, participant: Participant) -> Participant:
         participant.finished_at = timezone.now()
         participant.save()
         notify_participant_on_commit(participant.token, participant_status(participant=participant))
+        notify_study_on_commit(participant.study_id)
         return participant
 
 
@@ -140,6 +140,7 @@ def participant_generation_start(*, participant_id: int) -> bool:
         participant.generation = Generation.RUNNING
         participant.save(update_fields=["generation", "updated_at"])
         notify_participant_on_commit(participant.token, participant_status(participant=participant))
+        notify_study_on_commit(participant.study_id)
         return True
 
 
@@ -156,3 +157,4 @@ def participant_generation_fail(*, participant_id: int, error: str) -> None:
         participant.generation, participant.generation_error = Generation.FAILED, error
         participant.save(update_fields=["generation", "generation_error", "updated_at"])
         notify_participant_on_commit(participant.token, participant_status(participant=participant))
+        notify_study_on_commit(participant.study_id)

@@ -1,0 +1,271 @@
+"""Coordinators' jobs (synthetic generation, training, evaluation): launched from the studio, run by the
+worker (worker/tasks.py), which reports through the job_* services here. Every change to a job tells its
+page (realtime.notify_job) once the transaction commits."""
+
+import json
+import uuid
+from collections.abc import Mapping
+from dataclasses import asdict
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from django.core.exceptions import ValidationError
+from django.core.validators import validate_slug
+from django.db import transaction
+from django.utils import timezone
+
+from studyapp.datastore import (
+    CHECKPOINT_MANIFEST,
+    DATASET_MANIFEST,
+    output_dir_for,
+    relative_to_root,
+    resolve_in_data_root,
+)
+from studyapp.models import Job, Study
+from studyapp.realtime import notify_job_on_commit
+from studyapp.selectors import job_status
+
+# The Celery task of each kind (routed to its queue by CELERY_TASK_ROUTES).
+JOB_TASKS = {
+    Job.Kind.SYNTH: "synth_generate",
+    Job.Kind.TRAIN: "train_checkpoint",
+    Job.Kind.EVALUATE: "evaluate_arms",
+}
+# A file whose presence means the job's output is complete (it is written last).
+JOB_OUTPUT_MARKERS = {
+    Job.Kind.SYNTH: DATASET_MANIFEST,
+    Job.Kind.TRAIN: CHECKPOINT_MANIFEST,
+    Job.Kind.EVALUATE: "report.md",
+}
+ACTIVE_JOB_STATES = (Job.Status.QUEUED, Job.Status.RUNNING)
+
+
+def job_launch(
+    *, kind: str, params: Mapping[str, Any], created_by: Any = None, study: Study | None = None
+) -> Job:
+    """Check a job's parameters, create it (queued) and enqueue its task once the transaction commits.
+
+    `params["name"]` names the job's output folder under the data folder (datasets/, checkpoints/ or
+    evaluations/); the other parameters depend on the kind (see _synth_params, _train_params,
+    _evaluate_params): paths are relative to the data folder, and the modeling side's own config checks
+    run here, so a bad job is refused with a ValidationError and nothing is created."""
+    if kind not in JOB_TASKS:
+        raise ValidationError(f"There is no job of kind '{kind}'.")
+    name = str(params.get("name", "")).strip()
+    try:
+        validate_slug(name)
+    except ValidationError:
+        raise ValidationError(
+            {"name": ["Name the output with letters, numbers, hyphens or underscores only."]}
+        ) from None
+    output_dir = output_dir_for(kind, name)
+    if (output_dir / JOB_OUTPUT_MARKERS[kind]).exists():
+        raise ValidationError(
+            {"name": [f"{relative_to_root(output_dir)} exists already; choose another name."]}
+        )
+    worker_params = {"name": name, **JOB_PARAMS[kind]({**params, "name": name}, output_dir)}
+    with transaction.atomic():
+        if Job.objects.filter(output_dir=str(output_dir), status__in=ACTIVE_JOB_STATES).exists():
+            raise ValidationError(
+                {"name": [f"Another job is already writing {relative_to_root(output_dir)}."]}
+            )
+        task_id = str(uuid.uuid4())
+        who = getattr(created_by, "get_username", lambda: "")() or "someone"
+        job = Job.objects.create(
+            kind=kind,
+            params=worker_params,
+            output_dir=str(output_dir),
+            study=study,
+            created_by=created_by,
+            celery_task_id=task_id,
+            log=_log_line(f"queued by {who}"),
+        )
+        transaction.on_commit(partial(_enqueue_job, JOB_TASKS[kind], str(job.pk), task_id))
+        return job
+
+
+def _enqueue_job(task_name: str, job_id: str, task_id: str) -> None:
+    # Imported here: worker.tasks imports these services (the arrow is tasks -> services).
+    from worker import tasks
+
+    getattr(tasks, task_name).apply_async(args=[job_id], task_id=task_id)
+
+
+def _config_error(exc: ValueError) -> ValidationError:
+    return ValidationError(
+        str(exc).removeprefix("invalid synth config: ").removeprefix("invalid train config: ")
+    )
+
+
+def _pick(params: Mapping[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    missing = [k for k in keys if k not in params]
+    if missing:
+        raise ValidationError(f"The job is missing the parameters {', '.join(missing)}.")
+    return {k: params[k] for k in keys}
+
+
+def _in_data_root(path: str, *, field: str, what: str) -> Path:
+    try:
+        return resolve_in_data_root(path, what=what)
+    except ValidationError as exc:
+        raise ValidationError({field: exc.messages}) from None
+
+
+def _dataset(path: str) -> Path:
+    from modeling.synth import DatasetError, load_dataset
+
+    resolved = _in_data_root(path, field="dataset", what="dataset")
+    try:
+        load_dataset(resolved)
+    except DatasetError as exc:
+        raise ValidationError({"dataset": [str(exc)]}) from None
+    return resolved
+
+
+def _synth_params(params: Mapping[str, Any], output_dir: Path) -> dict[str, Any]:
+    """domain (a built-in domain), users, pairs_per_user, seed."""
+    from modeling.synth import BUILTIN_DOMAINS, SynthConfig
+
+    if params.get("domain") not in BUILTIN_DOMAINS:
+        raise ValidationError({"domain": [f"Choose one of {', '.join(BUILTIN_DOMAINS)}."]})
+    clean = _pick(params, ("domain", "users", "pairs_per_user", "seed"))
+    try:
+        SynthConfig(**clean)
+    except ValueError as exc:
+        raise _config_error(exc) from None
+    return clean
+
+
+def _train_params(params: Mapping[str, Any], output_dir: Path) -> dict[str, Any]:
+    """dataset; init (a checkpoint to start from, empty for a pretrain from scratch); stage, context,
+    cot, shots (lo, hi), steps, batch_size, lr, seed: the modeling.train.TrainConfig fields."""
+    from modeling.train import TrainConfig  # loads torch: only when a training job is launched
+
+    init = str(params.get("init") or "").strip()
+    init_dir = _in_data_root(init, field="init", what="starting checkpoint") if init else None
+    if init_dir is not None and not init_dir.is_dir():
+        raise ValidationError({"init": [f"{init} is not a folder in the data folder."]})
+    fields = _pick(params, ("stage", "context", "cot", "shots", "steps", "batch_size", "lr", "seed"))
+    fields["shots"] = tuple(fields["shots"])
+    try:
+        config = TrainConfig(
+            dataset=str(_dataset(str(params.get("dataset", "")))),
+            out_dir=str(output_dir),
+            init=str(init_dir) if init_dir else None,
+            **fields,
+        )
+    except ValueError as exc:
+        raise _config_error(exc) from None
+    return {"config": json.loads(json.dumps(config.to_dict()))}
+
+
+def _evaluate_params(params: Mapping[str, Any], output_dir: Path) -> dict[str, Any]:
+    """dataset; arms (lines of name=checkpoint[:context][:cot], checkpoints in the data folder);
+    baseline (an arm's name); episodes; shots."""
+    from modeling.evaluate import Arm as EvalArm
+
+    problems, arms = [], []
+    for number, line in enumerate(str(params.get("arms", "")).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            arm = EvalArm.parse(line.strip())
+            model = resolve_in_data_root(arm.model, what=f"checkpoint of arm '{arm.name}'")
+        except (ValueError, ValidationError) as exc:
+            problems += [f"Line {number}: {m}" for m in getattr(exc, "messages", [str(exc)])]
+            continue
+        if not model.is_dir():
+            problems.append(f"Line {number}: {arm.model} is not a folder in the data folder.")
+        arms.append(asdict(arm) | {"model": str(model)})
+    names = [arm["name"] for arm in arms]
+    if not problems and len(names) < 2:
+        problems.append("Give at least two arms: the arms to evaluate and the baseline.")
+    problems += [f"Two arms are named '{n}'." for n in sorted({n for n in names if names.count(n) > 1})]
+    if problems:
+        raise ValidationError({"arms": problems})
+    if params.get("baseline") not in names:
+        raise ValidationError({"baseline": [f"The baseline must be one of the arms: {', '.join(names)}."]})
+    counts = _pick(params, ("episodes", "shots"))
+    return {
+        "dataset": str(_dataset(str(params.get("dataset", "")))),
+        "arms": arms,
+        "baseline": params["baseline"],
+        "episodes": int(counts["episodes"]),
+        "shots": int(counts["shots"]),
+    }
+
+
+JOB_PARAMS = {
+    Job.Kind.SYNTH: _synth_params,
+    Job.Kind.TRAIN: _train_params,
+    Job.Kind.EVALUATE: _evaluate_params,
+}
+
+
+def _log_line(message: str) -> str:
+    return f"{timezone.now():%Y-%m-%d %H:%M:%S} {message}\n"
+
+
+def _job_change(job_id: str) -> Job | None:
+    """The job, locked until the end of the transaction (every change to a job goes through this)."""
+    return Job.objects.select_for_update().filter(pk=job_id).first()
+
+
+def _job_save(job: Job, log: str = "") -> None:
+    job.log += _log_line(log) if log else ""
+    job.save()
+    notify_job_on_commit(str(job.pk), job_status(job=job))
+
+
+def job_start(*, job_id: str, celery_task_id: str = "") -> Job | None:
+    """A worker has picked the job up: it is running. None when there is nothing to run: the job is gone
+    or has finished (a redelivered message). A job found running was lost with its worker and starts again
+    (training resumes from its last checkpoint)."""
+    with transaction.atomic():
+        job = _job_change(job_id)
+        if job is None or job.is_finished:
+            return None
+        again = job.status == Job.Status.RUNNING
+        job.status, job.started_at, job.error = Job.Status.RUNNING, timezone.now(), ""
+        job.celery_task_id = celery_task_id or job.celery_task_id
+        _job_save(job, "restarted (its worker was lost)" if again else "started")
+        return job
+
+
+def job_progress_record(*, job_id: str, done: int, total: int, stage: str, log_line: str = "") -> None:
+    """Record a running job's progress (from the modeling entry point's progress callback)."""
+    with transaction.atomic():
+        job = _job_change(job_id)
+        if job is None or job.status != Job.Status.RUNNING:
+            return
+        job.progress_done, job.progress_total, job.stage = max(done, 0), max(total, 0), stage[:200]
+        _job_save(job, log_line)
+
+
+def job_log_append(*, job_id: str, line: str) -> None:
+    with transaction.atomic():
+        job = _job_change(job_id)
+        if job is not None:
+            _job_save(job, line)
+
+
+def job_succeed(*, job_id: str, result: Mapping[str, Any]) -> None:
+    """The job finished: store what the modeling entry point returned (its metrics) with the job."""
+    with transaction.atomic():
+        job = _job_change(job_id)
+        if job is None:
+            return
+        job.status, job.finished_at, job.result = Job.Status.SUCCEEDED, timezone.now(), dict(result)
+        if job.progress_total:
+            job.progress_done = job.progress_total
+        _job_save(job, "succeeded")
+
+
+def job_fail(*, job_id: str, error: str) -> None:
+    with transaction.atomic():
+        job = _job_change(job_id)
+        if job is None:
+            return
+        job.status, job.finished_at, job.error = Job.Status.FAILED, timezone.now(), error
+        _job_save(job, f"failed: {error.splitlines()[0] if error else 'no message'}")

@@ -1,0 +1,58 @@
+"""Number formats of the studio's pages (studio.js formats live updates the same way)."""
+
+from typing import Any
+
+from django import template
+
+register = template.Library()
+
+
+@register.filter
+def pct(value: Any) -> str:
+    """A proportion as a percentage with one decimal ("71.2%"), or "—" when there is none."""
+    if value is None or value == "":
+        return "—"
+    return f"{100 * float(value):.1f}%"
+
+
+@register.filter
+def width(value: Any) -> str:
+    """A proportion as a CSS width percentage, clamped to 0–100 ("71.2")."""
+    if value is None or value == "":
+        return "0"
+    return f"{min(100.0, max(0.0, 100 * float(value))):.1f}"
+
+
+@register.filter
+def pvalue(value: Any) -> str:
+    """A p-value with two significant digits ("0.031", "4.2e-5"), or "—"."""
+    if value is None or value == "":
+        return "—"
+    p = float(value)
+    if 0 < p < 1e-4:
+        return f"{p:.1e}".replace("e-0", "e-")
+    return f"{p:.2g}"
+
+
+@register.filter
+def metric(value: Any) -> str:
+    """A metric for a table: floats with four significant digits, the rest as they are."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "—" if value is None else str(value)
+
+
+@register.filter
+def humanize_key(value: str) -> str:
+    """A result key as a label: "order_swap_agreement_final" → "Order swap agreement final"."""
+    text = str(value).replace("_", " ")
+    return text[:1].upper() + text[1:]
+
+
+@register.filter
+def thousands(value: Any) -> str:
+    """An integer with thousands separators ("1,000,000"); studio.js uses toLocaleString("en-US")."""
+    try:
+        return f"{int(value):,}"
+    except (TypeError, ValueError):
+        return str(value)
