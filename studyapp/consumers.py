@@ -36,11 +36,30 @@ def _job_status(job_id: str) -> dict[str, Any] | None:
     return job_status_by_id(job_id=job_id)
 
 
-class JobProgressConsumer(AsyncJsonWebsocketConsumer):
-    """A job page's socket (coordinators only): the job's status at once, then every event sent with
-    realtime.notify_job."""
+class GroupConsumer(AsyncJsonWebsocketConsumer):
+    """The shape every live page shares: after its own access check a consumer joins one group, accepts
+    and sends the current state; it leaves the group when the socket closes."""
 
     group: str | None = None
+
+    async def join(self, group: str, current: dict[str, Any] | None) -> None:
+        self.group = group
+        await self.channel_layer.group_add(group, self.channel_name)
+        await self.accept()
+        if current is not None:
+            await self.send_json(current)
+
+    async def disconnect(self, code: int) -> None:
+        if self.group is not None:
+            await self.channel_layer.group_discard(self.group, self.channel_name)
+
+    async def forward(self, event: dict[str, Any]) -> None:
+        await self.send_json(event["payload"])
+
+
+class JobProgressConsumer(GroupConsumer):
+    """A job page's socket (coordinators only): the job's status at once, then every event sent with
+    realtime.notify_job."""
 
     async def connect(self) -> None:
         if not await _is_coordinator(self.scope):
@@ -51,17 +70,10 @@ class JobProgressConsumer(AsyncJsonWebsocketConsumer):
         if status is None:
             await self.close(code=NOT_FOUND)
             return
-        self.group = job_group(job_id)
-        await self.channel_layer.group_add(self.group, self.channel_name)
-        await self.accept()
-        await self.send_json(status)
-
-    async def disconnect(self, code: int) -> None:
-        if self.group is not None:
-            await self.channel_layer.group_discard(self.group, self.channel_name)
+        await self.join(job_group(job_id), status)
 
     async def job_progress(self, event: dict[str, Any]) -> None:
-        await self.send_json(event["payload"])
+        await self.forward(event)
 
 
 @database_sync_to_async
@@ -69,11 +81,10 @@ def _study_id(slug: str) -> int | None:
     return Study.objects.filter(slug=slug).values_list("pk", flat=True).first()
 
 
-class StudyDashboardConsumer(AsyncJsonWebsocketConsumer):
+class StudyDashboardConsumer(GroupConsumer):
     """A study dashboard's socket (coordinators only): the dashboard's numbers at once, and again each
     time a service tells the study's group that participants or ratings changed (realtime.notify_study)."""
 
-    group: str | None = None
     study_id: int | None = None
 
     async def connect(self) -> None:
@@ -84,14 +95,8 @@ class StudyDashboardConsumer(AsyncJsonWebsocketConsumer):
         if self.study_id is None:
             await self.close(code=NOT_FOUND)
             return
-        self.group = study_group(self.study_id)
-        await self.channel_layer.group_add(self.group, self.channel_name)
-        await self.accept()
+        await self.join(study_group(self.study_id), None)
         await self.send_dashboard()
-
-    async def disconnect(self, code: int) -> None:
-        if self.group is not None:
-            await self.channel_layer.group_discard(self.group, self.channel_name)
 
     async def study_changed(self, event: dict[str, Any]) -> None:
         await self.send_dashboard()
@@ -112,12 +117,10 @@ def _owned_status(session: Any, token: str) -> dict[str, Any] | None:
     return participant_status_by_token(token=token)
 
 
-class ParticipantConsumer(AsyncJsonWebsocketConsumer):
+class ParticipantConsumer(GroupConsumer):
     """The waiting page's socket: only the participant's own session may join. It sends the current
     status at once (so an update made before the socket opened is not missed), then every update sent
     with realtime.notify_participant."""
-
-    group: str | None = None
 
     async def connect(self) -> None:
         token = self.scope["url_route"]["kwargs"]["token"]
@@ -125,14 +128,7 @@ class ParticipantConsumer(AsyncJsonWebsocketConsumer):
         if status is None:
             await self.close(code=FORBIDDEN)
             return
-        self.group = participant_group(token)
-        await self.channel_layer.group_add(self.group, self.channel_name)
-        await self.accept()
-        await self.send_json(status)
-
-    async def disconnect(self, code: int) -> None:
-        if self.group is not None:
-            await self.channel_layer.group_discard(self.group, self.channel_name)
+        await self.join(participant_group(token), status)
 
     async def participant_update(self, event: dict[str, Any]) -> None:
-        await self.send_json(event["payload"])
+        await self.forward(event)
