@@ -63,7 +63,22 @@ class CandidatePair(models.Model):
         return f"pair {self.pk} on {self.question}"
 
 
-class ElicitationItem(models.Model):
+class ShownSideBySide:
+    """An item shown as two texts side by side; ``text_on(side)`` says which text is on which side."""
+
+    def text_on(self, side: str) -> str:
+        raise NotImplementedError
+
+    @property
+    def left_text(self) -> str:
+        return self.text_on(Side.LEFT)
+
+    @property
+    def right_text(self) -> str:
+        return self.text_on(Side.RIGHT)
+
+
+class ElicitationItem(ShownSideBySide, models.Model):
     """A candidate pair as shown to one participant: its position in their sequence and its sides."""
 
     participant = models.ForeignKey(Participant, on_delete=models.CASCADE, related_name="elicitation_items")
@@ -82,14 +97,6 @@ class ElicitationItem(models.Model):
     def text_on(self, side: str) -> str:
         a_side = Side.LEFT if self.a_on_left else Side.RIGHT
         return self.pair.response_a if side == a_side else self.pair.response_b
-
-    @property
-    def left_text(self) -> str:
-        return self.text_on(Side.LEFT)
-
-    @property
-    def right_text(self) -> str:
-        return self.text_on(Side.RIGHT)
 
 
 class ElicitationPick(models.Model):
@@ -133,7 +140,7 @@ class GeneratedResponse(models.Model):
         ]
 
 
-class RatingItem(models.Model):
+class RatingItem(ShownSideBySide, models.Model):
     """A blind A/B pair shown to one participant: position and sides are recorded; the arm never shows.
 
     A repeat shows an earlier item's responses again with sides swapped (`repeat_of`); an attention check
@@ -192,14 +199,6 @@ class RatingItem(models.Model):
         if self.is_attention_check:
             return ATTENTION_CHECK_PICK_ME if side == self.expected_choice else ATTENTION_CHECK_OTHER
         return (self.left if side == Side.LEFT else self.right).text
-
-    @property
-    def left_text(self) -> str:
-        return self.text_on(Side.LEFT)
-
-    @property
-    def right_text(self) -> str:
-        return self.text_on(Side.RIGHT)
 
 
 class Rating(models.Model):
