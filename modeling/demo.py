@@ -6,14 +6,23 @@
    meta-trained with Pref-FT and IPO (FSPO), beside the aggregate IPO baseline; every arm answers held-out
    users' held-out questions and the exact oracle judges each against the base. Prints the comparison
    table and the shot-count sweep; the report, plots and generations are in the run folder.
+3. The study platform on the embedded defaults (``manage.py demo_site``, in another process: modeling
+   never imports Django): SQLite, the serverless Celery broker and a worker, the in-memory channel layer,
+   and a study whose FSPO arm is the model of step 2 (the base model with no user context is its
+   baseline). It prints the coordinator's login and a participant link and serves until Ctrl-C;
+   ``--check`` instead walks one scripted participant through the study over HTTP and stops.
 
-Trained stages are kept: a second run skips them and only evaluates (``--retrain`` starts over).
+Trained stages are kept: a second run skips them and only evaluates (``--retrain`` starts over). The
+site's database (under ``<out>/site/``) is kept too: a rerun reuses its study and coordinator account.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -31,7 +40,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-embeddings", action="store_true")
     p.add_argument("--no-train", action="store_true", help="only the synthetic data step")
     p.add_argument("--retrain", action="store_true", help="train every stage again")
+    p.add_argument("--no-site", action="store_true", help="stop after training (do not start the platform)")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="walk one scripted participant through the platform, then stop (implies --no-embeddings)",
+    )
+    p.add_argument("--port", type=int, default=8000, help="the platform's port (0: any free port)")
     args = p.parse_args(argv)
+    args.no_embeddings = args.no_embeddings or args.check
     quiet_library_progress_bars()
 
     t0 = time.perf_counter()
@@ -60,10 +77,17 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     out.print(f"datasets under {args.out}/ ; inspect one with: ./run fspo synth stats {paths[0]}")
-    if not args.no_train:
-        train_and_evaluate(args.out / "elix", args.out / "fspo-elix", retrain=args.retrain)
-    out.print(f"done in {time.perf_counter() - t0:.1f} s")
-    return 0
+    if args.no_train:
+        out.print(f"done in {time.perf_counter() - t0:.1f} s")
+        return 0
+    train_and_evaluate(args.out / "elix", args.out / "fspo-elix", retrain=args.retrain)
+    out.print(f"steps 1-2 done in {time.perf_counter() - t0:.1f} s")
+    if args.no_site:
+        return 0
+    status = start_site(args.out, check=args.check, port=args.port)
+    if args.check:
+        out.print(f"done in {time.perf_counter() - t0:.1f} s")
+    return status
 
 
 # The demo's budget: about five minutes of training on two CPU cores.
@@ -91,6 +115,39 @@ def train_and_evaluate(dataset: Path, run_dir: Path, *, retrain: bool = False) -
     with progress_bar("FSPO") as update:
         result = run_pipeline(pc, progress=update, log=console.print)
     _print_eval(result)
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def start_site(out_dir: Path, *, check: bool, port: int) -> int:
+    """Step 3: ``manage.py demo_site`` on the embedded defaults, with the database, the broker and the
+    logs under ``<out_dir>/site/``; its exit status. Ctrl-C reaches it too: it then stops its server and
+    worker, and this waits for it."""
+    out_dir = out_dir.resolve()
+    site = out_dir / "site"
+    site.mkdir(parents=True, exist_ok=True)
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("REDIS_URL", "CELERY_BROKER_URL", "CELERY_RESULT_BACKEND")
+    }
+    env.update(
+        DATABASE_URL=f"sqlite:///{site / 'db.sqlite3'}",
+        CELERY_BROKER_URL=f"sqla+sqlite:///{site / 'celery-broker.sqlite'}",
+        CELERY_RESULT_BACKEND=f"db+sqlite:///{site / 'celery-results.sqlite'}",
+        STUDIO_DATA_DIR=str(out_dir),  # paths typed into the studio (e.g. elix, fspo-elix/fspo) resolve here
+    )
+    run = out_dir / "fspo-elix"
+    argv = [sys.executable, str(REPO / "manage.py"), "demo_site", "--dataset", str(out_dir / "elix")]
+    argv += ["--fspo", str(run / "fspo"), "--base", str(run / "base"), "--site-dir", str(site)]
+    argv += ["--port", str(port), *(["--check"] if check else [])]
+    proc = subprocess.Popen(argv, cwd=REPO, env=env)
+    while True:
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:
+            continue  # the site got the same Ctrl-C and is stopping its server and worker
 
 
 if __name__ == "__main__":

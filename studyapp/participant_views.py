@@ -21,6 +21,7 @@ from annotation.services import elicitation_pick_record, item_mark_shown, rating
 from studyapp.flow import Step, participant_next_step, participant_progress, step_url
 from studyapp.forms import PickForm, RatingForm, SurveyForm
 from studyapp.models import Participant, Study
+from studyapp.realtime import live_socket_path
 from studyapp.selectors import participant_by_token, participant_outcome, participant_status
 from studyapp.services import (
     StudyClosed,
@@ -170,7 +171,7 @@ def pick(request: HttpRequest, participant: Participant, step: Step) -> HttpResp
 def waiting(request: HttpRequest, participant: Participant, step: Step) -> HttpResponse:
     context = {
         "status": participant_status(participant=participant),
-        "socket_path": f"/ws/participants/{participant.token}/",
+        "socket_path": live_socket_path(f"/ws/participants/{participant.token}/"),
         "status_url": reverse("participant-status", kwargs={"slug": participant.study.slug}),
     }
     return _page(request, participant, step, "waiting.html", context)

@@ -4,7 +4,17 @@ from typing import Any
 
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
+from django.conf import settings
 from django.db import transaction
+
+IN_MEMORY_LAYER = "channels.layers.InMemoryChannelLayer"
+
+
+def live_socket_path(path: str) -> str:
+    """The socket a live page should open, or "" when the page should poll instead: the in-memory
+    channel layer (the embedded default) lives inside one process, so what a worker process sends never
+    reaches a socket the web server holds, and a page listening there would wait forever."""
+    return "" if settings.CHANNEL_LAYERS["default"]["BACKEND"] == IN_MEMORY_LAYER else path
 
 
 def job_group(job_id: str) -> str:

@@ -18,6 +18,7 @@ from annotation.models import CandidatePair, Question
 from studyapp.coordinators import coordinator_required
 from studyapp.datastore import checkpoints_available, datasets_available, relative_to_root
 from studyapp.models import Job, Study
+from studyapp.realtime import live_socket_path
 from studyapp.reports import report_blocks
 from studyapp.selectors import job_status, studies_overview, study_dashboard
 from studyapp.services import job_launch, study_create, study_update
@@ -121,7 +122,7 @@ def dashboard(request: HttpRequest, slug: str) -> HttpResponse:
         "dashboard": study_dashboard(study=study).to_json(),
         "entry_url": request.build_absolute_uri(reverse("participant-entry", kwargs={"slug": study.slug}))
         + PROLIFIC_PARAMS,
-        "socket_path": f"/ws/studies/{study.slug}/dashboard/",
+        "socket_path": live_socket_path(f"/ws/studies/{study.slug}/dashboard/"),
         "poll_url": reverse("studio-study-dashboard-json", kwargs={"slug": study.slug}),
         "arms": study.arms.order_by("name"),
         "jobs": study.jobs.order_by("-created_at")[:RECENT_JOBS],
@@ -210,7 +211,7 @@ def job_page(request: HttpRequest, job_id: str) -> HttpResponse:
         "job": job,
         "status": job_status(job=job),
         "output": relative_to_root(job.output_dir) if job.output_dir else "",
-        "socket_path": f"/ws/jobs/{job.pk}/",
+        "socket_path": live_socket_path(f"/ws/jobs/{job.pk}/"),
         "poll_url": reverse("studio-job-status", kwargs={"job_id": job.pk}),
         **_job_results(job),
     }

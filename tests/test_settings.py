@@ -27,6 +27,7 @@ from studyapp.celery import app
 print(json.dumps({
     "db_engine": settings.DATABASES["default"]["ENGINE"],
     "db_name": str(settings.DATABASES["default"]["NAME"]),
+    "db_options": settings.DATABASES["default"].get("OPTIONS", {}),
     "broker_url": app.conf.broker_url,
     "result_backend": app.conf.result_backend,
     "channel_layer": settings.CHANNEL_LAYERS["default"]["BACKEND"],
@@ -61,6 +62,14 @@ def test_it_uses_sqlite_under_var_by_default() -> None:
 
     assert seen["db_engine"] == "django.db.backends.sqlite3"
     assert seen["db_name"] == str(REPO / "var" / "db.sqlite3")
+
+
+def test_it_lets_the_server_and_the_worker_share_a_sqlite_file(tmp_path: Path) -> None:
+    seen = settings_under(DATABASE_URL=f"sqlite:///{tmp_path / 'site.sqlite3'}")
+
+    assert seen["db_name"] == str(tmp_path / "site.sqlite3")
+    assert seen["db_options"]["init_command"] == "PRAGMA journal_mode=WAL"
+    assert seen["db_options"]["transaction_mode"] == "IMMEDIATE"
 
 
 def test_it_puts_celery_and_channels_on_redis_when_redis_url_is_set() -> None:

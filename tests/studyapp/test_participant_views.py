@@ -254,6 +254,20 @@ def test_it_reports_the_generation_status_as_json_for_polling() -> None:
     assert response.json() == {"state": "waiting", "generation": "queued"}
 
 
+def test_it_has_the_waiting_page_poll_when_the_channel_layer_cannot_carry_the_workers_events(
+    settings,
+) -> None:
+    # The in-memory layer (the embedded default) lives in the server's process: the worker's "ready" never
+    # reaches a socket the server holds, so the page gets no socket to wait on.
+    settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+    participant = participant_waiting(make_study())
+
+    page = browser_of(participant).get(url(participant.study, "waiting/")).content.decode()
+
+    assert 'data-socket-path=""' in page
+    assert "/ws/participants/" not in page
+
+
 def test_it_enqueues_personalization_only_when_the_last_pick_commits(
     django_capture_on_commit_callbacks,
 ) -> None:

@@ -400,6 +400,21 @@ def test_it_answers_the_dashboards_polling_with_its_numbers(coordinator: Client)
     assert {row["step"]: row["count"] for row in response.json()["by_step"]}["elicitation"] == 1
 
 
+def test_it_has_live_pages_poll_when_the_channel_layer_cannot_carry_the_workers_events(
+    coordinator: Client, settings
+) -> None:
+    settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+    study = make_study()
+    job = make_job(study=study)
+
+    pages = [
+        coordinator.get(path).content.decode()
+        for path in (f"/studio/studies/{study.slug}/", f"/studio/jobs/{job.pk}/")
+    ]
+
+    assert all('data-socket-path=""' in page and "/ws/" not in page for page in pages)
+
+
 def test_it_renders_every_studio_page_for_a_coordinator(coordinator: Client) -> None:
     study = make_study()
     job = make_job(study=study)

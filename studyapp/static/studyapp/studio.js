@@ -1,6 +1,7 @@
 // The studio's live pages, in plain JavaScript: the job page and the study dashboard follow their
-// WebSocket, and poll their JSON endpoint every few seconds while the socket is down. Numbers are
-// formatted as the templates format them (studyapp/templatetags/studio.py).
+// WebSocket, and poll their JSON endpoint every few seconds while the socket is down (or when the page
+// has no socket to open). Numbers are formatted as the templates format them
+// (studyapp/templatetags/studio.py).
 (function () {
   "use strict";
   var POLL_MS = 3000;
@@ -23,6 +24,10 @@
     function stop() {
       if (timer !== null) { window.clearInterval(timer); timer = null; }
       if (socket) { socket.onclose = null; socket.close(); }
+    }
+    if (!root.dataset.socketPath) {  // the server's channel layer cannot carry a worker's events
+      poll();
+      return;
     }
     try {
       var scheme = window.location.protocol === "https:" ? "wss://" : "ws://";

@@ -1,5 +1,5 @@
 // The waiting page: wait for the participant's responses over a WebSocket, polling the status URL if
-// the socket cannot be opened or drops. When they are ready (or the participant has moved on) the page
+// the socket cannot be opened or drops, or if the page has no socket to open. When they are ready (or the participant has moved on) the page
 // reloads, and the server redirects to the right step; if generation failed, the message is shown.
 (function () {
   "use strict";
@@ -39,6 +39,12 @@
     }, POLL_MS);
   }
 
+  // No socket path: the server's channel layer cannot carry the worker's events (it lives in one
+  // process), so polling is the only way to hear about them.
+  if (!root.dataset.socketPath) {
+    poll();
+    return;
+  }
   try {
     var scheme = window.location.protocol === "https:" ? "wss://" : "ws://";
     var socket = new WebSocket(scheme + window.location.host + root.dataset.socketPath);

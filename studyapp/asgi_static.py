@@ -1,5 +1,6 @@
-"""The project's ASGI application as the browser tests serve it: unchanged, plus the static files (which a
-deployment serves from STATIC_ROOT after collectstatic, and `manage.py runserver` wraps in the same way)."""
+"""The project's ASGI application as a single-machine server runs it (the demo site, the browser tests):
+unchanged, plus the static files, which a deployment serves from STATIC_ROOT after collectstatic (and
+which `manage.py runserver` wraps in the same way)."""
 
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler
 
