@@ -94,13 +94,13 @@ def elicitation_pick_record(*, participant: Participant, item_id: int, choice: s
         participant.picks_done += 1
         if participant.picks_done == participant.n_picks:
             participant.state, participant.generation = State.WAITING, Participant.Generation.QUEUED
-            transaction.on_commit(partial(_enqueue_personalize, participant.pk))
+            transaction.on_commit(partial(personalize_enqueue, participant.pk))
             notify_study_on_commit(participant.study_id)
         participant.save(update_fields=["picks_done", "state", "generation", "updated_at"])
         return True
 
 
-def _enqueue_personalize(participant_id: int) -> None:
+def personalize_enqueue(participant_id: int) -> None:
     # Imported here: worker.tasks imports these services (the arrow is tasks -> services).
     from worker.tasks import personalize
 

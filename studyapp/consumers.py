@@ -1,7 +1,7 @@
 """WebSocket consumers. Each one authenticates, joins a group named by studyapp.realtime, and forwards.
 
 - JobProgressConsumer (/ws/jobs/<id>/) and StudyDashboardConsumer (/ws/studies/<slug>/dashboard/):
-  coordinators only (studyapp.coordinators), checked on connect.
+  coordinators and analysts only (studyapp.coordinators.can_view_studio), checked on connect.
 - ParticipantConsumer (/ws/participants/<token>/): only the participant's own browser session.
 """
 
@@ -11,7 +11,7 @@ from typing import Any
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
-from studyapp.coordinators import is_coordinator
+from studyapp.coordinators import can_view_studio
 from studyapp.models import Study
 from studyapp.realtime import job_group, participant_group, study_group
 from studyapp.selectors import job_status_by_id, participant_status_by_token, study_dashboard_by_id
@@ -23,8 +23,8 @@ NOT_FOUND = 4404
 
 
 @database_sync_to_async
-def _is_coordinator(scope: dict[str, Any]) -> bool:
-    return is_coordinator(scope.get("user"))
+def _can_view_studio(scope: dict[str, Any]) -> bool:
+    return can_view_studio(scope.get("user"))
 
 
 @database_sync_to_async
@@ -58,11 +58,11 @@ class GroupConsumer(AsyncJsonWebsocketConsumer):
 
 
 class JobProgressConsumer(GroupConsumer):
-    """A job page's socket (coordinators only): the job's status at once, then every event sent with
-    realtime.notify_job."""
+    """A job page's socket (coordinators and analysts): the job's status at once, then every event sent
+    with realtime.notify_job."""
 
     async def connect(self) -> None:
-        if not await _is_coordinator(self.scope):
+        if not await _can_view_studio(self.scope):
             await self.close(code=FORBIDDEN)
             return
         job_id = self.scope["url_route"]["kwargs"]["job_id"]
@@ -82,13 +82,14 @@ def _study_id(slug: str) -> int | None:
 
 
 class StudyDashboardConsumer(GroupConsumer):
-    """A study dashboard's socket (coordinators only): the dashboard's numbers at once, and again each
-    time a service tells the study's group that participants or ratings changed (realtime.notify_study)."""
+    """A study dashboard's socket (coordinators and analysts): the dashboard's numbers at once, and again
+    each time a service tells the study's group that participants or ratings changed
+    (realtime.notify_study)."""
 
     study_id: int | None = None
 
     async def connect(self) -> None:
-        if not await _is_coordinator(self.scope):
+        if not await _can_view_studio(self.scope):
             await self.close(code=FORBIDDEN)
             return
         self.study_id = await _study_id(self.scope["url_route"]["kwargs"]["slug"])

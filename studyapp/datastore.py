@@ -2,6 +2,7 @@
 runs, all under settings.STUDIO_DATA_DIR. Paths typed into the studio are resolved here and refused when
 they point outside that folder, so the web pages never read or write anywhere else on the server."""
 
+import json
 from pathlib import Path
 
 from django.conf import settings
@@ -45,18 +46,38 @@ def relative_to_root(path: str | Path) -> str:
         return str(path)
 
 
-def _complete_dirs(folder: str, manifest: str) -> list[str]:
+def _complete_dirs(folder: str, manifest: str) -> list[Path]:
     base = data_root() / folder
     if not base.is_dir():
         return []
-    return sorted(relative_to_root(p) for p in base.iterdir() if (p / manifest).is_file())
+    return sorted(p for p in base.iterdir() if (p / manifest).is_file())
 
 
-def datasets_available() -> list[str]:
-    """Complete synthetic datasets in the data folder's datasets/ (relative paths), for pickers."""
-    return _complete_dirs(OUTPUT_FOLDERS["synth"], DATASET_MANIFEST)
+def _dataset_domain(path: Path) -> str | None:
+    try:
+        return json.loads((path / DATASET_MANIFEST).read_text()).get("domain")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def datasets_available(*, domain: str | None = None) -> list[str]:
+    """Complete synthetic datasets in the data folder's datasets/ (relative paths), for pickers; with
+    `domain`, only the datasets of that domain (as their manifest says)."""
+    found = _complete_dirs(OUTPUT_FOLDERS["synth"], DATASET_MANIFEST)
+    if domain is not None:
+        found = [p for p in found if _dataset_domain(p) == domain]
+    return [relative_to_root(p) for p in found]
 
 
 def checkpoints_available() -> list[str]:
     """Complete checkpoints in the data folder's checkpoints/ (relative paths), for pickers."""
-    return _complete_dirs(OUTPUT_FOLDERS["train"], CHECKPOINT_MANIFEST)
+    return [relative_to_root(p) for p in _complete_dirs(OUTPUT_FOLDERS["train"], CHECKPOINT_MANIFEST)]
+
+
+def output_name_free(kind: str, name: str) -> str:
+    """`name`, or `name-2`, `name-3`, ... : the first that no output of this kind of job uses yet."""
+    candidate, n = name, 1
+    while output_dir_for(kind, candidate).exists():
+        n += 1
+        candidate = f"{name}-{n}"
+    return candidate

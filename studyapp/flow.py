@@ -55,6 +55,10 @@ STEP_OF_STATE: dict[str, str] = {
     State.WITHDRAWN: "done",
     State.DECLINED: "done",
     State.SCREENED_OUT: "done",
+    # Ended from outside the journey (a coordinator, or the time limit): the last page says why, and no
+    # earlier step can be reached again, so nothing more is recorded.
+    State.RETURNED: "done",
+    State.TIMED_OUT: "done",
 }
 
 

@@ -68,6 +68,12 @@ class Study(models.Model):
     max_new_tokens = models.PositiveIntegerField(
         default=256, validators=[MinValueValidator(1), MaxValueValidator(4096)]
     )
+    time_limit_minutes = models.PositiveIntegerField(
+        default=60,
+        validators=[MinValueValidator(1), MaxValueValidator(7 * 24 * 60)],
+        help_text="A participant who has not finished and has done nothing for this long is timed out: "
+        "they cannot go on, and their place is freed.",
+    )
     is_open = models.BooleanField(default=False, help_text="Only an open study takes new participants.")
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
@@ -163,7 +169,7 @@ class Participant(models.Model):
     to the same participant. No IP address or user agent is stored.
 
     Where they are in the study is `state` plus two counters; studyapp.flow turns that into the page to
-    show. `n_picks` and `n_ratings` are fixed when the items are assigned, so later edits of the study
+    show. `updated_at` moves with every step they take, so it is when they were last active. `n_picks` and `n_ratings` are fixed when the items are assigned, so later edits of the study
     never move a participant who has started.
     """
 
@@ -178,6 +184,8 @@ class Participant(models.Model):
         WITHDRAWN = "withdrawn"
         DECLINED = "declined"
         SCREENED_OUT = "screened_out"
+        RETURNED = "returned"  # the recruitment platform's "returned submission", set by a coordinator
+        TIMED_OUT = "timed_out"  # inactive past the study's time limit (services.participants_expire)
 
     class Generation(models.TextChoices):
         NOT_STARTED = "not_started"
@@ -186,7 +194,18 @@ class Participant(models.Model):
         READY = "ready"
         FAILED = "failed"
 
-    FINISHED_STATES = (State.COMPLETED, State.WITHDRAWN, State.DECLINED, State.SCREENED_OUT)
+    FINISHED_STATES = (
+        State.COMPLETED,
+        State.WITHDRAWN,
+        State.DECLINED,
+        State.SCREENED_OUT,
+        State.RETURNED,
+        State.TIMED_OUT,
+    )
+    # Finished without completing, judgments kept: the analyses leave their judgments out.
+    EXCLUDED_STATES = (State.RETURNED, State.TIMED_OUT)
+    # Hold no place in the quota: they never started, have left, or have been let go.
+    PLACE_FREED_STATES = (State.WITHDRAWN, State.DECLINED, State.SCREENED_OUT, *EXCLUDED_STATES)
 
     study = models.ForeignKey(Study, on_delete=models.CASCADE, related_name="participants")
     token = models.CharField(max_length=32, unique=True, default=new_participant_token, editable=False)
@@ -223,6 +242,34 @@ class Participant(models.Model):
     @property
     def is_finished(self) -> bool:
         return self.state in self.FINISHED_STATES
+
+    @property
+    def is_excluded(self) -> bool:
+        """Whether the analyses leave this participant's judgments out (returned or timed out)."""
+        return self.state in self.EXCLUDED_STATES
+
+    @property
+    def may_withdraw(self) -> bool:
+        """Whether the participant can still withdraw from their pages. Not once the study has ended for
+        them without their say (returned, timed out): those pages change nothing any more, and deleting
+        their data is then a request to the researchers."""
+        return self.state not in self.PLACE_FREED_STATES
+
+    @property
+    def may_be_returned(self) -> bool:
+        """Whether a coordinator can mark the participant returned: they hold a place or have judgments."""
+        return self.state not in (
+            self.State.WITHDRAWN,
+            self.State.DECLINED,
+            self.State.SCREENED_OUT,
+            self.State.RETURNED,
+        )
+
+    @property
+    def may_retry_generation(self) -> bool:
+        """Whether a coordinator can run the participant's generation again: it failed for good while
+        they wait."""
+        return self.state == self.State.WAITING and self.generation == self.Generation.FAILED
 
 
 class Job(models.Model):

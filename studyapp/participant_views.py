@@ -238,11 +238,7 @@ def withdraw(request: HttpRequest, slug: str) -> HttpResponse:
     participant = _session_participant(request, slug)
     if participant is None:
         return redirect("participant-entry", slug=slug)
-    if participant.state in (
-        Participant.State.WITHDRAWN,
-        Participant.State.DECLINED,
-        Participant.State.SCREENED_OUT,
-    ):
+    if not participant.may_withdraw:
         return _to_current_step(participant)
     if request.method == "POST":
         participant_withdraw(participant=participant)

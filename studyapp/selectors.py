@@ -8,8 +8,10 @@ from django.db.models import Count, F, Q, QuerySet
 from scipy.stats import binomtest
 
 from annotation.models import Rating, Side
+from studyapp.datastore import datasets_available, output_name_free, relative_to_root
 from studyapp.flow import STEP_OF_STATE, STEPS
-from studyapp.models import Job, Participant, Study
+from studyapp.models import Arm, Job, Participant, Study
+from studyapp.pseudonyms import recruitment_id_hash
 
 State = Participant.State
 
@@ -39,9 +41,9 @@ def participant_status_by_token(*, token: str) -> dict[str, Any] | None:
 
 
 def study_places_taken(*, study: Study) -> int:
-    """Participants who are taking the study or have finished it (what the quota counts)."""
-    gone = (State.WITHDRAWN, State.DECLINED, State.SCREENED_OUT)
-    return Participant.objects.filter(study=study).exclude(state__in=gone).count()
+    """Participants who are taking the study or have completed it (what the quota counts): withdrawn,
+    declined, screened-out, returned and timed-out participants hold no place."""
+    return Participant.objects.filter(study=study).exclude(state__in=Participant.PLACE_FREED_STATES).count()
 
 
 def participant_attention_failures(*, participant: Participant) -> int:
@@ -55,7 +57,7 @@ class Outcome:
     """How a participant's study ended: `kind` picks the page's message; `code` (may be empty) and `url`
     (the recruitment platform's completion link with the code, or empty) are what they take back."""
 
-    kind: str  # completed | failed_attention | screened_out | declined | withdrawn
+    kind: str  # completed | failed_attention | screened_out | declined | withdrawn | returned | timed_out
     code: str
     url: str
 
@@ -71,8 +73,8 @@ def participant_outcome(*, participant: Participant) -> Outcome:
         kind, code = "screened_out", study.screened_out_code
     elif participant.state == State.DECLINED:
         kind, code = "declined", study.declined_code
-    elif participant.state == State.WITHDRAWN:
-        kind, code = "withdrawn", ""
+    elif participant.state in (State.WITHDRAWN, State.RETURNED, State.TIMED_OUT):
+        kind, code = participant.state, ""  # no code: the study was not completed
     else:
         raise ValueError(f"participant {participant.token} has not finished (state {participant.state})")
     url = study.completion_url.replace("{code}", code) if study.completion_url and code else ""
@@ -117,11 +119,18 @@ def win_rate(*, comparison_id: int, arm: str, baseline: str, wins: int, n: int) 
     return WinRate(comparison_id, arm, baseline, wins, n, wins / n, ci.low, ci.high, float(p_value))
 
 
-def study_win_rates(*, study: Study) -> list[WinRate]:
-    """The current win rate of every comparison of the study, from the ratings recorded so far.
+def study_counted_ratings(*, study: Study) -> QuerySet[Rating]:
+    """The ratings the study's win rates count: every rated A/B pair except attention checks, consistency
+    repeats (a second look at a pair already counted), and the ratings of participants who returned the
+    study or timed out (kept, but left out: Participant.EXCLUDED_STATES)."""
+    return Rating.objects.filter(
+        item__participant__study=study, item__is_attention_check=False, item__is_repeat=False
+    ).exclude(item__participant__state__in=Participant.EXCLUDED_STATES)
 
-    Counted: each rated A/B item whose two responses are the comparison's arms. Not counted: attention
-    checks, and consistency repeats (a second look at a pair already counted)."""
+
+def study_win_rates(*, study: Study) -> list[WinRate]:
+    """The current win rate of every comparison of the study, from the ratings recorded so far
+    (study_counted_ratings): each rated A/B item whose two responses are the comparison's arms."""
     comparisons = list(study.comparisons.select_related("arm", "baseline").order_by("id"))
     by_arms: dict[frozenset[int], list[int]] = {}
     for c in comparisons:
@@ -129,9 +138,9 @@ def study_win_rates(*, study: Study) -> list[WinRate]:
     arm_of = {c.pk: c.arm_id for c in comparisons}
     wins = dict.fromkeys(arm_of, 0)
     n = dict.fromkeys(arm_of, 0)
-    ratings = Rating.objects.filter(
-        item__participant__study=study, item__is_attention_check=False, item__is_repeat=False
-    ).values_list("choice", "item__left__arm_id", "item__right__arm_id")
+    ratings = study_counted_ratings(study=study).values_list(
+        "choice", "item__left__arm_id", "item__right__arm_id"
+    )
     for choice, left_arm, right_arm in ratings:
         preferred = left_arm if choice == Side.LEFT else right_arm
         for comparison_id in by_arms.get(frozenset((left_arm, right_arm)), ()):
@@ -164,6 +173,7 @@ class StudyDashboard:
     median_completion_s: float | None
     generation_failed: int
     failed_attention: int
+    excluded: int  # returned or timed out: their judgments are kept but not counted
     ratings: int
     win_rates: list[WinRate]
 
@@ -184,8 +194,9 @@ def duration_text(seconds: float | None) -> str:
 
 
 def study_dashboard(*, study: Study) -> StudyDashboard:
-    """Participants by step and by state, completions and the median time to complete (from consent to
-    the end of the survey), participants needing attention, and the win rate of every comparison."""
+    """Participants by step and by state (returned and timed-out participants are on the last step, and
+    counted apart), completions and the median time to complete (from consent to the end of the survey),
+    participants needing attention, and the win rate of every comparison."""
     by_state = dict.fromkeys(State.values, 0)
     for state, count in (
         Participant.objects.filter(study=study).values_list("state").annotate(count=Count("id")).order_by()
@@ -225,15 +236,38 @@ def study_dashboard(*, study: Study) -> StudyDashboard:
         by_state=by_state,
         completed=by_state[State.COMPLETED],
         median_completion_s=statistics.median(durations) if durations else None,
-        generation_failed=Participant.objects.filter(
-            study=study, state=State.WAITING, generation=Participant.Generation.FAILED
-        ).count(),
+        generation_failed=study_generation_failures(study=study).count(),
         failed_attention=failed_attention,
-        ratings=Rating.objects.filter(
-            item__participant__study=study, item__is_attention_check=False, item__is_repeat=False
-        ).count(),
+        excluded=sum(by_state[s] for s in Participant.EXCLUDED_STATES),
+        ratings=study_counted_ratings(study=study).count(),
         win_rates=study_win_rates(study=study),
     )
+
+
+STUDY_PARTICIPANTS_SHOWN = 100
+
+
+def study_participants(*, study: Study, search: str = "") -> QuerySet[Participant]:
+    """The study's participants, the most recently active first. `search` keeps the one it names: a
+    recruitment id (PROLIFIC_PID, matched through its keyed hash), a SESSION_ID, or a token or its
+    beginning (as the studio shows it)."""
+    rows = Participant.objects.filter(study=study).order_by("-updated_at", "-pk")
+    search = search.strip()
+    if search:
+        rows = rows.filter(
+            Q(recruitment_id_hash=recruitment_id_hash(search))
+            | Q(recruitment_session_id=search)
+            | Q(token__startswith=search.lower())
+        )
+    return rows
+
+
+def study_generation_failures(*, study: Study) -> QuerySet[Participant]:
+    """Participants still waiting whose generation failed for good (each with its error), the longest
+    waiting first: what a coordinator can retry."""
+    return Participant.objects.filter(
+        study=study, state=State.WAITING, generation=Participant.Generation.FAILED
+    ).order_by("updated_at", "pk")
 
 
 def study_dashboard_by_id(*, study_id: int) -> dict[str, Any] | None:
@@ -263,3 +297,51 @@ def job_status(*, job: Job) -> dict[str, Any]:
 def job_status_by_id(*, job_id: str) -> dict[str, Any] | None:
     job = Job.objects.filter(pk=job_id).first()
     return None if job is None else job_status(job=job)
+
+
+# How an evaluation job gives each study arm's method (modeling.evaluate.Arm: `:context` and `:cot`).
+EVALUATION_ARM_OPTIONS = {
+    Arm.Method.FSPO: "",
+    Arm.Method.FSPO_COT: ":cot",
+    Arm.Method.FEWSHOT: "",
+    Arm.Method.NO_CONTEXT: ":none",
+}
+
+
+@dataclass(frozen=True)
+class EvaluationDraft:
+    """An evaluation job of a study's arms on held-out synthetic users, as the job form is prefilled:
+    `initial` holds the form's fields, `left_out` says which arms an evaluation cannot run, and why."""
+
+    initial: dict[str, Any]
+    left_out: list[str]
+
+
+def study_evaluation_draft(*, study: Study) -> EvaluationDraft:
+    """The study's arms as an evaluation job: each arm's checkpoint folder with its method's options
+    (served models, http(s):// specs, are left out: an evaluation loads checkpoint folders), the baseline
+    of its first comparison, its N shots, a dataset of its domain from the data folder (if there is one),
+    and an output name not used yet."""
+    lines, left_out, names = [], [], []
+    for arm in study.arms.order_by("id"):
+        spec = arm.checkpoint
+        if spec.startswith(("http://", "https://")):
+            left_out.append(f"{arm.name}: {spec} is a served model; an evaluation loads checkpoint folders.")
+            continue
+        folder = spec.split(":", 1)[1] if spec.startswith(("hf:", "vllm:")) else spec
+        lines.append(f"{arm.name}={relative_to_root(folder)}{EVALUATION_ARM_OPTIONS[arm.method]}")
+        names.append(arm.name)
+    comparison = study.comparisons.select_related("baseline").order_by("id").first()
+    baseline = comparison.baseline.name if comparison and comparison.baseline.name in names else ""
+    datasets = datasets_available(domain=study.domain)
+    return EvaluationDraft(
+        initial={
+            "study": study.pk,
+            "name": output_name_free(Job.Kind.EVALUATE, f"{study.slug}-arms"),
+            "dataset": datasets[0] if datasets else "",
+            "arms": "\n".join(lines),
+            "baseline": baseline,
+            "shots": study.n_pairs,
+        },
+        left_out=left_out,
+    )

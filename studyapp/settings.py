@@ -113,14 +113,25 @@ TEMPLATES = [
 # DATABASE_URL=postgres://user@host:5432/name switches to PostgreSQL (psycopg 3). Django's test runner
 # creates and drops its own database beside it, named test_<name>.
 DATABASE_URL = env_str("DATABASE_URL", "")
+# Under ASGI every request runs its view in a thread of its own, and each thread would open (and, with
+# persistent connections, keep) a connection of its own: 50 concurrent participants exhausted
+# PostgreSQL's 100 connections (bench/bench_site.py). So each process borrows from a bounded psycopg pool
+# (DB_POOL_MAX_SIZE, default 20; 0 turns pooling off and DB_CONN_MAX_AGE applies instead).
+DB_POOL_MAX_SIZE = env_int("DB_POOL_MAX_SIZE", 20)
 if DATABASE_URL:
     DATABASES = {
         "default": dj_database_url.parse(
             DATABASE_URL,
-            conn_max_age=env_int("DB_CONN_MAX_AGE", 60),
-            conn_health_checks=True,
+            conn_max_age=0 if DB_POOL_MAX_SIZE else env_int("DB_CONN_MAX_AGE", 0),
+            conn_health_checks=not DB_POOL_MAX_SIZE,
         )
     }
+    if DB_POOL_MAX_SIZE and DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+        DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
+            "min_size": 1,
+            "max_size": DB_POOL_MAX_SIZE,
+            "timeout": env_int("DB_POOL_TIMEOUT", 30),
+        }
 else:
     DATABASES = {"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": VAR_DIR / "db.sqlite3"}}
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
@@ -184,6 +195,7 @@ CELERY_TASK_ROUTES = {
     "worker.tasks.train*": {"queue": "gpu"},
     "worker.tasks.evaluate*": {"queue": "gpu"},
     "worker.tasks.synth_generate": {"queue": "cpu"},
+    "worker.tasks.expire_participants": {"queue": "cpu"},
 }
 # A task is acknowledged only once it has finished, and one whose worker died goes back on the queue;
 # each worker process holds at most one unstarted task, so a long GPU job never sits on a queued one.
@@ -194,6 +206,15 @@ CELERY_TASK_TRACK_STARTED = True
 CELERY_TASK_SERIALIZER = "json"
 CELERY_RESULT_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
+
+# Celery beat (`celery -A studyapp beat`): time out participants inactive past their study's time limit
+# every PARTICIPANT_EXPIRY_INTERVAL_S seconds (worker.tasks.expire_participants, on the cpu queue).
+CELERY_BEAT_SCHEDULE = {
+    "expire-participants": {
+        "task": "worker.tasks.expire_participants",
+        "schedule": env_int("PARTICIPANT_EXPIRY_INTERVAL_S", 300),
+    },
+}
 
 # personalize(participant_id) on the gpu queue: retried with exponential back-off from
 # PERSONALIZE_RETRY_DELAY_S, at most PERSONALIZE_MAX_RETRIES times, then the participant is told it failed.

@@ -39,6 +39,7 @@ class StudyForm(forms.ModelForm):
             "failed_attention_code": "Code after failed attention checks",
             "declined_code": "Code when consent is declined",
             "is_open": "Open: the study takes new participants",
+            "time_limit_minutes": "Time limit (minutes of inactivity)",
         }
         widgets = {
             "instruction": forms.Textarea(attrs={"rows": 3}),
@@ -61,6 +62,16 @@ class StudyForm(forms.ModelForm):
             "The task text models see under '# Task', exactly as in training. Leave empty to take the "
             "dataset's domain task."
         )
+        # Optional: left empty, the default applies (a form posted without it keeps working).
+        limit = self.fields["time_limit_minutes"]
+        limit.required = False
+        limit.help_text = f"{limit.help_text} Empty: {self.default_time_limit} minutes."
+
+    default_time_limit = Study._meta.get_field("time_limit_minutes").default
+
+    def clean_time_limit_minutes(self) -> int:
+        value = self.cleaned_data.get("time_limit_minutes")
+        return self.default_time_limit if value is None else value
 
 
 class FormsetRow(forms.Form):
@@ -192,6 +203,7 @@ STUDY_SECTIONS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
         "",
         (
             "quota",
+            "time_limit_minutes",
             "consent_text",
             "instructions_text",
             "completion_code",

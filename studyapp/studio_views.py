@@ -1,8 +1,9 @@
 """The coordinators' studio (/studio/): studies (create, edit, live dashboard) and jobs (launch, follow,
-results). Every view is for coordinators only (studyapp.coordinators) and only translates HTTP: a form
-parses, a service writes, a selector reads."""
+results). Views that change something are for coordinators only, views that only show are for analysts
+too (studyapp.coordinators); each only translates HTTP: a form parses, a service writes, a selector reads."""
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,16 +13,30 @@ from django.http import FileResponse, Http404, HttpRequest, HttpResponse, JsonRe
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.views.decorators.cache import never_cache
-from django.views.decorators.http import require_GET, require_http_methods
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from annotation.models import CandidatePair, Question
-from studyapp.coordinators import coordinator_required
+from studyapp.coordinators import coordinator_required, is_coordinator, studio_viewer_required
 from studyapp.datastore import checkpoints_available, datasets_available, relative_to_root
-from studyapp.models import Job, Study
+from studyapp.models import Job, Participant, Study
 from studyapp.realtime import live_socket_path
 from studyapp.reports import report_blocks
-from studyapp.selectors import job_status, studies_overview, study_dashboard
-from studyapp.services import job_launch, study_create, study_update
+from studyapp.selectors import (
+    STUDY_PARTICIPANTS_SHOWN,
+    job_status,
+    studies_overview,
+    study_dashboard,
+    study_evaluation_draft,
+    study_generation_failures,
+    study_participants,
+)
+from studyapp.services import (
+    job_launch,
+    participant_generation_retry,
+    participant_mark_returned,
+    study_create,
+    study_update,
+)
 from studyapp.studio_forms import JOB_FORMS, JobForm, StudyEditor
 
 RECENT_JOBS = 25
@@ -46,7 +61,7 @@ def _pickers() -> dict[str, Any]:
     }
 
 
-@coordinator_required
+@studio_viewer_required
 @require_GET
 def home(request: HttpRequest) -> HttpResponse:
     jobs = Job.objects.select_related("study", "created_by").order_by("-created_at")[:RECENT_JOBS]
@@ -113,13 +128,21 @@ def edit_study(request: HttpRequest, slug: str) -> HttpResponse:
     return _study_page(request, editor, Study.objects.get(pk=study.pk))
 
 
-@coordinator_required
+@studio_viewer_required
 @require_GET
 def dashboard(request: HttpRequest, slug: str) -> HttpResponse:
     study = get_object_or_404(Study, slug=slug)
+    search = request.GET.get("participant", "").strip()[:100]
+    participants = study_participants(study=study, search=search)
     context = {
         "study": study,
         "dashboard": study_dashboard(study=study).to_json(),
+        "failures": study_generation_failures(study=study),
+        "participants": participants[:STUDY_PARTICIPANTS_SHOWN],
+        "participants_total": participants.count(),
+        "participants_shown": STUDY_PARTICIPANTS_SHOWN,
+        "search": search,
+        "can_change_participants": is_coordinator(request.user),
         "entry_url": request.build_absolute_uri(reverse("participant-entry", kwargs={"slug": study.slug}))
         + PROLIFIC_PARAMS,
         "socket_path": live_socket_path(f"/ws/studies/{study.slug}/dashboard/"),
@@ -134,8 +157,48 @@ def dashboard(request: HttpRequest, slug: str) -> HttpResponse:
     return render(request, "studio/dashboard.html", context)
 
 
-@never_cache
+def _study_participant(slug: str, token: str) -> Participant:
+    return get_object_or_404(Participant.objects.select_related("study"), study__slug=slug, token=token)
+
+
+def _participant_action(
+    request: HttpRequest, slug: str, token: str, action: Callable[..., Any], done: str
+) -> HttpResponse:
+    """Run a coordinator's action on one participant; its refusal (ValidationError) becomes the message."""
+    participant = _study_participant(slug, token)
+    try:
+        action(participant=participant)
+    except ValidationError as exc:
+        messages.error(request, " ".join(exc.messages))
+    else:
+        messages.success(request, done.format(who=f"Participant {token[:8]}"))
+    return redirect(reverse("studio-study", kwargs={"slug": slug}) + "#participants")
+
+
 @coordinator_required
+@require_POST
+def participant_return(request: HttpRequest, slug: str, token: str) -> HttpResponse:
+    """Mark a participant returned (their recruitment platform says they returned the submission)."""
+    return _participant_action(
+        request,
+        slug,
+        token,
+        participant_mark_returned,
+        "{who} is marked returned: their place is free again.",
+    )
+
+
+@coordinator_required
+@require_POST
+def participant_retry_generation(request: HttpRequest, slug: str, token: str) -> HttpResponse:
+    """Run a participant's failed generation again; their waiting page moves on by itself."""
+    return _participant_action(
+        request, slug, token, participant_generation_retry, "Generation for {who} is queued again."
+    )
+
+
+@never_cache
+@studio_viewer_required
 @require_GET
 def dashboard_json(request: HttpRequest, slug: str) -> JsonResponse:
     """The dashboard's polling fallback: the same payload its socket sends."""
@@ -149,6 +212,13 @@ def new_job(request: HttpRequest, kind: str) -> HttpResponse:
     if kind not in JOB_FORMS:
         raise Http404("no such kind of job")
     initial = {"study": request.GET.get("study")} if request.GET.get("study") else None
+    left_out: list[str] = []
+    if kind == Job.Kind.EVALUATE and request.method == "GET" and initial:
+        # From a study's page: its arms, evaluated on held-out synthetic users.
+        study = Study.objects.filter(pk=initial["study"]).first() if initial["study"].isdigit() else None
+        if study is not None:
+            draft = study_evaluation_draft(study=study)
+            initial, left_out = draft.initial, draft.left_out
     form: JobForm = JOB_FORMS[kind](_posted(request), initial=initial)
     if request.method == "POST" and form.is_valid():
         try:
@@ -159,7 +229,13 @@ def new_job(request: HttpRequest, kind: str) -> HttpResponse:
             _form_errors(form, exc)
         else:
             return redirect("studio-job", job_id=job.pk)
-    context = {"form": form, "kind": kind, "kind_label": Job.Kind(kind).label, **_pickers()}
+    context = {
+        "form": form,
+        "kind": kind,
+        "kind_label": Job.Kind(kind).label,
+        "left_out": left_out,
+        **_pickers(),
+    }
     return render(request, "studio/job_form.html", context, status=400 if request.method == "POST" else 200)
 
 
@@ -203,7 +279,7 @@ def _job_results(job: Job) -> dict[str, Any]:
     }
 
 
-@coordinator_required
+@studio_viewer_required
 @require_GET
 def job_page(request: HttpRequest, job_id: str) -> HttpResponse:
     job = get_object_or_404(Job.objects.select_related("study", "created_by"), pk=job_id)
@@ -219,7 +295,7 @@ def job_page(request: HttpRequest, job_id: str) -> HttpResponse:
 
 
 @never_cache
-@coordinator_required
+@studio_viewer_required
 @require_GET
 def job_status_json(request: HttpRequest, job_id: str) -> JsonResponse:
     """The job page's polling fallback: the same payload its socket sends."""
@@ -227,7 +303,7 @@ def job_status_json(request: HttpRequest, job_id: str) -> JsonResponse:
     return JsonResponse(job_status(job=job))
 
 
-@coordinator_required
+@studio_viewer_required
 @require_GET
 def job_file(request: HttpRequest, job_id: str, name: str) -> FileResponse:
     """A plot from the job's output folder (only PNG files directly in it)."""

@@ -2,6 +2,7 @@ from django.contrib import admin
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
+from studyapp import export_views as exports
 from studyapp import participant_views as p
 from studyapp import studio_views as studio
 from studyapp import views
@@ -34,8 +35,26 @@ urlpatterns = [
     path(
         "studio/studies/<slug:slug>/dashboard.json", studio.dashboard_json, name="studio-study-dashboard-json"
     ),
+    path(
+        "studio/studies/<slug:slug>/participants/<slug:token>/return/",
+        studio.participant_return,
+        name="studio-participant-return",
+    ),
+    path(
+        "studio/studies/<slug:slug>/participants/<slug:token>/retry-generation/",
+        studio.participant_retry_generation,
+        name="studio-participant-retry-generation",
+    ),
+    path("studio/studies/<slug:slug>/export/", exports.export_page, name="studio-study-export"),
     path("studio/jobs/new/<slug:kind>/", studio.new_job, name="studio-job-new"),
     path("studio/jobs/<uuid:job_id>/", studio.job_page, name="studio-job"),
     path("studio/jobs/<uuid:job_id>/status.json", studio.job_status_json, name="studio-job-status"),
     path("studio/jobs/<uuid:job_id>/files/<str:name>", studio.job_file, name="studio-job-file"),
+    # The export API for scripts (a session or a bearer token; docs/analyst-guide.md).
+    path("api/studies/<slug:slug>/export/", exports.export_index, name="api-study-export"),
+    path(
+        "api/studies/<slug:slug>/export/<slug:table>.<slug:fmt>",
+        exports.export_table,
+        name="api-study-export-table",
+    ),
 ]

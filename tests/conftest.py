@@ -21,8 +21,8 @@ from celery import Celery
 
 REPO = Path(__file__).resolve().parent.parent
 # The worker's own Redis database: flushed at start, so messages left by an earlier run (or by anything
-# using REDIS_URL's database) never reach it.
-WORKER_REDIS_DB = 5
+# using REDIS_URL's database) never reach it. TEST_WORKER_REDIS_DB lets two suites share one Redis.
+WORKER_REDIS_DB = int(os.environ.get("TEST_WORKER_REDIS_DB", "5"))
 
 
 def stop_process(proc: subprocess.Popen, timeout: float = 10) -> None:

@@ -25,6 +25,7 @@ from studyapp.services import (
     job_succeed,
     participant_generation_fail,
     participant_generation_start,
+    participants_expire,
 )
 
 ProgressCallback = Callable[[int, int, str], None]
@@ -243,3 +244,11 @@ def personalize(self: Task, participant_id: int) -> dict[str, Any]:
         "stored": len(responses) if stored else 0,
         "skipped": not stored,
     }
+
+
+@shared_task
+def expire_participants() -> dict[str, int]:
+    """Time out the participants who have been inactive past their study's time limit
+    (services.participants_expire). Run every few minutes by Celery beat (CELERY_BEAT_SCHEDULE); safe to
+    run again at any time."""
+    return {"timed_out": participants_expire()}

@@ -1,7 +1,8 @@
 """Writes, named <entity>_<action> with keyword-only arguments. Each runs in one transaction and fires its
 side effects (task enqueue, socket event) with transaction.on_commit.
 
-- participants.py: enrolment, consent, the journey's state changes, withdrawal, generation status;
+- participants.py: enrolment, consent, the journey's state changes, withdrawal, generation status (and a
+  coordinator's retry), and the ends set from outside the journey (returned, timed out);
 - studies.py: creating and editing studies (settings, arms, comparisons, question pool);
 - jobs.py: coordinators' background jobs and their progress.
 
@@ -22,9 +23,12 @@ from .participants import (
     participant_consent,
     participant_enroll,
     participant_generation_fail,
+    participant_generation_retry,
     participant_generation_start,
+    participant_mark_returned,
     participant_start_elicitation,
     participant_withdraw,
+    participants_expire,
     recruitment_id_hash,
 )
 from .studies import STUDY_FIELDS, ArmSpec, study_create, study_update
@@ -42,9 +46,12 @@ __all__ = [
     "participant_consent",
     "participant_enroll",
     "participant_generation_fail",
+    "participant_generation_retry",
     "participant_generation_start",
+    "participant_mark_returned",
     "participant_start_elicitation",
     "participant_withdraw",
+    "participants_expire",
     "recruitment_id_hash",
     "study_create",
     "study_update",

@@ -2,18 +2,18 @@
 change to it, so two tabs or a double-click can never both move it; every change of state tells the
 participant's open pages and the study's dashboards once the transaction commits."""
 
-import hashlib
-import hmac
 import random
+from datetime import datetime, timedelta
+from functools import partial
 
-from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.utils import timezone
 
 from annotation.models import ElicitationItem, GeneratedResponse, RatingItem, SurveyResponse
-from annotation.services import elicitation_items_assign
+from annotation.services import elicitation_items_assign, personalize_enqueue
 from studyapp.models import Participant, Study
+from studyapp.pseudonyms import recruitment_id_hash
 from studyapp.realtime import notify_participant_on_commit, notify_study_on_commit
 from studyapp.selectors import participant_for_update, participant_status, study_places_taken
 
@@ -23,12 +23,6 @@ Generation = Participant.Generation
 
 class StudyClosed(Exception):
     """A newcomer tried to join a study that is not open."""
-
-
-def recruitment_id_hash(recruitment_id: str) -> str:
-    """The keyed hash (HMAC-SHA256 under settings.PARTICIPANT_ID_KEY) stored instead of a recruitment id."""
-    key = settings.PARTICIPANT_ID_KEY.encode()
-    return hmac.new(key, recruitment_id.strip().encode(), hashlib.sha256).hexdigest()
 
 
 def participant_enroll(
@@ -107,10 +101,11 @@ def participant_withdraw(*, participant: Participant) -> Participant:
 
     What remains is the row itself (state withdrawn, no judgments), so the same recruitment id comes back
     to "you have withdrawn" instead of starting again. A generation still running for them stores nothing
-    (annotation.services.responses_store checks the state)."""
+    (annotation.services.responses_store checks the state). A participant who can no longer withdraw
+    (Participant.may_withdraw: already gone, returned, timed out) is left as they are."""
     with transaction.atomic():
         participant = participant_for_update(participant_id=participant.pk)
-        if participant.state in (State.WITHDRAWN, State.DECLINED, State.SCREENED_OUT):
+        if not participant.may_withdraw:
             return participant
         RatingItem.objects.filter(participant=participant).delete()
         GeneratedResponse.objects.filter(participant=participant).delete()
@@ -158,3 +153,78 @@ def participant_generation_fail(*, participant_id: int, error: str) -> None:
         participant.save(update_fields=["generation", "generation_error", "updated_at"])
         notify_participant_on_commit(participant.token, participant_status(participant=participant))
         notify_study_on_commit(participant.study_id)
+
+
+def _finish_from_outside(participant: Participant, state: str, now: datetime) -> None:
+    """End the participant's study without their say (returned, timed out): their judgments stay, flagged
+    by the state for exclusion; their place is freed; their open pages move to the last page."""
+    participant.state, participant.finished_at = state, now
+    participant.save(update_fields=["state", "finished_at", "updated_at"])
+    notify_participant_on_commit(participant.token, participant_status(participant=participant))
+    notify_study_on_commit(participant.study_id)
+
+
+def participants_expire(*, now: datetime | None = None, study: Study | None = None) -> int:
+    """Time out every participant (of `study`, or of every study) who has not finished and has done
+    nothing (`updated_at`) for longer than their study's time limit; returns how many.
+
+    A timed-out participant's pages change nothing any more, their judgments are kept but left out of
+    the analyses, their place in the quota is freed, and a generation still running for them stores
+    nothing. Safe to run at any time and as often as wanted (a beat task and `manage.py
+    expire_participants` run it): each participant is checked again under its lock, so one who has just
+    made a step is left alone."""
+    now = now or timezone.now()
+    studies = [study] if study is not None else Study.objects.order_by("pk")
+    expired = 0
+    for s in studies:
+        cutoff = now - timedelta(minutes=s.time_limit_minutes)
+        stale = Participant.objects.filter(study=s, updated_at__lt=cutoff).exclude(
+            state__in=Participant.FINISHED_STATES
+        )
+        for participant_id in stale.values_list("pk", flat=True):
+            with transaction.atomic():
+                participant = participant_for_update(participant_id=participant_id)
+                if participant is None or participant.is_finished or participant.updated_at >= cutoff:
+                    continue
+                _finish_from_outside(participant, State.TIMED_OUT, now)
+                expired += 1
+    return expired
+
+
+def participant_mark_returned(*, participant: Participant) -> Participant:
+    """A coordinator mirrors the recruitment platform's "returned submission": the participant's study
+    ends (state returned), their place is freed, and their judgments are kept but left out of the
+    analyses. Marking a returned participant again changes nothing; one who never held a place or has
+    withdrawn (Participant.may_be_returned) is refused with ValidationError."""
+    with transaction.atomic():
+        participant = participant_for_update(participant_id=participant.pk)
+        if participant.state == State.RETURNED:
+            return participant
+        if not participant.may_be_returned:
+            raise ValidationError(
+                f"A participant who is {participant.get_state_display().lower()} cannot be marked returned."
+            )
+        _finish_from_outside(participant, State.RETURNED, timezone.now())
+        return participant
+
+
+def participant_generation_retry(*, participant: Participant) -> Participant:
+    """Run a participant's generation again after it failed for good (a coordinator's retry, e.g. once
+    the model's problem is fixed): back to queued, `personalize` enqueued once the transaction commits,
+    and their waiting page told, so it moves on by itself when the responses are ready.
+
+    Only from a failed generation (Participant.may_retry_generation), so a second click while the first
+    retry is queued or running is refused with ValidationError and enqueues nothing."""
+    with transaction.atomic():
+        participant = participant_for_update(participant_id=participant.pk)
+        if not participant.may_retry_generation:
+            raise ValidationError(
+                "Only a generation that has failed can be retried; this participant's is "
+                f"{participant.generation} (state {participant.state})."
+            )
+        participant.generation, participant.generation_error = Generation.QUEUED, ""
+        participant.save(update_fields=["generation", "generation_error", "updated_at"])
+        transaction.on_commit(partial(personalize_enqueue, participant.pk))
+        notify_participant_on_commit(participant.token, participant_status(participant=participant))
+        notify_study_on_commit(participant.study_id)
+        return participant

@@ -33,6 +33,7 @@ STUDY_FIELDS = (
     "declined_code",
     "completion_url",
     "max_new_tokens",
+    "time_limit_minutes",
     "is_open",
 )
 

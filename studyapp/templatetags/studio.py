@@ -4,6 +4,8 @@ from typing import Any
 
 from django import template
 
+from studyapp import coordinators
+
 register = template.Library()
 
 
@@ -56,3 +58,9 @@ def thousands(value: Any) -> str:
         return f"{int(value):,}"
     except (TypeError, ValueError):
         return str(value)
+
+
+@register.filter
+def is_coordinator(user: Any) -> bool:
+    """Whether the user may change studies and launch jobs (analysts only see): hides what they cannot use."""
+    return coordinators.is_coordinator(user)

@@ -170,9 +170,12 @@ class Screenshots:
 
 @pytest.fixture
 def screenshots(request: pytest.FixtureRequest) -> Screenshots:
-    """Screenshots for this test, under a prefix from its parameters (e.g. `desktop`, `mobile`)."""
+    """Screenshots for this test, under the prefix its module names in `SCREENSHOTS_PREFIX`, else one from
+    its parameters (e.g. `desktop`, `mobile`), else its name."""
     callspec = getattr(request.node, "callspec", None)
-    prefix = "-".join(str(v) for v in callspec.params.values()) if callspec else request.node.name
+    prefix = getattr(request.module, "SCREENSHOTS_PREFIX", None) or (
+        "-".join(str(v) for v in callspec.params.values()) if callspec else request.node.name
+    )
     for folder in (OUTPUT, DOCS_SCREENSHOTS) if DOC_COPIES else (OUTPUT,):
         folder.mkdir(parents=True, exist_ok=True)
         for old in folder.glob(f"{prefix}-*.png"):  # a page the journey no longer has leaves no picture

@@ -28,9 +28,17 @@ def test_it_keeps_a_participant_on_the_waiting_page_until_their_responses_are_st
     assert participant_next_step(participant) == Step("waiting")
 
 
-@pytest.mark.parametrize("state", [State.COMPLETED, State.WITHDRAWN, State.DECLINED, State.SCREENED_OUT])
+@pytest.mark.parametrize("state", Participant.FINISHED_STATES)
 def test_it_ends_every_finished_state_on_the_done_page(state: str) -> None:
     assert participant_next_step(Participant(state=state)) == Step("done")
+
+
+@pytest.mark.parametrize("state", [State.RETURNED, State.TIMED_OUT])
+def test_it_never_sends_a_returned_or_timed_out_participant_back_to_an_unfinished_step(state: str) -> None:
+    participant = Participant(state=state, n_picks=9, picks_done=4, n_ratings=14, ratings_done=2)
+
+    assert participant_next_step(participant) == Step("done")
+    assert participant.is_finished and participant.is_excluded and not participant.may_withdraw
 
 
 def test_it_has_a_step_for_every_state() -> None:

@@ -1,12 +1,14 @@
 import re
+from datetime import timedelta
 
 import pytest
 from django.test import Client
+from django.utils import timezone
 
 from annotation.models import ElicitationPick, GeneratedResponse, Rating, RatingItem, Side, SurveyResponse
-from annotation.services import _enqueue_personalize
+from annotation.services import personalize_enqueue
 from studyapp.models import Participant, Study
-from studyapp.services import recruitment_id_hash
+from studyapp.services import participant_mark_returned, participants_expire, recruitment_id_hash
 from tests.factories import (
     make_participant,
     make_study,
@@ -280,7 +282,7 @@ def test_it_enqueues_personalization_only_when_the_last_pick_commits(
         post_pick(client, participant, 1)
 
     # (The last pick also tells the study's dashboards; only the enqueue is checked here.)
-    enqueued = [c for c in after_last if getattr(c, "func", None) is _enqueue_personalize]
+    enqueued = [c for c in after_last if getattr(c, "func", None) is personalize_enqueue]
     assert after_first == []
     assert [callback.args for callback in enqueued] == [(participant.pk,)]
 
@@ -379,3 +381,110 @@ def test_it_walks_a_participant_through_consent_instructions_and_picks_to_the_wa
     assert response.status_code == 200
     assert "Step 4 of 6" in response.content.decode()
     assert f"/ws/participants/{participant.token}/" in response.content.decode()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Timed out and returned: the study has ended for them, whatever they ask for
+
+
+def time_out(participant: Participant) -> Participant:
+    """Make the participant inactive for one minute past their study's limit, then run the expiry."""
+    limit = participant.study.time_limit_minutes
+    Participant.objects.filter(pk=participant.pk).update(
+        updated_at=timezone.now() - timedelta(minutes=limit + 1)
+    )
+    assert participants_expire(study=participant.study) == 1
+    participant.refresh_from_db()
+    return participant
+
+
+def judgments_of(participant: Participant) -> tuple[int, int, int, int]:
+    participant.refresh_from_db()
+    return (
+        ElicitationPick.objects.filter(item__participant=participant).count(),
+        Rating.objects.filter(item__participant=participant).count(),
+        SurveyResponse.objects.filter(participant=participant).count(),
+        participant.picks_done + participant.ratings_done,
+    )
+
+
+def test_it_shows_a_timed_out_participant_who_comes_back_the_timed_out_page() -> None:
+    study = make_study(time_limit_minutes=45)
+    participant = participant_at_elicitation(study, recruitment_id="5f1a2b")
+    pick(participant, 0)
+    time_out(participant)
+
+    own_browser = browser_of(participant).get(url(study, "pick/2/"), follow=True)
+    entry_link = Client().get(url(study), {"PROLIFIC_PID": "5f1a2b"}, follow=True)
+
+    for response in (own_browser, entry_link):
+        assert response.redirect_chain[-1][0] == url(study, "done/")
+        page = response.content.decode()
+        assert "Your session has timed out" in page
+        assert "time limit of 45 minutes" in page
+        assert "contact the researchers" in page
+        assert "DONE123" not in page and "Withdraw from the study" not in page
+
+
+def test_it_records_nothing_that_a_timed_out_participant_posts() -> None:
+    picking = participant_at_elicitation(make_study())
+    pick(picking, 0)
+    rating = participant_rating(make_study())
+    surveying = rate_all(participant_rating(make_study()))
+    posts = [
+        (picking, "pick/2/", {"item": picking.elicitation_items.get(position=1).pk, "choice": "left"}),
+        (picking, "pick/1/", {"item": picking.elicitation_items.get(position=0).pk, "choice": "right"}),
+        (
+            rating,
+            "rate/1/",
+            {"item": rating.rating_items.get(position=0).pk, "choice": "left", "strength": 4},
+        ),
+        (surveying, "survey/", {"self_description": "I like short answers."}),
+        (picking, "withdraw/", {}),
+        (picking, "consent/", {"decision": "decline"}),
+    ]
+    for participant in (picking, rating, surveying):
+        time_out(participant)
+    before = {p.pk: judgments_of(p) for p in (picking, rating, surveying)}
+
+    responses = [(path, browser_of(p).post(url(p.study, path), data)) for p, path, data in posts]
+
+    assert [(path, r.status_code, r.url) for path, r in responses] == [
+        (path, 302, url(p.study, "done/")) for p, path, _ in posts
+    ]
+    assert {p.pk: judgments_of(p) for p in (picking, rating, surveying)} == before
+    assert {p.state for p in (picking, rating, surveying)} == {State.TIMED_OUT}
+
+
+def test_it_sends_a_timed_out_participants_waiting_page_to_the_timed_out_page() -> None:
+    participant = time_out(participant_waiting(make_study()))
+    client = browser_of(participant)
+
+    status = client.get(url(participant.study, "status/")).json()
+    waiting = client.get(url(participant.study, "waiting/"))
+
+    assert status == {"state": "timed_out", "generation": "queued"}
+    assert waiting.url == url(participant.study, "done/")
+
+
+def test_it_gives_a_timed_out_participants_place_to_a_newcomer(client: Client) -> None:
+    study = make_study(quota=1)
+    time_out(make_participant(study, recruitment_id="first"))
+
+    client.get(url(study), {"PROLIFIC_PID": "second"})
+
+    assert Participant.objects.get(recruitment_id_hash=recruitment_id_hash("second")).state == State.CONSENT
+
+
+def test_it_tells_a_returned_participant_that_the_study_has_ended_for_them() -> None:
+    participant = participant_at_elicitation(make_study())
+    participant_mark_returned(participant=participant)
+
+    response = browser_of(participant).post(
+        url(participant.study, "pick/1/"),
+        {"item": participant.elicitation_items.get(position=0).pk, "choice": "left"},
+        follow=True,
+    )
+
+    assert "This study has ended for you" in response.content.decode()
+    assert not ElicitationPick.objects.filter(item__participant=participant).exists()

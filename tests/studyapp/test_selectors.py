@@ -1,13 +1,27 @@
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
+from django.utils import timezone
 from scipy.stats import binomtest
 
-from annotation.models import Side
+from annotation.models import Rating, Side
 from annotation.services import survey_record
-from studyapp.models import Participant, Study
-from studyapp.selectors import study_dashboard
-from studyapp.services import participant_withdraw
+from modeling.synth import generate_dataset
+from studyapp.models import Arm, Participant, Study
+from studyapp.selectors import (
+    Outcome,
+    participant_outcome,
+    study_dashboard,
+    study_evaluation_draft,
+    study_participants,
+)
+from studyapp.services import (
+    participant_enroll,
+    participant_mark_returned,
+    participant_withdraw,
+    participants_expire,
+)
 from tests.factories import (
     make_participant,
     make_study,
@@ -94,3 +108,96 @@ def test_it_counts_participants_by_step_and_state_and_the_median_time_to_complet
     assert (dashboard.participants, dashboard.completed, dashboard.places_taken) == (6, 3, 5)
     assert dashboard.median_completion_s == 20 * 60
     assert dashboard.to_json()["median_completion"] == "20 min 0 s"
+
+
+def time_out(participant: Participant) -> None:
+    Participant.objects.filter(pk=participant.pk).update(updated_at=timezone.now() - timedelta(days=1))
+    participants_expire(study=participant.study)
+
+
+def test_it_counts_returned_and_timed_out_participants_on_the_last_step_without_a_place() -> None:
+    study: Study = make_study(quota=10)
+    make_participant(study)
+    time_out(participant_at_elicitation(study))
+    participant_mark_returned(participant=participant_rating(study))
+    complete(rate_all(participant_rating(study)), 10)
+
+    dashboard = study_dashboard(study=study)
+
+    steps = {row.step: row.count for row in dashboard.by_step}
+    assert (steps["consent"], steps["elicitation"], steps["rating"], steps["done"]) == (1, 0, 0, 3)
+    assert (dashboard.by_state["timed_out"], dashboard.by_state["returned"]) == (1, 1)
+    assert (dashboard.participants, dashboard.completed, dashboard.places_taken) == (4, 1, 2)
+    assert dashboard.excluded == 2
+    assert dashboard.to_json()["by_state"]["timed_out"] == 1
+
+
+def test_it_leaves_the_ratings_of_returned_and_timed_out_participants_out_of_the_win_rates() -> None:
+    study = make_study(n_eval_questions=2)
+    counted = participant_rating(study)
+    rate_preferring(counted, [True, False])
+    timed_out, returned = participant_rating(study), participant_rating(study)
+    for participant in (timed_out, returned):
+        rate_preferring(participant, [True, True])
+    time_out(timed_out)
+    participant_mark_returned(participant=returned)
+
+    dashboard = study_dashboard(study=study)
+
+    (wr,) = dashboard.win_rates
+    assert (wr.wins, wr.n, dashboard.ratings) == (1, 2, 2)
+    assert Rating.objects.filter(item__participant__in=[timed_out, returned]).count() == 2 * 4  # kept
+
+
+def mark_returned(participant: Participant) -> None:
+    participant_mark_returned(participant=participant)
+
+
+@pytest.mark.parametrize(("end", "kind"), [(mark_returned, "returned"), (time_out, "timed_out")])
+def test_it_gives_no_code_to_a_participant_who_returned_or_timed_out(end, kind: str) -> None:
+    participant = participant_at_elicitation(make_study())
+    end(participant)
+    participant.refresh_from_db()
+
+    assert participant_outcome(participant=participant) == Outcome(kind, "", "")
+
+
+def test_it_finds_a_participant_by_prolific_pid_session_id_or_token() -> None:
+    study = make_study()
+    wanted = participant_enroll(study=study, recruitment_id="5f1a2b", recruitment_session_id="sess-42")
+    make_participant(study, recruitment_id="someone-else")
+
+    found = {
+        search: list(study_participants(study=study, search=search))
+        for search in ("5f1a2b", "sess-42", wanted.token[:8], wanted.token.upper())
+    }
+
+    assert found == dict.fromkeys(found, [wanted])
+    assert study_participants(study=study, search="nobody").count() == 0
+    assert study_participants(study=study).count() == 2
+
+
+def test_it_drafts_an_evaluation_of_the_studys_arms(settings, tmp_path: Path) -> None:
+    settings.STUDIO_DATA_DIR = str(tmp_path)
+    generate_dataset(
+        out_dir=tmp_path / "datasets" / "reviews-small", domain="reviews", users=4, pairs_per_user=2
+    )
+    generate_dataset(out_dir=tmp_path / "datasets" / "elix-small", domain="elix", users=4, pairs_per_user=2)
+    (tmp_path / "evaluations" / "study-x-arms").mkdir(parents=True)
+    study = make_study(slug="study-x", n_pairs=3, checkpoint=f"hf:{tmp_path}/checkpoints/fspo")
+    Arm.objects.create(study=study, name="cot", method=Arm.Method.FSPO_COT, checkpoint="/elsewhere/cot")
+    Arm.objects.create(study=study, name="served", method=Arm.Method.FSPO, checkpoint="http://gpu:8000/v1#m")
+
+    draft = study_evaluation_draft(study=study)
+
+    assert draft.initial == {
+        "study": study.pk,
+        "name": "study-x-arms-2",
+        "dataset": "datasets/reviews-small",
+        "arms": "fspo=checkpoints/fspo\nbase=checkpoints/fspo:none\ncot=/elsewhere/cot:cot",
+        "baseline": "base",
+        "shots": 3,
+    }
+    assert draft.left_out == [
+        "served: http://gpu:8000/v1#m is a served model; an evaluation loads checkpoint folders."
+    ]

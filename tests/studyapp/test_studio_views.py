@@ -1,4 +1,5 @@
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -8,16 +9,24 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 from django.test import Client
 
 from annotation.models import CandidatePair, Question
+from annotation.services import personalize_enqueue
 from modeling.synth import generate_dataset
 from studyapp.coordinators import COORDINATORS_GROUP
-from studyapp.models import Job, Study
-from studyapp.services import STUDY_FIELDS
+from studyapp.models import Job, Participant, Study
+from studyapp.services import (
+    STUDY_FIELDS,
+    participant_enroll,
+    participant_generation_fail,
+    participant_mark_returned,
+    participant_withdraw,
+)
 from tests.factories import (
     make_coordinator,
     make_job,
     make_study,
     participant_at_elicitation,
     participant_rating,
+    participant_waiting,
 )
 from tests.support import browser_of, coordinator_browser
 
@@ -431,3 +440,247 @@ def test_it_renders_every_studio_page_for_a_coordinator(coordinator: Client) -> 
     ]
 
     assert {page: coordinator.get(page).status_code for page in pages} == dict.fromkeys(pages, 200)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Participants: marking one returned, retrying a failed generation
+
+
+def return_url(study: Study, participant: Participant) -> str:
+    return f"/studio/studies/{study.slug}/participants/{participant.token}/return/"
+
+
+def retry_url(study: Study, participant: Participant) -> str:
+    return f"/studio/studies/{study.slug}/participants/{participant.token}/retry-generation/"
+
+
+def csrf_browser(user) -> Client:
+    """A signed-in browser that, like a real one, must send the CSRF token its pages carry."""
+    client = Client(enforce_csrf_checks=True)
+    client.force_login(user)
+    return client
+
+
+def csrf_token_of(client: Client, page: str) -> str:
+    response = client.get(page)
+    return re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', response.content.decode())[1]
+
+
+def failed_generation(study: Study) -> Participant:
+    participant = participant_waiting(study)
+    participant_generation_fail(participant_id=participant.pk, error="OSError: /models/fspo is not a folder")
+    participant.refresh_from_db()
+    return participant
+
+
+def test_it_marks_a_participant_returned_from_the_dashboard() -> None:
+    study = make_study()
+    participant = participant_at_elicitation(study)
+    browser = csrf_browser(make_coordinator())
+    token = csrf_token_of(browser, f"/studio/studies/{study.slug}/")
+
+    response = browser.post(return_url(study, participant), {"csrfmiddlewaretoken": token}, follow=True)
+
+    participant.refresh_from_db()
+    assert participant.state == Participant.State.RETURNED
+    assert response.redirect_chain == [(f"/studio/studies/{study.slug}/#participants", 302)]
+    page = response.content.decode()
+    assert f"Participant {participant.token[:8]} is marked returned" in page
+    assert response.context["dashboard"]["by_state"]["returned"] == 1
+
+
+def test_it_refuses_a_return_without_the_csrf_token() -> None:
+    study = make_study()
+    participant = participant_at_elicitation(study)
+
+    response = csrf_browser(make_coordinator()).post(return_url(study, participant))
+
+    participant.refresh_from_db()
+    assert response.status_code == 403
+    assert participant.state == Participant.State.ELICITATION
+
+
+def test_it_lets_only_coordinators_mark_a_participant_returned(client: Client) -> None:
+    study = make_study()
+    participant = participant_at_elicitation(study)
+
+    anonymous = client.post(return_url(study, participant))
+    not_a_coordinator = coordinator_browser(make_coordinator(is_staff=False)).post(
+        return_url(study, participant)
+    )
+    the_participant = browser_of(participant).post(return_url(study, participant))
+
+    participant.refresh_from_db()
+    assert anonymous.status_code == 302 and anonymous.url.startswith("/studio/login/")
+    assert not_a_coordinator.status_code == 403
+    assert the_participant.status_code == 302 and the_participant.url.startswith("/studio/login/")
+    assert participant.state == Participant.State.ELICITATION
+
+
+def test_it_answers_404_for_a_participant_of_another_study(coordinator: Client) -> None:
+    study, other = make_study(), make_study()
+    participant = failed_generation(other)
+
+    responses = [
+        coordinator.post(return_url(study, participant)),
+        coordinator.post(retry_url(study, participant)),
+        coordinator.post(f"/studio/studies/{study.slug}/participants/{'0' * 32}/return/"),
+    ]
+
+    participant.refresh_from_db()
+    assert [r.status_code for r in responses] == [404, 404, 404]
+    assert (participant.state, participant.generation) == (
+        Participant.State.WAITING,
+        Participant.Generation.FAILED,
+    )
+
+
+def test_it_marks_a_participant_returned_only_by_post(coordinator: Client) -> None:
+    study = make_study()
+    participant = participant_at_elicitation(study)
+
+    response = coordinator.get(return_url(study, participant))
+
+    participant.refresh_from_db()
+    assert response.status_code == 405
+    assert participant.state == Participant.State.ELICITATION
+
+
+def test_it_says_why_a_participant_cannot_be_marked_returned(coordinator: Client) -> None:
+    study = make_study()
+    participant = participant_withdraw(participant=participant_at_elicitation(study))
+
+    response = coordinator.post(return_url(study, participant), follow=True)
+
+    assert "A participant who is withdrawn cannot be marked returned." in response.content.decode()
+
+
+def test_it_shows_a_failed_generations_error_with_a_retry_button(coordinator: Client) -> None:
+    study = make_study()
+    participant = failed_generation(study)
+
+    page = coordinator.get(f"/studio/studies/{study.slug}/").content.decode()
+
+    assert "OSError: /models/fspo is not a folder" in page
+    assert f'action="{retry_url(study, participant)}"' in page
+
+
+def test_it_retries_a_failed_generation_once_for_two_clicks(
+    coordinator: Client, django_capture_on_commit_callbacks
+) -> None:
+    study = make_study()
+    participant = failed_generation(study)
+
+    with django_capture_on_commit_callbacks() as first:
+        coordinator.post(retry_url(study, participant))
+    with django_capture_on_commit_callbacks() as second:
+        again = coordinator.post(retry_url(study, participant), follow=True)
+
+    participant.refresh_from_db()
+    assert (participant.generation, participant.generation_error) == (Participant.Generation.QUEUED, "")
+    assert [c.args for c in first if getattr(c, "func", None) is personalize_enqueue] == [(participant.pk,)]
+    assert [c for c in second if getattr(c, "func", None) is personalize_enqueue] == []
+    assert "Only a generation that has failed can be retried" in again.content.decode()
+
+
+def test_it_retries_no_generation_that_has_not_failed(
+    coordinator: Client, django_capture_on_commit_callbacks
+) -> None:
+    study = make_study()
+    waiting, rating = participant_waiting(study), participant_rating(study)
+
+    with django_capture_on_commit_callbacks() as callbacks:
+        for participant in (waiting, rating):
+            coordinator.post(retry_url(study, participant))
+
+    assert [c for c in callbacks if getattr(c, "func", None) is personalize_enqueue] == []
+    waiting.refresh_from_db()
+    rating.refresh_from_db()
+    assert (waiting.generation, rating.generation) == (
+        Participant.Generation.QUEUED,
+        Participant.Generation.READY,
+    )
+
+
+def test_it_lists_the_studys_participants_with_their_state_and_finds_one_by_id(coordinator: Client) -> None:
+    study = make_study()
+    wanted = participant_enroll(study=study, recruitment_id="5f1a2b", recruitment_session_id="sess-42")
+    participant_mark_returned(participant=participant_at_elicitation(study))
+
+    everyone = coordinator.get(f"/studio/studies/{study.slug}/")
+    found = coordinator.get(f"/studio/studies/{study.slug}/", {"participant": "5f1a2b"})
+
+    assert everyone.context["participants_total"] == 2
+    assert ">returned</span>" in everyone.content.decode()
+    assert list(found.context["participants"]) == [wanted]
+    assert "sess-42" in found.content.decode()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The study's time limit, and evaluating its arms
+
+
+def test_it_edits_a_studys_time_limit(coordinator: Client) -> None:
+    study = make_study()
+
+    response = coordinator.post(
+        f"/studio/studies/{study.slug}/edit/", edit_study_form(study, time_limit_minutes=25)
+    )
+
+    study.refresh_from_db()
+    assert response.status_code == 302
+    assert study.time_limit_minutes == 25
+
+
+@pytest.mark.parametrize("minutes", [0, 7 * 24 * 60 + 1, "soon"])
+def test_it_refuses_a_time_limit_out_of_range(coordinator: Client, minutes: object) -> None:
+    study = make_study()
+
+    response = coordinator.post(
+        f"/studio/studies/{study.slug}/edit/", edit_study_form(study, time_limit_minutes=minutes)
+    )
+
+    study.refresh_from_db()
+    assert response.status_code == 400
+    assert response.context["editor"].settings.errors["time_limit_minutes"]
+    assert study.time_limit_minutes == 60
+
+
+def test_it_gives_a_new_study_the_default_time_limit(coordinator: Client) -> None:
+    response = coordinator.post("/studio/studies/new/", new_study_form())
+
+    assert response.status_code == 302
+    assert Study.objects.get(slug="elix-pilot").time_limit_minutes == 60
+
+
+def test_it_launches_an_evaluation_of_a_studys_arms_from_its_prefilled_form(
+    coordinator: Client, data_dir: Path
+) -> None:
+    generate_dataset(
+        out_dir=data_dir / "datasets" / "reviews-small", domain="reviews", users=8, pairs_per_user=4
+    )
+    for name in ("fspo", "base"):
+        (data_dir / "checkpoints" / name).mkdir(parents=True)
+    study = make_study(checkpoint=str(data_dir / "checkpoints" / "fspo"))
+    study.arms.filter(name="base").update(checkpoint=f"hf:{data_dir}/checkpoints/base")
+
+    dashboard = coordinator.get(f"/studio/studies/{study.slug}/").content.decode()
+    form_page = coordinator.get(f"/studio/jobs/new/evaluate/?study={study.pk}")
+    prefilled = {name: form_page.context["form"][name].value() for name in form_page.context["form"].fields}
+    response = coordinator.post("/studio/jobs/new/evaluate/", prefilled)
+
+    assert f'href="/studio/jobs/new/evaluate/?study={study.pk}">Evaluate these arms</a>' in dashboard
+    assert prefilled["arms"] == "fspo=checkpoints/fspo\nbase=checkpoints/base:none"
+    assert (prefilled["baseline"], prefilled["dataset"], prefilled["shots"]) == (
+        "base",
+        "datasets/reviews-small",
+        study.n_pairs,
+    )
+    job = Job.objects.get()
+    assert response.status_code == 302 and response.url == f"/studio/jobs/{job.pk}/"
+    assert (job.kind, job.study, job.name) == (Job.Kind.EVALUATE, study, f"{study.slug}-arms")
+    assert [(arm["name"], arm["context"]) for arm in job.params["arms"]] == [
+        ("fspo", "fewshot"),
+        ("base", "none"),
+    ]
+    assert job.params["arms"][1]["model"] == str(data_dir / "checkpoints" / "base")

@@ -8,11 +8,17 @@ from asgiref.sync import sync_to_async
 from channels_redis.core import RedisChannelLayer
 
 from annotation.models import GeneratedResponse, RatingItem
-from studyapp.models import Participant
+from studyapp.models import Arm, Participant
 from studyapp.realtime import participant_group
 from tests.conftest import RunningWorker
-from tests.factories import make_study, participant_at_elicitation, participant_waiting, pick
-from tests.support import browser_of, run_async
+from tests.factories import (
+    make_coordinator,
+    make_study,
+    participant_at_elicitation,
+    participant_waiting,
+    pick,
+)
+from tests.support import browser_of, coordinator_browser, run_async
 from worker.tasks import personalize
 
 # The worker is another process: it sees only committed rows.
@@ -32,6 +38,18 @@ def wait_for(
     raise AssertionError(
         f"participant still {participant.state}/{participant.generation}\n--- worker log ---\n{worker.log_tail()}"
     )
+
+
+async def updates_until_ready(layer: RedisChannelLayer, channel: str, worker: RunningWorker) -> list[dict]:
+    """What a participant's page hears on `channel`, up to and including the `ready` update."""
+    updates: list[dict] = []
+    while not updates or updates[-1]["generation"] != Generation.READY:
+        try:
+            event = await asyncio.wait_for(layer.receive(channel), timeout=120)
+        except (TimeoutError, redis.exceptions.TimeoutError):
+            raise AssertionError(f"got {updates}\n{worker.log_tail()}") from None
+        updates.append(event["payload"])
+    return updates
 
 
 def test_it_personalizes_a_participant_after_their_last_pick_with_a_real_model(
@@ -69,14 +87,7 @@ def test_it_tells_the_participants_group_when_their_responses_are_ready(
         channel = await layer.new_channel()
         await layer.group_add(participant_group(participant.token), channel)
         await sync_to_async(pick)(participant, participant.n_picks - 1)
-        updates: list[dict] = []
-        while not updates or updates[-1]["generation"] != Generation.READY:
-            try:
-                event = await asyncio.wait_for(layer.receive(channel), timeout=120)
-            except (TimeoutError, redis.exceptions.TimeoutError):
-                raise AssertionError(f"got {updates}\n{tasks_go_to_the_worker.log_tail()}") from None
-            updates.append(event["payload"])
-        return updates
+        return await updates_until_ready(layer, channel, tasks_go_to_the_worker)
 
     updates = run_async(watch())
 
@@ -115,3 +126,43 @@ def test_it_tells_the_participant_when_generation_fails_for_good(
     page = browser_of(participant).get(f"/s/{participant.study.slug}/waiting/").content.decode()
     assert "We could not prepare your answers" in page
     assert "/nonexistent/checkpoint" not in page
+
+
+def test_a_coordinators_retry_after_a_failure_generates_the_responses_once(
+    tasks_go_to_the_worker: RunningWorker, tiny_checkpoint, settings
+) -> None:
+    # The site and the worker share one channel layer, as in production: the page hears both. (Reads
+    # may wait longer than redis-py's default 5 s: the worker loads the model between two events.)
+    hosts = [{"address": tasks_go_to_the_worker.redis_url, "socket_timeout": 60}]
+    settings.CHANNEL_LAYERS = {
+        "default": {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {"hosts": hosts}}
+    }
+    study = make_study(checkpoint="/nonexistent/checkpoint")
+    participant = participant_waiting(study)
+    wait_for(tasks_go_to_the_worker, participant, lambda p: p.generation == Generation.FAILED)
+    # The coordinator fixes the cause (the arms had no model), then retries from the dashboard.
+    Arm.objects.filter(study=study).update(checkpoint=str(tiny_checkpoint))
+    coordinator = coordinator_browser(make_coordinator())
+    retry = f"/studio/studies/{study.slug}/participants/{participant.token}/retry-generation/"
+    layer = RedisChannelLayer(hosts=hosts)
+
+    async def retry_twice_and_watch() -> list[dict]:
+        channel = await layer.new_channel()
+        await layer.group_add(participant_group(participant.token), channel)
+        for _ in range(2):  # a double click
+            await sync_to_async(coordinator.post)(retry)
+        return await updates_until_ready(layer, channel, tasks_go_to_the_worker)
+
+    updates = run_async(retry_twice_and_watch())
+
+    # What the participant's waiting page hears: waiting again, then on to the ratings.
+    assert updates == [
+        {"state": "waiting", "generation": "queued"},
+        {"state": "waiting", "generation": "running"},
+        {"state": "rating", "generation": "ready"},
+    ]
+    participant.refresh_from_db()
+    assert (participant.state, participant.generation_error) == (State.RATING, "")
+    assert GeneratedResponse.objects.filter(participant=participant).count() == 2 * 2
+    assert RatingItem.objects.filter(participant=participant).count() == participant.n_ratings == 4
+    assert browser_of(participant).get(f"/s/{study.slug}/waiting/").url == f"/s/{study.slug}/rate/1/"

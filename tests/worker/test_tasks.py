@@ -1,19 +1,26 @@
 import asyncio
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from asgiref.sync import sync_to_async
 from channels_redis.core import RedisChannelLayer
 from django.test import Client
+from django.utils import timezone
 
-from studyapp.models import Job
-from studyapp.realtime import job_group
+from studyapp.models import Job, Participant
+from studyapp.realtime import job_group, participant_group
 from studyapp.services import job_launch
 from tests.conftest import RunningWorker
-from tests.factories import make_coordinator, make_job
+from tests.factories import (
+    make_coordinator,
+    make_job,
+    make_study,
+    participant_at_elicitation,
+)
 from tests.support import coordinator_browser, run_async
-from worker.tasks import synth_generate, throttled
+from worker.tasks import expire_participants, synth_generate, throttled
 
 Status = Job.Status
 
@@ -139,3 +146,41 @@ def test_it_throttles_progress_but_passes_each_new_stage_and_the_last_step() -> 
         report(done, 10, stage)
 
     assert seen == [(1, 10, "a"), (3, 10, "a"), (1, 10, "b"), (10, 10, "b")]
+
+
+def test_celery_beat_runs_the_participant_expiry() -> None:
+    from studyapp.celery import app
+
+    (entry,) = [e for e in app.conf.beat_schedule.values() if e["task"] == expire_participants.name]
+
+    assert entry["schedule"] > 0
+    assert app.amqp.router.route({}, expire_participants.name)["queue"].name == "cpu"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_expiry_task_times_out_stale_participants_in_the_worker_and_tells_their_pages(
+    tasks_go_to_the_worker: RunningWorker,
+) -> None:
+    study = make_study(time_limit_minutes=30)
+    # (Not a waiting participant: the worker would be personalizing them, which moves updated_at.)
+    stale, active = participant_at_elicitation(study), participant_at_elicitation(study)
+    Participant.objects.filter(pk=stale.pk).update(updated_at=timezone.now() - timedelta(minutes=31))
+    Participant.objects.filter(pk=active.pk).update(updated_at=timezone.now() - timedelta(minutes=29))
+    layer = RedisChannelLayer(hosts=[{"address": tasks_go_to_the_worker.redis_url, "socket_timeout": 60}])
+
+    async def run_and_watch() -> tuple[dict, dict]:
+        channel = await layer.new_channel()
+        await layer.group_add(participant_group(stale.token), channel)
+        result = await sync_to_async(
+            lambda: tasks_go_to_the_worker.app.send_task(expire_participants.name).get(timeout=60)
+        )()
+        event = await asyncio.wait_for(layer.receive(channel), timeout=30)
+        return result, event["payload"]
+
+    result, told = run_async(run_and_watch())
+
+    assert result == {"timed_out": 1}
+    assert told == {"state": "timed_out", "generation": Participant.Generation.NOT_STARTED}
+    stale.refresh_from_db()
+    active.refresh_from_db()
+    assert (stale.state, active.state) == (Participant.State.TIMED_OUT, Participant.State.ELICITATION)

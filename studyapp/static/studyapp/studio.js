@@ -123,6 +123,13 @@
     });
   });
 
+  // Buttons whose action cannot be undone ask first (data-confirm holds the question).
+  document.querySelectorAll("button[data-confirm]").forEach(function (button) {
+    button.addEventListener("click", function (event) {
+      if (!window.confirm(button.dataset.confirm)) event.preventDefault();
+    });
+  });
+
   // A form that came back with problems: move focus to their summary, so keyboard and screen-reader
   // users land on it.
   var summary = document.getElementById("error-summary");

@@ -1,6 +1,8 @@
 // The waiting page: wait for the participant's responses over a WebSocket, polling the status URL if
-// the socket cannot be opened or drops, or if the page has no socket to open. When they are ready (or the participant has moved on) the page
-// reloads, and the server redirects to the right step; if generation failed, the message is shown.
+// the socket cannot be opened or drops, or if the page has no socket to open. When they are ready (or the
+// participant has moved on, or timed out) the page reloads, and the server redirects to the right step. If
+// generation failed, the message is shown and the page keeps listening: a coordinator may retry it, and
+// the page then waits again.
 (function () {
   "use strict";
   var root = document.getElementById("waiting");
@@ -22,11 +24,11 @@
     if (status.generation === "ready" || status.state !== "waiting") {
       finished = true;
       window.location.reload();
-    } else if (status.generation === "failed") {
-      finished = true;
-      document.getElementById("waiting-busy").hidden = true;
-      document.getElementById("waiting-failed").hidden = false;
+      return;
     }
+    var failed = status.generation === "failed";
+    document.getElementById("waiting-busy").hidden = failed;
+    document.getElementById("waiting-failed").hidden = !failed;
   }
 
   function poll() {
