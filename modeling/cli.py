@@ -208,6 +208,13 @@ def cmd_train(argv: list[str]) -> int:
         action="store_true",
         help="Pref-FT also on each shot's preferred response given the shots before it",
     )
+    p.add_argument(
+        "--pretrain-consistent",
+        type=float,
+        default=None,
+        metavar="FRACTION",
+        help="pretrain: this fraction of documents has one author (every response in one style)",
+    )
     args = p.parse_args(argv)
     fields = json.loads(args.config.read_text()) if args.config else {}
     fields.update(
@@ -230,6 +237,7 @@ def cmd_train(argv: list[str]) -> int:
         "seed",
         "optimizer",
         "dtype",
+        "pretrain_consistent",
     ):
         if getattr(args, name) is not None:
             fields[name] = getattr(args, name)
@@ -394,6 +402,143 @@ def cmd_paper_table(argv: list[str]) -> int:
     return 0
 
 
+def _analysis_table(analysis: Any) -> Table:
+    """One line per analysis: its headline numbers, or why it has none."""
+
+    def pct(v: float | None) -> str:
+        return "—" if v is None else f"{100 * v:.1f}%"
+
+    def ci(low: float | None, high: float | None) -> str:
+        return "" if low is None or high is None else f" [{100 * low:.1f}–{100 * high:.1f}]"
+
+    table = Table(title=f"Analyses of {analysis.study['slug']}", title_justify="left")
+    for col in ("analysis", "result", "n"):
+        table.add_column(col, justify="right" if col == "n" else "left")
+    for r in analysis.win_rates.rows:
+        result = r.message if r.win_rate is None else f"{pct(r.win_rate)}{ci(r.ci_low, r.ci_high)}"
+        table.add_row(f"win rate {r.arm} vs {r.baseline}", result, f"{r.n} ratings, {r.participants} people")
+    for r in analysis.transfer.rows:
+        result = r.message or (
+            f"synthetic {pct(r.synthetic_win_rate)} − real {pct(r.real_win_rate)} = {100 * r.gap:+.1f} pts"
+            f"{'' if r.gap_ci is None else f' [{100 * r.gap_ci[0]:+.1f} to {100 * r.gap_ci[1]:+.1f}]'}"
+        )
+        table.add_row(f"transfer {r.arm} vs {r.baseline}", result, str(r.synthetic_n or ""))
+    c = analysis.consistency
+    table.add_row(
+        "consistency on repeats",
+        c.message
+        or f"{pct(c.agreement)}{ci(c.ci_low, c.ci_high)}"
+        + ("".join(f", synthetic {pct(v)}" for _, _, v in c.synthetic[:1])),
+        f"{c.repeats} repeats",
+    )
+    ir = c.inter_rater
+    table.add_row(
+        "agreement between participants",
+        ir.message or f"Krippendorff's alpha {ir.alpha:.3f}",
+        f"{ir.units} shared pairs",
+    )
+    shots = analysis.shots
+    if shots.message:
+        table.add_row("shot-count sensitivity", shots.message, "")
+    for arm, baseline in dict.fromkeys((r.rate.arm, r.rate.baseline) for r in shots.rows):
+        rates = [r for r in shots.rows if (r.rate.arm, r.rate.baseline) == (arm, baseline)]
+        table.add_row(
+            f"by shots {arm} vs {baseline}",
+            ", ".join(f"N={r.shots}: {pct(r.rate.win_rate)}" for r in rates),
+            ", ".join(str(r.rate.participants) for r in rates) + " people",
+        )
+    shift = analysis.shift
+    table.add_row(
+        "distribution shift",
+        shift.message
+        or ", ".join(
+            f"{a.survey} JSD {a.js_divergence:.3f}" for a in shift.attributes if a.js_divergence is not None
+        )
+        or "no survey answers",
+        "",
+    )
+    d = analysis.descriptions
+    table.add_row(
+        "user descriptions",
+        d.message
+        or (
+            "texts side by side, no similarity"
+            if d.mean_similarity is None
+            else f"similarity {d.mean_similarity:.3f}"
+            + ("" if d.mean_others is None else f" (to others {d.mean_others:.3f})")
+        ),
+        f"{len(d.pairs)} participants",
+    )
+    return table
+
+
+def cmd_analyze(argv: list[str]) -> int:
+    from .analysis import (
+        AnalysisOptions,
+        ExclusionRules,
+        analyze,
+        load_export,
+        read_synthetic_eval,
+        synthetic_inputs,
+        write_report,
+    )
+
+    p = argparse.ArgumentParser(
+        prog="fspo analyze",
+        description="Analyses of a human study from its export (manage.py export or the studio's export "
+        "page): win rates per arm pair, synthetic-to-real transfer, consistency, shot-count sensitivity, "
+        "distribution shift, user-description quality. Writes report.md, analysis.json and PNG plots.",
+    )
+    p.add_argument("export_dir", type=Path, help="an export folder (schema fspo-study-export-1)")
+    p.add_argument("--synthetic-eval", type=Path, help="an fspo eval results.json (or its run folder)")
+    p.add_argument(
+        "--synthetic-dataset",
+        type=Path,
+        help="the synthetic dataset of the study's domain: persona distribution and self-consistency "
+        "(default: the domain's persona weights, no self-consistency)",
+    )
+    p.add_argument("--out", type=Path, help="where to write the report (default: EXPORT_DIR/analysis)")
+    p.add_argument("--too-fast-ms", type=int, default=None, help="too-fast threshold (default: the export's)")
+    p.add_argument("--keep-too-fast", action="store_true", help="do not exclude too-fast participants")
+    p.add_argument(
+        "--keep-failed-attention", action="store_true", help="do not exclude failed attention checks"
+    )
+    p.add_argument("--keep-returned", action="store_true", help="count returned and timed-out participants")
+    p.add_argument("--completed-only", action="store_true", help="count only participants who completed")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples")
+    p.add_argument(
+        "--no-embeddings", action="store_true", help="skip the MiniLM description similarities (faster)"
+    )
+    args = p.parse_args(argv)
+    options = AnalysisOptions(
+        rules=ExclusionRules(
+            drop_returned=not args.keep_returned,
+            drop_failed_attention=not args.keep_failed_attention,
+            drop_too_fast=not args.keep_too_fast,
+            too_fast_ms=args.too_fast_ms,
+            completed_only=args.completed_only,
+        ),
+        seed=args.seed,
+        resamples=args.resamples,
+        embeddings=not args.no_embeddings,
+    )
+    # Everything is read and checked before anything is written.
+    data = load_export(args.export_dir)
+    evaluation = None
+    if args.synthetic_eval is not None:
+        evaluation = read_synthetic_eval(args.synthetic_eval)
+    synthetic = synthetic_inputs(
+        domain=str(data.study["domain"]), evaluation=evaluation, dataset=args.synthetic_dataset
+    )
+    analysis = analyze(data, options=options, synthetic=synthetic)
+    out_dir = args.out or args.export_dir / "analysis"
+    written = write_report(analysis, out_dir)
+    out.print(_analysis_table(analysis))
+    out.print(f"wrote {out_dir}: {', '.join(path.name for path in written)}")
+    return 0
+
+
 USAGE = """usage: fspo COMMAND [ARGS]
 
 commands:
@@ -404,6 +549,7 @@ commands:
   eval          win rates of checkpoints against a baseline on held-out synthetic users
   paper-table   train every arm of the paper's comparison, then evaluate them
   probe         does a checkpoint read the user's shots? (own vs another user's vs no shots)
+  analyze       analyses of a human study from its export: win rates, transfer, consistency, ...
 """
 
 
@@ -425,6 +571,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "serve-model",
     ):  # commands that load models
         quiet_library_progress_bars()
+    from .analysis import AnalysisInputError
     from .data import EpisodeError
     from .llm import LLMError
     from .synth import DatasetError, DomainError
@@ -443,11 +590,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_probe(argv[1:])
         if argv[:1] == ["paper-table"]:
             return cmd_paper_table(argv[1:])
+        if argv[:1] == ["analyze"]:
+            return cmd_analyze(argv[1:])
         if argv[:1] == ["serve-model"]:
             from .serve import serve_model_main
 
             return serve_model_main(argv[1:])
-    except (DomainError, DatasetError, LLMError, CheckpointError, EpisodeError, ValueError) as e:
+    except (
+        AnalysisInputError,
+        DomainError,
+        DatasetError,
+        LLMError,
+        CheckpointError,
+        EpisodeError,
+        ValueError,
+    ) as e:
         print(f"error: {e}", file=sys.stderr)  # one line, never wrapped
         return 2
     except KeyboardInterrupt:

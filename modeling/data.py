@@ -226,12 +226,24 @@ class EpisodeSource:
         if p.empty:
             raise DatasetError(f"{ds.path}: no preference pairs of {split} users")
         self.questions = ds.table("questions", ["text", "topic"]).to_pandas()
-        resp = ds.table("responses", ["question_id", "text"]).to_pandas()
+        resp = ds.table("responses").to_pandas()
         self.responses = resp.text.tolist()
         # Every response written for a question: the unlabeled answers the base model learns from.
         self.answers: dict[int, list[str]] = {
             int(q): g.tolist() for q, g in resp.groupby("question_id", sort=True).text
         }
+        # The style each answer was written in (its trait values), where the dataset records them (the
+        # procedural engine does): the base model's consistent-author documents draw on it.
+        traits = [c for c in resp.columns if c.startswith("trait_")]
+        self.styled_answers: dict[int, list[tuple[str, tuple[str, ...]]]] | None = None
+        if traits and not resp[traits].isna().any().any():
+            self.styled_answers = {
+                int(q): list(
+                    zip(g.text, map(tuple, g[traits].itertuples(index=False, name=None)), strict=True)
+                )
+                for q, g in resp.groupby("question_id", sort=True)
+            }
+        self.question_ids = {text: i for i, text in enumerate(self.questions.text)}
         users = ds.table("users", ["user_id", "description"]).to_pandas().set_index("user_id")
         self.descriptions = users["description"].to_dict()
         self.by_user: dict[int, dict[str, np.ndarray]] = {}

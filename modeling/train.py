@@ -69,6 +69,9 @@ class TrainConfig:
         up to hi+1 supervised responses per forward pass instead of one. Off by default (the paper
         supervises the final target only).
     lora: train a peft LoRA adapter instead of all weights.
+    pretrain_consistent: the fraction of the base model's pretraining documents written by one author
+        (every response in one style; see ``consistent_document``). Needs a dataset that records each
+        response's trait values (the procedural engine's do).
     freeze_embeddings: keep the token embeddings (and the output head) fixed. A small model fine-tuned
         on the train-split questions otherwise unlearns the words of held-out topics (they are never a
         target, so the softmax pushes them down) and stops copying the question's topic.
@@ -95,6 +98,7 @@ class TrainConfig:
     shot_targets: bool = False
     lora: bool = False
     freeze_embeddings: bool = False
+    pretrain_consistent: float = 0.0
     lora_r: int = 16
     lora_alpha: int = 32
     dtype: Literal["float32", "bfloat16"] = "float32"
@@ -135,6 +139,10 @@ class TrainConfig:
             problems.append("steps and batch_size must be >= 1")
         if not (self.lr > 0 and self.beta > 0):
             problems.append("lr and beta must be > 0")
+        if not 0 <= self.pretrain_consistent <= 1:
+            problems.append(
+                f"pretrain_consistent must be a fraction in [0, 1], got {self.pretrain_consistent}"
+            )
         if self.cot and self.context == "description":
             problems.append("cot with context 'description' would copy the description it is given")
         if problems:
@@ -258,18 +266,50 @@ def tokenize_episode(tok: Any, ep: Episode, cfg: TrainConfig) -> Example:
     return Example(p[-cfg.max_prompt_tokens :], c, r, labels)
 
 
-def pretrain_episode(ep: Episode, rng: random.Random, answers: dict[int, list[str]]) -> Episode:
+def pretrain_episode(ep: Episode, rng: random.Random, src: EpisodeSource, consistent: float = 0.0) -> Episode:
     """The base model's data: the same format, but each shot's pair in random order and as the target a
-    random answer to the target question (``answers``: question id -> its responses), so the base learns
-    to answer on topic in the domain's language without ever seeing a preference signal."""
+    random answer to the target question, so the base learns to answer on topic in the domain's language
+    without ever seeing a preference signal.
+
+    With probability ``consistent`` the document is one author's instead (``consistent_document``)."""
     from .data import Pair
 
+    if consistent and src.styled_answers is not None and rng.random() < consistent:
+        return consistent_document(ep, rng, src)
     shots = tuple(
         Pair(s.question, *((s.chosen, s.rejected) if rng.random() < 0.5 else (s.rejected, s.chosen)))
         for s in ep.shots
     )
-    options = answers[int(ep.meta["question_id"])]
+    options = src.answers[int(ep.meta["question_id"])]
     return dataclasses.replace(ep, shots=shots, chosen=rng.choice(options), rejected=rng.choice(options))
+
+
+def consistent_document(ep: Episode, rng: random.Random, src: EpisodeSource) -> Episode:
+    """One author's document: every response in it (both of each shot's and the target) is an answer
+    to its question in one style, the one nearest a style drawn at random (most trait values shared).
+
+    Style persists within a document, as it does in the text real language models are pretrained on;
+    the labels carry nothing (both responses of a shot share the style), so the base still never sees a
+    preference. What it does learn is to continue in the style of its context: in the tiny world that
+    in-context skill appeared between 300 and 1,000 pretraining steps (docs/benchmarks.md), and without
+    it Pref-FT never learned to read a user's shots."""
+    from .data import Pair
+
+    assert src.styled_answers is not None
+    target_q = int(ep.meta["question_id"])
+    anchor = rng.choice(src.styled_answers[target_q])[1]
+
+    def answer(question_id: int) -> str:
+        options = src.styled_answers[question_id]  # type: ignore[index]
+        shared = [sum(a == b for a, b in zip(style, anchor, strict=True)) for _, style in options]
+        best = max(shared)
+        return rng.choice([text for (text, _), n in zip(options, shared, strict=True) if n == best])
+
+    shots = []
+    for s in ep.shots:
+        q = src.question_ids[s.question]
+        shots.append(Pair(s.question, answer(q), answer(q)))
+    return dataclasses.replace(ep, shots=tuple(shots), chosen=answer(target_q), rejected=answer(target_q))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -345,7 +385,7 @@ def _examples(src: EpisodeSource, tok: Any, cfg: TrainConfig, step: int) -> list
     eps = _episodes_for_step(src, cfg, step)
     if cfg.stage == "pretrain":
         rng = random.Random(_batch_seed(cfg, step))
-        eps = [pretrain_episode(e, rng, src.answers) for e in eps]
+        eps = [pretrain_episode(e, rng, src, cfg.pretrain_consistent) for e in eps]
     return [tokenize_episode(tok, e, cfg) for e in eps]
 
 
@@ -458,6 +498,11 @@ def train(
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     src = EpisodeSource(cfg.dataset, split="train", all_questions=cfg.stage == "pretrain")
+    if cfg.stage == "pretrain" and cfg.pretrain_consistent and src.styled_answers is None:
+        raise ValueError(
+            f"{cfg.dataset}: pretrain_consistent needs each response's trait values (trait_* columns in "
+            "responses.parquet), and this dataset has none; use pretrain_consistent 0"
+        )
     eval_src = EpisodeSource(cfg.dataset, split="test")
     torch.manual_seed(cfg.seed)
     last = out_dir / "checkpoint-last"
@@ -528,7 +573,7 @@ def train(
     if cfg.stage == "pretrain":
         rng = random.Random(10_007)
         eval_examples = [
-            tokenize_episode(tok, pretrain_episode(e, rng, eval_src.answers), cfg)
+            tokenize_episode(tok, pretrain_episode(e, rng, eval_src, cfg.pretrain_consistent), cfg)
             for e in eval_src.sample(cfg.eval_episodes, shots=cfg.shots, seed=10_007)
         ]
     # The held-out pairs' reference log-probs, also once (a resumed run reads them back).

@@ -2,6 +2,7 @@ from django.contrib import admin
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
+from studyapp import analysis_views as analyses
 from studyapp import export_views as exports
 from studyapp import participant_views as p
 from studyapp import studio_views as studio
@@ -46,6 +47,12 @@ urlpatterns = [
         name="studio-participant-retry-generation",
     ),
     path("studio/studies/<slug:slug>/export/", exports.export_page, name="studio-study-export"),
+    path("studio/studies/<slug:slug>/analysis/", analyses.analysis_page, name="studio-study-analysis"),
+    path(
+        "studio/studies/<slug:slug>/analysis/report.zip",
+        analyses.analysis_download,
+        name="studio-study-analysis-download",
+    ),
     path("studio/jobs/new/<slug:kind>/", studio.new_job, name="studio-job-new"),
     path("studio/jobs/<uuid:job_id>/", studio.job_page, name="studio-job"),
     path("studio/jobs/<uuid:job_id>/status.json", studio.job_status_json, name="studio-job-status"),

@@ -181,3 +181,55 @@ def test_ipo_starts_at_the_reference_and_fits_its_pairs(base_model, dataset, tmp
     assert history[-1]["reward_margin"] > 0
     manifest = load_checkpoint_manifest(ipo.out_dir)
     assert manifest["stage"] == "ipo" and manifest["init_stage"] == "sft"
+
+
+def test_a_consistent_authors_document_keeps_one_style_and_carries_no_label(dataset):
+    """Pretraining's one-author documents: every response (both of each shot's, and the target) answers
+    its own question in one style, so the labels say nothing; the plain documents mix styles."""
+    import random
+
+    from modeling.data import EpisodeSource
+    from modeling.synth import load_dataset
+    from modeling.train import consistent_document, pretrain_episode
+
+    src = EpisodeSource(dataset, split="train", all_questions=True)
+    assert src.styled_answers is not None
+    style_of = {text: style for answers in src.styled_answers.values() for text, style in answers}
+    questions = load_dataset(dataset).table("questions", ["text"]).column("text").to_pylist()
+    answers_to = {q: {t for t, _ in src.styled_answers[i]} for i, q in enumerate(questions)}
+    rng = random.Random(0)
+    mixed = in_style = 0
+    for ep in src.sample(40, shots=4, seed=1):
+        doc = consistent_document(ep, rng, src)
+        # The style is drawn from the target question's answers, so both target responses share it;
+        # each shot's question answered in that style (most are) is answered in it.
+        style = style_of[doc.chosen]
+        assert style_of[doc.rejected] == style
+        for s in doc.shots:
+            assert {s.chosen, s.rejected} <= answers_to[s.question]
+            if style in {style_of[t] for t in answers_to[s.question]}:
+                assert style_of[s.chosen] == style_of[s.rejected] == style
+                in_style += 1
+        assert {doc.chosen, doc.rejected} <= answers_to[doc.question]
+        plain = pretrain_episode(ep, rng, src, consistent=0.0)
+        mixed += len({style_of[t] for s in plain.shots for t in (s.chosen, s.rejected)}) > 1
+    assert in_style >= 100  # of 160 shots
+    assert mixed >= 30  # without the option, styles in a document are independent
+
+
+def test_consistent_pretraining_needs_a_dataset_that_records_styles(dataset, tmp_path):
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    copy = tmp_path / "elix"
+    shutil.copytree(dataset, copy)
+    responses = pq.read_table(copy / "responses.parquet")
+    pq.write_table(
+        responses.drop([c for c in responses.column_names if c.startswith("trait_")]),
+        copy / "responses.parquet",
+    )
+    with pytest.raises(ValueError, match="pretrain_consistent needs each response's trait values"):
+        train(cfg(str(copy), tmp_path / "out", stage="pretrain", steps=2, pretrain_consistent=0.5))
+    with pytest.raises(ValueError, match="pretrain_consistent must be a fraction"):
+        cfg(dataset, tmp_path / "out", stage="pretrain", pretrain_consistent=1.5)
