@@ -351,7 +351,7 @@ def cmd_eval(argv: list[str]) -> int:
 
 
 def cmd_probe(argv: list[str]) -> int:
-    from .evaluate import shot_sensitivity
+    from .evaluate import shot_sensitivity, style_following
 
     p = argparse.ArgumentParser(
         prog="fspo probe",
@@ -363,8 +363,26 @@ def cmd_probe(argv: list[str]) -> int:
     p.add_argument("--episodes", type=int, default=96)
     p.add_argument("--shots", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--style",
+        action="store_true",
+        help="instead: does it continue its context's style? (every shot in one style; answers read by the oracle)",
+    )
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
+    if args.style:
+        s = style_following(
+            args.model, args.dataset, episodes=args.episodes, shots=args.shots, seed=args.seed
+        )
+        if args.json:
+            out.print_json(json.dumps(s.to_dict()))
+        else:
+            out.print(
+                f"{s.episodes} held-out prompts whose {s.shots} shots share one style: "
+                f"{100 * s.match_rate:.1f}% of the answers in that style (chance {100 * s.chance:.1f}%; "
+                f"style readable in {100 * s.detected:.1f}%)"
+            )
+        return 0
     r = shot_sensitivity(args.model, args.dataset, episodes=args.episodes, shots=args.shots, seed=args.seed)
     if args.json:
         out.print_json(json.dumps(r.to_dict()))

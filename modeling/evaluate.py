@@ -360,3 +360,102 @@ def shot_sensitivity(
         margin_gain=float(gain.mean()),
         margin_gain_ci=(float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))),
     )
+
+
+@dataclass
+class StyleFollowing:
+    """Does a model continue the style of its context? (The in-context skill FSPO builds on.)
+
+    Every response in the prompt (both of each shot's) answers its question in one style drawn at
+    random; ``match_rate`` is the share of the model's answers whose style the oracle reads as that one
+    (all traits), ``detected`` the share with every trait readable, ``chance`` what answering in a style
+    of its own choosing would match by luck (1 / the number of styles)."""
+
+    episodes: int
+    shots: int
+    match_rate: float
+    detected: float
+    chance: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def style_following(
+    model_dir: str | Path,
+    dataset: str | Path,
+    *,
+    episodes: int = 40,
+    shots: int = 4,
+    max_new_tokens: int = 120,
+    temperature: float = 0.7,
+    seed: int = 0,
+) -> StyleFollowing:
+    """Prompt held-out episodes whose shots all share one style (see :class:`StyleFollowing`) and read
+    the style of the model's answers with the domain's oracle."""
+    from .synth import DatasetError, load_dataset, load_domain
+
+    ds = load_dataset(dataset)
+    src = EpisodeSource(ds, split="test")
+    if src.styled_answers is None:
+        raise DatasetError(f"{ds.path}: responses carry no trait values, so styles cannot be told apart")
+    domain = load_domain(ds.manifest.get("domain_source", ds.domain))
+    prompts, wanted = style_prompts(src, episodes=episodes, shots=shots, seed=seed)
+    if not prompts:
+        raise DatasetError(f"{ds.path}: no held-out episode has every shot question answered in one style")
+    texts = generate_arm(
+        Arm("probe", str(model_dir)),
+        prompts,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        seed=seed,
+    )
+    got = styles_read(domain, texts)
+    n_styles = len({s for answers in src.styled_answers.values() for _, s in answers})
+    return StyleFollowing(
+        episodes=len(prompts),
+        shots=shots,
+        match_rate=float(np.mean([g == w for g, w in zip(got, wanted, strict=True)])),
+        detected=float(np.mean([None not in g for g in got])),
+        chance=1 / n_styles,
+    )
+
+
+def style_prompts(
+    src: EpisodeSource, *, episodes: int, shots: int, seed: int
+) -> tuple[list[Episode], list[tuple[str, ...]]]:
+    """Up to ``episodes`` held-out episodes whose shot responses (both of each pair) all answer their
+    questions in one style drawn at random, and that style (trait value names) for each."""
+    import random
+
+    from .data import Pair
+
+    assert src.styled_answers is not None
+    styles = sorted({s for answers in src.styled_answers.values() for _, s in answers})
+    rng = random.Random(seed)
+    prompts: list[Episode] = []
+    wanted: list[tuple[str, ...]] = []
+    for ep in src.sample(episodes * 3, shots=shots, seed=seed):
+        style = rng.choice(styles)
+        in_style = [
+            [t for t, s in src.styled_answers[src.question_ids[p.question]] if s == style] for p in ep.shots
+        ]
+        if len(prompts) == episodes or not all(in_style):
+            continue  # a shot question never answered in that style
+        pairs = tuple(
+            Pair(p.question, rng.choice(o), rng.choice(o)) for p, o in zip(ep.shots, in_style, strict=True)
+        )
+        prompts.append(dataclasses.replace(ep, shots=pairs))
+        wanted.append(style)
+    return prompts, wanted
+
+
+def styles_read(domain: Any, texts: Sequence[str]) -> list[tuple[str | None, ...]]:
+    """The style the domain's oracle reads in each text: a value name per trait, None where unreadable."""
+    from .synth import world
+
+    names = [tuple(v.name for v in t.values) for t in domain.traits]
+    return [
+        tuple(None if v is None else names[i][v] for i, v in enumerate(world.detect_traits(domain, t)))
+        for t in texts
+    ]

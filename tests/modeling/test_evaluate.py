@@ -138,3 +138,31 @@ def test_shot_sensitivity_scores_the_same_pairs_under_own_borrowed_and_no_shots(
     assert result.margin_gain_ci[0] <= result.margin_gain <= result.margin_gain_ci[1]
     with pytest.raises(ValueError, match="at least 2 episodes"):
         shot_sensitivity(base, ds, episodes=1)
+
+
+def test_style_following_prompts_one_style_and_scores_what_the_oracle_reads(setup):
+    """`fspo probe --style`: every shot response of a prompt is in the prompt's style, the oracle reads
+    responses back as the style they were written in, and the rate counts exact matches."""
+    import random
+
+    from modeling.data import EpisodeSource
+    from modeling.evaluate import style_following, style_prompts, styles_read
+    from modeling.synth import load_domain, world
+
+    ds, base = setup
+    src = EpisodeSource(ds, split="test")
+    style_of = {text: style for answers in src.styled_answers.values() for text, style in answers}
+    prompts, wanted = style_prompts(src, episodes=12, shots=3, seed=1)
+    assert len(prompts) == 12 and len(set(wanted)) > 1
+    for ep, style in zip(prompts, wanted, strict=True):
+        assert len(ep.shots) == 3
+        assert {style_of[t] for s in ep.shots for t in (s.chosen, s.rejected)} == {style}
+    domain = load_domain("elix")
+    levels = [v.name for v in domain.traits[0].values]
+    rnd = random.Random(0)
+    texts = [world.render_response(domain, "tides", [i], rnd) for i in range(len(levels))]
+    assert styles_read(domain, texts) == [(name,) for name in levels]
+    # End to end on the barely trained tiny model: a rate, not a quality bar.
+    result = style_following(base, ds, episodes=6, shots=2, max_new_tokens=24)
+    assert result.episodes == 6 and result.chance == pytest.approx(1 / len(levels))
+    assert 0 <= result.match_rate <= result.detected <= 1
