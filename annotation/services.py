@@ -21,8 +21,8 @@ from django.utils import timezone
 
 from studyapp.flow import Step, participant_next_step
 from studyapp.models import Participant, Study
-from studyapp.realtime import notify_participant_on_commit, notify_study_on_commit
-from studyapp.selectors import participant_for_update, participant_status
+from studyapp.realtime import notify_participant_changed_on_commit, notify_study_on_commit
+from studyapp.selectors import participant_for_update
 
 from .models import (
     CandidatePair,
@@ -291,8 +291,7 @@ def responses_store(*, participant_id: int, responses: Sequence[NewResponse]) ->
                 "updated_at",
             ]
         )
-        notify_participant_on_commit(participant.token, participant_status(participant=participant))
-        notify_study_on_commit(participant.study_id)
+        notify_participant_changed_on_commit(participant)
         return True
 
 

@@ -66,6 +66,8 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from studyapp.demo_check import attention_check_side, form_field
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -126,13 +128,6 @@ def _step(path: str) -> str:
     return match[1] if match else "entry"
 
 
-def _field(page: str, name: str) -> str:
-    match = re.search(rf'name="{re.escape(name)}" value="([^"]*)"', page)
-    if match is None:
-        raise ValueError(f"the page has no '{name}' field")
-    return html.unescape(match[1])
-
-
 class SimulatedParticipant:
     """One participant's browser: its own cookie jar, the pages' forms with their CSRF tokens, redirects
     followed one by one (each one a request of its own in the record)."""
@@ -188,7 +183,7 @@ class SimulatedParticipant:
 
     async def post(self, kind: str, page: Any, data: dict[str, str]) -> Any:
         """POST the page's form to the page's own address, not following the redirect."""
-        token = _field(page.text, "csrfmiddlewaretoken")
+        token = form_field(page.text, "csrfmiddlewaretoken")
         return await self.send(kind, "POST", page.url.path, {"csrfmiddlewaretoken": token, **data})
 
     async def submit(
@@ -256,14 +251,14 @@ class SimulatedParticipant:
             n += 1
             self.expect(r, "pick", n)
             choice = rng.choice(SIDES)
-            data = {"item": _field(r.text, "item"), "choice": choice}
+            data = {"item": form_field(r.text, "item"), "choice": choice}
             page, first_page = r, first_page or r
             last = f"Question {n} of {n}<" in r.text
             double = self.replays and (n == 1 or last)
             r = await self.submit("pick", page, data, double=double, record=w.picks)
             last_pick_at = time.perf_counter()
             if self.replays and n == 2:
-                old = {"item": _field(first_page.text, "item"), "choice": _other(w.picks[0])}
+                old = {"item": form_field(first_page.text, "item"), "choice": _other(w.picks[0])}
                 await self.stale("pick", first_page, old, now_at=r)
             r = await self.follow(r)
         if not w.picks:
@@ -279,9 +274,9 @@ class SimulatedParticipant:
         while _step(r.url.path) == "rate":
             n += 1
             self.expect(r, "rate", n)
-            choice = _attention_side(r.text) or rng.choice(SIDES)
+            choice = attention_check_side(r.text) or rng.choice(SIDES)
             data = {
-                "item": _field(r.text, "item"),
+                "item": form_field(r.text, "item"),
                 "choice": choice,
                 "strength": str(rng.randint(1, 5)),
                 "reason": "Simulated.",
@@ -291,7 +286,7 @@ class SimulatedParticipant:
             double = self.replays and (n == 1 or last)
             r = await self.submit("rate", page, data, double=double, record=w.ratings)
             if self.replays and n == 2:
-                old = {**data, "item": _field(first_page.text, "item"), "choice": _other(w.ratings[0])}
+                old = {**data, "item": form_field(first_page.text, "item"), "choice": _other(w.ratings[0])}
                 await self.stale("rate", first_page, old, now_at=r)
             r = await self.follow(r)
         self.expect(r, "survey")
@@ -321,16 +316,6 @@ class SimulatedParticipant:
 
 def _other(side: str) -> str:
     return "right" if side == "left" else "left"
-
-
-def _attention_side(page: str) -> str | None:
-    """On an attention check, the side it asks for (the response that says to choose it)."""
-    from annotation.models import ATTENTION_CHECK_PICK_ME, ATTENTION_CHECK_QUESTION
-
-    if html.escape(ATTENTION_CHECK_QUESTION) not in page:
-        return None
-    texts = re.findall(r'class="response-text">(.*?)</div>', page, re.DOTALL)
-    return "left" if html.unescape(texts[0]).strip() == ATTENTION_CHECK_PICK_ME else "right"
 
 
 async def run_participants(

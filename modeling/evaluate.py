@@ -411,13 +411,12 @@ def style_following(
         seed=seed,
     )
     got = styles_read(domain, texts)
-    n_styles = len({s for answers in src.styled_answers.values() for _, s in answers})
     return StyleFollowing(
         episodes=len(prompts),
         shots=shots,
         match_rate=float(np.mean([g == w for g, w in zip(got, wanted, strict=True)])),
         detected=float(np.mean([None not in g for g in got])),
-        chance=1 / n_styles,
+        chance=1 / len(_styles(src)),
     )
 
 
@@ -431,7 +430,7 @@ def style_prompts(
     from .data import Pair
 
     assert src.styled_answers is not None
-    styles = sorted({s for answers in src.styled_answers.values() for _, s in answers})
+    styles = _styles(src)
     rng = random.Random(seed)
     prompts: list[Episode] = []
     wanted: list[tuple[str, ...]] = []
@@ -448,6 +447,12 @@ def style_prompts(
         prompts.append(dataclasses.replace(ep, shots=pairs))
         wanted.append(style)
     return prompts, wanted
+
+
+def _styles(src: EpisodeSource) -> list[tuple[str, ...]]:
+    """Every style (trait value names) some answer of the dataset is written in, sorted."""
+    assert src.styled_answers is not None
+    return sorted({s for answers in src.styled_answers.values() for _, s in answers})
 
 
 def styles_read(domain: Any, texts: Sequence[str]) -> list[tuple[str | None, ...]]:

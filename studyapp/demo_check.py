@@ -16,8 +16,6 @@ from dataclasses import dataclass
 
 import httpx
 
-from annotation.models import ATTENTION_CHECK_PICK_ME, ATTENTION_CHECK_QUESTION, Side
-
 # The waiting page's script polls every 3 s; the check polls faster so that the wait it reports is the
 # worker's time, not the polling interval's.
 POLL_INTERVAL_S = 0.2
@@ -41,7 +39,7 @@ class Walk:
     code: str
 
 
-def _texts(page: str) -> tuple[str, str]:
+def response_texts(page: str) -> tuple[str, str]:
     """The two responses a pick or rating page shows (A on the left, B on the right), as plain text."""
     found = re.findall(r'class="response-text">(.*?)</(?:span|div)>', page, re.DOTALL)
     if len(found) != 2:
@@ -50,11 +48,26 @@ def _texts(page: str) -> tuple[str, str]:
     return left, right
 
 
+def attention_check_side(page: str) -> str | None:
+    """On a rating page that is an attention check, the side it asks for (the response saying to choose
+    it); None on any other page. (The models are imported here, so that bench/bench_site.py can use
+    this module's page readers before it sets Django up.)"""
+    from annotation.models import ATTENTION_CHECK_PICK_ME, ATTENTION_CHECK_QUESTION, Side
+
+    question = re.search(r'<blockquote class="question">(.*?)</blockquote>', page, re.DOTALL)
+    if not question or html.unescape(question[1]).strip() != ATTENTION_CHECK_QUESTION:
+        return None
+    return Side.LEFT if response_texts(page)[0] == ATTENTION_CHECK_PICK_ME else Side.RIGHT
+
+
 def _shorter(left: str, right: str) -> str:
+    from annotation.models import Side
+
     return Side.LEFT if len(left) <= len(right) else Side.RIGHT
 
 
-def _field(page: str, name: str) -> str:
+def form_field(page: str, name: str) -> str:
+    """The value of the form field `name` (a hidden input) on the page."""
     match = re.search(rf'name="{re.escape(name)}" value="([^"]*)"', page)
     if match is None:
         raise CheckFailed(f"the page has no '{name}' field")
@@ -94,7 +107,7 @@ class ScriptedParticipant:
 
     def _submit(self, page: httpx.Response, data: dict[str, str]) -> httpx.Response:
         """Post the page's form (to the page's own address) with its CSRF token."""
-        token = _field(page.text, "csrfmiddlewaretoken")
+        token = form_field(page.text, "csrfmiddlewaretoken")
         return self.client.post(page.url.path, data={"csrfmiddlewaretoken": token, **data})
 
     def walk(self, *, timeout_s: float) -> Walk:
@@ -114,9 +127,9 @@ class ScriptedParticipant:
         last_pick_sent = time.monotonic()
         while re.fullmatch(rf"{re.escape(self.root)}pick/\d+/", r.url.path):
             self._expect(r, rf"pick/{len(picks) + 1}/", f"pick page {len(picks) + 1}")
-            choice = _shorter(*_texts(r.text))
+            choice = _shorter(*response_texts(r.text))
             last_pick_sent = time.monotonic()
-            r = self._submit(r, {"item": _field(r.text, "item"), "choice": choice})
+            r = self._submit(r, {"item": form_field(r.text, "item"), "choice": choice})
             picks.append(choice)
         if not picks:
             raise CheckFailed(f"expected the first pick page, got {r.url.path}: {_page_error(r.text)}")
@@ -133,13 +146,17 @@ class ScriptedParticipant:
         ratings = checks = 0
         while re.fullmatch(rf"{re.escape(self.root)}rate/\d+/", r.url.path):
             self._expect(r, rf"rate/{ratings + 1}/", f"rating page {ratings + 1}")
-            question = re.search(r'<blockquote class="question">(.*?)</blockquote>', r.text, re.DOTALL)
-            left, right = _texts(r.text)
-            if question and html.unescape(question[1]).strip() == ATTENTION_CHECK_QUESTION:
-                choice, checks = (Side.LEFT if left == ATTENTION_CHECK_PICK_ME else Side.RIGHT), checks + 1
+            choice = attention_check_side(r.text)
+            if choice is not None:
+                checks += 1
             else:
-                choice = _shorter(left, right)
-            data = {"item": _field(r.text, "item"), "choice": choice, "strength": "4", "reason": "Shorter."}
+                choice = _shorter(*response_texts(r.text))
+            data = {
+                "item": form_field(r.text, "item"),
+                "choice": choice,
+                "strength": "4",
+                "reason": "Shorter.",
+            }
             r = self._submit(r, data)
             ratings += 1
         if not ratings:

@@ -46,6 +46,15 @@ def notify_participant_on_commit(token: str, payload: dict[str, Any]) -> None:
     transaction.on_commit(lambda: notify_participant(token, payload))
 
 
+def notify_participant_changed_on_commit(participant: Any) -> None:
+    """A participant's state or generation changed: once the transaction commits, their open pages get
+    their new status and the study's open dashboards recompute."""
+    from studyapp.selectors import participant_status  # at call time: this module loads before the models
+
+    notify_participant_on_commit(participant.token, participant_status(participant=participant))
+    notify_study_on_commit(participant.study_id)
+
+
 def notify_job_on_commit(job_id: str, payload: dict[str, Any]) -> None:
     """`notify_job` once the current transaction commits."""
     transaction.on_commit(lambda: notify_job(job_id, payload))

@@ -14,8 +14,8 @@ from annotation.models import ElicitationItem, GeneratedResponse, RatingItem, Su
 from annotation.services import elicitation_items_assign, personalize_enqueue
 from studyapp.models import Participant, Study
 from studyapp.pseudonyms import recruitment_id_hash
-from studyapp.realtime import notify_participant_on_commit, notify_study_on_commit
-from studyapp.selectors import participant_for_update, participant_status, study_places_taken
+from studyapp.realtime import notify_participant_changed_on_commit, notify_study_on_commit
+from studyapp.selectors import participant_for_update, study_places_taken
 
 State = Participant.State
 Generation = Participant.Generation
@@ -116,9 +116,18 @@ def participant_withdraw(*, participant: Participant) -> Participant:
         participant.generation, participant.generation_error = Generation.NOT_STARTED, ""
         participant.finished_at = timezone.now()
         participant.save()
-        notify_participant_on_commit(participant.token, participant_status(participant=participant))
-        notify_study_on_commit(participant.study_id)
+        notify_participant_changed_on_commit(participant)
         return participant
+
+
+def _awaits_responses(participant: Participant | None) -> bool:
+    """Whether a worker's news about the participant's responses still concerns them: they exist, wait,
+    and have no stored responses yet."""
+    return (
+        participant is not None
+        and participant.state == State.WAITING
+        and participant.generation != Generation.READY
+    )
 
 
 def participant_generation_start(*, participant_id: int) -> bool:
@@ -126,16 +135,11 @@ def participant_generation_start(*, participant_id: int) -> bool:
     (gone, withdrawn, or their responses are already stored)."""
     with transaction.atomic():
         participant = participant_for_update(participant_id=participant_id)
-        if (
-            participant is None
-            or participant.state != State.WAITING
-            or participant.generation == Generation.READY
-        ):
+        if not _awaits_responses(participant):
             return False
         participant.generation = Generation.RUNNING
         participant.save(update_fields=["generation", "updated_at"])
-        notify_participant_on_commit(participant.token, participant_status(participant=participant))
-        notify_study_on_commit(participant.study_id)
+        notify_participant_changed_on_commit(participant)
         return True
 
 
@@ -143,16 +147,11 @@ def participant_generation_fail(*, participant_id: int, error: str) -> None:
     """Generation failed for good: the participant's page says so, and coordinators see `error`."""
     with transaction.atomic():
         participant = participant_for_update(participant_id=participant_id)
-        if (
-            participant is None
-            or participant.state != State.WAITING
-            or participant.generation == Generation.READY
-        ):
+        if not _awaits_responses(participant):
             return
         participant.generation, participant.generation_error = Generation.FAILED, error
         participant.save(update_fields=["generation", "generation_error", "updated_at"])
-        notify_participant_on_commit(participant.token, participant_status(participant=participant))
-        notify_study_on_commit(participant.study_id)
+        notify_participant_changed_on_commit(participant)
 
 
 def _finish_from_outside(participant: Participant, state: str, now: datetime) -> None:
@@ -160,8 +159,7 @@ def _finish_from_outside(participant: Participant, state: str, now: datetime) ->
     by the state for exclusion; their place is freed; their open pages move to the last page."""
     participant.state, participant.finished_at = state, now
     participant.save(update_fields=["state", "finished_at", "updated_at"])
-    notify_participant_on_commit(participant.token, participant_status(participant=participant))
-    notify_study_on_commit(participant.study_id)
+    notify_participant_changed_on_commit(participant)
 
 
 def participants_expire(*, now: datetime | None = None, study: Study | None = None) -> int:
@@ -225,6 +223,5 @@ def participant_generation_retry(*, participant: Participant) -> Participant:
         participant.generation, participant.generation_error = Generation.QUEUED, ""
         participant.save(update_fields=["generation", "generation_error", "updated_at"])
         transaction.on_commit(partial(personalize_enqueue, participant.pk))
-        notify_participant_on_commit(participant.token, participant_status(participant=participant))
-        notify_study_on_commit(participant.study_id)
+        notify_participant_changed_on_commit(participant)
         return participant
