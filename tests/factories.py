@@ -1,6 +1,7 @@
 """Rows for tests: a small study with its pool and arms, and participants at any step of the journey
 (brought there through the real services, so their rows are what the site would have written)."""
 
+import hashlib
 import itertools
 import random
 from dataclasses import dataclass, field
@@ -252,11 +253,19 @@ def _simulated_responses(participant: Participant, persona: Persona) -> list[New
 
 def simulate_participant(study: Study, persona: Persona, *, seed: int) -> Simulated:
     """A participant who takes the study through the real services, choosing as `persona` says (drawn
-    from random.Random(seed)), with the time per A/B item set by when each item was shown."""
+    from random.Random(seed)), with the time per A/B item set by when each item was shown.
+
+    Their token, which seeds every draw the platform makes for them (pairs, evaluation questions, sides
+    and order), comes from the study and `seed` too, so the same simulation gives the same judgments on
+    every run."""
     rng = random.Random(seed)
     if persona.shots is not None:
         Study.objects.filter(pk=study.pk).update(n_pairs=persona.shots)
-    participant = participant_at_elicitation(study)
+    participant = make_participant(study)
+    participant.token = hashlib.sha256(f"{study.slug}:{seed}".encode()).hexdigest()[:32]
+    Participant.objects.filter(pk=participant.pk).update(token=participant.token)
+    participant_consent(participant=participant, agreed=True)
+    participant = participant_start_elicitation(participant=participant)
     sim = Simulated(persona, participant)
     for item in participant.elicitation_items.order_by("position"):
         want_a = rng.random() < persona.prefers_a
