@@ -215,6 +215,13 @@ def cmd_train(argv: list[str]) -> int:
         metavar="FRACTION",
         help="pretrain: this fraction of documents has one author (every response in one style)",
     )
+    p.add_argument(
+        "--pretrain-quoted",
+        type=float,
+        default=None,
+        metavar="FRACTION",
+        help="pretrain: this fraction of one-author documents quotes another writer beside each shot",
+    )
     args = p.parse_args(argv)
     fields = json.loads(args.config.read_text()) if args.config else {}
     fields.update(
@@ -238,6 +245,7 @@ def cmd_train(argv: list[str]) -> int:
         "optimizer",
         "dtype",
         "pretrain_consistent",
+        "pretrain_quoted",
     ):
         if getattr(args, name) is not None:
             fields[name] = getattr(args, name)
@@ -368,14 +376,33 @@ def cmd_probe(argv: list[str]) -> int:
         action="store_true",
         help="instead: does it continue its context's style? (every shot in one style; answers read by the oracle)",
     )
+    p.add_argument(
+        "--contrast",
+        action="store_true",
+        help="with --style: the preferred responses in one style, the dispreferred in another",
+    )
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
+    if args.contrast and not args.style:
+        p.error("--contrast goes with --style")
     if args.style:
         s = style_following(
-            args.model, args.dataset, episodes=args.episodes, shots=args.shots, seed=args.seed
+            args.model,
+            args.dataset,
+            episodes=args.episodes,
+            shots=args.shots,
+            seed=args.seed,
+            contrast=args.contrast,
         )
         if args.json:
             out.print_json(json.dumps(s.to_dict()))
+        elif s.contrast:
+            out.print(
+                f"{s.episodes} held-out prompts whose {s.shots} preferred responses share one style and "
+                f"dispreferred responses another: {100 * s.match_rate:.1f}% of the answers in the preferred "
+                f"style, {100 * (s.dispreferred_rate or 0):.1f}% in the dispreferred one (chance "
+                f"{100 * s.chance:.1f}% each; style readable in {100 * s.detected:.1f}%)"
+            )
         else:
             out.print(
                 f"{s.episodes} held-out prompts whose {s.shots} shots share one style: "

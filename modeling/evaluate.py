@@ -376,6 +376,10 @@ class StyleFollowing:
     match_rate: float
     detected: float
     chance: float
+    # contrast=True: the preferred responses are in one style, the dispreferred in another; the share of
+    # answers in the dispreferred style (a model that reads only "the style of the context" copies both).
+    contrast: bool = False
+    dispreferred_rate: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -390,9 +394,12 @@ def style_following(
     max_new_tokens: int = 120,
     temperature: float = 0.7,
     seed: int = 0,
+    contrast: bool = False,
 ) -> StyleFollowing:
     """Prompt held-out episodes whose shots all share one style (see :class:`StyleFollowing`) and read
-    the style of the model's answers with the domain's oracle."""
+    the style of the model's answers with the domain's oracle. With ``contrast`` only the preferred
+    responses share the wanted style and every dispreferred one is in a second style: does the model
+    follow the responses the format marks as preferred rather than any response in its context?"""
     from .synth import DatasetError, load_dataset, load_domain
 
     ds = load_dataset(dataset)
@@ -400,7 +407,9 @@ def style_following(
     if src.styled_answers is None:
         raise DatasetError(f"{ds.path}: responses carry no trait values, so styles cannot be told apart")
     domain = load_domain(ds.manifest.get("domain_source", ds.domain))
-    prompts, wanted = style_prompts(src, episodes=episodes, shots=shots, seed=seed)
+    prompts, wanted, avoided = style_prompts(
+        src, episodes=episodes, shots=shots, seed=seed, contrast=contrast
+    )
     if not prompts:
         raise DatasetError(f"{ds.path}: no held-out episode has every shot question answered in one style")
     texts = generate_arm(
@@ -417,14 +426,21 @@ def style_following(
         match_rate=float(np.mean([g == w for g, w in zip(got, wanted, strict=True)])),
         detected=float(np.mean([None not in g for g in got])),
         chance=1 / len(_styles(src)),
+        contrast=contrast,
+        dispreferred_rate=float(np.mean([g == a for g, a in zip(got, avoided, strict=True)]))
+        if contrast
+        else None,
     )
 
 
 def style_prompts(
-    src: EpisodeSource, *, episodes: int, shots: int, seed: int
-) -> tuple[list[Episode], list[tuple[str, ...]]]:
+    src: EpisodeSource, *, episodes: int, shots: int, seed: int, contrast: bool = False
+) -> tuple[list[Episode], list[tuple[str, ...]], list[tuple[str, ...] | None]]:
     """Up to ``episodes`` held-out episodes whose shot responses (both of each pair) all answer their
-    questions in one style drawn at random, and that style (trait value names) for each."""
+    questions in one style drawn at random, that style (trait value names) for each, and None.
+
+    ``contrast``: only the preferred responses are in that style; the dispreferred ones are all in a
+    second style drawn at random, returned in place of None."""
     import random
 
     from .data import Pair
@@ -434,19 +450,28 @@ def style_prompts(
     rng = random.Random(seed)
     prompts: list[Episode] = []
     wanted: list[tuple[str, ...]] = []
+    avoided: list[tuple[str, ...] | None] = []
+
+    def answers_in(style: tuple[str, ...], ep: Episode) -> list[list[str]]:
+        return [
+            [t for t, s in src.styled_answers[src.question_ids[p.question]] if s == style]  # type: ignore[index]
+            for p in ep.shots
+        ]
+
     for ep in src.sample(episodes * 3, shots=shots, seed=seed):
         style = rng.choice(styles)
-        in_style = [
-            [t for t, s in src.styled_answers[src.question_ids[p.question]] if s == style] for p in ep.shots
-        ]
-        if len(prompts) == episodes or not all(in_style):
-            continue  # a shot question never answered in that style
+        second = rng.choice([s for s in styles if s != style]) if contrast else style
+        in_style, in_second = answers_in(style, ep), answers_in(second, ep)
+        if len(prompts) == episodes or not all(in_style) or not all(in_second):
+            continue  # a shot question never answered in one of the styles
         pairs = tuple(
-            Pair(p.question, rng.choice(o), rng.choice(o)) for p, o in zip(ep.shots, in_style, strict=True)
+            Pair(p.question, rng.choice(a), rng.choice(b))
+            for p, a, b in zip(ep.shots, in_style, in_second, strict=True)
         )
         prompts.append(dataclasses.replace(ep, shots=pairs))
         wanted.append(style)
-    return prompts, wanted
+        avoided.append(second if contrast else None)
+    return prompts, wanted, avoided
 
 
 def _styles(src: EpisodeSource) -> list[tuple[str, ...]]:

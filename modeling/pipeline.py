@@ -41,13 +41,21 @@ class PipelineConfig:
     random_dataset: str | None = None
     shots: tuple[int, int] = (1, 4)
     batch_size: int = 8
-    steps: dict[str, int] = field(default_factory=lambda: {"pretrain": 400, "sft": 300, "ipo": 150})
-    lr: dict[str, float] = field(default_factory=lambda: {"pretrain": 3e-3, "sft": 1e-3, "ipo": 5e-5})
+    # Short Pref-FT: its targets (the closer of two random responses) mostly teach the population's
+    # average preference, and longer Pref-FT undid the base's reading of the preferred responses
+    # (docs/results.md). IPO, where the preference signal is, gets the long budget.
+    steps: dict[str, int] = field(default_factory=lambda: {"pretrain": 1500, "sft": 100, "ipo": 900})
+    lr: dict[str, float] = field(default_factory=lambda: {"pretrain": 3e-3, "sft": 3e-4, "ipo": 2e-4})
     beta: float = 0.1
     # The tiny world's fine-tuning recipe (see TrainConfig): embeddings fixed after pretraining, and
     # Pref-FT supervising every shot's preferred response too.
     freeze_embeddings: bool = True
     shot_targets: bool = True
+    # The base model's documents (TrainConfig.pretrain_consistent / pretrain_quoted): 80% one-author
+    # documents, half of them quoting another writer beside each shot, give a base that continues the
+    # style of the responses marked preferred, as an instruction-tuned model would.
+    pretrain_consistent: float = 0.8
+    pretrain_quoted: float = 0.5
     # Word-level in effect: the domain's vocabulary fits in 2048 BPE tokens, which halves the sequence
     # length of the byte-level 512-token vocabulary.
     tiny: dict[str, int] = field(
@@ -102,6 +110,8 @@ def _stage(
         seed=pc.seed,
         freeze_embeddings=pc.freeze_embeddings and stage != "pretrain",
         shot_targets=pc.shot_targets and stage == "sft",
+        pretrain_consistent=pc.pretrain_consistent if stage == "pretrain" else 0.0,
+        pretrain_quoted=pc.pretrain_quoted if stage == "pretrain" else 0.0,
     )
 
 

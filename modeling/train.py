@@ -72,6 +72,11 @@ class TrainConfig:
     pretrain_consistent: the fraction of the base model's pretraining documents written by one author
         (every response in one style; see ``consistent_document``). Needs a dataset that records each
         response's trait values (the procedural engine's do).
+    pretrain_quoted: of those one-author documents, the fraction whose shots quote the author's answer
+        (under ``## Preferred Response``) beside another writer's answer to the same question (under
+        ``## Dispreferred Response``). The base then continues the style of the answers the format marks
+        as preferred: the in-context skill an instruction-tuned model brings to FSPO, taught with the
+        responses' own styles (no synthetic user and no judge's label is involved).
     freeze_embeddings: keep the token embeddings (and the output head) fixed. A small model fine-tuned
         on the train-split questions otherwise unlearns the words of held-out topics (they are never a
         target, so the softmax pushes them down) and stops copying the question's topic.
@@ -99,6 +104,7 @@ class TrainConfig:
     lora: bool = False
     freeze_embeddings: bool = False
     pretrain_consistent: float = 0.0
+    pretrain_quoted: float = 0.0
     lora_r: int = 16
     lora_alpha: int = 32
     dtype: Literal["float32", "bfloat16"] = "float32"
@@ -143,6 +149,8 @@ class TrainConfig:
             problems.append(
                 f"pretrain_consistent must be a fraction in [0, 1], got {self.pretrain_consistent}"
             )
+        if not 0 <= self.pretrain_quoted <= 1:
+            problems.append(f"pretrain_quoted must be a fraction in [0, 1], got {self.pretrain_quoted}")
         if self.cot and self.context == "description":
             problems.append("cot with context 'description' would copy the description it is given")
         if problems:
@@ -266,16 +274,19 @@ def tokenize_episode(tok: Any, ep: Episode, cfg: TrainConfig) -> Example:
     return Example(p[-cfg.max_prompt_tokens :], c, r, labels)
 
 
-def pretrain_episode(ep: Episode, rng: random.Random, src: EpisodeSource, consistent: float = 0.0) -> Episode:
+def pretrain_episode(
+    ep: Episode, rng: random.Random, src: EpisodeSource, consistent: float = 0.0, quoted: float = 0.0
+) -> Episode:
     """The base model's data: the same format, but each shot's pair in random order and as the target a
     random answer to the target question, so the base learns to answer on topic in the domain's language
     without ever seeing a preference signal.
 
-    With probability ``consistent`` the document is one author's instead (``consistent_document``)."""
+    With probability ``consistent`` the document is one author's instead (``consistent_document``), and
+    with probability ``quoted`` such a document quotes another writer beside each of the author's shots."""
     from .data import Pair
 
     if consistent and src.styled_answers is not None and rng.random() < consistent:
-        return consistent_document(ep, rng, src)
+        return consistent_document(ep, rng, src, quoted=bool(quoted) and rng.random() < quoted)
     shots = tuple(
         Pair(s.question, *((s.chosen, s.rejected) if rng.random() < 0.5 else (s.rejected, s.chosen)))
         for s in ep.shots
@@ -284,7 +295,9 @@ def pretrain_episode(ep: Episode, rng: random.Random, src: EpisodeSource, consis
     return dataclasses.replace(ep, shots=shots, chosen=rng.choice(options), rejected=rng.choice(options))
 
 
-def consistent_document(ep: Episode, rng: random.Random, src: EpisodeSource) -> Episode:
+def consistent_document(
+    ep: Episode, rng: random.Random, src: EpisodeSource, *, quoted: bool = False
+) -> Episode:
     """One author's document: every response in it (both of each shot's and the target) is an answer
     to its question in one style, the one nearest a style drawn at random (most trait values shared).
 
@@ -292,7 +305,10 @@ def consistent_document(ep: Episode, rng: random.Random, src: EpisodeSource) -> 
     the labels carry nothing (both responses of a shot share the style), so the base still never sees a
     preference. What it does learn is to continue in the style of its context: in the tiny world that
     in-context skill appeared between 300 and 1,000 pretraining steps (docs/benchmarks.md), and without
-    it Pref-FT never learned to read a user's shots."""
+    it Pref-FT never learned to read a user's shots.
+
+    ``quoted``: each shot's second response is instead another writer's answer to that question, in
+    another style where one exists; the author's stays first, under ``## Preferred Response``."""
     from .data import Pair
 
     assert src.styled_answers is not None
@@ -305,10 +321,17 @@ def consistent_document(ep: Episode, rng: random.Random, src: EpisodeSource) -> 
         best = max(shared)
         return rng.choice([text for (text, _), n in zip(options, shared, strict=True) if n == best])
 
+    def other(question_id: int, mine: str) -> str:
+        options = src.styled_answers[question_id]  # type: ignore[index]
+        style = next(style for text, style in options if text == mine)
+        pool = [text for text, s in options if s != style] or [text for text, _ in options if text != mine]
+        return rng.choice(pool or [mine])
+
     shots = []
     for s in ep.shots:
         q = src.question_ids[s.question]
-        shots.append(Pair(s.question, answer(q), answer(q)))
+        mine = answer(q)
+        shots.append(Pair(s.question, mine, other(q, mine) if quoted else answer(q)))
     return dataclasses.replace(ep, shots=tuple(shots), chosen=answer(target_q), rejected=answer(target_q))
 
 
@@ -385,7 +408,7 @@ def _examples(src: EpisodeSource, tok: Any, cfg: TrainConfig, step: int) -> list
     eps = _episodes_for_step(src, cfg, step)
     if cfg.stage == "pretrain":
         rng = random.Random(_batch_seed(cfg, step))
-        eps = [pretrain_episode(e, rng, src, cfg.pretrain_consistent) for e in eps]
+        eps = [pretrain_episode(e, rng, src, cfg.pretrain_consistent, cfg.pretrain_quoted) for e in eps]
     return [tokenize_episode(tok, e, cfg) for e in eps]
 
 
@@ -573,7 +596,9 @@ def train(
     if cfg.stage == "pretrain":
         rng = random.Random(10_007)
         eval_examples = [
-            tokenize_episode(tok, pretrain_episode(e, rng, eval_src, cfg.pretrain_consistent), cfg)
+            tokenize_episode(
+                tok, pretrain_episode(e, rng, eval_src, cfg.pretrain_consistent, cfg.pretrain_quoted), cfg
+            )
             for e in eval_src.sample(cfg.eval_episodes, shots=cfg.shots, seed=10_007)
         ]
     # The held-out pairs' reference log-probs, also once (a resumed run reads them back).

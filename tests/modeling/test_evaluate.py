@@ -152,11 +152,18 @@ def test_style_following_prompts_one_style_and_scores_what_the_oracle_reads(setu
     ds, base = setup
     src = EpisodeSource(ds, split="test")
     style_of = {text: style for answers in src.styled_answers.values() for text, style in answers}
-    prompts, wanted = style_prompts(src, episodes=12, shots=3, seed=1)
-    assert len(prompts) == 12 and len(set(wanted)) > 1
+    prompts, wanted, avoided = style_prompts(src, episodes=12, shots=3, seed=1)
+    assert len(prompts) == 12 and len(set(wanted)) > 1 and avoided == [None] * 12
     for ep, style in zip(prompts, wanted, strict=True):
         assert len(ep.shots) == 3
         assert {style_of[t] for s in ep.shots for t in (s.chosen, s.rejected)} == {style}
+    # --contrast: the preferred responses in the wanted style, every dispreferred one in a second style.
+    prompts, wanted, avoided = style_prompts(src, episodes=12, shots=3, seed=1, contrast=True)
+    assert len(prompts) == 12
+    for ep, style, second in zip(prompts, wanted, avoided, strict=True):
+        assert second is not None and second != style
+        assert {style_of[s.chosen] for s in ep.shots} == {style}
+        assert {style_of[s.rejected] for s in ep.shots} == {second}
     domain = load_domain("elix")
     levels = [v.name for v in domain.traits[0].values]
     rnd = random.Random(0)
@@ -166,3 +173,7 @@ def test_style_following_prompts_one_style_and_scores_what_the_oracle_reads(setu
     result = style_following(base, ds, episodes=6, shots=2, max_new_tokens=24)
     assert result.episodes == 6 and result.chance == pytest.approx(1 / len(levels))
     assert 0 <= result.match_rate <= result.detected <= 1
+    assert result.dispreferred_rate is None
+    contrast = style_following(base, ds, episodes=6, shots=2, max_new_tokens=24, contrast=True)
+    assert contrast.contrast and contrast.dispreferred_rate is not None
+    assert contrast.match_rate + contrast.dispreferred_rate <= contrast.detected <= 1

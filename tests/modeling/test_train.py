@@ -217,6 +217,38 @@ def test_a_consistent_authors_document_keeps_one_style_and_carries_no_label(data
     assert mixed >= 30  # without the option, styles in a document are independent
 
 
+def test_a_quoted_document_puts_the_authors_answer_first_and_another_style_second(dataset):
+    """Quoted one-author documents: each shot's preferred slot holds the author's style (the target's),
+    the dispreferred slot another writer's answer to the same question in another style."""
+    import random
+
+    from modeling.data import EpisodeSource
+    from modeling.train import consistent_document, pretrain_episode
+
+    src = EpisodeSource(dataset, split="train", all_questions=True)
+    assert src.styled_answers is not None
+    style_of = {text: style for answers in src.styled_answers.values() for text, style in answers}
+    rng = random.Random(0)
+    checked = 0
+    for ep in src.sample(40, shots=4, seed=2):
+        doc = consistent_document(ep, rng, src, quoted=True)
+        style = style_of[doc.chosen]
+        for s in doc.shots:
+            answers = src.styled_answers[src.question_ids[s.question]]
+            assert s.chosen in {t for t, _ in answers} and s.rejected in {t for t, _ in answers}
+            assert style_of[s.rejected] != style_of[s.chosen]
+            if style in {st for _, st in answers}:
+                assert style_of[s.chosen] == style
+                checked += 1
+    assert checked >= 100
+    # The fraction is honoured: quoted=1 quotes every one-author document, quoted=0 none.
+    eps = src.sample(30, shots=3, seed=3)
+    always = [pretrain_episode(e, rng, src, consistent=1.0, quoted=1.0) for e in eps]
+    never = [pretrain_episode(e, rng, src, consistent=1.0, quoted=0.0) for e in eps]
+    assert all(style_of[s.chosen] != style_of[s.rejected] for d in always for s in d.shots)
+    assert sum(style_of[s.chosen] == style_of[s.rejected] for d in never for s in d.shots) >= 60
+
+
 def test_consistent_pretraining_needs_a_dataset_that_records_styles(dataset, tmp_path):
     import shutil
 
@@ -233,3 +265,5 @@ def test_consistent_pretraining_needs_a_dataset_that_records_styles(dataset, tmp
         train(cfg(str(copy), tmp_path / "out", stage="pretrain", steps=2, pretrain_consistent=0.5))
     with pytest.raises(ValueError, match="pretrain_consistent must be a fraction"):
         cfg(dataset, tmp_path / "out", stage="pretrain", pretrain_consistent=1.5)
+    with pytest.raises(ValueError, match="pretrain_quoted must be a fraction"):
+        cfg(dataset, tmp_path / "out", stage="pretrain", pretrain_quoted=-0.1)
