@@ -68,6 +68,11 @@ def _episodes_for(arm: Arm, episodes: Sequence[Episode]) -> list[Episode]:
     return [dataclasses.replace(e, shots=()) for e in episodes]
 
 
+# A CoT arm writes the user description before its response; this many more new tokens leave the
+# response the same budget as the other arms' (an ELIX persona description is about 40-60 tokens).
+COT_DESCRIPTION_TOKENS = 128
+
+
 def generate_arm(
     arm: Arm,
     episodes: Sequence[Episode],
@@ -78,7 +83,8 @@ def generate_arm(
     backend: Any = None,
 ) -> list[str]:
     """One response of one arm to each episode's target question (greedy at temperature 0, else
-    sampled with a seed per question, so every arm and rerun draws the same way)."""
+    sampled with a seed per question, so every arm and rerun draws the same way). ``max_new_tokens``
+    is the response's budget: a CoT arm gets ``COT_DESCRIPTION_TOKENS`` more for its description."""
     from .infer import LocalBackend, generate_for_episodes
 
     backend = backend or LocalBackend(arm.model)
@@ -87,7 +93,7 @@ def generate_arm(
         _episodes_for(arm, episodes),
         cot=arm.cot,
         oracle_description=arm.context == "description",
-        max_new_tokens=max_new_tokens,
+        max_new_tokens=max_new_tokens + (COT_DESCRIPTION_TOKENS if arm.cot else 0),
         temperature=temperature,
         seed=seed if temperature > 0 else None,
     )

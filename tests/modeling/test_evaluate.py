@@ -177,3 +177,25 @@ def test_style_following_prompts_one_style_and_scores_what_the_oracle_reads(setu
     contrast = style_following(base, ds, episodes=6, shots=2, max_new_tokens=24, contrast=True)
     assert contrast.contrast and contrast.dispreferred_rate is not None
     assert contrast.match_rate + contrast.dispreferred_rate <= contrast.detected <= 1
+
+
+def test_a_cot_arm_gets_a_description_budget_on_top_of_the_response_budget(setup):
+    """The CoT arm writes the description first; its response keeps the other arms' token budget."""
+    from modeling.data import EpisodeSource
+    from modeling.evaluate import COT_DESCRIPTION_TOKENS, generate_arm
+    from modeling.infer import LocalBackend
+
+    ds, base = setup
+    budgets: list[int] = []
+
+    class Recording(LocalBackend):
+        def generate_many(self, users, **kw):
+            budgets.append(kw["max_new_tokens"])
+            return super().generate_many(users, **kw)
+
+    eps = EpisodeSource(ds, split="test").sample(2, shots=1, seed=0)
+    backend = Recording(base)
+    plain = generate_arm(Arm("plain", base), eps, max_new_tokens=8, backend=backend)
+    cot = generate_arm(Arm("cot", base, cot=True), eps, max_new_tokens=8, backend=backend)
+    assert budgets == [8, 8 + COT_DESCRIPTION_TOKENS]
+    assert len(plain) == len(cot) == 2
