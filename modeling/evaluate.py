@@ -68,11 +68,6 @@ def _episodes_for(arm: Arm, episodes: Sequence[Episode]) -> list[Episode]:
     return [dataclasses.replace(e, shots=()) for e in episodes]
 
 
-# A CoT arm writes the user description before its response; this many more new tokens leave the
-# response the same budget as the other arms' (an ELIX persona description is about 40-60 tokens).
-COT_DESCRIPTION_TOKENS = 128
-
-
 def generate_arm(
     arm: Arm,
     episodes: Sequence[Episode],
@@ -84,7 +79,7 @@ def generate_arm(
 ) -> list[str]:
     """One response of one arm to each episode's target question (greedy at temperature 0, else
     sampled with a seed per question, so every arm and rerun draws the same way). ``max_new_tokens``
-    is the response's budget: a CoT arm gets ``COT_DESCRIPTION_TOKENS`` more for its description."""
+    is the response's budget (``generate_for_episodes`` adds a CoT arm's description budget)."""
     from .infer import LocalBackend, generate_for_episodes
 
     backend = backend or LocalBackend(arm.model)
@@ -93,7 +88,7 @@ def generate_arm(
         _episodes_for(arm, episodes),
         cot=arm.cot,
         oracle_description=arm.context == "description",
-        max_new_tokens=max_new_tokens + (COT_DESCRIPTION_TOKENS if arm.cot else 0),
+        max_new_tokens=max_new_tokens,
         temperature=temperature,
         seed=seed if temperature > 0 else None,
     )
@@ -467,7 +462,8 @@ def style_prompts(
     for ep in src.sample(episodes * 3, shots=shots, seed=seed):
         style = rng.choice(styles)
         second = rng.choice([s for s in styles if s != style]) if contrast else style
-        in_style, in_second = answers_in(style, ep), answers_in(second, ep)
+        in_style = answers_in(style, ep)
+        in_second = answers_in(second, ep) if contrast else in_style
         if len(prompts) == episodes or not all(in_style) or not all(in_second):
             continue  # a shot question never answered in one of the styles
         pairs = tuple(

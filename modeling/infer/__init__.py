@@ -10,6 +10,7 @@ OpenAI-compatible server or vLLM.
 """
 
 from .backends import (
+    COT_DESCRIPTION_TOKENS,
     VLLM_MISSING,
     LocalBackend,
     OpenAICompletionsBackend,
@@ -29,6 +30,7 @@ from .decoding import (
 )
 
 __all__ = [
+    "COT_DESCRIPTION_TOKENS",
     "VLLM_MISSING",
     "Generation",
     "GenerationStats",

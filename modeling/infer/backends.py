@@ -78,6 +78,11 @@ class PersonalizationBackend(ABC):
         )[0]
 
 
+# A CoT generation writes the user description before the response; this many more new tokens leave
+# the response the whole ``max_new_tokens`` (an ELIX persona description is about 40-60 tokens).
+COT_DESCRIPTION_TOKENS = 128
+
+
 def generate_for_episodes(
     backend: PersonalizationBackend,
     episodes: Sequence[Episode],
@@ -93,7 +98,8 @@ def generate_for_episodes(
 
     Episodes of the same user (same instruction and shots) form one ``UserQuestions``, so their shared
     prefix is computed once, and all users go to the back end in one call. ``oracle_description`` puts
-    each episode's true description in the prompt (the oracle-persona baseline)."""
+    each episode's true description in the prompt (the oracle-persona baseline). ``max_new_tokens`` is
+    the response's budget: with ``cot`` the back end gets ``COT_DESCRIPTION_TOKENS`` more."""
     groups: dict[tuple[Any, ...], list[int]] = {}
     for i, ep in enumerate(episodes):
         desc = ep.description if oracle_description else None
@@ -107,7 +113,12 @@ def generate_for_episodes(
         for (instruction, shots, desc), idx in groups.items()
     ]
     per_user = backend.generate_many(
-        users, cot=cot, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed
+        users,
+        cot=cot,
+        max_new_tokens=max_new_tokens + (COT_DESCRIPTION_TOKENS if cot else 0),
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
     )
     out: list[Generation | None] = [None] * len(episodes)
     for idx, gens in zip(groups.values(), per_user, strict=True):

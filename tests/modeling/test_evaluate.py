@@ -182,8 +182,8 @@ def test_style_following_prompts_one_style_and_scores_what_the_oracle_reads(setu
 def test_a_cot_arm_gets_a_description_budget_on_top_of_the_response_budget(setup):
     """The CoT arm writes the description first; its response keeps the other arms' token budget."""
     from modeling.data import EpisodeSource
-    from modeling.evaluate import COT_DESCRIPTION_TOKENS, generate_arm
-    from modeling.infer import LocalBackend
+    from modeling.evaluate import generate_arm
+    from modeling.infer import COT_DESCRIPTION_TOKENS, LocalBackend
 
     ds, base = setup
     budgets: list[int] = []
