@@ -213,14 +213,21 @@ def cmd_train(argv: list[str]) -> int:
         type=float,
         default=None,
         metavar="FRACTION",
-        help="pretrain: this fraction of documents has one author (every response in one style)",
+        help="pretrain (and --ptx documents): this fraction of documents has one author (one style)",
     )
     p.add_argument(
         "--pretrain-quoted",
         type=float,
         default=None,
         metavar="FRACTION",
-        help="pretrain: this fraction of one-author documents quotes another writer beside each shot",
+        help="pretrain (and --ptx documents): this fraction of one-author documents quotes another writer",
+    )
+    p.add_argument(
+        "--ptx",
+        type=float,
+        default=None,
+        metavar="WEIGHT",
+        help="sft/ipo/dpo: add WEIGHT x the language-modelling loss on the base's documents at each step",
     )
     args = p.parse_args(argv)
     fields = json.loads(args.config.read_text()) if args.config else {}
@@ -246,6 +253,7 @@ def cmd_train(argv: list[str]) -> int:
         "dtype",
         "pretrain_consistent",
         "pretrain_quoted",
+        "ptx",
     ):
         if getattr(args, name) is not None:
             fields[name] = getattr(args, name)

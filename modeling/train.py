@@ -80,6 +80,13 @@ class TrainConfig:
     freeze_embeddings: keep the token embeddings (and the output head) fixed. A small model fine-tuned
         on the train-split questions otherwise unlearns the words of held-out topics (they are never a
         target, so the softmax pushes them down) and stops copying the question's topic.
+    ptx: a fine-tuning stage (sft, ipo, dpo) adds ``ptx`` times a language-modelling loss on a batch of
+        the base model's own documents (``pretrain_episode``, mixed by ``pretrain_consistent`` and
+        ``pretrain_quoted``, every topic's text included) at each step, as InstructGPT's PPO-ptx does.
+        It keeps the skills fine-tuning on the train-split topics wears away: copying an unseen topic
+        into the answer, and writing in one readable style. 0 (the default) turns it off. IPO's and DPO's
+        losses are on summed log-probs, with gradients ~100x a token-averaged NLL's: the tiny world's
+        recipe weighs ptx 1 in Pref-FT and 100 in IPO.
     """
 
     dataset: str
@@ -105,6 +112,7 @@ class TrainConfig:
     freeze_embeddings: bool = False
     pretrain_consistent: float = 0.0
     pretrain_quoted: float = 0.0
+    ptx: float = 0.0
     lora_r: int = 16
     lora_alpha: int = 32
     dtype: Literal["float32", "bfloat16"] = "float32"
@@ -151,6 +159,12 @@ class TrainConfig:
             )
         if not 0 <= self.pretrain_quoted <= 1:
             problems.append(f"pretrain_quoted must be a fraction in [0, 1], got {self.pretrain_quoted}")
+        if not self.ptx >= 0:
+            problems.append(f"ptx must be a weight >= 0, got {self.ptx}")
+        if self.ptx and self.stage == "pretrain":
+            problems.append(
+                "ptx mixes pretraining documents into a fine-tuning stage; pretrain is one already"
+            )
         if self.cot and self.context == "description":
             problems.append("cot with context 'description' would copy the description it is given")
         if problems:
@@ -412,6 +426,20 @@ def _examples(src: EpisodeSource, tok: Any, cfg: TrainConfig, step: int) -> list
     return [tokenize_episode(tok, e, cfg) for e in eps]
 
 
+def _ptx_config(cfg: TrainConfig) -> TrainConfig:
+    """How a fine-tuning stage draws and scores its ptx documents: as the pretrain stage does, with the
+    few-shot format, 0..hi shots, and a seed of their own (not the stage's batches)."""
+    return dataclasses.replace(
+        cfg,
+        stage="pretrain",
+        context="fewshot",
+        cot=False,
+        shots=(0, max(1, cfg.shots[1])),
+        ptx=0.0,
+        seed=cfg.seed + 7919,
+    )
+
+
 def _sft_loss(model: Any, examples: list[Example], cfg: TrainConfig, pad_id: int) -> tuple[torch.Tensor, int]:
     """Token-averaged NLL of the targets (all tokens for pretrain). Returns (loss, tokens processed)."""
     rows, labels = [], []
@@ -527,6 +555,13 @@ def train(
             "responses.parquet), and this dataset has none; use pretrain_consistent 0"
         )
     eval_src = EpisodeSource(cfg.dataset, split="test")
+    ptx_cfg = _ptx_config(cfg) if cfg.ptx else None
+    ptx_src = EpisodeSource(cfg.dataset, split="train", all_questions=True) if ptx_cfg else None
+    if ptx_cfg and ptx_cfg.pretrain_consistent and ptx_src.styled_answers is None:  # type: ignore[union-attr]
+        raise ValueError(
+            f"{cfg.dataset}: ptx with pretrain_consistent needs each response's trait values (trait_* "
+            "columns in responses.parquet), and this dataset has none; use pretrain_consistent 0"
+        )
     torch.manual_seed(cfg.seed)
     last = out_dir / "checkpoint-last"
     start_step, state = 0, None
@@ -650,6 +685,12 @@ def train(
             metrics = {}
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if ptx_cfg is not None:  # a second backward: the two graphs are never held at once
+            assert ptx_src is not None
+            lm, n_lm = _sft_loss(model, _examples(ptx_src, tok, ptx_cfg, step), ptx_cfg, pad_id)
+            (cfg.ptx * lm).backward()
+            metrics["ptx_loss"] = float(lm.detach())
+            loss, n = loss.detach() + cfg.ptx * lm.detach(), n + n_lm
         # Clip the global gradient norm: from-scratch tiny models spike early otherwise.
         gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
         opt.step()

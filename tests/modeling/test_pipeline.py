@@ -72,3 +72,17 @@ def test_the_pipeline_trains_evaluates_and_skips_finished_stages_on_a_rerun(data
         "[2/3] pref-ft: already trained, skipped",
         "[3/3] fspo: already trained, skipped",
     ]
+
+
+def test_ptx_weights_go_to_their_stage_kind_with_the_bases_document_mix(dataset, tmp_path):
+    pc = config(dataset, tmp_path)  # the recipe's weights
+    by_name = dict(stages(pc))
+    assert by_name["base"].ptx == 0.0
+    assert by_name["pref-ft"].ptx == 1.0 and by_name["fspo"].ptx == 100.0
+    for name in ("pref-ft", "fspo"):  # the ptx documents are drawn as the base's were
+        assert by_name[name].pretrain_consistent == pc.pretrain_consistent
+        assert by_name[name].pretrain_quoted == pc.pretrain_quoted
+    plain = dict(stages(config(dataset, tmp_path, ptx={})))
+    assert plain["fspo"].ptx == 0.0 and plain["fspo"].pretrain_consistent == 0.0
+    with pytest.raises(ValueError, match="per fine-tuning stage kind"):
+        config(dataset, tmp_path, ptx={"pretrain": 1.0})

@@ -267,3 +267,37 @@ def test_consistent_pretraining_needs_a_dataset_that_records_styles(dataset, tmp
         cfg(dataset, tmp_path / "out", stage="pretrain", pretrain_consistent=1.5)
     with pytest.raises(ValueError, match="pretrain_quoted must be a fraction"):
         cfg(dataset, tmp_path / "out", stage="pretrain", pretrain_quoted=-0.1)
+
+
+def _document_loss(model_dir, dataset, c):
+    """The language-modelling loss of a checkpoint on base-model documents no training step drew."""
+    from modeling.data import EpisodeSource
+    from modeling.train import _examples, _ptx_config, _sft_loss
+
+    model, tok = load_model(model_dir)
+    model.eval()
+    src = EpisodeSource(dataset, split="train", all_questions=True)
+    pc = _ptx_config(c)
+    with torch.no_grad():
+        return sum(float(_sft_loss(model, _examples(src, tok, pc, 10_000 + s), pc, 0)[0]) for s in range(4))
+
+
+def test_ptx_keeps_the_base_models_documents_while_ipo_pulls_away(base_model, dataset, tmp_path):
+    kw = dict(stage="ipo", init=str(base_model), steps=20, lr=3e-3, beta=0.01, eval_every=20, save_every=20)
+    kw.update(pretrain_consistent=0.8, pretrain_quoted=0.5)
+    plain = train(cfg(dataset, tmp_path / "plain", **kw))
+    mixed_cfg = cfg(dataset, tmp_path / "mixed", ptx=100.0, **kw)
+    mixed = train(mixed_cfg)
+    assert "ptx_loss" in mixed.metrics["final"] and "ptx_loss" not in plain.metrics["final"]
+    before = _document_loss(base_model, dataset, mixed_cfg)
+    after_plain = _document_loss(tmp_path / "plain", dataset, mixed_cfg)
+    after_mixed = _document_loss(tmp_path / "mixed", dataset, mixed_cfg)
+    assert after_plain > before  # IPO alone wears the base's language away...
+    assert after_mixed < after_plain  # ...and the ptx term holds it
+
+
+def test_ptx_is_for_fine_tuning_stages_and_must_be_a_weight(dataset, tmp_path):
+    with pytest.raises(ValueError, match="pretrain is one already"):
+        cfg(dataset, tmp_path / "out", stage="pretrain", ptx=0.5)
+    with pytest.raises(ValueError, match="ptx must be a weight >= 0"):
+        cfg(dataset, tmp_path / "out", stage="ipo", init="x", ptx=-1.0)
