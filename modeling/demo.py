@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # The demo: the tiny world's recipe (PipelineConfig's defaults: base 1,500 steps, Pref-FT 100, IPO 900, the
-# ptx term in both), about 40 minutes of training and evaluation on two CPU cores, for the arms FSPO is
+# ptx term in both), 30 minutes of training and evaluation on two CPU cores, for the arms FSPO is
 # compared with first.
 DEMO_PIPELINE: dict[str, Any] = {
     "only": ("base", "ipo-aggregate", "pref-ft", "fspo"),
