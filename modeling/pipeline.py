@@ -102,7 +102,7 @@ def _stage(
     dataset: str | None = None,
 ) -> TrainConfig:
     kind = "pretrain" if stage == "pretrain" else "sft" if stage == "sft" else "ipo"
-    ptx = 0.0 if kind == "pretrain" else float(pc.ptx.get(kind, 0.0))
+    ptx = float(pc.ptx.get(kind, 0.0))  # __post_init__ allows sft and ipo weights only
     return TrainConfig(
         dataset=dataset or pc.dataset,
         out_dir=str(Path(pc.out_dir) / name),

@@ -549,7 +549,8 @@ def train(
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     src = EpisodeSource(cfg.dataset, split="train", all_questions=cfg.stage == "pretrain")
-    if cfg.stage == "pretrain" and cfg.pretrain_consistent and src.styled_answers is None:
+    # The base's documents (the pretrain stage's, or a fine-tuning stage's ptx batches) need the styles.
+    if (cfg.stage == "pretrain" or cfg.ptx) and cfg.pretrain_consistent and src.styled_answers is None:
         raise ValueError(
             f"{cfg.dataset}: pretrain_consistent needs each response's trait values (trait_* columns in "
             "responses.parquet), and this dataset has none; use pretrain_consistent 0"
@@ -557,11 +558,6 @@ def train(
     eval_src = EpisodeSource(cfg.dataset, split="test")
     ptx_cfg = _ptx_config(cfg) if cfg.ptx else None
     ptx_src = EpisodeSource(cfg.dataset, split="train", all_questions=True) if ptx_cfg else None
-    if ptx_cfg and ptx_cfg.pretrain_consistent and ptx_src.styled_answers is None:  # type: ignore[union-attr]
-        raise ValueError(
-            f"{cfg.dataset}: ptx with pretrain_consistent needs each response's trait values (trait_* "
-            "columns in responses.parquet), and this dataset has none; use pretrain_consistent 0"
-        )
     torch.manual_seed(cfg.seed)
     last = out_dir / "checkpoint-last"
     start_step, state = 0, None

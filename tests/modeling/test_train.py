@@ -263,6 +263,8 @@ def test_consistent_pretraining_needs_a_dataset_that_records_styles(dataset, tmp
     )
     with pytest.raises(ValueError, match="pretrain_consistent needs each response's trait values"):
         train(cfg(str(copy), tmp_path / "out", stage="pretrain", steps=2, pretrain_consistent=0.5))
+    with pytest.raises(ValueError, match="pretrain_consistent needs each response's trait values"):
+        train(cfg(str(copy), tmp_path / "ptx", stage="ipo", init="unused", ptx=1.0, pretrain_consistent=0.5))
     with pytest.raises(ValueError, match="pretrain_consistent must be a fraction"):
         cfg(dataset, tmp_path / "out", stage="pretrain", pretrain_consistent=1.5)
     with pytest.raises(ValueError, match="pretrain_quoted must be a fraction"):
