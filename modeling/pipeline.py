@@ -46,8 +46,15 @@ class PipelineConfig:
     # (docs/results.md). IPO, where the preference signal is, gets the long budget; with the ptx term
     # below holding the base's language, it also takes a larger learning rate (5e-4: FSPO 66.5% against
     # 63.0% at 2e-4).
-    steps: dict[str, int] = field(default_factory=lambda: {"pretrain": 1500, "sft": 100, "ipo": 900})
-    lr: dict[str, float] = field(default_factory=lambda: {"pretrain": 3e-3, "sft": 3e-4, "ipo": 5e-4})
+    # "sft-cot" is the CoT arm's Pref-FT (``sft`` when absent): it has a language to learn as well, the
+    # user descriptions, which the base's documents never contain, so it trains the embeddings and runs
+    # longer at a larger rate (100 steps at 3e-4 with fixed embeddings left 53% of its answers empty).
+    steps: dict[str, int] = field(
+        default_factory=lambda: {"pretrain": 1500, "sft": 100, "sft-cot": 400, "ipo": 900}
+    )
+    lr: dict[str, float] = field(
+        default_factory=lambda: {"pretrain": 3e-3, "sft": 3e-4, "sft-cot": 1e-3, "ipo": 5e-4}
+    )
     beta: float = 0.1
     # The tiny world's fine-tuning recipe (see TrainConfig): embeddings fixed after pretraining, and
     # Pref-FT supervising every shot's preferred response too.
@@ -89,6 +96,14 @@ class PipelineConfig:
         unknown = sorted(set(self.ptx) - {"sft", "ipo"})
         if unknown:
             raise ValueError(f"ptx weights are per fine-tuning stage kind (sft, ipo), not {unknown}")
+        for name, budget in (("steps", self.steps), ("lr", self.lr)):
+            missing = sorted({"pretrain", "sft", "ipo"} - set(budget))
+            unknown = sorted(set(budget) - {"pretrain", "sft", "sft-cot", "ipo"})
+            if missing or unknown:
+                raise ValueError(
+                    f"{name} has a value per stage kind (pretrain, sft, ipo; sft-cot optional): "
+                    f"missing {missing}, unknown {unknown}"
+                )
 
 
 def _stage(
@@ -103,6 +118,14 @@ def _stage(
 ) -> TrainConfig:
     kind = "pretrain" if stage == "pretrain" else "sft" if stage == "sft" else "ipo"
     ptx = float(pc.ptx.get(kind, 0.0))  # __post_init__ allows sft and ipo weights only
+    # The CoT arm's Pref-FT writes the user descriptions, words the base has never written: it needs
+    # its own budget and trainable embeddings (the output head's rows for those words are still random).
+    writes_descriptions = cot and stage == "sft"
+
+    def budget(per_kind: dict[str, Any]) -> Any:
+        return per_kind["sft-cot"] if writes_descriptions and "sft-cot" in per_kind else per_kind[kind]
+
+    steps = int(budget(pc.steps))
     return TrainConfig(
         dataset=dataset or pc.dataset,
         out_dir=str(Path(pc.out_dir) / name),
@@ -111,17 +134,17 @@ def _stage(
         context=context,
         cot=cot,
         shots=(0, pc.shots[1]) if stage == "pretrain" else pc.shots,  # type: ignore[arg-type]
-        steps=pc.steps[kind],
-        lr=pc.lr[kind],
+        steps=steps,
+        lr=float(budget(pc.lr)),
         batch_size=pc.batch_size,
         beta=pc.beta,
         tiny=pc.tiny,
-        eval_every=max(1, pc.steps[kind] // 4),
-        save_every=max(1, pc.steps[kind] // 4),
+        eval_every=max(1, steps // 4),
+        save_every=max(1, steps // 4),
         eval_episodes=16,
-        warmup_steps=min(20, pc.steps[kind] // 5),
+        warmup_steps=min(20, steps // 5),
         seed=pc.seed,
-        freeze_embeddings=pc.freeze_embeddings and stage != "pretrain",
+        freeze_embeddings=pc.freeze_embeddings and stage != "pretrain" and not writes_descriptions,
         shot_targets=pc.shot_targets and stage == "sft",
         # The base's document mix, for the pretrain stage and for a fine-tuning stage's ptx documents.
         pretrain_consistent=pc.pretrain_consistent if stage == "pretrain" or ptx else 0.0,

@@ -86,3 +86,27 @@ def test_ptx_weights_go_to_their_stage_kind_with_the_bases_document_mix(dataset,
     assert plain["fspo"].ptx == 0.0 and plain["fspo"].pretrain_consistent == 0.0
     with pytest.raises(ValueError, match="per fine-tuning stage kind"):
         config(dataset, tmp_path, ptx={"pretrain": 1.0})
+
+
+def test_the_cot_pref_ft_has_its_own_budget_and_learns_the_description_words(dataset, tmp_path):
+    budgets = {
+        "steps": {"pretrain": 6, "sft": 4, "sft-cot": 8, "ipo": 3},
+        "lr": {"pretrain": 3e-3, "sft": 3e-4, "sft-cot": 1e-3, "ipo": 5e-4},
+    }
+    by_name = dict(stages(config(dataset, tmp_path, only=None, **budgets)))
+    cot_sft, plain_sft = by_name["pref-ft-cot"], by_name["pref-ft"]
+    assert (cot_sft.steps, cot_sft.lr, cot_sft.freeze_embeddings) == (8, 1e-3, False)
+    assert (plain_sft.steps, plain_sft.lr, plain_sft.freeze_embeddings) == (4, 3e-4, True)
+    # IPO on top of it, and the oracle's Pref-FT (it reads a description, never writes one), keep
+    # the embeddings fixed and the shared budgets.
+    assert (by_name["fspo-cot"].steps, by_name["fspo-cot"].freeze_embeddings) == (3, True)
+    assert (by_name["oracle-sft"].steps, by_name["oracle-sft"].freeze_embeddings) == (4, True)
+    # Each of steps and lr without an sft-cot entry gives the CoT Pref-FT its sft value.
+    shared = dict(stages(config(dataset, tmp_path, only=("pref-ft-cot",))))["pref-ft-cot"]
+    assert (shared.steps, shared.lr) == (4, PipelineConfig(dataset, "x").lr["sft-cot"])
+    lr = {"pretrain": 3e-3, "sft": 2e-4, "ipo": 5e-4}
+    assert dict(stages(config(dataset, tmp_path, only=("pref-ft-cot",), lr=lr)))["pref-ft-cot"].lr == 2e-4
+    with pytest.raises(ValueError, match=r"missing \['ipo'\]"):
+        config(dataset, tmp_path, steps={"pretrain": 6, "sft": 4})
+    with pytest.raises(ValueError, match=r"unknown \['dpo'\]"):
+        config(dataset, tmp_path, lr={"pretrain": 1e-3, "sft": 1e-3, "ipo": 1e-3, "dpo": 1e-3})
