@@ -229,6 +229,13 @@ def cmd_train(argv: list[str]) -> int:
         metavar="WEIGHT",
         help="sft/ipo/dpo: add WEIGHT x the language-modelling loss on the base's documents at each step",
     )
+    p.add_argument(
+        "--cot-nll",
+        type=float,
+        default=None,
+        metavar="WEIGHT",
+        help="ipo/dpo with --cot: add WEIGHT x the CoT Pref-FT loss (description, then chosen response)",
+    )
     args = p.parse_args(argv)
     fields = json.loads(args.config.read_text()) if args.config else {}
     fields.update(
@@ -254,6 +261,7 @@ def cmd_train(argv: list[str]) -> int:
         "pretrain_consistent",
         "pretrain_quoted",
         "ptx",
+        "cot_nll",
     ):
         if getattr(args, name) is not None:
             fields[name] = getattr(args, name)

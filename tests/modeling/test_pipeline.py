@@ -100,6 +100,9 @@ def test_the_cot_pref_ft_has_its_own_budget_and_learns_the_description_words(dat
     # IPO on top of it, and the oracle's Pref-FT (it reads a description, never writes one), keep
     # the embeddings fixed and the shared budgets.
     assert (by_name["fspo-cot"].steps, by_name["fspo-cot"].freeze_embeddings) == (3, True)
+    # ...and that IPO keeps writing descriptions with the CoT NLL term; no other stage has one.
+    assert by_name["fspo-cot"].cot_nll == 100.0
+    assert all(c.cot_nll == 0.0 for name, c in by_name.items() if name != "fspo-cot")
     assert (by_name["oracle-sft"].steps, by_name["oracle-sft"].freeze_embeddings) == (4, True)
     # Each of steps and lr without an sft-cot entry gives the CoT Pref-FT its sft value.
     shared = dict(stages(config(dataset, tmp_path, only=("pref-ft-cot",))))["pref-ft-cot"]

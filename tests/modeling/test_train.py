@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -303,3 +304,39 @@ def test_ptx_is_for_fine_tuning_stages_and_must_be_a_weight(dataset, tmp_path):
         cfg(dataset, tmp_path / "out", stage="pretrain", ptx=0.5)
     with pytest.raises(ValueError, match="ptx must be a weight >= 0"):
         cfg(dataset, tmp_path / "out", stage="ipo", init="x", ptx=-1.0)
+
+
+def _cot_loss(model_dir, dataset, c):
+    """The CoT Pref-FT loss (true description, then chosen response) on batches no step drew."""
+    from modeling.data import EpisodeSource
+    from modeling.train import _examples, _sft_loss
+
+    model, tok = load_model(model_dir)
+    model.eval()
+    src = EpisodeSource(dataset, split="train")
+    sft = dataclasses.replace(c, stage="sft", cot_nll=0.0, ptx=0.0)
+    with torch.no_grad():
+        return sum(float(_sft_loss(model, _examples(src, tok, sft, 10_000 + s), sft, 0)[0]) for s in range(4))
+
+
+def test_cot_nll_keeps_a_cot_ipo_writing_descriptions(base_model, dataset, tmp_path):
+    cot_sft = tmp_path / "cot-sft"
+    train(cfg(dataset, cot_sft, stage="sft", init=str(base_model), cot=True, steps=20))
+    kw = dict(stage="ipo", cot=True, init=str(cot_sft), steps=20, lr=3e-3, beta=0.1, eval_every=20)
+    plain = train(cfg(dataset, tmp_path / "plain", save_every=20, **kw))
+    mixed_cfg = cfg(dataset, tmp_path / "mixed", save_every=20, cot_nll=100.0, **kw)
+    mixed = train(mixed_cfg)
+    assert "cot_nll" in mixed.metrics["final"] and "cot_nll" not in plain.metrics["final"]
+    before = _cot_loss(cot_sft, dataset, mixed_cfg)
+    after_plain = _cot_loss(tmp_path / "plain", dataset, mixed_cfg)
+    after_mixed = _cot_loss(tmp_path / "mixed", dataset, mixed_cfg)
+    assert after_plain > before  # IPO with the description in its prompt unlearns writing one...
+    assert after_mixed < after_plain  # ...and the CoT NLL term keeps it
+
+
+def test_cot_nll_is_for_cot_preference_stages_and_must_be_a_weight(dataset, tmp_path):
+    for bad in (dict(stage="ipo", cot=False), dict(stage="sft", cot=True)):
+        with pytest.raises(ValueError, match="cot_nll is for a CoT preference stage"):
+            cfg(dataset, tmp_path / "out", init="x", cot_nll=1.0, **bad)
+    with pytest.raises(ValueError, match="cot_nll must be a weight >= 0"):
+        cfg(dataset, tmp_path / "out", stage="ipo", cot=True, init="x", cot_nll=-1.0)
