@@ -20,6 +20,7 @@ baseline, few-shot Pref-FT, FSPO, FSPO + CoT, the oracle and the ablation; plus 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -211,8 +212,17 @@ def arms(pc: PipelineConfig) -> list[Arm]:
 
 
 def _done(cfg: TrainConfig) -> bool:
+    """Whether the stage's checkpoint was trained with this config. A field added to TrainConfig since
+    then counts as its default, so a new option does not retrain every stage that never used it."""
     m = Path(cfg.out_dir) / MANIFEST
-    return m.is_file() and json.loads(m.read_text()).get("config") == json.loads(json.dumps(cfg.to_dict()))
+    if not m.is_file():
+        return False
+    saved = json.loads(m.read_text()).get("config") or {}
+    defaults = {
+        f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING
+    }
+    saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
+    return json.loads(json.dumps(saved)) == json.loads(json.dumps(cfg.to_dict()))
 
 
 def run_pipeline(

@@ -65,13 +65,22 @@ def test_the_pipeline_trains_evaluates_and_skips_finished_stages_on_a_rerun(data
     manifest = json.loads((tmp_path / "fspo" / "fspo.json").read_text())
     assert manifest["init_stage"] == "sft" and manifest["config"]["freeze_embeddings"] is True
 
+    # A checkpoint trained before a TrainConfig field existed counts as trained with its default...
+    config_of_base = tmp_path / "base" / "fspo.json"
+    base_manifest = json.loads(config_of_base.read_text())
+    del base_manifest["config"]["cot_nll"]
+    config_of_base.write_text(json.dumps(base_manifest))
+    # ...and one trained with another value of a field is trained again.
+    manifest["config"]["lr"] *= 2
+    (tmp_path / "fspo" / "fspo.json").write_text(json.dumps(manifest))
+
     logged: list[str] = []
     run_pipeline(pc, log=logged.append)
-    assert logged == [
+    assert logged[:2] == [
         "[1/3] base: already trained, skipped",
         "[2/3] pref-ft: already trained, skipped",
-        "[3/3] fspo: already trained, skipped",
     ]
+    assert logged[2].startswith("[3/3] fspo: held-out loss")
 
 
 def test_ptx_weights_go_to_their_stage_kind_with_the_bases_document_mix(dataset, tmp_path):
