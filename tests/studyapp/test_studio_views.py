@@ -121,6 +121,15 @@ def upload(name: str, text: str) -> SimpleUploadedFile:
     return SimpleUploadedFile(name, text.encode(), content_type="text/plain")
 
 
+def test_the_study_page_groups_every_setting_exactly_once() -> None:
+    """The page's sections and the settable fields are two lists; a field added to one only would be
+    saved but never shown (or shown but never saved)."""
+    from studyapp.studio_forms import STUDY_SECTIONS
+
+    shown = [name for _, _, names in STUDY_SECTIONS for name in names]
+    assert sorted(shown) == sorted(STUDY_FIELDS) and len(set(shown)) == len(shown)
+
+
 def test_it_sends_an_anonymous_visitor_to_the_login_page(client: Client) -> None:
     response = client.get("/studio/")
 
