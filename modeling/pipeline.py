@@ -20,7 +20,6 @@ baseline, few-shot Pref-FT, FSPO, FSPO + CoT, the oracle and the ablation; plus 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -212,17 +211,10 @@ def arms(pc: PipelineConfig) -> list[Arm]:
 
 
 def _done(cfg: TrainConfig) -> bool:
-    """Whether the stage's checkpoint was trained with this config. A field added to TrainConfig since
-    then counts as its default, so a new option does not retrain every stage that never used it."""
+    """Whether the stage's checkpoint was trained with this config (a field added to TrainConfig since
+    counts as its default, so a new option does not retrain every stage that never used it)."""
     m = Path(cfg.out_dir) / MANIFEST
-    if not m.is_file():
-        return False
-    saved = json.loads(m.read_text()).get("config") or {}
-    defaults = {
-        f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING
-    }
-    saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
-    return json.loads(json.dumps(saved)) == json.loads(json.dumps(cfg.to_dict()))
+    return m.is_file() and cfg.trained_as(json.loads(m.read_text()).get("config") or {})
 
 
 def run_pipeline(

@@ -183,6 +183,17 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def trained_as(self, saved: dict[str, Any]) -> bool:
+        """Whether a manifest's saved config is this one. A field added to TrainConfig since it was
+        written counts as its default (that is what the run trained with)."""
+        defaults = {
+            f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            for f in dataclasses.fields(self)
+            if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+        }
+        filled = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
+        return json.loads(json.dumps(filled)) == json.loads(json.dumps(self.to_dict()))
+
 
 # ---------------------------------------------------------------------------------------------------
 # Checkpoints
@@ -567,10 +578,17 @@ def train(
             "responses.parquet), and this dataset has none; use pretrain_consistent 0"
         )
     eval_src = EpisodeSource(cfg.dataset, split="test")
-    ptx_cfg = _ptx_config(cfg) if cfg.ptx else None
-    ptx_src = EpisodeSource(cfg.dataset, split="train", all_questions=True) if ptx_cfg else None
-    # The CoT Pref-FT view of the step's own episodes (same seed, so the same users and targets).
-    cot_cfg = dataclasses.replace(cfg, stage="sft", cot_nll=0.0, ptx=0.0) if cfg.cot_nll else None
+    # Language-modelling terms beside the stage's loss: (metric, weight, source, how its batches are
+    # drawn and scored). ptx: the base's documents; cot_nll: the CoT Pref-FT view of the step's own
+    # episodes (same seed, so the same users and targets).
+    aux_terms: list[tuple[str, float, EpisodeSource, TrainConfig]] = []
+    if cfg.ptx:
+        ptx_src = EpisodeSource(cfg.dataset, split="train", all_questions=True)
+        aux_terms.append(("ptx_loss", cfg.ptx, ptx_src, _ptx_config(cfg)))
+    if cfg.cot_nll:
+        aux_terms.append(
+            ("cot_nll", cfg.cot_nll, src, dataclasses.replace(cfg, stage="sft", cot_nll=0.0, ptx=0.0))
+        )
     torch.manual_seed(cfg.seed)
     last = out_dir / "checkpoint-last"
     start_step, state = 0, None
@@ -694,17 +712,11 @@ def train(
             metrics = {}
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if ptx_cfg is not None:  # a second backward: the two graphs are never held at once
-            assert ptx_src is not None
-            lm, n_lm = _sft_loss(model, _examples(ptx_src, tok, ptx_cfg, step), ptx_cfg, pad_id)
-            (cfg.ptx * lm).backward()
-            metrics["ptx_loss"] = float(lm.detach())
-            loss, n = loss.detach() + cfg.ptx * lm.detach(), n + n_lm
-        if cot_cfg is not None:  # likewise a backward of its own
-            nll, n_nll = _sft_loss(model, _examples(src, tok, cot_cfg, step), cot_cfg, pad_id)
-            (cfg.cot_nll * nll).backward()
-            metrics["cot_nll"] = float(nll.detach())
-            loss, n = loss.detach() + cfg.cot_nll * nll.detach(), n + n_nll
+        for metric, weight, aux_src, aux_cfg in aux_terms:  # a backward each: one graph held at a time
+            lm, n_lm = _sft_loss(model, _examples(aux_src, tok, aux_cfg, step), aux_cfg, pad_id)
+            (weight * lm).backward()
+            metrics[metric] = float(lm.detach())
+            loss, n = loss.detach() + weight * lm.detach(), n + n_lm
         # Clip the global gradient norm: from-scratch tiny models spike early otherwise.
         gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
         opt.step()
