@@ -594,8 +594,8 @@ def train(
     start_step, state = 0, None
     init_manifest: dict[str, Any] = {}
     if (last / "trainer_state.pt").is_file():
-        saved = json.loads((last / MANIFEST).read_text())["config"]
-        if saved != json.loads(json.dumps(cfg.to_dict())):
+        # A field added to TrainConfig since the checkpoint was written counts as its default.
+        if not cfg.trained_as(json.loads((last / MANIFEST).read_text())["config"]):
             raise CheckpointError(
                 f"{last} was written with another config; delete it or rerun with that config"
             )

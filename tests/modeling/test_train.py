@@ -133,6 +133,14 @@ def test_resuming_with_another_config_is_refused(base_model, dataset, tmp_path):
         train(c, progress=kill)
     with pytest.raises(CheckpointError, match="written with another config"):
         train(cfg(dataset, tmp_path / "a", stage="sft", init=str(base_model), steps=12, lr=5e-4))
+    # A checkpoint written before a field existed (its manifest lacks it) trained with that field's
+    # default: it resumes under the same config.
+    manifest = tmp_path / "a" / "checkpoint-last" / "fspo.json"
+    data = json.loads(manifest.read_text())
+    del data["config"]["cot_nll"]
+    manifest.write_text(json.dumps(data))
+    resumed = train(c)
+    assert [h["step"] for h in resumed.metrics["history"]][-1] == 12
 
 
 def test_bad_checkpoints_and_configs_get_clear_errors(base_model, dataset, tmp_path):
