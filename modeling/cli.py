@@ -309,6 +309,11 @@ def _print_eval(result: Any) -> None:
             "shot sweep: "
             + ", ".join(f"N={r['shots']}: {100 * r['win_rate']:.1f}%" for r in result.shot_sweep)
         )
+    for r in result.head_to_head:
+        out.print(
+            f"head to head: {r['arm']} vs {r['vs']} {100 * r['win_rate']:.1f}% "
+            f"({100 * r['ci_low']:.1f}–{100 * r['ci_high']:.1f}, p {r['p_value']:.2g}, {int(r['ties'])} ties)"
+        )
 
 
 def cmd_eval(argv: list[str]) -> int:
@@ -331,6 +336,14 @@ def cmd_eval(argv: list[str]) -> int:
     p.add_argument("--shots", type=int, default=4)
     p.add_argument("--shot-sweep", type=int, nargs="*", default=[])
     p.add_argument("--sweep-arm", default=None)
+    p.add_argument(
+        "--head-to-head",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("ARM", "OTHER"),
+        help="repeatable; also judge ARM's answers directly against OTHER's on the same episodes",
+    )
     p.add_argument(
         "--judge",
         default="oracle",
@@ -366,6 +379,7 @@ def cmd_eval(argv: list[str]) -> int:
             judge=judge,
             shot_sweep=args.shot_sweep,
             sweep_arm=args.sweep_arm,
+            head_to_head=[tuple(pair) for pair in args.head_to_head],
             max_new_tokens=args.max_new_tokens,
             temperature=args.temperature,
             progress=update,

@@ -57,6 +57,8 @@ class EvalResult:
     out_dir: Path
     table: list[dict[str, Any]]
     shot_sweep: list[dict[str, Any]] = field(default_factory=list)
+    # Pairs of arms judged against each other directly (their answers to the same episodes).
+    head_to_head: list[dict[str, Any]] = field(default_factory=list)
 
     def row(self, name: str) -> dict[str, Any]:
         return next(r for r in self.table if r["arm"] == name)
@@ -124,6 +126,7 @@ def evaluate(
     judge: Judge | None = None,
     shot_sweep: Sequence[int] = (),
     sweep_arm: str | None = None,
+    head_to_head: Sequence[tuple[str, str]] = (),
     max_new_tokens: int = 160,
     temperature: float = 0.0,
     seed: int = 0,
@@ -131,7 +134,10 @@ def evaluate(
 ) -> EvalResult:
     """Run every arm on the same held-out episodes and judge each against ``baseline``.
 
-    ``temperature`` 0 decodes greedily; above 0 each arm samples (seeded), as the paper's arms do."""
+    ``temperature`` 0 decodes greedily; above 0 each arm samples (seeded), as the paper's arms do.
+    ``head_to_head`` pairs ``(arm, other)`` are also judged directly against each other on the same
+    answers (no extra generation): two arms can each beat the baseline by overlapping margins and
+    still differ significantly when compared on the same episodes, or not."""
     names = [a.name for a in arms]
     if baseline not in names:
         raise ValueError(f"baseline {baseline!r} is not one of the arms {names}")
@@ -139,6 +145,9 @@ def evaluate(
         raise ValueError(f"arm names must be unique: {names}")
     if shot_sweep and (sweep_arm not in names):
         raise ValueError(f"shot_sweep needs sweep_arm, one of {names}")
+    for pair in head_to_head:
+        if len(pair) != 2 or pair[0] == pair[1] or any(n not in names for n in pair):
+            raise ValueError(f"a head-to-head pair is two different arms of {names}, not {list(pair)}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     src = EpisodeSource(dataset, split="test")
@@ -187,6 +196,10 @@ def evaluate(
             )
             w = win_rate(_compare(judge, eps_n, t, texts[baseline]), seed=seed)
             sweep.append({"shots": n, **w.to_dict()})
+    h2h = [
+        {"arm": a, "vs": b, **win_rate(_compare(judge, eps, texts[a], texts[b]), seed=seed).to_dict()}
+        for a, b in head_to_head
+    ]
     if progress:
         progress(total, total, "done")
     with open(out / "generations.jsonl", "w") as f:
@@ -195,7 +208,7 @@ def evaluate(
                 json.dumps({"user_id": e.user_id, "question": e.question, **{a: texts[a][k] for a in texts}})
                 + "\n"
             )
-    result = EvalResult(out_dir=out, table=table, shot_sweep=sweep)
+    result = EvalResult(out_dir=out, table=table, shot_sweep=sweep, head_to_head=h2h)
     meta = {
         "dataset": str(dataset),
         "episodes": len(eps),
@@ -207,7 +220,7 @@ def evaluate(
         "seed": seed,
     }
     (out / "results.json").write_text(
-        json.dumps({**meta, "table": table, "shot_sweep": sweep}, indent=2) + "\n"
+        json.dumps({**meta, "table": table, "shot_sweep": sweep, "head_to_head": h2h}, indent=2) + "\n"
     )
     (out / "report.md").write_text(report_markdown(result, meta))
     _plots(result, baseline, out)
@@ -239,6 +252,21 @@ def report_markdown(result: EvalResult, meta: dict[str, Any]) -> str:
         lines += [
             f"| {r['shots']} | {100 * r['win_rate']:.1f}% | {100 * r['ci_low']:.1f}–{100 * r['ci_high']:.1f} |"
             for r in result.shot_sweep
+        ]
+    if result.head_to_head:
+        lines += [
+            "",
+            "## Head to head",
+            "",
+            "Each pair's answers to the same episodes, judged against each other.",
+            "",
+            "| arm | vs | win rate | 95% CI | p | ties |",
+            "|---|---|---:|---|---:|---:|",
+        ]
+        lines += [
+            f"| {r['arm']} | {r['vs']} | {100 * r['win_rate']:.1f}% | "
+            f"{100 * r['ci_low']:.1f}–{100 * r['ci_high']:.1f} | {r['p_value']:.3g} | {int(r['ties'])} |"
+            for r in result.head_to_head
         ]
     lines += ["", "![win rates](win_rates.png)"] + (
         ["", "![shot sweep](shot_sweep.png)"] if result.shot_sweep else []

@@ -15,7 +15,8 @@ pipeline resumes stage by stage):
     fspo-random     IPO from random-sft                                 (structure ablation)
 
 Arms evaluated against ``base`` (no few-shot context): few-shot prompting of the base, the IPO
-baseline, few-shot Pref-FT, FSPO, FSPO + CoT, the oracle and the ablation; plus FSPO's shot sweep.
+baseline, few-shot Pref-FT, FSPO, FSPO + CoT, the oracle and the ablation; plus FSPO's shot sweep,
+and FSPO judged head to head against each of the other arms on the same answers.
 """
 
 from __future__ import annotations
@@ -193,10 +194,13 @@ def stages(pc: PipelineConfig) -> list[tuple[str, TrainConfig]]:
     return plan
 
 
+BASELINE = "base (no context)"
+
+
 def arms(pc: PipelineConfig) -> list[Arm]:
     out = Path(pc.out_dir)
     a = [
-        Arm("base (no context)", str(out / "base"), "none"),
+        Arm(BASELINE, str(out / "base"), "none"),
         Arm("few-shot prompting", str(out / "base"), "fewshot"),
         Arm("IPO (no user context)", str(out / "ipo-aggregate"), "none"),
         Arm("few-shot Pref-FT", str(out / "pref-ft"), "fewshot"),
@@ -237,15 +241,19 @@ def run_pipeline(
             log(
                 f"[{i + 1}/{len(plan)}] {name}: held-out loss {h[0]['eval_loss']:.3f} → {h[-1]['eval_loss']:.3f}"
             )
+    planned = arms(pc)
+    names = [a.name for a in planned]
     return evaluate(
         pc.dataset,
-        arms(pc),
-        baseline="base (no context)",
+        planned,
+        baseline=BASELINE,
         out_dir=Path(pc.out_dir) / "eval",
         episodes=pc.eval_episodes,
         shots=pc.eval_shots,
-        shot_sweep=pc.shot_sweep if any(a.name == "FSPO" for a in arms(pc)) else (),
+        shot_sweep=pc.shot_sweep if "FSPO" in names else (),
         sweep_arm="FSPO",
+        # The paper's claim is FSPO over each baseline: judged directly on the same episodes too.
+        head_to_head=[("FSPO", n) for n in names if "FSPO" in names and n not in ("FSPO", BASELINE)],
         max_new_tokens=pc.max_new_tokens,
         temperature=pc.temperature,
         seed=pc.seed,

@@ -72,8 +72,8 @@ def shown(request_body: bytes) -> dict[str, str]:
     return match.groupdict()
 
 
-def fspo_eval(ds: Path, out: Path, judge_url: str, arms: dict[str, str]) -> int:
-    argv = ["eval", "--dataset", str(ds), "--baseline", "base", "--out", str(out)]
+def fspo_eval(ds: Path, out: Path, judge_url: str, arms: dict[str, str], *extra: str) -> int:
+    argv = ["eval", "--dataset", str(ds), "--baseline", "base", "--out", str(out), *extra]
     argv += ["--episodes", str(EPISODES), "--max-new-tokens", "3", "--judge", f"{judge_url}#{JUDGE_MODEL}"]
     for name, model in arms.items():
         argv += ["--arm", f"{name}={model}:none"]
@@ -122,7 +122,7 @@ def test_a_judge_that_prefers_a_word_gives_its_writer_every_win_and_the_other_wo
     }
 
     with ScriptedServer(judge) as server:
-        rc = fspo_eval(ds, tmp_path / "run", server.url, arms)
+        rc = fspo_eval(ds, tmp_path / "run", server.url, arms, "--head-to-head", "teacher", "soup")
 
     assert rc == 0
     saved, rows = results(tmp_path / "run")
@@ -131,14 +131,19 @@ def test_a_judge_that_prefers_a_word_gives_its_writer_every_win_and_the_other_wo
     assert (rows["soup"]["win_rate"], rows["soup"]["ci_high"], rows["soup"]["ties"]) == (0.0, 0.0, 0)
     assert (rows["same"]["win_rate"], rows["same"]["ties"]) == (0.5, EPISODES)
     assert rows["base"]["baseline"] is True
-    # Identical answers tie without a request; every other comparison costs exactly two.
-    assert server.hits == 2 * 2 * EPISODES
+    # The head-to-head pair is judged directly: the preferred word's writer wins every comparison.
+    (h2h,) = saved["head_to_head"]
+    assert (h2h["arm"], h2h["vs"], h2h["win_rate"], h2h["ties"]) == ("teacher", "soup", 1.0, 0)
+    # Identical answers tie without a request; every other comparison costs exactly two (two arms
+    # against the baseline, one pair head to head).
+    assert server.hits == 3 * 2 * EPISODES
     # The judge reads the user's own persona, not a placeholder.
     users = load_dataset(ds).table("users").to_pandas()
     assert {shown(b)["description"] for b in server.bodies} <= set(users.description)
     assert f"judge: llm:{server.url}#{JUDGE_MODEL}" in (tmp_path / "run" / "report.md").read_text()
     printed = capsys.readouterr().out
     assert "100.0%" in printed and "0.0%" in printed
+    assert "head to head: teacher vs soup 100.0%" in printed
 
 
 def test_a_judge_that_never_answers_a_or_b_fails_the_eval_instead_of_reporting_ties(setup, tmp_path, capsys):

@@ -54,6 +54,7 @@ def test_it_writes_the_comparison_table_report_and_plots(setup, tmp_path):
         shots=2,
         shot_sweep=[0, 2],
         sweep_arm="few-shot",
+        head_to_head=[("few-shot", "base"), ("base", "few-shot"), ("same-as-base", "base")],
         max_new_tokens=12,
     )
     # The same model with the same prompt writes the same greedy answer: every comparison is a tie.
@@ -64,10 +65,20 @@ def test_it_writes_the_comparison_table_report_and_plots(setup, tmp_path):
         assert 0 <= r["win_rate"] <= 1 and r["ci_low"] <= r["win_rate"] <= r["ci_high"]
         assert "mean_oracle_score" in r
     assert [r["shots"] for r in result.shot_sweep] == [0, 2]
+    # Head to head reuses the answers: against the baseline it is the table's own comparison, the
+    # reverse order scores the complement, and an arm with the baseline's answers ties throughout.
+    fewshot_vs_base, base_vs_fewshot, same_vs_base = result.head_to_head
+    assert (fewshot_vs_base["arm"], fewshot_vs_base["vs"]) == ("few-shot", "base")
+    assert fewshot_vs_base["win_rate"] == result.row("few-shot")["win_rate"]
+    assert base_vs_fewshot["win_rate"] == pytest.approx(1 - fewshot_vs_base["win_rate"])
+    assert base_vs_fewshot["ties"] == fewshot_vs_base["ties"]
+    assert same_vs_base["win_rate"] == 0.5 and same_vs_base["ties"] == 6
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved["table"] == json.loads(json.dumps(result.table)) and saved["judge"] == "oracle"
+    assert saved["head_to_head"] == json.loads(json.dumps(result.head_to_head))
     report = (tmp_path / "run" / "report.md").read_text()
     assert "| few-shot | fewshot |" in report and "Shot-count sensitivity" in report
+    assert "## Head to head" in report and "| same-as-base | base | 50.0% |" in report
     for png in ("win_rates.png", "shot_sweep.png"):
         assert (tmp_path / "run" / png).read_bytes()[:4] == b"\x89PNG"
     lines = (tmp_path / "run" / "generations.jsonl").read_text().splitlines()
@@ -84,6 +95,11 @@ def test_bad_arms_get_clear_errors(setup, tmp_path):
     assert Arm.parse("c=runs/c:cot") == Arm("c", "runs/c", "fewshot", True)
     with pytest.raises(ValueError, match="baseline 'nope' is not one of the arms"):
         evaluate(ds, [Arm("base", str(base), "none")], baseline="nope", out_dir=tmp_path)
+    two = [Arm("base", str(base), "none"), Arm("few-shot", str(base))]
+    for pair in (("few-shot", "nope"), ("base", "base")):
+        with pytest.raises(ValueError, match="a head-to-head pair is two different arms"):
+            evaluate(ds, two, baseline="base", out_dir=tmp_path / "h", head_to_head=[pair])
+    assert not (tmp_path / "h").exists()  # refused before anything was written
     with pytest.raises(LLMError, match=r"cannot load model: .*missing is not a directory"):
         evaluate(
             ds,

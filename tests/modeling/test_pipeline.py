@@ -56,6 +56,11 @@ def test_the_pipeline_trains_evaluates_and_skips_finished_stages_on_a_rerun(data
     assert names == ["base (no context)", "few-shot prompting", "few-shot Pref-FT", "FSPO"]
     assert all(0 <= r["win_rate"] <= 1 and r["n"] == 6 for r in result.table)
     assert [r["shots"] for r in result.shot_sweep] == [0, 2]
+    # FSPO judged directly against every other arm but the baseline.
+    assert [(r["arm"], r["vs"]) for r in result.head_to_head] == [
+        ("FSPO", "few-shot prompting"),
+        ("FSPO", "few-shot Pref-FT"),
+    ]
     saved = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert [r["arm"] for r in saved["table"]] == names
     assert (tmp_path / "eval" / "win_rates.png").is_file() and (
