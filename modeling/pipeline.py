@@ -41,6 +41,9 @@ class PipelineConfig:
     out_dir: str
     random_dataset: str | None = None
     shots: tuple[int, int] = (1, 4)
+    # The most shots in one of the base model's documents (pretraining draws 0..this many); None: as
+    # many as the fine-tuning stages show (shots[1]).
+    pretrain_shots: int | None = None
     batch_size: int = 8
     # Short Pref-FT: its targets (the closer of two random responses) mostly teach the population's
     # average preference, and longer Pref-FT undid the base's reading of the preferred responses
@@ -97,6 +100,8 @@ class PipelineConfig:
     only: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.pretrain_shots is not None and self.pretrain_shots < 0:
+            raise ValueError(f"pretrain_shots must be 0 or more (or None), not {self.pretrain_shots}")
         unknown = sorted(set(self.ptx) - {"sft", "ipo"})
         if unknown:
             raise ValueError(f"ptx weights are per fine-tuning stage kind (sft, ipo), not {unknown}")
@@ -137,7 +142,9 @@ def _stage(
         stage=stage,  # type: ignore[arg-type]
         context=context,
         cot=cot,
-        shots=(0, pc.shots[1]) if stage == "pretrain" else pc.shots,  # type: ignore[arg-type]
+        shots=(0, pc.shots[1] if pc.pretrain_shots is None else pc.pretrain_shots)
+        if stage == "pretrain"
+        else pc.shots,  # type: ignore[arg-type]
         steps=steps,
         lr=float(budget(pc.lr)),
         batch_size=pc.batch_size,

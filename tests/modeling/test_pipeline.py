@@ -127,3 +127,13 @@ def test_the_cot_pref_ft_has_its_own_budget_and_learns_the_description_words(dat
         config(dataset, tmp_path, steps={"pretrain": 6, "sft": 4})
     with pytest.raises(ValueError, match=r"unknown \['dpo'\]"):
         config(dataset, tmp_path, lr={"pretrain": 1e-3, "sft": 1e-3, "ipo": 1e-3, "dpo": 1e-3})
+
+
+def test_the_base_documents_shot_range_defaults_to_the_fine_tuning_stages_and_can_be_set(dataset, tmp_path):
+    by_name = dict(stages(config(dataset, tmp_path, shots=(1, 8))))
+    assert by_name["base"].shots == (0, 8) and by_name["fspo"].shots == (1, 8)
+    by_name = dict(stages(config(dataset, tmp_path, shots=(1, 8), pretrain_shots=4)))
+    assert by_name["base"].shots == (0, 4)
+    assert by_name["pref-ft"].shots == (1, 8) and by_name["fspo"].shots == (1, 8)
+    with pytest.raises(ValueError, match="pretrain_shots must be 0 or more"):
+        config(dataset, tmp_path, pretrain_shots=-1)
