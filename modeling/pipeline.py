@@ -202,6 +202,7 @@ def stages(pc: PipelineConfig) -> list[tuple[str, TrainConfig]]:
 
 
 BASELINE = "base (no context)"
+FSPO = "FSPO"  # the arm the shot sweep and the head-to-head comparisons are about
 
 
 def arms(pc: PipelineConfig) -> list[Arm]:
@@ -211,7 +212,7 @@ def arms(pc: PipelineConfig) -> list[Arm]:
         Arm("few-shot prompting", str(out / "base"), "fewshot"),
         Arm("IPO (no user context)", str(out / "ipo-aggregate"), "none"),
         Arm("few-shot Pref-FT", str(out / "pref-ft"), "fewshot"),
-        Arm("FSPO", str(out / "fspo"), "fewshot"),
+        Arm(FSPO, str(out / "fspo"), "fewshot"),
         Arm("FSPO + CoT", str(out / "fspo-cot"), "fewshot", cot=True),
         Arm("oracle persona", str(out / "oracle"), "description"),
     ]
@@ -250,6 +251,7 @@ def run_pipeline(
             )
     planned = arms(pc)
     names = [a.name for a in planned]
+    has_fspo = FSPO in names
     return evaluate(
         pc.dataset,
         planned,
@@ -257,10 +259,10 @@ def run_pipeline(
         out_dir=Path(pc.out_dir) / "eval",
         episodes=pc.eval_episodes,
         shots=pc.eval_shots,
-        shot_sweep=pc.shot_sweep if "FSPO" in names else (),
-        sweep_arm="FSPO",
+        shot_sweep=pc.shot_sweep if has_fspo else (),
+        sweep_arm=FSPO,
         # The paper's claim is FSPO over each baseline: judged directly on the same episodes too.
-        head_to_head=[("FSPO", n) for n in names if "FSPO" in names and n not in ("FSPO", BASELINE)],
+        head_to_head=[(FSPO, n) for n in names if n not in (FSPO, BASELINE)] if has_fspo else [],
         max_new_tokens=pc.max_new_tokens,
         temperature=pc.temperature,
         seed=pc.seed,
