@@ -236,6 +236,13 @@ def cmd_train(argv: list[str]) -> int:
         metavar="WEIGHT",
         help="ipo/dpo with --cot: add WEIGHT x the CoT Pref-FT loss (description, then chosen response)",
     )
+    p.add_argument(
+        "--targets-per-episode",
+        type=int,
+        default=None,
+        metavar="K",
+        help="ipo/dpo: K held-out pairs of the user per episode, scored against the same shots",
+    )
     args = p.parse_args(argv)
     fields = json.loads(args.config.read_text()) if args.config else {}
     fields.update(
@@ -262,6 +269,7 @@ def cmd_train(argv: list[str]) -> int:
         "pretrain_quoted",
         "ptx",
         "cot_nll",
+        "targets_per_episode",
     ):
         if getattr(args, name) is not None:
             fields[name] = getattr(args, name)

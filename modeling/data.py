@@ -274,10 +274,13 @@ class EpisodeSource:
         if self.split == "train":  # never show the target pair (or its question) as a shot
             pool = pool[pool[:, 0] != target[0]]
         take = rng.permutation(len(pool))[: min(n_shots, len(pool))]
+        return self._target_episode(user_id, tuple(self._pair(pool[i]) for i in take), target)
+
+    def _target_episode(self, user_id: int, shots: tuple[Pair, ...], target: np.ndarray) -> Episode:
         q, c, r = (int(x) for x in target)
         return Episode(
             instruction=self.instruction,
-            shots=tuple(self._pair(pool[i]) for i in take),
+            shots=shots,
             question=self.questions.text[q],
             chosen=self.responses[c],
             rejected=self.responses[r],
@@ -286,6 +289,46 @@ class EpisodeSource:
             domain=self.domain,
             meta={"question_id": q, "topic": self.questions.topic[q], "chosen_id": c, "rejected_id": r},
         )
+
+    def episode_group(
+        self, user_id: int, n_shots: int, n_targets: int, rng: np.random.Generator
+    ) -> list[Episode]:
+        """Up to ``n_targets`` episodes of one user that share the same shots: each a different target
+        question of the user, none of them among the shots (training's several-targets episodes).
+
+        The shots come first: a user with fewer than ``n_shots + n_targets`` usable pairs gets fewer
+        targets (at least one), so the shot count the caller asked for is what the prompts show."""
+        if n_targets < 1:
+            raise ValueError(f"n_targets must be >= 1, got {n_targets}")
+        d = self.by_user[user_id]
+        order = rng.permutation(len(d["targets"]))
+        pool = d["shots"]
+        picked: list[np.ndarray] = []
+        for t in order:  # distinct questions, as many as leave n_shots pairs (or one target at least)
+            row = d["targets"][t]
+            if any(row[0] == p[0] for p in picked):
+                continue
+            rest = pool[~np.isin(pool[:, 0], [p[0] for p in picked] + [row[0]])]
+            if picked and len(rest) < n_shots:
+                break
+            picked.append(row)
+            if len(picked) == n_targets:
+                break
+        if self.split == "train":  # never show a target pair (or its question) as a shot
+            pool = pool[~np.isin(pool[:, 0], [int(p[0]) for p in picked])]
+        take = rng.permutation(len(pool))[: min(n_shots, len(pool))]
+        shots = tuple(self._pair(pool[i]) for i in take)
+        return [self._target_episode(user_id, shots, row) for row in picked]
+
+    def sample_groups(
+        self, n: int, *, shots: tuple[int, int] | int, targets: int, seed: int
+    ) -> list[list[Episode]]:
+        """n groups of episodes (``episode_group``): one user each, up to ``targets`` targets sharing
+        the group's shots; the shot count is drawn uniformly from the range ``shots`` per group."""
+        lo, hi = (shots, shots) if isinstance(shots, int) else shots
+        rng = np.random.default_rng(seed)
+        users = rng.choice(self.user_ids, size=n, replace=n > len(self.user_ids))
+        return [self.episode_group(int(u), int(rng.integers(lo, hi + 1)), targets, rng) for u in users]
 
     def sample(self, n: int, *, shots: tuple[int, int] | int, seed: int) -> list[Episode]:
         """n episodes; the shot count is drawn uniformly from the range ``shots`` (inclusive)."""

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 __all__ = [
     "dpo_loss",
     "ipo_loss",
+    "packed_group_logps",
     "packed_pair_logps",
     "separate_pair_logps",
     "sequence_logps",
@@ -37,8 +38,10 @@ __all__ = [
 # wants a BlockMask, so those are refused rather than quietly computing the wrong thing.
 _MASKABLE_ATTENTION = ("eager", "sdpa")
 
-# Branch ids for each position of a packed row [prompt | chosen | rejected | padding].
-_PROMPT, _CHOSEN, _REJECTED, _PAD = 0, 1, 2, 3
+# Roles of the positions of a packed row [prefix | (suffix | chosen | rejected) per pair | padding]: the
+# prefix and each pair's suffix are prompt; padding is told apart by its group (-1).
+_PROMPT, _CHOSEN, _REJECTED = 0, 1, 2
+_PAD_GROUP = -1
 
 
 def _token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -290,28 +293,41 @@ def separate_pair_logps(
 
 
 def _packed_attention_mask(
-    branch: torch.Tensor, dtype: torch.dtype, attn_implementation: str
+    group: torch.Tensor, role: torch.Tensor, dtype: torch.dtype, attn_implementation: str
 ) -> torch.Tensor:
-    """The [B, 1, T, T] mask of packed rows from their per-position ``branch`` ids [B, T].
+    """The [B, 1, T, T] mask of packed rows from their per-position ``group`` and ``role`` ids [B, T].
 
-    Query q may see key k ≤ q when k is a prompt token or k is in q's own branch; padding sees only itself
-    (a fully masked row would give NaN attention and NaN gradients) and nothing sees padding.
+    ``group`` is 0 for the shared prefix, k >= 1 for the k-th pair's tokens and -1 for padding; ``role``
+    is 0 for the prefix and a pair's own prompt suffix, 1 for chosen and 2 for rejected. Query q may see
+    key k <= q when k is in the prefix, or in q's pair and either its suffix or q's own response; padding
+    sees only itself (a fully masked row would give NaN attention and NaN gradients) and nothing sees it.
     """
-    width = branch.shape[1]
-    causal = torch.ones(width, width, dtype=torch.bool, device=branch.device).tril()
-    q_branch, k_branch = branch[:, :, None], branch[:, None, :]
-    same_branch = (k_branch == _PROMPT) | (k_branch == q_branch)
-    allowed = causal & same_branch & (q_branch != _PAD) & (k_branch != _PAD)
-    is_pad = branch == _PAD
+    width = group.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool, device=group.device).tril()
+    q_group, k_group = group[:, :, None], group[:, None, :]
+    q_role, k_role = role[:, :, None], role[:, None, :]
+    visible = (k_group == 0) | ((k_group == q_group) & ((k_role == _PROMPT) | (k_role == q_role)))
+    is_pad = group == _PAD_GROUP
+    allowed = causal & visible & ~is_pad[:, :, None] & ~is_pad[:, None, :]
     allowed = allowed | (torch.diag_embed(is_pad))
     allowed = allowed[:, None]  # one mask shared by all heads
     if attn_implementation == "sdpa":
         return allowed
     # eager adds the mask to the scores: 0 where allowed, the dtype's most negative finite value elsewhere
     # (what transformers itself uses; -inf would turn an all-masked row into NaN).
-    return torch.zeros(allowed.shape, dtype=dtype, device=branch.device).masked_fill(
+    return torch.zeros(allowed.shape, dtype=dtype, device=group.device).masked_fill(
         ~allowed, torch.finfo(dtype).min
     )
+
+
+def _common_prefix_length(rows: list[list[int]]) -> int:
+    """How many leading tokens every row of ``rows`` shares."""
+    n = min(map(len, rows))
+    for i in range(n):
+        t = rows[0][i]
+        if any(r[i] != t for r in rows[1:]):
+            return i
+    return n
 
 
 def packed_pair_logps(
@@ -346,6 +362,8 @@ def packed_pair_logps(
       input position is the last chosen token, which rejected must not depend on: it is predicted from
       the last prompt token (position P − 1) instead, explicitly.
 
+    This is :func:`packed_group_logps` with one pair per group.
+
     Args:
         model: a Hugging Face causal LM using ``eager`` or ``sdpa`` attention (``model.config._attn_implementation``).
         prompt_ids, chosen_ids, rejected_ids: B token-id lists each; every list non-empty.
@@ -357,6 +375,41 @@ def packed_pair_logps(
         input positions the model ran over, padding included.
     """
     _check_pairs(prompt_ids, chosen_ids, rejected_ids)
+    groups = [[t] for t in zip(prompt_ids, chosen_ids, rejected_ids, strict=True)]
+    return packed_group_logps(model, groups, average=average, pad_id=pad_id)
+
+
+def packed_group_logps(
+    model: torch.nn.Module,
+    groups: list[list[tuple[list[int], list[int], list[int]]]],
+    *,
+    average: bool = False,
+    pad_id: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Score groups of pairs whose prompts share a prefix, the prefix encoded once per group.
+
+    FSPO's episodes with several held-out targets: one user's N shots, then K questions of the same
+    user, each with its chosen and rejected response. The K prompts differ only after the shots, so a
+    group runs as one row ``[prefix | s1 | c1 | r1 | s2 | c2 | r2 | ...]``, where the prefix is the
+    longest common token prefix of the group's prompts and ``s_k`` the rest of prompt k (its question).
+    Each pair's tokens see the prefix and their own suffix and response (the mask, position ids and
+    gather of :func:`packed_pair_logps`, per pair): every pair scores as it would alone, to float
+    rounding, while the shots are encoded once for K targets instead of 2K times.
+
+    Args:
+        model: a Hugging Face causal LM using ``eager`` or ``sdpa`` attention.
+        groups: per row, a non-empty list of ``(prompt_ids, chosen_ids, rejected_ids)``, each non-empty.
+        average: mean log-prob per response token instead of the sum.
+        pad_id: id written into padding (never attended and never scored).
+
+    Returns:
+        ``(chosen_logps, rejected_logps, n_tokens)``: one value per pair, in the order of the groups and
+        of the pairs within each; ``n_tokens`` = rows × T, the input positions the model ran over.
+    """
+    if not groups or any(not g for g in groups):
+        raise ValueError("packed_group_logps needs at least one group and at least one pair per group")
+    for g in groups:
+        _check_pairs(*(list(x) for x in zip(*g, strict=True)))
     attn_implementation = getattr(model.config, "_attn_implementation", None)
     if attn_implementation not in _MASKABLE_ATTENTION:
         raise ValueError(
@@ -365,47 +418,67 @@ def packed_pair_logps(
             f"attn_implementation='sdpa' or use separate_pair_logps."
         )
     device = _model_device(model)
-    n = len(prompt_ids)
+    n = len(groups)
+    # The prefix may be a whole prompt (one pair per group, or a prompt that is another's prefix); the
+    # first response token is then predicted from the prefix's last token.
+    prefix_lens = [_common_prefix_length([p for p, _, _ in g]) for g in groups]
+    if min(prefix_lens) == 0:
+        raise ValueError("the prompts of a group share no token: nothing to encode once")
     width = max(
-        len(p) + len(c) + len(r) for p, c, r in zip(prompt_ids, chosen_ids, rejected_ids, strict=True)
+        pl + sum(len(p) - pl + len(c) + len(r) for p, c, r in g)
+        for g, pl in zip(groups, prefix_lens, strict=True)
     )
-    n_targets = max(len(c) + len(r) for c, r in zip(chosen_ids, rejected_ids, strict=True))
+    n_targets = max(sum(len(c) + len(r) for _, c, r in g) for g in groups)
+    n_pairs = max(map(len, groups))
 
     input_ids = torch.full((n, width), pad_id, dtype=torch.long)
     position_ids = torch.zeros((n, width), dtype=torch.long)
-    branch = torch.full((n, width), _PAD, dtype=torch.long)
-    # Per row, the response tokens to score in order [chosen..., rejected...], right-padded to n_targets:
-    # which input position holds each one's logits, its id, and which branch it belongs to.
+    group = torch.full((n, width), _PAD_GROUP, dtype=torch.long)
+    role = torch.full((n, width), _PROMPT, dtype=torch.long)
+    # Per row, the response tokens to score in order [c1..., r1..., c2..., ...], right-padded to
+    # n_targets: which input position holds each one's logits, its id, and which slot (2k for pair k's
+    # chosen, 2k + 1 for its rejected, -1 for padding) it sums into.
     source = torch.zeros((n, n_targets), dtype=torch.long)
     targets = torch.zeros((n, n_targets), dtype=torch.long)
-    target_branch = torch.full((n, n_targets), _PAD, dtype=torch.long)
-    for i, (p, c, r) in enumerate(zip(prompt_ids, chosen_ids, rejected_ids, strict=True)):
-        p_len, c_len, r_len = len(p), len(c), len(r)
-        end = p_len + c_len + r_len
-        input_ids[i, :end] = torch.tensor(p + c + r)
-        position_ids[i, :p_len] = torch.arange(p_len)
-        position_ids[i, p_len : p_len + c_len] = torch.arange(p_len, p_len + c_len)
-        position_ids[i, p_len + c_len : end] = torch.arange(p_len, p_len + r_len)
-        branch[i, :p_len] = _PROMPT
-        branch[i, p_len : p_len + c_len] = _CHOSEN
-        branch[i, p_len + c_len : end] = _REJECTED
-        # Chosen token j (at p_len + j) is predicted at p_len + j - 1: the last prompt token for j = 0.
-        source[i, :c_len] = torch.arange(p_len - 1, p_len + c_len - 1)
-        # Rejected token j (at p_len + c_len + j) is predicted at the position before it *in its branch*:
-        # the last prompt token for j = 0, not the last chosen token that precedes it in the row.
-        source[i, c_len] = p_len - 1
-        source[i, c_len + 1 : c_len + r_len] = torch.arange(p_len + c_len, end - 1)
-        targets[i, : c_len + r_len] = torch.tensor(c + r)
-        target_branch[i, :c_len] = _CHOSEN
-        target_branch[i, c_len : c_len + r_len] = _REJECTED
+    slot = torch.full((n, n_targets), -1, dtype=torch.long)
+    for i, (g, pl) in enumerate(zip(groups, prefix_lens, strict=True)):
+        prefix = g[0][0][:pl]
+        input_ids[i, :pl] = torch.tensor(prefix)
+        position_ids[i, :pl] = torch.arange(pl)
+        group[i, :pl] = 0
+        at, t = pl, 0  # next input position, next target slot position
+        for k, (p, c, r) in enumerate(g):
+            s = p[pl:]
+            s_len, c_len, r_len = len(s), len(c), len(r)
+            end = at + s_len + c_len + r_len
+            input_ids[i, at:end] = torch.tensor(s + c + r)
+            # positions: the suffix continues the prefix; chosen follows it and rejected restarts there.
+            position_ids[i, at : at + s_len + c_len] = torch.arange(pl, pl + s_len + c_len)
+            position_ids[i, at + s_len + c_len : end] = torch.arange(pl + s_len, pl + s_len + r_len)
+            group[i, at:end] = k + 1
+            role[i, at + s_len : at + s_len + c_len] = _CHOSEN
+            role[i, at + s_len + c_len : end] = _REJECTED
+            # The first token of each response is predicted from the last prompt token of its pair (the
+            # suffix's last, or the prefix's when the suffix is empty), never from the other response.
+            last_prompt = at + s_len - 1 if s_len else pl - 1
+            c0 = at + s_len
+            source[i, t] = last_prompt
+            source[i, t + 1 : t + c_len] = torch.arange(c0, c0 + c_len - 1)
+            source[i, t + c_len] = last_prompt
+            source[i, t + c_len + 1 : t + c_len + r_len] = torch.arange(c0 + c_len, end - 1)
+            targets[i, t : t + c_len + r_len] = torch.tensor(c + r)
+            slot[i, t : t + c_len] = 2 * k
+            slot[i, t + c_len : t + c_len + r_len] = 2 * k + 1
+            at, t = end, t + c_len + r_len
 
-    input_ids, position_ids, branch = input_ids.to(device), position_ids.to(device), branch.to(device)
-    source, targets, target_branch = source.to(device), targets.to(device), target_branch.to(device)
+    input_ids, position_ids = input_ids.to(device), position_ids.to(device)
+    group, role = group.to(device), role.to(device)
+    source, targets, slot = source.to(device), targets.to(device), slot.to(device)
     dtype = model.get_input_embeddings().weight.dtype
-    attention_mask = _packed_attention_mask(branch, dtype, attn_implementation)
+    attention_mask = _packed_attention_mask(group, role, dtype, attn_implementation)
 
-    # As in separate_pair_logps: no logits for prompt positions that predict no response token.
-    first = min(len(p) for p in prompt_ids) - 1
+    # As in separate_pair_logps: no logits for prefix positions that predict no response token.
+    first = min(prefix_lens) - 1
     logits = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -413,10 +486,19 @@ def packed_pair_logps(
         logits_to_keep=width - first,
     ).logits
     # Rows of `logits` are positions first.., so index with source - first. Padded target slots point
-    # at the row's position `first` (source 0 clamped); their value is discarded by the branch masks.
+    # at the row's position `first` (source 0 clamped); their value is discarded by the slot masks.
     index = (source - first).clamp(min=0)
     picked = logits.gather(1, index[:, :, None].expand(-1, -1, logits.shape[-1]))
     token_logps = _token_logps(picked, targets)
-    chosen = _masked_sum_or_mean(token_logps, target_branch == _CHOSEN, average)
-    rejected = _masked_sum_or_mean(token_logps, target_branch == _REJECTED, average)
-    return chosen, rejected, n * width
+    # [rows, pairs] per response, then the pairs that exist, in order.
+    chosen = torch.stack(
+        [_masked_sum_or_mean(token_logps, slot == 2 * k, average) for k in range(n_pairs)], 1
+    )
+    rejected = torch.stack(
+        [_masked_sum_or_mean(token_logps, slot == 2 * k + 1, average) for k in range(n_pairs)], 1
+    )
+    exists = torch.zeros((n, n_pairs), dtype=torch.bool)
+    for i, g in enumerate(groups):
+        exists[i, : len(g)] = True
+    exists = exists.to(device)
+    return chosen[exists], rejected[exists], n * width

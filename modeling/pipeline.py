@@ -77,6 +77,9 @@ class PipelineConfig:
     # FSPO + CoT's IPO also keeps writing descriptions (TrainConfig.cot_nll; without it 900 IPO steps
     # unlearned them: 73.5% empty answers, 10.7% win rate).
     cot_nll: float = 100.0
+    # Held-out pairs of the episode's user per IPO episode, all scored against the same shots
+    # (TrainConfig.targets_per_episode), in every IPO stage alike (aggregate IPO sees as many pairs).
+    ipo_targets: int = 1
     # Word-level in effect: the domain's vocabulary fits in 2048 BPE tokens, which halves the sequence
     # length of the byte-level 512-token vocabulary.
     tiny: dict[str, int] = field(
@@ -100,6 +103,8 @@ class PipelineConfig:
     only: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.ipo_targets < 1:
+            raise ValueError(f"ipo_targets must be 1 or more, not {self.ipo_targets}")
         if self.pretrain_shots is not None and self.pretrain_shots < 0:
             raise ValueError(f"pretrain_shots must be 0 or more (or None), not {self.pretrain_shots}")
         unknown = sorted(set(self.ptx) - {"sft", "ipo"})
@@ -162,6 +167,7 @@ def _stage(
         pretrain_quoted=pc.pretrain_quoted if stage == "pretrain" or ptx else 0.0,
         ptx=ptx,
         cot_nll=pc.cot_nll if cot and kind == "ipo" else 0.0,
+        targets_per_episode=pc.ipo_targets if kind == "ipo" else 1,
     )
 
 

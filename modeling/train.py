@@ -92,6 +92,12 @@ class TrainConfig:
         episodes, as RPO adds an NLL term to DPO. The preference loss puts the true description in the
         prompt and never trains the model to write one; without this term 900 IPO steps unlearned it
         (73.5% of the CoT arm's answers empty). Weighed like ptx (IPO's gradients are ~100x an NLL's).
+    targets_per_episode: a preference stage (ipo, dpo) draws this many held-out pairs of each episode's
+        user (different questions, none among the shots) as targets of the same shots, and scores them
+        with the shots encoded once (``packed_group_logps``). A step then carries up to
+        ``batch_size * targets_per_episode`` pairs: more of the signal that only the user's shots
+        explain, for little more compute, since the shots are most of each prompt. A user with too few
+        pairs gets fewer targets. 1 (the default) is the paper's episode.
     """
 
     dataset: str
@@ -119,6 +125,7 @@ class TrainConfig:
     pretrain_quoted: float = 0.0
     ptx: float = 0.0
     cot_nll: float = 0.0
+    targets_per_episode: int = 1
     lora_r: int = 16
     lora_alpha: int = 32
     dtype: Literal["float32", "bfloat16"] = "float32"
@@ -175,6 +182,10 @@ class TrainConfig:
             problems.append(f"cot_nll must be a weight >= 0, got {self.cot_nll}")
         if self.cot_nll and not (self.cot and self.stage in ("ipo", "dpo")):
             problems.append("cot_nll is for a CoT preference stage (ipo or dpo with cot)")
+        if self.targets_per_episode < 1:
+            problems.append(f"targets_per_episode must be >= 1, got {self.targets_per_episode}")
+        elif self.targets_per_episode > 1 and self.stage not in ("ipo", "dpo"):
+            problems.append("targets_per_episode > 1 is for a preference stage (ipo or dpo)")
         if self.cot and self.context == "description":
             problems.append("cot with context 'description' would copy the description it is given")
         if problems:
@@ -257,6 +268,9 @@ class Example:
     rejected: list[int]
     # Labels over the prompt (-100 = not supervised), set for Pref-FT with shot_targets.
     prompt_labels: list[int] | None = None
+    # Examples of one group (one user's shots, several targets: TrainConfig.targets_per_episode) share
+    # this id and sit next to each other in a batch; None: a group of its own.
+    group: int | None = None
 
 
 def episode_texts(ep: Episode, cfg: TrainConfig) -> tuple[str, str, str]:
@@ -428,18 +442,31 @@ def _batch_seed(cfg: TrainConfig, step: int) -> int:
     return cfg.seed * 1_000_003 + step
 
 
-def _episodes_for_step(src: EpisodeSource, cfg: TrainConfig, step: int) -> list[Episode]:
-    # Deterministic in (seed, step): a resumed run sees exactly the batches it would have seen.
+def _step_draw(cfg: TrainConfig, step: int) -> tuple[int, int]:
+    """The seed and shot count of a step's batch: deterministic in (seed, step), so a resumed run sees
+    exactly the batches it would have seen."""
     if cfg.overfit_batches:
         step %= cfg.overfit_batches
     # One shot count per batch (drawn from the range): the rows then have nearly the same length, so
     # padding wastes little compute; over many steps every N in the range is still trained.
     seed = _batch_seed(cfg, step)
-    shots = int(np.random.default_rng(seed).integers(cfg.shots[0], cfg.shots[1] + 1))
+    return seed, int(np.random.default_rng(seed).integers(cfg.shots[0], cfg.shots[1] + 1))
+
+
+def _episodes_for_step(src: EpisodeSource, cfg: TrainConfig, step: int) -> list[Episode]:
+    seed, shots = _step_draw(cfg, step)
     return src.sample(cfg.batch_size, shots=shots, seed=seed)
 
 
 def _examples(src: EpisodeSource, tok: Any, cfg: TrainConfig, step: int) -> list[Example]:
+    if cfg.targets_per_episode > 1:
+        seed, shots = _step_draw(cfg, step)
+        groups = src.sample_groups(cfg.batch_size, shots=shots, targets=cfg.targets_per_episode, seed=seed)
+        return [
+            dataclasses.replace(tokenize_episode(tok, e, cfg), group=g)
+            for g, group in enumerate(groups)
+            for e in group
+        ]
     eps = _episodes_for_step(src, cfg, step)
     if cfg.stage == "pretrain":
         rng = random.Random(_batch_seed(cfg, step))
@@ -458,6 +485,7 @@ def _ptx_config(cfg: TrainConfig) -> TrainConfig:
         shots=(0, max(1, cfg.shots[1])),
         ptx=0.0,
         cot_nll=0.0,
+        targets_per_episode=1,
         seed=cfg.seed + 7919,
     )
 
@@ -491,9 +519,17 @@ def _sft_loss(model: Any, examples: list[Example], cfg: TrainConfig, pad_id: int
 def _pair_logps(
     model: Any, examples: list[Example], cfg: TrainConfig, pad_id: int
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Chosen and rejected log-probs of a batch, the shared prompt computed once per pair (packed)."""
-    from .losses import packed_pair_logps
+    """Chosen and rejected log-probs of a batch, the shared prompt computed once per pair (packed), and
+    once per group for the targets of one group (``Example.group``)."""
+    from .losses import packed_group_logps, packed_pair_logps
 
+    if any(e.group is not None for e in examples):
+        groups: list[list[tuple[list[int], list[int], list[int]]]] = []
+        for i, e in enumerate(examples):
+            if i == 0 or e.group is None or e.group != examples[i - 1].group:
+                groups.append([])
+            groups[-1].append((e.prompt, e.chosen, e.rejected))
+        return packed_group_logps(model, groups, average=cfg.average_logps, pad_id=pad_id)
     return packed_pair_logps(
         model,
         [e.prompt for e in examples],
@@ -513,7 +549,8 @@ def _pref_loss(
     fn = ipo_loss if cfg.stage == "ipo" else dpo_loss
     losses, rc, rr = fn(pc, pr, ref[:, 0].to(pc), ref[:, 1].to(pc), cfg.beta)
     acc = float(((pc - pr) - (ref[:, 0] - ref[:, 1]).to(pc) > 0).float().mean())
-    return losses.mean(), {"reward_margin": float((rc - rr).mean()), "pref_accuracy": acc}, n_tokens
+    metrics = {"reward_margin": float((rc - rr).mean()), "pref_accuracy": acc, "pairs": len(examples)}
+    return losses.mean(), metrics, n_tokens
 
 
 @torch.no_grad()
@@ -522,7 +559,7 @@ def _reference_logps(
 ) -> torch.Tensor:
     """Log-probs of chosen and rejected under the frozen reference (the initial model), once: [steps, B, 2]."""
     model.eval()
-    out = torch.zeros(len(batches), cfg.batch_size, 2, dtype=torch.float64)
+    out = torch.zeros(len(batches), max(map(len, batches)), 2, dtype=torch.float64)
     for s, ex in enumerate(batches):
         c, r, _ = _pair_logps(model, ex, cfg, pad_id)
         out[s, : len(ex), 0], out[s, : len(ex), 1] = c.double().cpu(), r.double().cpu()
@@ -587,7 +624,12 @@ def train(
         aux_terms.append(("ptx_loss", cfg.ptx, ptx_src, _ptx_config(cfg)))
     if cfg.cot_nll:
         aux_terms.append(
-            ("cot_nll", cfg.cot_nll, src, dataclasses.replace(cfg, stage="sft", cot_nll=0.0, ptx=0.0))
+            (
+                "cot_nll",
+                cfg.cot_nll,
+                src,
+                dataclasses.replace(cfg, stage="sft", cot_nll=0.0, ptx=0.0, targets_per_episode=1),
+            )
         )
     torch.manual_seed(cfg.seed)
     last = out_dir / "checkpoint-last"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from modeling.data import (
@@ -131,6 +132,40 @@ def test_training_episodes_come_from_one_train_user_and_never_show_the_target(el
         assert e.question not in [s.question for s in e.shots]
         assert e.chosen != e.rejected and e.description
     assert src.sample(5, shots=3, seed=1) == src.sample(5, shots=3, seed=1)
+
+
+def test_a_group_is_several_targets_of_one_user_behind_the_same_shots(elix):
+    src = EpisodeSource(elix, split="train")
+    groups = src.sample_groups(100, shots=(1, 4), targets=3, seed=0)
+    assert groups == src.sample_groups(100, shots=(1, 4), targets=3, seed=0)
+    sizes = []
+    for group in groups:
+        sizes.append(len(group))
+        first = group[0]
+        questions = [e.question for e in group]
+        assert len(set(questions)) == len(questions)  # different questions
+        assert not set(questions) & {s.question for s in first.shots}  # none of them shown as a shot
+        for e in group:
+            assert (e.user_id, e.shots) == (first.user_id, first.shots)
+            assert (e.question, e.chosen, e.rejected) in src_pairs(src, e.user_id)
+    assert max(sizes) == 3
+    with pytest.raises(ValueError, match="n_targets must be >= 1"):
+        src.sample_groups(2, shots=2, targets=0, seed=0)
+
+
+def src_pairs(src, user_id):
+    return {(p.question, p.chosen, p.rejected) for p in map(src._pair, src.by_user[user_id]["targets"])}
+
+
+def test_a_user_with_few_pairs_keeps_the_shots_and_gets_fewer_targets(elix):
+    src = EpisodeSource(elix, split="train")
+    user = int(src.user_ids[0])
+    n = len(src.by_user[user]["targets"])  # all of them on different questions
+    rng = np.random.default_rng(0)
+    group = src.episode_group(user, n - 2, 5, rng)
+    assert len(group) == 2 and len(group[0].shots) == n - 2
+    group = src.episode_group(user, n, 5, rng)  # the shots cannot all be kept: one target still
+    assert len(group) == 1 and len(group[0].shots) == n - 1
 
 
 def test_evaluation_episodes_use_held_out_users_and_questions(elix):

@@ -17,6 +17,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from modeling.losses import (
     dpo_loss,
     ipo_loss,
+    packed_group_logps,
     packed_pair_logps,
     separate_pair_logps,
     sequence_logps,
@@ -254,6 +255,89 @@ def test_packed_pair_logps_refuse_an_attention_that_ignores_a_4d_mask() -> None:
 def test_pair_scorers_refuse_an_empty_prompt(score) -> None:
     with pytest.raises(ValueError, match="pair 1"):
         score(tiny_llama(), [[1, 2], []], [[3], [4]], [[5], [6]])
+
+
+# ------------------------------------------------------------------- several pairs sharing a prefix
+
+# Two groups: one user's shots (a shared prefix of 6 and of 4 tokens) and then different questions (the
+# suffixes, of 3, 0 and 2 tokens: an empty one makes the prefix the whole prompt), each with a pair.
+SHOTS = [[5, 17, 99, 3, 42, 8], [12, 7, 88, 30]]
+GROUPS = [
+    [
+        (SHOTS[0] + [61, 2, 9], [4, 0, 21], [33, 34, 35, 36, 37]),
+        (SHOTS[0] + [70, 71], [6], [8, 9, 10]),
+        (SHOTS[0] + [61, 2, 11], [13, 14], [15]),
+    ],
+    [(SHOTS[1], [40, 41], [42, 43, 44]), (SHOTS[1] + [55], [56, 57, 58], [59])],
+]
+
+
+def _flat(groups):
+    pairs = [pair for group in groups for pair in group]
+    return [list(x) for x in zip(*pairs, strict=True)]
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("average", [False, True])
+def test_packed_group_logps_score_every_pair_as_if_alone(attn_implementation: str, average: bool) -> None:
+    model = tiny_llama(attn_implementation=attn_implementation)
+
+    with torch.no_grad():
+        chosen, rejected, n_tokens = packed_group_logps(model, GROUPS, average=average)
+        want_chosen, want_rejected, separate = separate_pair_logps(model, *_flat(GROUPS), average=average)
+
+    torch.testing.assert_close(chosen, want_chosen, rtol=0, atol=1e-5)
+    torch.testing.assert_close(rejected, want_rejected, rtol=0, atol=1e-5)
+    # rows: 6 + (3+3+5) + (2+1+3) + (3+2+1) = 29 and 4 + (0+2+3) + (1+3+1) = 14, padded to 29; the shots
+    # run once per group, against 10 rows of the longest prompt + response (6+3+5 = 14) separately.
+    assert (n_tokens, separate) == (2 * 29, 10 * 14)
+
+
+def test_a_pair_in_a_group_does_not_depend_on_the_others() -> None:
+    model = tiny_llama()
+    other = [[GROUPS[0][0], (SHOTS[0] + [90, 91, 92, 93], [1, 2, 3, 4], [5]), GROUPS[0][2]], GROUPS[1]]
+
+    with torch.no_grad():
+        chosen, rejected, _ = packed_group_logps(model, GROUPS)
+        chosen_other, rejected_other, _ = packed_group_logps(model, other)
+
+    for k in (0, 2, 3, 4):  # every pair but the one replaced
+        torch.testing.assert_close(chosen_other[k], chosen[k], rtol=0, atol=1e-5)
+        torch.testing.assert_close(rejected_other[k], rejected[k], rtol=0, atol=1e-5)
+    assert abs(float(chosen_other[1] - chosen[1])) > 1e-2
+
+
+def test_packed_group_logps_give_the_same_ipo_gradients_as_separate_pair_logps() -> None:
+    """As for packed_pair_logps (same tolerance, same reason), with each shared prefix's gradient now the
+    sum over all of its group's pairs."""
+    model = tiny_llama(initializer_range=0.1)
+    params = [p for p in model.parameters() if p.requires_grad]
+    flat = _flat(GROUPS)
+    with torch.no_grad():
+        ref_chosen, ref_rejected, _ = separate_pair_logps(model, *flat)
+
+    grads = {}
+    for name, score in (
+        ("packed", lambda: packed_group_logps(model, GROUPS)),
+        ("separate", lambda: separate_pair_logps(model, *flat)),
+    ):
+        chosen, rejected, _ = score()
+        loss, _, _ = ipo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=1.0)
+        grads[name] = torch.autograd.grad(loss.mean(), params)
+
+    for packed_grad, separate_grad in zip(grads["packed"], grads["separate"], strict=True):
+        assert separate_grad.abs().max() > 1e-2
+        torch.testing.assert_close(packed_grad, separate_grad, rtol=0, atol=1e-5)
+
+
+def test_packed_group_logps_refuse_empty_groups_and_prompts_without_a_shared_prefix() -> None:
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="at least one pair per group"):
+        packed_group_logps(model, [GROUPS[0], []])
+    with pytest.raises(ValueError, match="share no token"):
+        packed_group_logps(model, [[([1, 2], [3], [4]), ([5, 2], [3], [4])]])
+    with pytest.raises(ValueError, match="pair 1"):
+        packed_group_logps(model, [[([1, 2], [3], [4]), ([1, 2], [], [4])]])
 
 
 # ------------------------------------------------------------------------------------ parity with TRL

@@ -137,3 +137,15 @@ def test_the_base_documents_shot_range_defaults_to_the_fine_tuning_stages_and_ca
     assert by_name["pref-ft"].shots == (1, 8) and by_name["fspo"].shots == (1, 8)
     with pytest.raises(ValueError, match="pretrain_shots must be 0 or more"):
         config(dataset, tmp_path, pretrain_shots=-1)
+
+
+def test_several_targets_per_episode_go_to_every_ipo_stage_and_nothing_else(dataset, tmp_path):
+    by_name = dict(stages(config(dataset, tmp_path, ipo_targets=4, only=None)))
+    ipo = {name for name, c in by_name.items() if c.stage == "ipo"}
+    assert ipo >= {"fspo", "ipo-aggregate", "oracle", "fspo-cot"}
+    assert {name: c.targets_per_episode for name, c in by_name.items()} == {
+        name: 4 if name in ipo else 1 for name in by_name
+    }
+    assert all(c.targets_per_episode == 1 for _, c in stages(config(dataset, tmp_path, only=None)))
+    with pytest.raises(ValueError, match="ipo_targets must be 1 or more"):
+        config(dataset, tmp_path, ipo_targets=0)

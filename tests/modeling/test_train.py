@@ -161,6 +161,10 @@ def test_bad_checkpoints_and_configs_get_clear_errors(base_model, dataset, tmp_p
         TrainConfig(dataset=dataset, out_dir=str(tmp_path), stage="pretrain", shots=(3, 1))
 
 
+# IPO on one repeated batch, from the reference: the loss starts at (0 - 1/(2*0.1))^2 = 25 and drops.
+OVERFIT_IPO = dict(stage="ipo", steps=30, lr=3e-4, beta=0.1, overfit_batches=1, eval_every=15, warmup_steps=2)
+
+
 def test_ipo_starts_at_the_reference_and_fits_its_pairs(base_model, dataset, tmp_path):
     """The second FSPO stage: IPO initialised from Pref-FT, with Pref-FT as the frozen reference.
 
@@ -172,14 +176,8 @@ def test_ipo_starts_at_the_reference_and_fits_its_pairs(base_model, dataset, tmp
         cfg(
             dataset,
             tmp_path / "ipo",
-            stage="ipo",
             init=str(sft.out_dir),
-            steps=30,
-            lr=3e-4,
-            beta=0.1,
-            overfit_batches=1,
-            eval_every=15,
-            warmup_steps=2,
+            **OVERFIT_IPO,
         )
     )
     history = ipo.metrics["history"]
@@ -190,6 +188,32 @@ def test_ipo_starts_at_the_reference_and_fits_its_pairs(base_model, dataset, tmp
     assert history[-1]["reward_margin"] > 0
     manifest = load_checkpoint_manifest(ipo.out_dir)
     assert manifest["stage"] == "ipo" and manifest["init_stage"] == "sft"
+
+
+def test_ipo_with_several_targets_per_episode_fits_them_behind_shared_shots(base_model, dataset, tmp_path):
+    """targets_per_episode 3: each of the batch's 4 users brings up to 3 held-out pairs behind one set of
+    shots, all scored in the user's one packed row; the mechanics of the IPO test above hold for all."""
+    ipo = train(
+        cfg(
+            dataset,
+            tmp_path / "ipo",
+            init=str(base_model),
+            shots=(1, 2),
+            targets_per_episode=3,
+            **OVERFIT_IPO,
+        )
+    )
+    history = ipo.metrics["history"]
+    assert history[0]["eval_loss"] == pytest.approx(25.0, abs=1e-3)  # policy = reference at step 0
+    assert 4 < history[-1]["pairs"] <= 12  # more pairs than episodes in the step
+    assert history[-1]["loss"] < 5.0
+    assert history[-1]["pref_accuracy"] == 1.0
+    manifest = load_checkpoint_manifest(ipo.out_dir)
+    assert manifest["config"]["targets_per_episode"] == 3
+    with pytest.raises(ValueError, match="targets_per_episode > 1 is for a preference stage"):
+        cfg(dataset, tmp_path / "out", stage="sft", init="x", targets_per_episode=2)
+    with pytest.raises(ValueError, match="targets_per_episode must be >= 1"):
+        cfg(dataset, tmp_path / "out", stage="ipo", init="x", targets_per_episode=0)
 
 
 def test_a_consistent_authors_document_keeps_one_style_and_carries_no_label(dataset):
