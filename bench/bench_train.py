@@ -34,6 +34,11 @@ FSPO's default (sum) costs the same.
 Non-default TRL settings and why: ``gradient_checkpointing=False`` (DPOConfig defaults to True; ours does
 not checkpoint), ``bf16=False`` (DPOConfig defaults to bf16; both sides float32), ``max_length=None``.
 
+With ``--targets K`` (K > 1) a fourth peer, ``ours_targets``, runs the same stage with
+``targets_per_episode=K``: each of the batch's users brings up to K held-out pairs behind one set of shots,
+all scored in one packed row (``packed_group_logps``). Its pairs/s against ``ours`` is what sharing the
+shots across targets buys (its steps hold up to K x batch pairs, drawn by ``train`` the same way).
+
 About 4 minutes on a quiet 2-core machine. With another job loading the cores, 2-thread steps slow down 3-5x
 and unevenly, and the ratios are not meaningful; the per-step times are printed to stderr to show it.
 """
@@ -113,10 +118,13 @@ def train_config(work: Path, shots: int, steps: int, batch: int, out: str):
     )
 
 
-def run_ours(work: Path, shots: int, steps: int, warmup: int, batch: int) -> dict:
+def run_ours(work: Path, shots: int, steps: int, warmup: int, batch: int, targets: int = 1) -> dict:
+    import dataclasses
+
     import modeling.train as T
 
-    cfg = train_config(work, shots, steps, batch, f"ours-{shots}")
+    cfg = train_config(work, shots, steps, batch, f"ours-{shots}-{targets}")
+    cfg = dataclasses.replace(cfg, targets_per_episode=targets)
     ref_seconds: list[float] = []
     processed: list[int] = []
     orig_ref, orig_pair = T._reference_logps, T._pair_logps
@@ -152,10 +160,7 @@ def run_ours(work: Path, shots: int, steps: int, warmup: int, batch: int) -> dic
     tok = AutoTokenizer.from_pretrained(work / "init")
     src = EpisodeSource(cfg.dataset, split="train")
     pair_tokens = [
-        [
-            len(e.prompt) + len(e.chosen) + len(e.rejected)
-            for e in T._examples(src, tok, cfg, s, src.responses)
-        ]
+        [len(e.prompt) + len(e.chosen) + len(e.rejected) for e in T._examples(src, tok, cfg, s)]
         for s in range(steps)
     ]
     assert len(processed) == steps, processed
@@ -293,7 +298,7 @@ def run_trl(work: Path, shots: int, steps: int, warmup: int, batch: int, precomp
     }
 
 
-def one(kind: str, shots: int, work: Path, steps: int, warmup: int, batch: int) -> dict:
+def one(kind: str, shots: int, work: Path, steps: int, warmup: int, batch: int, targets: int) -> dict:
     _env()
     import torch
 
@@ -303,11 +308,13 @@ def one(kind: str, shots: int, work: Path, steps: int, warmup: int, batch: int) 
 
     import modeling.train  # noqa: F401
 
-    if kind != "ours":
+    if not kind.startswith("ours"):
         import trl  # noqa: F401
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if kind == "ours":
         res = run_ours(work, shots, steps, warmup, batch)
+    elif kind == "ours_targets":
+        res = run_ours(work, shots, steps, warmup, batch, targets)
     else:
         res = run_trl(work, shots, steps, warmup, batch, precompute=kind == "trl_pre")
     timed = [t for s in res["pair_tokens"][warmup:] for t in s]
@@ -329,6 +336,9 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=12, help="timed optimizer steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps before them")
     p.add_argument("--batch", type=int, default=4)
+    p.add_argument(
+        "--targets", type=int, default=1, help="K > 1: also ours with K held-out targets per episode"
+    )
     p.add_argument("--one", nargs=3, metavar=("KIND", "SHOTS", "WORK"), help=argparse.SUPPRESS)
     p.add_argument("--prepare", metavar="WORK", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -339,7 +349,7 @@ def main() -> int:
         return 0
     if args.one:
         kind, shots, work = args.one
-        print(json.dumps(one(kind, int(shots), Path(work), total, args.warmup, args.batch)))
+        print(json.dumps(one(kind, int(shots), Path(work), total, args.warmup, args.batch, args.targets)))
         return 0
 
     _env()
@@ -352,9 +362,10 @@ def main() -> int:
         print(f"  prepared dataset and init model in {time.perf_counter() - t:.1f} s", file=sys.stderr)
         results: dict[tuple[str, int], dict] = {}
         for shots in args.shots:
-            for kind in KINDS:
+            for kind in KINDS + (("ours_targets",) if args.targets > 1 else ()):
                 cmd = [sys.executable, __file__, "--one", kind, str(shots), str(tmp)]
                 cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch)]
+                cmd += ["--targets", str(args.targets)]
                 env = {**os.environ, "HF_DATASETS_CACHE": str(tmp / f"hf-datasets-{kind}-{shots}")}
                 proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
                 if proc.returncode:
@@ -421,6 +432,20 @@ def main() -> int:
         f"\n(reference precompute covers all {N + W} training batches; model input tokens include padding: "
         "ours B x max(P+C+R) per batch, TRL 2B x max(P+max(C,R)))"
     )
+    if args.targets > 1:
+        print(
+            f"\n| shots | pairs per step, {args.targets} targets per episode | pairs/s, 1 target | "
+            f"pairs/s, {args.targets} targets | ratio | ours_targets/TRL | peak RSS 1 / {args.targets} targets (MB) |"
+        )
+        print("|---:|---:|---:|---:|---:|---:|---:|")
+        for s in args.shots:
+            o, g, t = results["ours", s], results["ours_targets", s], results["trl", s]
+            per_step = sum(len(x) for x in g["pair_tokens"][W:]) / N
+            print(
+                f"| {s} | {per_step:.1f} | {o['pairs_per_s']:.2f} | {g['pairs_per_s']:.2f} | "
+                f"{g['pairs_per_s'] / o['pairs_per_s']:.2f}x | {g['pairs_per_s'] / t['pairs_per_s']:.2f}x | "
+                f"{o['peak_rss_mb']:.0f} / {g['peak_rss_mb']:.0f} |"
+            )
     return 0
 
 
