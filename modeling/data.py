@@ -301,21 +301,21 @@ class EpisodeSource:
         if n_targets < 1:
             raise ValueError(f"n_targets must be >= 1, got {n_targets}")
         d = self.by_user[user_id]
-        order = rng.permutation(len(d["targets"]))
-        pool = d["shots"]
         picked: list[np.ndarray] = []
-        for t in order:  # distinct questions, as many as leave n_shots pairs (or one target at least)
+        pool = d["shots"]
+        # Distinct questions, as many as leave n_shots pairs (or one target at least). The shots never
+        # include a target's question (in the test split they are other questions anyway).
+        for t in rng.permutation(len(d["targets"])):
             row = d["targets"][t]
             if any(row[0] == p[0] for p in picked):
                 continue
-            rest = pool[~np.isin(pool[:, 0], [p[0] for p in picked] + [row[0]])]
+            rest = pool[pool[:, 0] != row[0]]
             if picked and len(rest) < n_shots:
                 break
             picked.append(row)
+            pool = rest
             if len(picked) == n_targets:
                 break
-        if self.split == "train":  # never show a target pair (or its question) as a shot
-            pool = pool[~np.isin(pool[:, 0], [int(p[0]) for p in picked])]
         take = rng.permutation(len(pool))[: min(n_shots, len(pool))]
         shots = tuple(self._pair(pool[i]) for i in take)
         return [self._target_episode(user_id, shots, row) for row in picked]
@@ -325,17 +325,22 @@ class EpisodeSource:
     ) -> list[list[Episode]]:
         """n groups of episodes (``episode_group``): one user each, up to ``targets`` targets sharing
         the group's shots; the shot count is drawn uniformly from the range ``shots`` per group."""
+        return [self.episode_group(u, k, targets, rng) for u, k, rng in self._draws(n, shots, seed)]
+
+    def _draws(
+        self, n: int, shots: tuple[int, int] | int, seed: int
+    ) -> Iterator[tuple[int, int, np.random.Generator]]:
+        """n (user, shot count, rng) draws; the caller draws the user's pairs from the rng before the
+        next one is made (the order ``sample`` has always used)."""
         lo, hi = (shots, shots) if isinstance(shots, int) else shots
         rng = np.random.default_rng(seed)
         users = rng.choice(self.user_ids, size=n, replace=n > len(self.user_ids))
-        return [self.episode_group(int(u), int(rng.integers(lo, hi + 1)), targets, rng) for u in users]
+        for u in users:
+            yield int(u), int(rng.integers(lo, hi + 1)), rng
 
     def sample(self, n: int, *, shots: tuple[int, int] | int, seed: int) -> list[Episode]:
         """n episodes; the shot count is drawn uniformly from the range ``shots`` (inclusive)."""
-        lo, hi = (shots, shots) if isinstance(shots, int) else shots
-        rng = np.random.default_rng(seed)
-        users = rng.choice(self.user_ids, size=n, replace=n > len(self.user_ids))
-        return [self.episode(int(u), int(rng.integers(lo, hi + 1)), rng) for u in users]
+        return [self.episode(u, k, rng) for u, k, rng in self._draws(n, shots, seed)]
 
     def iter_epoch(self, *, shots: tuple[int, int] | int, seed: int) -> Iterator[Episode]:
         """One episode per user, in a seeded order."""

@@ -413,7 +413,7 @@ def packed_group_logps(
     attn_implementation = getattr(model.config, "_attn_implementation", None)
     if attn_implementation not in _MASKABLE_ATTENTION:
         raise ValueError(
-            f"packed_pair_logps needs an attention implementation that honours a custom 4D mask "
+            f"packed scoring needs an attention implementation that honours a custom 4D mask "
             f"({', '.join(_MASKABLE_ATTENTION)}); this model uses {attn_implementation!r}. Load it with "
             f"attn_implementation='sdpa' or use separate_pair_logps."
         )
@@ -497,8 +497,7 @@ def packed_group_logps(
     rejected = torch.stack(
         [_masked_sum_or_mean(token_logps, slot == 2 * k + 1, average) for k in range(n_pairs)], 1
     )
-    exists = torch.zeros((n, n_pairs), dtype=torch.bool)
-    for i, g in enumerate(groups):
-        exists[i, : len(g)] = True
-    exists = exists.to(device)
+    exists = (
+        torch.arange(n_pairs, device=device) < torch.tensor([len(g) for g in groups], device=device)[:, None]
+    )
     return chosen[exists], rejected[exists], n * width

@@ -557,7 +557,8 @@ def _pref_loss(
 def _reference_logps(
     model: Any, batches: list[list[Example]], cfg: TrainConfig, pad_id: int, progress: Progress | None
 ) -> torch.Tensor:
-    """Log-probs of chosen and rejected under the frozen reference (the initial model), once: [steps, B, 2]."""
+    """Log-probs of chosen and rejected under the frozen reference (the initial model), once:
+    [steps, pairs, 2], pairs = the largest batch's (batch_size, times up to targets_per_episode)."""
     model.eval()
     out = torch.zeros(len(batches), max(map(len, batches)), 2, dtype=torch.float64)
     for s, ex in enumerate(batches):
