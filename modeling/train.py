@@ -303,7 +303,10 @@ def episode_texts(ep: Episode, cfg: TrainConfig) -> tuple[str, str, str]:
 def tokenize_episode(tok: Any, ep: Episode, cfg: TrainConfig) -> Example:
     """Token ids; a prompt over max_prompt_tokens drops its earliest shots until it fits."""
     eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
-    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    from .llm import document_bos_id
+
+    bos_id = document_bos_id(tok)
+    bos = [bos_id] if bos_id is not None else []
     label_shots = cfg.shot_targets and cfg.stage == "sft" and cfg.context == "fewshot"
     while True:
         prompt, chosen, rejected = episode_texts(ep, cfg)

