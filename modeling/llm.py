@@ -713,6 +713,26 @@ def plain_prompt_ids(tokenizer: Any, text: str) -> list[int]:
     return ids
 
 
+def chat_wrapped(tokenizer: Any, text: str) -> str:
+    """``text`` as the one user turn of the tokenizer's chat template, ready for the assistant's reply
+    (the option ``TrainConfig.chat_template``; by default FSPO prompts are plain Markdown, as in the
+    paper)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise LLMError("chat_template was asked for, but this tokenizer has no chat template")
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
+    )
+
+
+def fspo_prompt_ids(tokenizer: Any, text: str, *, chat_template: bool = False) -> list[int]:
+    """Token ids of an FSPO prompt as training and generation both encode it: plain text with the
+    document BOS (``plain_prompt_ids``), or wrapped in the model's chat template (which writes any
+    special tokens it wants itself)."""
+    if not chat_template:
+        return plain_prompt_ids(tokenizer, text)
+    return list(tokenizer(chat_wrapped(tokenizer, text), add_special_tokens=False)["input_ids"])
+
+
 def stop_token_ids(model: Any, tokenizer: Any) -> set[int]:
     """The EOS ids of the model's generation config and of its tokenizer (raises LLMError if none)."""
     stop = model.generation_config.eos_token_id
