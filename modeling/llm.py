@@ -38,12 +38,17 @@ class LLMError(RuntimeError):
     """An LLM call failed; the message is one line naming the endpoint or model and the cause."""
 
 
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit for top_logprobs
+
+
 @dataclass(frozen=True)
 class ChatRequest:
     """One chat completion to run.
 
     ``messages`` are OpenAI-format ``{"role", "content"}`` dicts. ``temperature == 0`` means greedy.
-    ``choices`` constrains the reply to exactly one of the given strings.
+    ``choices`` constrains the reply to exactly one of the given strings. ``logprobs`` asks for each
+    reply token's log-prob and ``top_logprobs`` for that many of the most likely tokens at each position
+    (OpenAI's fields; ``Completion.logprobs``).
     """
 
     messages: list[dict[str, str]]
@@ -52,6 +57,8 @@ class ChatRequest:
     top_p: float = 1.0
     seed: int | None = None
     choices: tuple[str, ...] | None = None
+    logprobs: bool = False
+    top_logprobs: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.messages, list) or not self.messages:
@@ -76,6 +83,13 @@ class ChatRequest:
             if not all(isinstance(c, str) and c for c in self.choices):
                 raise ValueError("choices must be a non-empty list of non-empty strings")
             object.__setattr__(self, "choices", tuple(self.choices))
+        if not isinstance(self.logprobs, bool):
+            raise ValueError(f"logprobs must be a boolean, got {self.logprobs!r}")
+        top = self.top_logprobs
+        if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs must be an integer from 0 to {MAX_TOP_LOGPROBS}, got {top!r}")
+        if top and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs to be true")
 
 
 @dataclass(frozen=True)
@@ -128,11 +142,56 @@ def _is_number(value: object) -> bool:
 
 @runtime_checkable
 class ChatBackend(Protocol):
-    """Anything that answers a batch of chat requests, in input order."""
+    """Anything that answers a batch of chat requests, in input order.
+
+    Back ends that can also tell how likely each of a request's ``choices`` is implement
+    ``ChoiceBackend``; ``ask_choices`` is the one way to ask any back end for choices."""
 
     name: str
 
     def chat(self, requests: Sequence[ChatRequest], *, progress: ProgressFn | None = None) -> list[str]: ...
+
+
+@dataclass(frozen=True)
+class ChoiceReply:
+    """The answer to a request with ``choices``: the reply, and each choice's probability.
+
+    ``probs`` maps every choice to its probability renormalised over the choices (they sum to 1), or is
+    None when the back end gave no probabilities (a server without logprobs): then only ``text`` says
+    what the model answered."""
+
+    text: str
+    probs: dict[str, float] | None = None
+
+
+@runtime_checkable
+class ChoiceBackend(ChatBackend, Protocol):
+    """A ``ChatBackend`` that also reads the probabilities of each request's ``choices``."""
+
+    def choice_replies(
+        self, requests: Sequence[ChatRequest], *, progress: ProgressFn | None = None
+    ) -> list[ChoiceReply]: ...
+
+
+def ask_choices(
+    backend: ChatBackend, requests: Sequence[ChatRequest], *, progress: ProgressFn | None = None
+) -> list[ChoiceReply]:
+    """Ask ``requests`` (each with ``choices``, e.g. ``("A", "B")``) and read the choices' probabilities
+    where ``backend`` gives them (``ChoiceBackend``); any other back end answers with its reply only
+    (``ChoiceReply.probs`` None), which a caller reads as a sampled choice."""
+    if any(r.choices is None for r in requests):
+        raise ValueError("ask_choices needs requests with choices")
+    if isinstance(backend, ChoiceBackend):
+        return backend.choice_replies(requests, progress=progress)
+    return [ChoiceReply(text) for text in backend.chat(requests, progress=progress)]
+
+
+def normalized_probs(logprobs: dict[str, float]) -> dict[str, float]:
+    """Probabilities from (unnormalised) log-probs, renormalised to sum to 1."""
+    top = max(logprobs.values())
+    weights = {k: math.exp(v - top) for k, v in logprobs.items()}
+    total = sum(weights.values())
+    return {k: w / total for k, w in weights.items()}
 
 
 def _one_line(text: str, limit: int = 300) -> str:
@@ -219,6 +278,28 @@ class OpenAICompatBackend:
         """Run plain-text ``requests`` through ``/completions`` concurrently, in input order."""
         return self._map(self._text_one, requests, progress)
 
+    def choice_replies(
+        self, requests: Sequence[ChatRequest], *, progress: ProgressFn | None = None
+    ) -> list[ChoiceReply]:
+        """Ask ``requests`` (with ``choices``) concurrently with ``logprobs`` and read each choice's
+        probability from the first reply token's ``top_logprobs`` (OpenAI's and vLLM's shape).
+
+        This reads single-token answers ("A", "B"): a choice matches a listed token equal to it once
+        surrounding spaces are stripped (the probabilities of such variants add up). A choice the server
+        did not list is at most as likely as the least likely token it did list, and is given that
+        bound. A reply without log-probs (a server that ignores the field) gives ``probs`` None."""
+        if any(r.choices is None for r in requests):
+            raise ValueError("choice_replies needs requests with choices")
+        return self._map(self._choice_one, requests, progress)
+
+    def _choice_one(self, request: ChatRequest) -> ChoiceReply:
+        body = {**self._body(request), "logprobs": True, "top_logprobs": MAX_TOP_LOGPROBS}
+        assert request.choices is not None
+        choices = request.choices
+        return self._with_retries(
+            self._url, body, lambda reply: _choice_reply(reply, choices), "choices[0].message.content"
+        )
+
     def _map(self, fn: Callable[[Any], Any], items: Sequence[Any], progress: ProgressFn | None) -> list[Any]:
         total = len(items)
         results: list[Any] = [None] * total
@@ -253,6 +334,9 @@ class OpenAICompatBackend:
             body["seed"] = request.seed
         if request.choices is not None:
             body["guided_choice"] = list(request.choices)
+        if request.logprobs:
+            body["logprobs"] = True
+            body["top_logprobs"] = request.top_logprobs
         return body
 
     def _chat_one(self, request: ChatRequest) -> str:
@@ -337,6 +421,33 @@ def _chat_content(reply: Any) -> str | None:
     return content if isinstance(content, str) else None
 
 
+def _choice_reply(reply: Any, choices: Sequence[str]) -> ChoiceReply | None:
+    text = _chat_content(reply)
+    if text is None:
+        return None
+    logprobs = reply["choices"][0].get("logprobs")
+    content = logprobs.get("content") if isinstance(logprobs, dict) else None
+    if not content:
+        return ChoiceReply(text)
+    listed = [(t["token"], float(t["logprob"])) for t in content[0].get("top_logprobs") or []]
+    listed = [(t, lp) for t, lp in listed if isinstance(t, str) and math.isfinite(lp)]
+    found: dict[str, list[float]] = {}
+    for token, logprob in listed:
+        if token.strip() in choices:
+            found.setdefault(token.strip(), []).append(logprob)
+    if not found:
+        return ChoiceReply(text)
+    floor = min(lp for _, lp in listed)
+    return ChoiceReply(
+        text, normalized_probs({c: _logsumexp(found[c]) if c in found else floor for c in choices})
+    )
+
+
+def _logsumexp(values: Sequence[float]) -> float:
+    top = max(values)
+    return top + math.log(sum(math.exp(v - top) for v in values))
+
+
 def _text_completion(reply: Any) -> Completion | None:
     choice = reply["choices"][0]
     text = choice["text"]
@@ -375,6 +486,15 @@ def _retry_after(response: httpx.Response) -> float | None:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """One reply token's log-prob and the most likely tokens at its position (OpenAI's ``logprobs``)."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class Completion:
     """A finished local completion with OpenAI-style accounting."""
 
@@ -382,6 +502,7 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str  # "stop" (EOS or a constrained choice) or "length"
+    logprobs: tuple[TokenLogprob, ...] | None = None  # when the request asked for them
 
 
 _DTYPES = ("float32", "float16", "bfloat16", "auto")
@@ -395,7 +516,9 @@ class TransformersBackend:
     of ``batch_size``: greedy when ``temperature == 0``, otherwise sampled per row with a
     ``torch.Generator`` seeded from ``request.seed`` when given. Requests with ``choices`` are not
     generated: each choice is scored by its summed log-prob as a continuation of the prompt and
-    the best is returned, which is exact constrained choice.
+    the best is returned, which is exact constrained choice (``choice_replies`` also returns every
+    choice's probability). Rows of one batch keep their own sampling, ``max_tokens`` and stop strings,
+    so a request's greedy reply is the same batched or alone.
 
     The backend is thread-safe: one lock serialises every use of the model.
     """
@@ -508,43 +631,79 @@ class TransformersBackend:
         with self.use_adapter(self._default_adapter):
             return [c.text for c in self.complete(requests, progress=progress)]
 
+    def choice_replies(
+        self, requests: Sequence[ChatRequest], *, progress: ProgressFn | None = None
+    ) -> list[ChoiceReply]:
+        """Each request's choice (picked as ``chat`` picks it) and every choice's exact probability:
+        the softmax of the choices' summed log-probs as continuations of the prompt, over the choices."""
+        if any(r.choices is None for r in requests):
+            raise ValueError("choice_replies needs requests with choices")
+        with self.use_adapter(self._default_adapter), self._lock:
+            prompts = [self.prompt_ids(r.messages) for r in requests]
+            for ids in prompts:
+                self._check_length(ids, 1)
+            scores = self._choice_scores(prompts, requests)
+        if progress is not None:
+            progress(len(requests), len(requests))
+        replies = []
+        for request, row in zip(requests, scores, strict=True):
+            assert request.choices is not None
+            probs = normalized_probs(dict(zip(request.choices, row, strict=True)))
+            replies.append(ChoiceReply(request.choices[_pick_choice(row, request)], probs))
+        return replies
+
     def complete(
         self,
-        requests: Sequence[ChatRequest],
+        requests: Sequence[ChatRequest | TextRequest],
         *,
         progress: ProgressFn | None = None,
         on_text: Callable[[str], None] | None = None,
     ) -> list[Completion]:
-        """Run ``requests`` with the model as currently set (see ``use_adapter``).
+        """Run ``requests`` with the model as currently set (see ``use_adapter``), in input order.
 
+        Chat requests go through the chat template, ``TextRequest``s are used as plain text; both
+        generate together in batches of up to ``batch_size`` rows, each row with its own sampling,
+        ``max_tokens`` and stop strings. Requests with ``choices`` are scored together in one pass.
         ``on_text`` (single request only) receives the reply's text incrementally as it is
         generated; the pieces concatenate to the final ``Completion.text``.
         """
         if on_text is not None and len(requests) != 1:
             raise ValueError("on_text streaming needs exactly one request")
         results: list[Completion | None] = [None] * len(requests)
-        total, done = len(requests), 0
+        total = len(requests)
 
         # Under the lock: the Rust tokenizer is not safe to share across threads either.
         with self._lock:
-            prompts = [self.prompt_ids(r.messages) for r in requests]
+            prompts = [
+                self.text_prompt_ids(r.prompt) if isinstance(r, TextRequest) else self.prompt_ids(r.messages)
+                for r in requests
+            ]
             for request, ids in zip(requests, prompts, strict=True):
-                self._check_length(ids, request.max_tokens if request.choices is None else 1)
-            for i, request in enumerate(requests):
-                if request.choices is None:
-                    continue
-                scores = self.score_continuations(prompts[i], request.choices)
-                text = request.choices[_pick_choice(scores, request)]
-                n_tokens = len(self._encode(text))
-                results[i] = Completion(text, len(prompts[i]), n_tokens, "stop")
-                if on_text is not None:
-                    on_text(text)
-                done += 1
+                self._check_length(ids, 1 if _choices(request) else request.max_tokens)
+            chosen = [i for i, r in enumerate(requests) if _choices(r)]
+            if chosen:
+                scores = self._choice_scores(
+                    [prompts[i] for i in chosen],
+                    [requests[i] for i in chosen],  # type: ignore[misc]
+                )
+                for i, row in zip(chosen, scores, strict=True):
+                    request = requests[i]
+                    assert isinstance(request, ChatRequest) and request.choices is not None
+                    text = request.choices[_pick_choice(row, request)]
+                    ids = self._encode(text)
+                    logprobs = None
+                    if request.logprobs:
+                        firsts = [self._encode(c)[:1] for c in request.choices]
+                        extra = sorted({f[0] for f in firsts if f})
+                        logprobs = self._token_logprobs(prompts[i], ids, request.top_logprobs, extra)
+                    results[i] = Completion(text, len(prompts[i]), len(ids), "stop", logprobs)
+                    if on_text is not None:
+                        on_text(text)
                 if progress is not None:
-                    progress(done, total)
+                    progress(len(chosen), total)
 
-            todo = [i for i, r in enumerate(requests) if r.choices is None]
-            self._generate_all(prompts, requests, todo, results, done, progress, on_text)
+            todo = [i for i, r in enumerate(requests) if not _choices(r)]
+            self._generate_all(prompts, requests, todo, results, len(chosen), progress, on_text)
         return [r for r in results if r is not None]
 
     def complete_text(
@@ -552,35 +711,25 @@ class TransformersBackend:
     ) -> list[Completion]:
         """Complete plain-text prompts (no chat template; BOS once) with the model as currently set
         (see ``use_adapter``): the raw-prompt path behind ``/v1/completions``."""
-        results: list[Completion | None] = [None] * len(requests)
-        with self._lock:
-            prompts = [self.text_prompt_ids(r.prompt) for r in requests]
-            for request, ids in zip(requests, prompts, strict=True):
-                self._check_length(ids, request.max_tokens)
-            self._generate_all(prompts, requests, list(range(len(requests))), results, 0, progress, None)
-        return [r for r in results if r is not None]
+        return self.complete(requests, progress=progress)
 
     def _generate_all(
         self,
         prompts: list[list[int]],
-        requests: Sequence[ChatRequest] | Sequence[TextRequest],
+        requests: Sequence[ChatRequest | TextRequest],
         todo: list[int],
         results: list[Completion | None],
         done: int,
         progress: ProgressFn | None,
         on_text: Callable[[str], None] | None,
     ) -> None:
-        # Batch rows that share max_tokens (generate's one length budget), shortest prompts
-        # together to limit padding.
+        # Each row has its own budget and stop strings (generate_ids' budgets / row_done), so any rows
+        # can share a batch; shortest prompts together to limit padding.
         total = len(requests)
-        todo = sorted(todo, key=lambda i: (requests[i].max_tokens, len(prompts[i])))
-        while todo:
-            budget = requests[todo[0]].max_tokens
-            batch = [i for i in todo[: self.batch_size] if requests[i].max_tokens == budget]
-            todo = [i for i in todo if i not in batch]
-            outputs = self._generate(
-                [prompts[i] for i in batch], [requests[i] for i in batch], budget, on_text
-            )
+        todo = sorted(todo, key=lambda i: len(prompts[i]))
+        for start in range(0, len(todo), self.batch_size):
+            batch = todo[start : start + self.batch_size]
+            outputs = self._generate([prompts[i] for i in batch], [requests[i] for i in batch], on_text)
             for i, completion in zip(batch, outputs, strict=True):
                 results[i] = completion
             done += len(batch)
@@ -616,34 +765,86 @@ class TransformersBackend:
 
     def score_continuations(self, prompt: list[int], continuations: Sequence[str]) -> list[float]:
         """Summed log-prob of each continuation's tokens given ``prompt`` (one float each)."""
+        with self._lock:
+            return self._score_rows([(prompt, self._encode(c)) for c in continuations])
+
+    def _choice_scores(self, prompts: list[list[int]], requests: Sequence[ChatRequest]) -> list[list[float]]:
+        """Summed log-prob of every choice of every request, all scored in the same batches."""
+        rows, spans = [], []
+        for prompt, request in zip(prompts, requests, strict=True):
+            assert request.choices is not None
+            spans.append((len(rows), len(request.choices)))
+            rows += [(prompt, self._encode(c)) for c in request.choices]
+        flat = self._score_rows(rows)
+        return [flat[start : start + n] for start, n in spans]
+
+    def _score_rows(self, rows: list[tuple[list[int], list[int]]]) -> list[float]:
+        """Summed log-prob of each (prompt, continuation ids) row's continuation, in batches of
+        ``batch_size`` rows of similar length."""
         import torch
 
-        encoded = [self._encode(c) for c in continuations]
-        scores: list[float] = []
+        order = sorted(range(len(rows)), key=lambda k: len(rows[k][0]) + len(rows[k][1]))
+        scores = [0.0] * len(rows)
         with self._lock, torch.inference_mode():
-            for start in range(0, len(encoded), self.batch_size):
-                chunk = encoded[start : start + self.batch_size]
-                seqs = [prompt + c for c in chunk]
-                input_ids, attention_mask = self._left_pad(seqs)
-                # Left padding aligns every sequence's end, so the last (longest continuation + 1)
-                # positions hold every logit we need; keeping only those avoids a
-                # (batch x prompt x vocab) logits tensor on long prompts.
-                keep = max(len(c) for c in chunk) + 1
-                logits = self.model(
-                    input_ids=input_ids,
-                    attention_mask=attention_mask,
-                    position_ids=_position_ids(attention_mask),
-                    logits_to_keep=keep,
-                ).logits.float()
-                logprobs = torch.log_softmax(logits, dim=-1)
-                for row, cont in enumerate(chunk):
+            for start in range(0, len(order), self.batch_size):
+                chunk = order[start : start + self.batch_size]
+                conts = [rows[k][1] for k in chunk]
+                keep = max(len(c) for c in conts) + 1
+                logprobs = self._last_logprobs([rows[k][0] + rows[k][1] for k in chunk], keep)
+                for row, (k, cont) in enumerate(zip(chunk, conts, strict=True)):
                     # Token cont[j] sits at position -(len(cont) - j) of the row; the logit that
                     # predicts it is one position earlier.
                     n = len(cont)
                     positions = torch.arange(keep - 1 - n, keep - 1, device=logprobs.device)
                     targets = torch.tensor(cont, dtype=torch.long, device=logprobs.device)
-                    scores.append(float(logprobs[row, positions, targets].sum()))
+                    scores[k] = float(logprobs[row, positions, targets].sum())
         return scores
+
+    def _last_logprobs(self, seqs: list[list[int]], keep: int) -> Any:
+        """Log-softmax over the vocabulary at the last ``keep`` positions of each left-padded row."""
+        import torch
+
+        input_ids, attention_mask = self._left_pad(seqs)
+        # Left padding aligns every sequence's end, so the last ``keep`` positions hold every logit
+        # we need; keeping only those avoids a (batch x prompt x vocab) logits tensor on long prompts.
+        logits = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=_position_ids(attention_mask),
+            logits_to_keep=keep,
+        ).logits.float()
+        return torch.log_softmax(logits, dim=-1)
+
+    def _token_logprobs(
+        self, prompt: list[int], ids: list[int], top: int, extra_first: Sequence[int] = ()
+    ) -> tuple[TokenLogprob, ...]:
+        """The model's log-prob of each of ``ids`` after ``prompt`` (before temperature or top-p, as
+        vLLM reports them) with the ``top`` most likely tokens at each position; ``extra_first`` are
+        listed at the first position too (a choice's first token, so every choice can be read)."""
+        import torch
+
+        if not ids:
+            return ()
+        with torch.inference_mode():
+            logprobs = self._last_logprobs([prompt + ids], len(ids) + 1)[0, :-1]
+        out = []
+        for j, token in enumerate(ids):
+            row = logprobs[j]
+            alternatives: list[int] = torch.topk(row, top).indices.tolist() if top else []
+            if j == 0:
+                alternatives += [t for t in extra_first if t not in alternatives]
+            alternatives.sort(key=lambda t: -float(row[t]))
+            out.append(
+                TokenLogprob(
+                    self._token_text(token),
+                    float(row[token]),
+                    tuple((self._token_text(t), float(row[t])) for t in alternatives),
+                )
+            )
+        return tuple(out)
+
+    def _token_text(self, token: int) -> str:
+        return self.tokenizer.decode([token], skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
     def _left_pad(self, seqs: list[list[int]]) -> tuple[Any, Any]:
         return left_pad(seqs, self._pad_id, self.device)
@@ -651,36 +852,49 @@ class TransformersBackend:
     def _generate(
         self,
         prompts: list[list[int]],
-        requests: Sequence[ChatRequest] | Sequence[TextRequest],
-        max_new_tokens: int,
+        requests: Sequence[ChatRequest | TextRequest],
         on_text: Callable[[str], None] | None,
     ) -> list[Completion]:
         streamer = _TextDeltaStreamer(self, on_text) if on_text is not None else None
+        stops = [getattr(r, "stop", ()) for r in requests]
+
+        def wrote_stop(row: int, ids: list[int]) -> bool:
+            return any(x in self._decode(ids) for x in stops[row])
+
+        budgets = [r.max_tokens for r in requests]
         outputs = generate_ids(
             self.model,
             prompts,
             requests,
-            max_new_tokens,
+            max(budgets),
             stop_ids=self._stop_ids,
             pad_id=self._pad_id,
             streamer=streamer,
+            budgets=budgets,
+            row_done=wrote_stop if any(stops) else None,
         )
         completions = []
-        for prompt, request, (ids, finish) in zip(prompts, requests, outputs, strict=True):
+        for prompt, request, row_stops, (ids, finish) in zip(prompts, requests, stops, outputs, strict=True):
             n_tokens = len(ids) + (finish == "stop")
             text = self._decode(ids)
-            stops = getattr(request, "stop", ())
-            if stops and any(x in text for x in stops):
-                # Stop strings are applied to the finished text (generation itself stops at EOS or the
-                # budget); the count is of tokens up to the one that completes the stop string.
-                text = _cut_at_strings(text, stops)
+            if row_stops and any(x in text for x in row_stops):
+                # The count is of tokens up to the one that completes the stop string.
+                text = _cut_at_strings(text, row_stops)
                 n_tokens = next(k for k in range(1, len(ids) + 1) if len(self._decode(ids[:k])) > len(text))
                 finish = "stop"
-            completions.append(Completion(text, len(prompt), n_tokens, finish))
+            logprobs = None
+            if isinstance(request, ChatRequest) and request.logprobs:
+                returned = ids[: min(n_tokens, len(ids))]
+                logprobs = self._token_logprobs(prompt, returned, request.top_logprobs)
+            completions.append(Completion(text, len(prompt), n_tokens, finish, logprobs))
         return completions
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+def _choices(request: ChatRequest | TextRequest) -> bool:
+    return isinstance(request, ChatRequest) and request.choices is not None
 
 
 def document_bos_id(tokenizer: Any) -> int | None:
@@ -776,15 +990,22 @@ def generate_ids(
     stop_ids: set[int],
     pad_id: int,
     streamer: Any = None,
+    budgets: Sequence[int] | None = None,
+    row_done: Callable[[int, list[int]], bool] | None = None,
 ) -> list[tuple[list[int], str]]:
     """One left-padded batch through ``model.generate``: each row's new token ids, cut before the first
     stop token, and its finish reason ("stop" or "length").
 
     Rows are greedy when their ``temperature`` is 0, otherwise sampled by ``_RowSampler`` (own
-    temperature, top-p and seeded RNG per row)."""
+    temperature, top-p and seeded RNG per row). ``budgets`` gives each row its own number of new tokens
+    (at most ``max_new_tokens``); ``row_done(row, new_ids)`` may end a row early (it wrote a stop
+    string). A finished row leaves the batch (generate pads it), and generation ends when all have."""
     import torch
-    from transformers import GenerationConfig, LogitsProcessorList
+    from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
+    budgets = list(budgets) if budgets is not None else [max_new_tokens] * len(prompts)
+    if len(budgets) != len(prompts) or not all(1 <= b <= max_new_tokens for b in budgets):
+        raise ValueError("budgets must give every row a number of new tokens from 1 to max_new_tokens")
     input_ids, attention_mask = left_pad(prompts, pad_id, model.device)
     config = GenerationConfig(
         max_new_tokens=max_new_tokens,
@@ -795,19 +1016,56 @@ def generate_ids(
     processors = LogitsProcessorList()
     if any(s.temperature > 0 for s in samplings):
         processors.append(_RowSampler(samplings, model.device))
+    criteria = StoppingCriteriaList()
+    if row_done is not None or min(budgets) < max_new_tokens:
+        criteria.append(_RowStop(input_ids.shape[1], budgets, stop_ids, row_done))
     with torch.inference_mode():
         output = model.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,
             generation_config=config,
             logits_processor=processors,
+            stopping_criteria=criteria,
             streamer=streamer,
         )
     results = []
     for row in range(len(prompts)):
-        new_ids = output[row, input_ids.shape[1] :].tolist()
+        # A row that ran out of budget was padded after it: cut at the budget before looking for a stop.
+        new_ids = output[row, input_ids.shape[1] : input_ids.shape[1] + budgets[row]].tolist()
         results.append(_cut_at_stop(new_ids, stop_ids))
     return results
+
+
+class _RowStop:
+    """Stopping criterion that finishes each row on its own: at its budget, or when ``row_done`` says
+    so (a stop string was written). A finished row is padded by generate from then on."""
+
+    def __init__(
+        self,
+        width: int,
+        budgets: Sequence[int],
+        stop_ids: set[int],
+        row_done: Callable[[int, list[int]], bool] | None,
+    ) -> None:
+        self.width = width
+        self.budgets = budgets
+        self.stop_ids = stop_ids
+        self.row_done = row_done
+        self.done = [False] * len(budgets)
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        n = input_ids.shape[1] - self.width
+        for row, budget in enumerate(self.budgets):
+            if self.done[row]:
+                continue
+            if n >= budget:
+                self.done[row] = True
+            elif self.row_done is not None:
+                ids, finish = _cut_at_stop(input_ids[row, self.width :].tolist(), self.stop_ids)
+                self.done[row] = finish == "stop" or self.row_done(row, ids)
+        return torch.tensor(self.done, dtype=torch.bool, device=input_ids.device)
 
 
 def _cut_at_stop(ids: list[int], stop_ids: set[int]) -> tuple[list[int], str]:

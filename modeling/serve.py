@@ -2,32 +2,54 @@
 
 It lets the data engine, the judges and the study workers talk to our own checkpoints exactly as
 they talk to vLLM or a hosted endpoint. Generation and choice scoring are ``TransformersBackend``'s;
-this module only translates HTTP. Requests are served one at a time (one model in memory).
+this module translates HTTP and batches: one worker thread owns the model, and the requests waiting
+for it at the same moment (for the same served model or adapter) run as one batch, as vLLM batches
+the requests it holds. Each row keeps its own sampling settings, seed, ``max_tokens`` and stop
+strings, so a greedy reply is the same batched or alone. A request that finds the worker idle waits
+``batch_window_s`` (a few milliseconds) for companions. Streaming requests run alone.
 
 Endpoints: ``GET /v1/models``, ``POST /v1/chat/completions`` (``stream``, ``seed``,
-``guided_choice``; ``model`` picks the base model or an adapter by name), ``POST /v1/completions``
-(plain-text prompts, no chat template, as FSPO's Markdown prompts need; a string or a list of strings,
-``max_tokens``, ``temperature``, ``top_p``, ``seed``, ``stop``), ``GET /health``.
+``guided_choice``, ``logprobs`` / ``top_logprobs`` in OpenAI's response shape; ``model`` picks the base
+model or an adapter by name), ``POST /v1/completions`` (plain-text prompts, no chat template, as FSPO's
+Markdown prompts need; a string or a list of strings, ``max_tokens``, ``temperature``, ``top_p``,
+``seed``, ``stop``), ``GET /health``, ``GET /metrics`` (batches run and their rows, as JSON).
+
+Log-probs are the model's own (before temperature and top-p), as vLLM reports them by default. For a
+``guided_choice`` request the first position's ``top_logprobs`` also lists each choice's first token,
+so a client can read every choice's probability (``OpenAICompatBackend.choice_replies``).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from starlette.concurrency import run_in_threadpool
 
-from modeling.llm import ChatRequest, Completion, LLMError, TextRequest, TransformersBackend
+from modeling.llm import (
+    ChatRequest,
+    Completion,
+    LLMError,
+    TextRequest,
+    TokenLogprob,
+    TransformersBackend,
+)
+from modeling.models import ModelError, check_adapter_base, check_causal_lm_dir
+
+DEFAULT_MAX_BATCH = 16
+DEFAULT_BATCH_WINDOW_S = 0.02
 
 
 def _unknown_model(model: str, targets: dict[str, Any]) -> JSONResponse:
@@ -95,6 +117,8 @@ def _parse_body(body: Any) -> tuple[str, ChatRequest, bool, bool]:
     max_tokens = body.get("max_tokens")
     if max_tokens is None:
         max_tokens = body.get("max_completion_tokens")
+    if stream and body.get("logprobs"):
+        raise ValueError("'logprobs' is not supported with 'stream' by this server")
     fields: dict[str, Any] = {"messages": messages}
     for key, value in (
         ("max_tokens", max_tokens),
@@ -102,6 +126,8 @@ def _parse_body(body: Any) -> tuple[str, ChatRequest, bool, bool]:
         ("top_p", body.get("top_p")),
         ("seed", body.get("seed")),
         ("choices", body.get("guided_choice")),
+        ("logprobs", body.get("logprobs")),
+        ("top_logprobs", body.get("top_logprobs")),
     ):
         if value is not None:
             fields[key] = value
@@ -147,6 +173,168 @@ def _usage(completion: Completion) -> dict[str, int]:
     }
 
 
+def _token_entry(token: str, logprob: float) -> dict[str, Any]:
+    return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+
+def _logprobs_json(logprobs: tuple[TokenLogprob, ...] | None) -> dict[str, Any] | None:
+    """OpenAI's chat ``logprobs`` object: ``{"content": [{token, logprob, bytes, top_logprobs}]}``."""
+    if logprobs is None:
+        return None
+    return {
+        "content": [
+            {
+                **_token_entry(t.token, t.logprob),
+                "top_logprobs": [_token_entry(token, logprob) for token, logprob in t.top],
+            }
+            for t in logprobs
+        ]
+    }
+
+
+@dataclass
+class _Job:
+    target: str | None  # the adapter to use (None: the base model)
+    request: ChatRequest | TextRequest
+    arrived: float
+    settle: Callable[[Completion | BaseException], None]
+    on_text: Callable[[str], None] | None = None  # a streaming job runs alone
+
+
+@dataclass
+class BatchStats:
+    """What the worker has run: ``batches`` (each one ``backend.complete`` call) holding ``rows``
+    requests; ``sizes`` counts batches by their number of rows."""
+
+    batches: int = 0
+    rows: int = 0
+    streams: int = 0
+    failed: int = 0
+    sizes: Counter[int] = field(default_factory=Counter)
+
+    def to_dict(self, waiting: int) -> dict[str, Any]:
+        return {
+            "batches": self.batches,
+            "rows": self.rows,
+            "largest_batch": max(self.sizes, default=0),
+            "batch_sizes": {str(k): v for k, v in sorted(self.sizes.items())},
+            "streams": self.streams,
+            "failed_requests": self.failed,
+            "waiting": waiting,
+        }
+
+
+class Batcher:
+    """One worker thread runs every request on the backend. The requests waiting when it is free (up to
+    ``max_batch`` for one target, oldest first) run as one batch; a request that finds the worker idle
+    waits up to ``window_s`` for others to join it. A batch that fails is retried one request at a
+    time, so one bad request fails alone."""
+
+    def __init__(self, backend: TransformersBackend, *, max_batch: int, window_s: float) -> None:
+        if max_batch < 1 or window_s < 0:
+            raise ValueError("need max_batch >= 1 and a batch window >= 0")
+        self.backend = backend
+        self.max_batch = max_batch
+        self.window_s = window_s
+        self.stats = BatchStats()
+        self._waiting: list[_Job] = []
+        self._cond = threading.Condition()
+        threading.Thread(target=self._work, name="serve-batcher", daemon=True).start()
+
+    def metrics(self) -> dict[str, Any]:
+        with self._cond:
+            return self.stats.to_dict(len(self._waiting))
+
+    async def run(self, target: str | None, request: ChatRequest | TextRequest) -> Completion:
+        """Queue ``request`` and wait for its completion (raises what its generation raised)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Completion] = loop.create_future()
+        self.submit(_Job(target, request, time.monotonic(), _settler(loop, future)))
+        return await future
+
+    def submit(self, job: _Job) -> None:
+        with self._cond:
+            self._waiting.append(job)
+            self._cond.notify()
+
+    def _take(self) -> list[_Job]:
+        with self._cond:
+            while not self._waiting:
+                self._cond.wait()
+            first = self._waiting[0]
+            if first.on_text is not None:
+                self._waiting.pop(0)
+                return [first]
+            deadline = first.arrived + self.window_s
+
+            def batch() -> list[_Job]:
+                same = [j for j in self._waiting if j.target == first.target and j.on_text is None]
+                return same[: self.max_batch]
+
+            while len(batch()) < self.max_batch and (left := deadline - time.monotonic()) > 0:
+                self._cond.wait(left)
+            jobs = batch()
+            taken = {id(j) for j in jobs}
+            self._waiting = [j for j in self._waiting if id(j) not in taken]
+            return jobs
+
+    def _work(self) -> None:
+        while True:
+            jobs = self._take()
+            for job, result in zip(jobs, self._run(jobs), strict=True):
+                job.settle(result)
+
+    def _run(self, jobs: list[_Job]) -> list[Completion | BaseException]:
+        target = jobs[0].target
+        try:
+            with self.backend.use_adapter(target):
+                results: list[Completion | BaseException] = list(
+                    self.backend.complete([j.request for j in jobs], on_text=jobs[0].on_text)
+                )
+        except Exception as exc:
+            if len(jobs) > 1:  # find the request that failed: the others still get their replies
+                return [r for job in jobs for r in self._run([job])]
+            with self._cond:
+                self.stats.failed += 1
+            return [exc]
+        with self._cond:
+            if jobs[0].on_text is not None:
+                self.stats.streams += 1
+            else:
+                self.stats.batches += 1
+                self.stats.rows += len(jobs)
+                self.stats.sizes[len(jobs)] += 1
+        return results
+
+
+def _settler(
+    loop: asyncio.AbstractEventLoop, future: asyncio.Future[Completion]
+) -> Callable[[Completion | BaseException], None]:
+    """A thread-safe way to finish ``future`` with a result or an exception (unless it was cancelled:
+    the client went away)."""
+
+    def settle_now(result: Completion | BaseException) -> None:
+        if future.done():
+            return
+        if isinstance(result, BaseException):
+            future.set_exception(result)
+        else:
+            future.set_result(result)
+
+    def settle(result: Completion | BaseException) -> None:
+        with contextlib.suppress(RuntimeError):  # the event loop is gone (server shutting down)
+            loop.call_soon_threadsafe(settle_now, result)
+
+    return settle
+
+
+def _failure(exc: BaseException) -> JSONResponse:
+    if isinstance(exc, LLMError):
+        return _error(400, str(exc))
+    # A bug or OOM: report it instead of dropping the connection.
+    return _error(500, f"generation failed: {type(exc).__name__}: {exc}", kind="server_error")
+
+
 def create_app(
     model_dir: str | Path,
     adapters: dict[str, Path] | None = None,
@@ -154,29 +342,38 @@ def create_app(
     *,
     device: str = "cpu",
     dtype: str = "float32",
+    max_batch: int = DEFAULT_MAX_BATCH,
+    batch_window_s: float = DEFAULT_BATCH_WINDOW_S,
 ) -> FastAPI:
     """Load the model (and adapters) once and return the OpenAI-compatible FastAPI app.
 
     The base model is served as ``served_name`` (default: the model directory's name); each
-    adapter under its dictionary key.
+    adapter under its dictionary key. Requests that wait together run as batches of up to
+    ``max_batch`` rows (see ``Batcher``).
     """
     adapters = dict(adapters or {})
     base_name = served_name or Path(model_dir).resolve().name
     if base_name in adapters:
         raise ValueError(f"adapter name {base_name!r} clashes with the served model name")
-    backend = TransformersBackend(model_dir, device=device, dtype=dtype)
+    backend = TransformersBackend(model_dir, device=device, dtype=dtype, batch_size=max_batch)
     for name, adapter_dir in adapters.items():
         backend.load_adapter(name, adapter_dir)
+    batcher = Batcher(backend, max_batch=max_batch, window_s=batch_window_s)
     created = int(time.time())
     # Served name -> adapter name for use_adapter (None: the base model).
     targets: dict[str, str | None] = {base_name: None, **{name: name for name in adapters}}
 
     app = FastAPI(title="fspo serve-model", docs_url=None, redoc_url=None)
     app.state.backend = backend
+    app.state.batcher = batcher
 
     @app.get("/health")
     def health() -> dict[str, str]:
         return {"status": "ok"}
+
+    @app.get("/metrics")
+    def metrics() -> dict[str, Any]:
+        return {**batcher.metrics(), "max_batch": max_batch, "batch_window_s": batch_window_s}
 
     @app.get("/v1/models")
     def list_models() -> dict[str, Any]:
@@ -220,7 +417,7 @@ def create_app(
         if stream:
             return StreamingResponse(
                 _stream(
-                    backend,
+                    batcher,
                     target,
                     request,
                     model=model,
@@ -229,17 +426,10 @@ def create_app(
                 ),
                 media_type="text/event-stream",
             )
-
-        def run() -> Completion:
-            with backend.use_adapter(target):
-                return backend.complete([request])[0]
-
         try:
-            completion = await run_in_threadpool(run)
-        except LLMError as exc:
-            return _error(400, str(exc))
-        except Exception as exc:  # a bug or OOM: report it instead of dropping the connection
-            return _error(500, f"generation failed: {type(exc).__name__}: {exc}", kind="server_error")
+            completion = await batcher.run(target, request)
+        except Exception as exc:
+            return _failure(exc)
         return JSONResponse(
             {
                 "id": completion_id,
@@ -251,7 +441,7 @@ def create_app(
                         "index": 0,
                         "message": {"role": "assistant", "content": completion.text},
                         "finish_reason": completion.finish_reason,
-                        "logprobs": None,
+                        "logprobs": _logprobs_json(completion.logprobs),
                     }
                 ],
                 "usage": _usage(completion),
@@ -271,17 +461,12 @@ def create_app(
         if model not in targets:
             return _unknown_model(model, targets)
         target = targets[model]
-
-        def run() -> list[Completion]:
-            with backend.use_adapter(target):
-                return backend.complete_text(requests)
-
-        try:
-            results = await run_in_threadpool(run)
-        except LLMError as exc:
-            return _error(400, str(exc))
-        except Exception as exc:  # a bug or OOM: report it instead of dropping the connection
-            return _error(500, f"generation failed: {type(exc).__name__}: {exc}", kind="server_error")
+        # Each prompt is a row of its own: it may share a batch with other clients' requests.
+        outcomes = await asyncio.gather(*(batcher.run(target, r) for r in requests), return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                return _failure(outcome)
+        results = [o for o in outcomes if isinstance(o, Completion)]
         prompt_tokens = sum(c.prompt_tokens for c in results)
         completion_tokens = sum(c.completion_tokens for c in results)
         return JSONResponse(
@@ -306,7 +491,7 @@ def create_app(
 
 
 async def _stream(
-    backend: TransformersBackend,
+    batcher: Batcher,
     target: str | None,
     request: ChatRequest,
     *,
@@ -321,13 +506,8 @@ async def _stream(
     def emit(kind: str, payload: Any) -> None:
         loop.call_soon_threadsafe(queue.put_nowait, (kind, payload))
 
-    def work() -> None:
-        try:
-            with backend.use_adapter(target):
-                completion = backend.complete([request], on_text=lambda text: emit("text", text))[0]
-            emit("done", completion)
-        except Exception as exc:
-            emit("error", exc)
+    def settle(result: Completion | BaseException) -> None:
+        emit("error" if isinstance(result, BaseException) else "done", result)
 
     created = int(time.time())
 
@@ -341,8 +521,8 @@ async def _stream(
         }
         return f"data: {json.dumps(payload)}\n\n"
 
-    # Generation runs in its own thread (not the request's) so it can push text as it appears.
-    threading.Thread(target=work, name="serve-stream", daemon=True).start()
+    # The batcher's worker pushes text as it appears; a stream runs as a batch of its own.
+    batcher.submit(_Job(target, request, time.monotonic(), settle, on_text=lambda text: emit("text", text)))
     yield chunk({"role": "assistant", "content": ""})
     while True:
         kind, payload = await queue.get()
@@ -377,6 +557,19 @@ def _adapter_arg(value: str) -> tuple[str, Path]:
     return name, Path(path)
 
 
+def check_model_slots(model_dir: Path, adapters: dict[str, Path]) -> None:
+    """Refuse a ``--model`` that is not a causal LM directory, and an ``--adapter`` that is not a LoRA
+    adapter of that model (ModelError with a one-line message), before anything loads."""
+    check_causal_lm_dir(model_dir)
+    if (Path(model_dir) / "adapter_config.json").is_file():
+        raise ModelError(
+            f"{model_dir}: a LoRA adapter, not a base model; pass its base model as --model and "
+            f"--adapter NAME={model_dir}"
+        )
+    for adapter_dir in adapters.values():
+        check_adapter_base(adapter_dir, model_dir)
+
+
 def serve_model_main(argv: list[str] | None = None) -> int:
     """Entry point of ``fspo serve-model``; returns the process exit code."""
     parser = argparse.ArgumentParser(
@@ -400,19 +593,47 @@ def serve_model_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "auto"])
     parser.add_argument(
+        "--max-batch",
+        type=int,
+        default=DEFAULT_MAX_BATCH,
+        help=f"most requests run as one batch (default {DEFAULT_MAX_BATCH}; 1 serves one at a time)",
+    )
+    parser.add_argument(
+        "--batch-window-ms",
+        type=float,
+        default=DEFAULT_BATCH_WINDOW_S * 1000,
+        help="how long a request that finds the model idle waits for others to batch with "
+        f"(default {DEFAULT_BATCH_WINDOW_S * 1000:g})",
+    )
+    parser.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
     )
     args = parser.parse_args(argv)
     adapters = dict(args.adapter)
     if len(adapters) != len(args.adapter):
         parser.error("adapter names must be unique")
+    if args.max_batch < 1 or args.batch_window_ms < 0:
+        parser.error("--max-batch must be >= 1 and --batch-window-ms >= 0")
+    try:
+        check_model_slots(args.model, adapters)
+    except ModelError as exc:
+        print(f"fspo serve-model: error: {exc}", file=sys.stderr)
+        return 2
 
     import uvicorn
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     try:
-        app = create_app(args.model, adapters, args.served_name, device=args.device, dtype=args.dtype)
+        app = create_app(
+            args.model,
+            adapters,
+            args.served_name,
+            device=args.device,
+            dtype=args.dtype,
+            max_batch=args.max_batch,
+            batch_window_s=args.batch_window_ms / 1000,
+        )
     except (LLMError, ValueError) as exc:
         print(f"fspo serve-model: error: {exc}", file=sys.stderr)
         return 1
