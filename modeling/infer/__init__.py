@@ -2,11 +2,11 @@
 OpenAI-compatible server or vLLM.
 
 - ``decoding``: ``UserQuestions`` (one user's picks and questions, rendered as FSPO prompts) and
-  ``Generation`` (one response), shared by every back end; and the local engine,
-  ``generate_personalized`` / ``generate_for_users``, which runs a user's shared few-shot prefix once
-  and decodes every question on top of its KV cache;
+  ``Generation`` (one response), shared by every back end; ``fit_to_context`` (drop a too-long
+  prompt's earliest shots); and the local engine, ``generate_personalized`` / ``generate_for_users``,
+  which runs a user's shared few-shot prefix once and decodes every question on top of its KV cache;
 - ``backends``: ``PersonalizationBackend`` and its local, OpenAI-compatible and vLLM implementations,
-  ``backend_from_spec`` and ``generate_for_episodes``.
+  ``checkpoint_chat_template``, ``backend_from_spec`` and ``generate_for_episodes``.
 """
 
 from .backends import (
@@ -17,6 +17,7 @@ from .backends import (
     PersonalizationBackend,
     VLLMBackend,
     backend_from_spec,
+    checkpoint_chat_template,
     generate_for_episodes,
 )
 from .decoding import (
@@ -24,6 +25,7 @@ from .decoding import (
     GenerationStats,
     UserQuestions,
     finish_generation,
+    fit_to_context,
     generate_for_users,
     generate_personalized,
     question_seed,
@@ -40,7 +42,9 @@ __all__ = [
     "UserQuestions",
     "VLLMBackend",
     "backend_from_spec",
+    "checkpoint_chat_template",
     "finish_generation",
+    "fit_to_context",
     "generate_for_episodes",
     "generate_for_users",
     "generate_personalized",

@@ -1,17 +1,22 @@
 """Back ends behind ``PersonalizationBackend`` (pick one with ``backend_from_spec``):
 
-- ``LocalBackend``: a local Hugging Face directory (and a peft LoRA adapter), through the local engine
-  (``modeling.infer.decoding``);
+- ``LocalBackend``: a local Hugging Face directory (and a peft LoRA adapter, merged into the weights),
+  through the local engine (``modeling.infer.decoding``);
 - ``OpenAICompletionsBackend``: an OpenAI-compatible ``/v1/completions`` endpoint (vLLM's server, or
-  ``fspo serve-model``) given the same plain-text prompt; an adapter is picked by its served name;
+  ``fspo serve-model``) given the same prompt as text; an adapter is picked by its served name;
 - ``VLLMBackend``: vLLM's offline engine with automatic prefix caching (GPU hosts only).
 
-``generate_for_episodes`` runs a back end on episodes (``modeling.data.Episode``), grouped by user.
+Every back end encodes a prompt as training did (``modeling.llm.fspo_prompt_ids``): plain Markdown, or
+wrapped in the model's chat template when the checkpoint's ``fspo.json`` says it was trained so
+(``checkpoint_chat_template``). ``generate_for_episodes`` runs a back end on episodes
+(``modeling.data.Episode``), grouped by user.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,12 +24,13 @@ from typing import Any
 
 from ..data import Episode, Pair
 from ..llm import (
+    _DTYPES,
     LLMError,
     OpenAICompatBackend,
     TextRequest,
-    TransformersBackend,
+    chat_wrapped,
+    fspo_prompt_ids,
     model_and_adapter_dirs,
-    plain_prompt_ids,
 )
 from .decoding import (
     Generation,
@@ -33,6 +39,7 @@ from .decoding import (
     _check_decoding,
     _regroup,
     finish_generation,
+    fit_to_context,
     generate_for_users,
     question_seed,
 )
@@ -132,9 +139,13 @@ class LocalBackend(PersonalizationBackend):
     once, generating through ``generate_for_users``.
 
     ``model_dir`` may itself be an adapter directory (as ``fspo train --lora`` writes): its base model
-    is the one its ``adapter_config.json`` names. Loading is ``TransformersBackend``'s (so a bad
-    directory or adapter is a one-line ``LLMError``, and the adapter runs unmerged exactly as ``fspo
-    serve-model`` runs it). A checkpoint written by ``fspo train`` has its prompt-format version checked.
+    is the one its ``adapter_config.json`` names. Both are checked before anything loads
+    (``modeling.models.check_causal_lm_dir``; an adapter trained on another base is refused by
+    ``check_adapter_base``), and a checkpoint written by ``fspo train`` has its prompt format checked
+    and says whether its prompts are chat-wrapped (``checkpoint_chat_template``). The adapter is merged
+    into the weights (``merge_adapter``): one backend serves one adapter, and the unmerged LoRA
+    matmuls cost about as much again as the base model's on every token (``docs/benchmarks.md``). A
+    bad directory or adapter is a one-line ``LLMError``. Thread-safe: one lock serialises generation.
     """
 
     def __init__(
@@ -146,17 +157,24 @@ class LocalBackend(PersonalizationBackend):
         dtype: str = "float32",
         batch_size: int = 8,
         reuse_prefix: bool = True,
+        merge_adapter: bool = True,
     ) -> None:
-        for d in (model_dir, adapter):
-            if d is not None:
-                _check_prompt_format(Path(d))
-        if adapter is None and Path(model_dir).is_dir():
-            model_dir, adapter = model_and_adapter_dirs(Path(model_dir), str(model_dir))
-        self.engine = TransformersBackend(model_dir, adapter_dir=adapter, device=device, dtype=dtype)
-        self.name = self.engine.name
+        model_dir = Path(model_dir)
+        if adapter is None and (model_dir / "adapter_config.json").is_file():
+            model_dir, adapter = model_and_adapter_dirs(model_dir, str(model_dir))
+        adapter = Path(adapter) if adapter is not None else None
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.chat_template = _check_dirs(model_dir, adapter)
+        self.model, self.tokenizer = _load(model_dir, adapter, device, dtype, merge_adapter)
+        self.name = f"hf:{model_dir}" + (f"+{adapter}" if adapter is not None else "")
+        self.adapter_merged = adapter is not None and merge_adapter
         self.batch_size = batch_size
         self.reuse_prefix = reuse_prefix
         self.last_stats = GenerationStats()
+        self._lock = threading.Lock()
 
     def generate_many(
         self,
@@ -170,12 +188,13 @@ class LocalBackend(PersonalizationBackend):
     ) -> list[list[Generation]]:
         """See ``generate_for_users``; its stats are kept in ``last_stats``."""
         stats = GenerationStats()
-        with self.engine.use_adapter(self.engine.default_adapter):  # also holds the model's lock
+        with self._lock:  # the model's buffers and the Rust tokenizer are not shared across threads
             generations = generate_for_users(
-                self.engine.model,
-                self.engine.tokenizer,
+                self.model,
+                self.tokenizer,
                 users,
                 cot=cot,
+                chat_template=self.chat_template,
                 max_new_tokens=max_new_tokens,
                 temperature=temperature,
                 top_p=top_p,
@@ -184,40 +203,133 @@ class LocalBackend(PersonalizationBackend):
                 batch_size=self.batch_size,
                 stats=stats,
             )
-        self.last_stats = stats
+            self.last_stats = stats
         return generations
 
 
-def _check_prompt_format(path: Path) -> None:
+def _check_dirs(model_dir: Path, adapter: Path | None) -> bool:
+    """Check a base model directory (and adapter) before loading; whether prompts are chat-wrapped."""
+    from ..models import ModelError, check_adapter_base, check_causal_lm_dir
+
+    if not model_dir.is_dir():
+        raise LLMError(f"cannot load model: {model_dir} is not a directory")
+    if adapter is not None and not (adapter / "adapter_config.json").is_file():
+        raise LLMError(f"cannot load adapter: {adapter} has no adapter_config.json")
+    chat_template = checkpoint_chat_template(model_dir, adapter)
+    try:
+        check_causal_lm_dir(model_dir)
+        if adapter is not None:
+            check_adapter_base(adapter, model_dir)
+    except ModelError as exc:
+        raise LLMError(f"cannot load model: {exc}") from None
+    return chat_template
+
+
+def _load(model_dir: Path, adapter: Path | None, device: str, dtype: str, merge: bool) -> tuple[Any, Any]:
+    """(model in eval mode on ``device``, tokenizer); the adapter merged into the weights if ``merge``.
+
+    The tokenizer is the checkpoint's own (``fspo train`` saves it beside the adapter), else the base's."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer_dir = (
+        adapter if adapter is not None and (adapter / "tokenizer_config.json").is_file() else model_dir
+    )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype="auto" if dtype == "auto" else getattr(torch, dtype)
+        )
+    except (OSError, ValueError) as exc:
+        raise LLMError(f"cannot load model from {model_dir}: {' '.join(str(exc).split())[:300]}") from None
+    if adapter is not None:
+        from peft import PeftModel
+
+        try:
+            model = PeftModel.from_pretrained(model, adapter)
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise LLMError(f"cannot load adapter {adapter}: {' '.join(str(exc).split())[:300]}") from None
+        if merge:
+            model = model.merge_and_unload()
+    return model.to(torch.device(device)).eval(), tokenizer
+
+
+def checkpoint_chat_template(*dirs: Path | None) -> bool:
+    """Whether a checkpoint's prompts are wrapped in the model's chat template: its ``fspo.json``
+    ``config.chat_template`` (``TrainConfig.chat_template``), False when absent. The last of ``dirs``
+    that has a manifest decides (pass the adapter after its base: the adapter's training is what the
+    prompt must match); every manifest's prompt format is checked."""
+    wrapped = False
+    for d in dirs:
+        if d is None:
+            continue
+        manifest = _manifest(d)
+        if manifest is not None:
+            config = manifest.get("config")
+            wrapped = bool(config.get("chat_template", False)) if isinstance(config, dict) else False
+    return wrapped
+
+
+def _manifest(path: Path) -> dict[str, Any] | None:
+    """A checkpoint's ``fspo.json`` with its prompt format checked; None for a plain HF directory."""
     from ..data import PROMPT_FORMAT_VERSION
 
     manifest = path / "fspo.json"
     if not manifest.is_file():
-        return  # a plain HF directory (a base model): nothing to check
-    import json
-
+        return None
     try:
-        fmt = json.loads(manifest.read_text()).get("prompt_format_version")
+        data = json.loads(manifest.read_text())
+        fmt = data.get("prompt_format_version")
     except (ValueError, AttributeError):
         raise LLMError(f"cannot load model: {manifest} is not a JSON object") from None
     if fmt != PROMPT_FORMAT_VERSION:
         raise LLMError(
             f"cannot load model: {path} uses prompt format {fmt!r}, this code writes {PROMPT_FORMAT_VERSION!r}"
         )
+    return data
 
 
 class OpenAICompletionsBackend(PersonalizationBackend):
-    """An OpenAI-compatible ``/v1/completions`` endpoint given the FSPO prompt as plain text.
+    """An OpenAI-compatible ``/v1/completions`` endpoint given the FSPO prompt as text.
 
     ``model`` is the served name: the base model, or a LoRA adapter (vLLM's ``--lora-modules
     name=dir``, ``fspo serve-model --adapter name=dir``). One request per question, all sent
-    concurrently with retries (``OpenAICompatBackend``). The server tokenizes and adds the BOS:
-    ``fspo serve-model`` exactly as ``plain_prompt_ids``; vLLM through its tokenizer's own special
-    tokens, which is the same for Llama 3 (its post-processor adds ``<|begin_of_text|>``) but not for a
-    tokenizer that declares a BOS without adding it. Prefix reuse is the server's business (vLLM's
-    automatic prefix caching; ``cached_tokens`` is not reported here)."""
+    concurrently with retries (``OpenAICompatBackend``). The text is the plain Markdown prompt, or with
+    ``chat_template`` (a checkpoint trained with ``TrainConfig.chat_template``) that prompt wrapped in
+    the chat template of ``tokenizer`` (``modeling.llm.chat_wrapped``; a local tokenizer or model
+    directory, or a loaded tokenizer: the served model's).
 
-    def __init__(self, base_url: str, model: str, *, api_key: str | None = None, **http_options: Any) -> None:
+    The server tokenizes. ``fspo serve-model`` does it exactly as ``fspo_prompt_ids``: the document BOS
+    once (a chat-wrapped text already starts with any BOS its template writes). vLLM adds its
+    tokenizer's own special tokens, which is the same for plain prompts on Llama 3 (its post-processor
+    adds ``<|begin_of_text|>``), but doubles a BOS that a chat template writes itself (Llama 3, Gemma;
+    not SmolLM2, whose template writes none). Prompts longer than the server's context are the server's
+    to refuse (no shots are cut here: the context is not known). Prefix reuse is the server's business
+    (vLLM's automatic prefix caching; ``cached_tokens`` is not reported here)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        *,
+        api_key: str | None = None,
+        chat_template: bool = False,
+        tokenizer: str | Path | Any = None,
+        **http_options: Any,
+    ) -> None:
+        if chat_template and tokenizer is None:
+            raise ValueError("chat_template needs the served model's tokenizer (a directory or a tokenizer)")
+        if isinstance(tokenizer, str | Path):
+            from transformers import AutoTokenizer
+
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+            except (OSError, ValueError) as exc:
+                raise LLMError(
+                    f"cannot load tokenizer from {tokenizer}: {' '.join(str(exc).split())[:300]}"
+                ) from None
+        self.chat_template = chat_template
+        self.tokenizer = tokenizer
         self.client = OpenAICompatBackend(base_url, model, api_key=api_key, **http_options)
         self.name = f"completions:{self.client.name}"
 
@@ -229,6 +341,10 @@ class OpenAICompletionsBackend(PersonalizationBackend):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def prompt_text(self, prompt: str) -> str:
+        """The text sent for one FSPO prompt: as is, or wrapped in the chat template."""
+        return chat_wrapped(self.tokenizer, prompt) if self.chat_template else prompt
 
     def generate_many(
         self,
@@ -246,7 +362,7 @@ class OpenAICompletionsBackend(PersonalizationBackend):
             for prompt, q in zip(user.prompts(cot=cot), user.questions, strict=True):
                 requests.append(
                     TextRequest(
-                        prompt,
+                        self.prompt_text(prompt),
                         max_tokens=max_new_tokens,
                         temperature=temperature,
                         top_p=top_p,
@@ -275,7 +391,11 @@ VLLM_MISSING = "vLLM is not installed: pip install 'fspo-studies[vllm]' on a GPU
 class VLLMBackend(PersonalizationBackend):
     """vLLM's offline engine (``vllm.LLM``) with automatic prefix caching, so a user's shared few-shot
     prefix is computed once across their questions. Prompts go in as token ids encoded exactly as
-    locally (BOS once); ``adapter`` is a peft LoRA directory served through ``LoRARequest``."""
+    locally (``fspo_prompt_ids``, chat-wrapped when the checkpoint says so), with the earliest shots
+    cut from a prompt too long for the engine's ``max_model_len``; ``adapter`` is a peft LoRA
+    directory (checked against the base as locally) served through ``LoRARequest``, which vLLM applies
+    unmerged in batched kernels. Generation stops at the model's EOS tokens (vLLM reads them from its
+    generation config and tokenizer, as ``stop_token_ids`` does)."""
 
     def __init__(
         self,
@@ -290,15 +410,10 @@ class VLLMBackend(PersonalizationBackend):
         except ImportError:
             raise LLMError(VLLM_MISSING) from None
         model_dir = Path(model_dir)
-        if not model_dir.is_dir():
-            raise LLMError(f"cannot load model: {model_dir} is not a directory")
-        _check_prompt_format(model_dir)
+        adapter = Path(adapter) if adapter is not None else None
+        self.chat_template = _check_dirs(model_dir, adapter)
         self._lora = None
         if adapter is not None:
-            adapter = Path(adapter)
-            if not (adapter / "adapter_config.json").is_file():
-                raise LLMError(f"cannot load adapter: {adapter} has no adapter_config.json")
-            _check_prompt_format(adapter)
             from vllm.lora.request import LoRARequest
 
             enable_lora = True
@@ -321,10 +436,18 @@ class VLLMBackend(PersonalizationBackend):
         from vllm import SamplingParams
 
         _check_decoding(max_new_tokens, temperature, top_p, seed)
-        inputs, params, descriptions = [], [], []
-        for user in users:
-            for prompt, q in zip(user.prompts(cot=cot), user.questions, strict=True):
-                inputs.append({"prompt_token_ids": plain_prompt_ids(self.tokenizer, prompt)})
+        limit = getattr(getattr(self.llm.llm_engine, "model_config", None), "max_model_len", None)
+        fitted = fit_to_context(
+            users,
+            lambda text: fspo_prompt_ids(self.tokenizer, text, chat_template=self.chat_template),
+            limit if isinstance(limit, int) else None,
+            max_new_tokens,
+            cot=cot,
+        )
+        inputs = [{"prompt_token_ids": ids} for ids in fitted.ids]
+        params, descriptions = [], []
+        for user in fitted.users:
+            for q in user.questions:
                 params.append(
                     SamplingParams(
                         n=1,
@@ -337,7 +460,7 @@ class VLLMBackend(PersonalizationBackend):
                 descriptions.append(user.description)
         outputs = self.llm.generate(inputs, params, lora_request=self._lora, use_tqdm=False)
         flat = []
-        for item, out, d in zip(inputs, outputs, descriptions, strict=True):
+        for item, out, d, cut in zip(inputs, outputs, descriptions, fitted.shots_cut, strict=True):
             choice = out.outputs[0]
             flat.append(
                 finish_generation(
@@ -348,9 +471,10 @@ class VLLMBackend(PersonalizationBackend):
                     new_tokens=len(choice.token_ids),
                     cached_tokens=int(getattr(out, "num_cached_tokens", 0) or 0),
                     finish_reason=choice.finish_reason or "stop",
+                    shots_cut=cut,
                 )
             )
-        return _regroup(users, flat)
+        return fitted.restore(flat, users)
 
 
 def backend_from_spec(spec: str, **options: Any) -> PersonalizationBackend:

@@ -10,17 +10,25 @@ prefix runs through the model once; its KV cache is copied into every row of a b
 buffers sized for the whole generation, so decoding never re-copies the cache), only each question's
 suffix (question, headers) is run on top of it, and a batched decode loop writes the replies.
 ``reuse_prefix=False`` is the baseline: batched ``model.generate`` on each full prompt. The output is
-the same either way (tested for greedy and seeded sampling). ``generate_for_users`` does several users
-in one call (an evaluation: many users, one or a few questions each): users with two or more questions
-reuse their prefix, and the remaining prompts of all users are batched together.
+the same either way (tested for greedy and seeded sampling, on the tiny model and on SmolLM2 with a
+LoRA adapter). ``generate_for_users`` does several users in one call (an evaluation: many users, one or
+a few questions each): users with two or more questions reuse their prefix, and the remaining prompts
+of all users are batched together.
+
+Prompts are encoded by ``modeling.llm.fspo_prompt_ids``, exactly as training encodes them: plain
+Markdown with the document BOS, or (``chat_template``) wrapped in the model's chat template. A prompt
+that does not fit the model's context with its ``max_new_tokens`` drops its earliest shots until it does
+(``Generation.shots_cut``), as training does. Models whose KV cache is not plain full attention
+(sliding-window layers: Gemma 2/3, Mistral with ``sliding_window``) always take the plain path.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
-import uuid
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,13 +38,15 @@ from ..llm import (
     ProgressFn,
     TextRequest,
     context_length,
+    fspo_prompt_ids,
     generate_ids,
     pad_token_id,
-    plain_prompt_ids,
     row_generator,
     sample_token,
     stop_token_ids,
 )
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -50,6 +60,8 @@ class Generation:
     new_tokens: tokens generated (the stop token included, as OpenAI counts).
     cached_tokens: prompt tokens that came from the shared-prefix cache instead of being run again.
     finish_reason: "stop" (EOS) or "length" (``max_new_tokens`` reached).
+    shots_cut: the earliest shots dropped so that the prompt and ``max_new_tokens`` fit the model's
+        context (0: the prompt holds every shot).
     """
 
     text: str
@@ -58,6 +70,7 @@ class Generation:
     new_tokens: int
     cached_tokens: int = 0
     finish_reason: str = "stop"
+    shots_cut: int = 0
 
 
 @dataclass
@@ -68,9 +81,11 @@ class GenerationStats:
     prompt_tokens_computed: prompt positions actually run through the model, padding included.
     prefix_tokens: length of the shared prefixes that were reused (each run once).
     reused: questions generated on top of a prefix cache.
-    fallbacks: questions whose prompt did not tokenize as prefix + suffix at the cut, so they were
-        generated from their full prompt instead.
+    fallbacks: questions that shared a prefix with others of their user but went through plain
+        ``generate`` because the model's KV cache cannot be reused that way (sliding-window layers).
     new_tokens: tokens generated over all questions.
+    shots_cut: shots dropped from the start of prompts too long for the context, over all questions.
+    prompts_cut: questions whose prompt lost at least one shot that way.
     """
 
     questions: int = 0
@@ -80,6 +95,8 @@ class GenerationStats:
     reused: int = 0
     fallbacks: int = 0
     new_tokens: int = 0
+    shots_cut: int = 0
+    prompts_cut: int = 0
 
 
 @dataclass(frozen=True)
@@ -124,6 +141,7 @@ def finish_generation(
     new_tokens: int,
     cached_tokens: int = 0,
     finish_reason: str = "stop",
+    shots_cut: int = 0,
 ) -> Generation:
     """A Generation from a model's raw continuation of a ``UserQuestions`` prompt: every back end
     post-processes the same way, so their texts compare exactly."""
@@ -133,7 +151,7 @@ def finish_generation(
         predicted, response = split_cot_output(text)
     else:
         predicted, response = None, text.strip()
-    return Generation(response, predicted, prompt_tokens, new_tokens, cached_tokens, finish_reason)
+    return Generation(response, predicted, prompt_tokens, new_tokens, cached_tokens, finish_reason, shots_cut)
 
 
 def question_seed(seed: int | None, question: str) -> int | None:
@@ -159,6 +177,72 @@ def _regroup(users: Sequence[UserQuestions], flat: list[Generation]) -> list[lis
     return out
 
 
+@dataclass
+class FittedPrompts:
+    """Users' prompts made to fit a context (``fit_to_context``), ready to encode once and generate.
+
+    users: the users as they will be generated: one per (original user, number of shots kept), in
+        order of first appearance, each with the questions that keep that many shots.
+    ids: the token ids of every prompt of ``users``, flat, in that order.
+    shots_cut: how many earliest shots each of those prompts lost (flat, same order).
+    origin: for each of those prompts, its index among the original users' questions (flat).
+    """
+
+    users: list[UserQuestions]
+    ids: list[list[int]]
+    shots_cut: list[int]
+    origin: list[int]
+
+    def restore(self, flat: list[Generation], original: Sequence[UserQuestions]) -> list[list[Generation]]:
+        """Generations in the order of ``users`` back to the original users' questions."""
+        out: list[Generation | None] = [None] * len(flat)
+        for i, g in zip(self.origin, flat, strict=True):
+            out[i] = g
+        return _regroup(original, [g for g in out if g is not None])
+
+
+def fit_to_context(
+    users: Sequence[UserQuestions],
+    encode: Callable[[str], list[int]],
+    limit: int | None,
+    max_new_tokens: int,
+    *,
+    cot: bool = False,
+) -> FittedPrompts:
+    """Each prompt encoded by ``encode``; one that does not leave ``max_new_tokens`` in a context of
+    ``limit`` tokens drops its user's earliest shots, one at a time, until it does (never the question:
+    the latest shots are the most recent picks, as training drops them). Questions of one user that keep
+    the same shots stay together, so they still share a prefix. LLMError if a question does not fit even
+    with no shots left. ``limit`` None: no limit, nothing is cut."""
+    groups: dict[tuple[int, int], list[tuple[int, str, list[int]]]] = {}
+    flat = 0
+    for u, user in enumerate(users):
+        for question in user.questions:
+            cut = 0
+            while True:
+                one = dataclasses.replace(user, shots=user.shots[cut:], questions=(question,))
+                ids = encode(one.prompts(cot=cot)[0])
+                if limit is None or len(ids) + max_new_tokens <= limit:
+                    break
+                if cut == len(user.shots):
+                    raise LLMError(
+                        f"a prompt of {len(ids)} tokens with every shot cut + {max_new_tokens} new tokens "
+                        f"exceeds the model's context of {limit} tokens (question: {question[:60]!r})"
+                    )
+                cut += 1
+            groups.setdefault((u, cut), []).append((flat, question, ids))
+            flat += 1
+    fitted = FittedPrompts([], [], [], [])
+    for (u, cut), items in groups.items():
+        user = users[u]
+        questions = tuple(q for _, q, _ in items)
+        fitted.users.append(dataclasses.replace(user, shots=user.shots[cut:], questions=questions))
+        fitted.ids += [ids for _, _, ids in items]
+        fitted.shots_cut += [cut] * len(items)
+        fitted.origin += [i for i, _, _ in items]
+    return fitted
+
+
 # ---------------------------------------------------------------------------------------------------
 # The local engine
 
@@ -172,6 +256,7 @@ def generate_personalized(
     instruction: str,
     cot: bool = False,
     description: str | None = None,
+    chat_template: bool = False,
     max_new_tokens: int = 256,
     temperature: float = 0.0,
     top_p: float = 1.0,
@@ -183,21 +268,24 @@ def generate_personalized(
 ) -> list[Generation]:
     """Generate one response per question for the user whose picks are ``shots``.
 
-    Prompts are ``UserQuestions.prompts`` (plain Markdown, no chat template), encoded with the
-    tokenizer's BOS once. ``temperature == 0`` is greedy; otherwise each row samples with its own
-    ``torch.Generator`` seeded from ``seed`` and its question (``question_seed``; None: the global
-    torch RNG), so a seeded reply does not depend on what else is asked or batched with it.
+    Prompts are ``UserQuestions.prompts`` encoded by ``fspo_prompt_ids``: plain Markdown with the
+    document BOS once, or with ``chat_template`` (a checkpoint trained with ``TrainConfig.chat_template``)
+    the model's chat template around it. ``temperature == 0`` is greedy; otherwise each row samples with
+    its own ``torch.Generator`` seeded from ``seed`` and its question (``question_seed``; None: the
+    global torch RNG), so a seeded reply does not depend on what else is asked or batched with it.
 
     ``reuse_prefix`` runs the shared few-shot prefix once (see the module docstring; a lone question
-    is simply run whole); the output is the same without it. ``stats`` (if given) is filled with token
-    accounting; ``progress(done, total)`` is called after each batch. The model is used as is (eval
-    mode, adapters as set by the caller)."""
+    is simply run whole); the output is the same without it. A prompt longer than the model's context
+    (with ``max_new_tokens``) drops its earliest shots (``Generation.shots_cut``). ``stats`` (if given)
+    is filled with token accounting; ``progress(done, total)`` is called after each batch. The model is
+    used as is (eval mode, adapters as set by the caller)."""
     user = UserQuestions(tuple(shots), tuple(questions), instruction, description)
     return generate_for_users(
         model,
         tokenizer,
         [user],
         cot=cot,
+        chat_template=chat_template,
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         top_p=top_p,
@@ -215,6 +303,7 @@ def generate_for_users(
     users: Sequence[UserQuestions],
     *,
     cot: bool = False,
+    chat_template: bool = False,
     max_new_tokens: int = 256,
     temperature: float = 0.0,
     top_p: float = 1.0,
@@ -226,9 +315,10 @@ def generate_for_users(
 ) -> list[list[Generation]]:
     """``generate_personalized`` for several users in one call: each user's generations, in order.
 
-    A user with two or more questions has their shared prefix run once; every other prompt (lone
-    questions of many users, tokenization fallbacks, everything with ``reuse_prefix=False``) goes
-    through plain batched ``generate``, shortest prompts together to limit padding."""
+    A user with two or more questions (that keep the same shots) has their shared prefix run once;
+    every other prompt (lone questions of many users, everything with ``reuse_prefix=False`` or on a
+    model whose cache cannot be reused) goes through plain batched ``generate``, shortest prompts
+    together to limit padding."""
     import torch
 
     _check_decoding(max_new_tokens, temperature, top_p, seed)
@@ -236,57 +326,60 @@ def generate_for_users(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if not users:
         return []
-    prompts = [p for user in users for p in user.prompts(cot=cot)]
-    questions = [q for user in users for q in user.questions]
-    descriptions = [user.description for user in users for _ in user.questions]
-    full_ids = [plain_prompt_ids(tokenizer, p) for p in prompts]
-    limit = context_length(model)
-    longest = max(len(ids) for ids in full_ids)
-    if limit is not None and longest + max_new_tokens > limit:
-        raise LLMError(
-            f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the model's context of {limit} tokens"
-        )
+    fitted = fit_to_context(
+        users,
+        lambda text: fspo_prompt_ids(tokenizer, text, chat_template=chat_template),
+        context_length(model),
+        max_new_tokens,
+        cot=cot,
+    )
+    full_ids = fitted.ids
+    questions = [q for user in fitted.users for q in user.questions]
+    descriptions = [user.description for user in fitted.users for _ in user.questions]
     decoder = _Decoder(model, tokenizer)
     samplings = [_Sampling(temperature, top_p, question_seed(seed, q)) for q in questions]
     stats = stats if stats is not None else GenerationStats()
-    stats.questions += len(prompts)
+    stats.questions += len(full_ids)
     stats.prompt_tokens += sum(len(ids) for ids in full_ids)
-    raw: list[tuple[list[int], str, int] | None] = [None] * len(prompts)  # (new ids, finish, cached)
-    total, done = len(prompts), 0
+    stats.shots_cut += sum(fitted.shots_cut)
+    stats.prompts_cut += sum(1 for c in fitted.shots_cut if c)
+    raw: list[tuple[list[int], str, int] | None] = [None] * len(full_ids)  # (new ids, finish, cached)
+    total, done = len(full_ids), 0
+    cache_problem = _prefix_cache_problem(model) if reuse_prefix else None
 
     plain: list[int] = []
     start = 0
-    for user in users:
+    for user in fitted.users:
         idx = list(range(start, start + len(user.questions)))
         start += len(idx)
         if not reuse_prefix or len(idx) < 2:
             plain += idx
             continue
-        prefix_ids, suffixes = _split_at_shared_prefix(
-            tokenizer, user.shots, user.instruction, [prompts[i] for i in idx], [full_ids[i] for i in idx]
-        )
-        reusable = [(i, s) for i, s in zip(idx, suffixes, strict=True) if s is not None]
-        fallbacks = [i for i, s in zip(idx, suffixes, strict=True) if s is None]
-        stats.fallbacks += len(fallbacks)
-        plain += fallbacks
-        if len(reusable) < 2 or not _prefix_cache_supported(model):
-            plain += [i for i, _ in reusable]
+        if cache_problem is not None:
+            _log_once(f"{type(model).__name__}: {cache_problem}; generating from full prompts")
+            stats.fallbacks += len(idx)
+            plain += idx
             continue
+        cut = _shared_prefix_length([full_ids[i] for i in idx])
+        if cut == 0:
+            plain += idx
+            continue
+        prefix_ids = full_ids[idx[0]][:cut]
         with torch.inference_mode():
             prefix_kv = _prefill_prefix(model, prefix_ids)
-        stats.prefix_tokens += len(prefix_ids)
-        stats.prompt_tokens_computed += len(prefix_ids)
-        stats.reused += len(reusable)
-        for b in range(0, len(reusable), batch_size):
-            batch = [i for i, _ in reusable[b : b + batch_size]]
-            rows = [s for _, s in reusable[b : b + batch_size]]
+        stats.prefix_tokens += cut
+        stats.prompt_tokens_computed += cut
+        stats.reused += len(idx)
+        for b in range(0, len(idx), batch_size):
+            batch = idx[b : b + batch_size]
+            rows = [full_ids[i][cut:] for i in batch]
             with torch.inference_mode():
                 outputs = decoder.decode_on_prefix(
-                    prefix_kv, len(prefix_ids), rows, [samplings[i] for i in batch], max_new_tokens
+                    prefix_kv, cut, rows, [samplings[i] for i in batch], max_new_tokens
                 )
             stats.prompt_tokens_computed += len(batch) * max(len(r) for r in rows)
             for i, (ids, finish) in zip(batch, outputs, strict=True):
-                raw[i] = (ids, finish, len(prefix_ids))
+                raw[i] = (ids, finish, cut)
             done += len(batch)
             if progress is not None:
                 progress(done, total)
@@ -324,44 +417,50 @@ def generate_for_users(
                 new_tokens=new_tokens,
                 cached_tokens=cached,
                 finish_reason=finish,
+                shots_cut=fitted.shots_cut[i],
             )
         )
-    return _regroup(users, flat)
+    return fitted.restore(flat, users)
 
 
-def _split_at_shared_prefix(
-    tokenizer: Any, shots: Sequence[Pair], instruction: str, prompts: list[str], full_ids: list[list[int]]
-) -> tuple[list[int], list[list[int] | None]]:
-    """(prefix ids, each prompt's suffix ids or None where the cut does not tokenize cleanly).
+def _shared_prefix_length(prompts: list[list[int]]) -> int:
+    """How many leading token ids all ``prompts`` share, leaving every prompt at least one of its own.
 
-    The prefix is the prompt text before the question, which ends with ``## Question\\n``, so the cut
-    sits at a newline. BPE tokenizers (GPT-2 / Llama 3 style) never merge a newline with the letter
-    after it, so ids(prefix) + ids(suffix) == ids(prompt) and reusing the prefix's KV cache is exact;
-    a tokenizer for which that fails for a prompt (e.g. SentencePiece adding a leading space to the
-    suffix) gets that prompt generated from its full ids instead."""
-    marker = f"\x00{uuid.uuid4().hex}\x00"
-    probe = build_prompt(shots, marker, instruction=instruction)
-    prefix = probe[: probe.index(marker)]
-    prefix = prefix[: prefix.rfind("\n") + 1]  # a newline boundary even if the format changes
-    prefix_ids = plain_prompt_ids(tokenizer, prefix)
-    suffixes: list[list[int] | None] = []
-    for text, ids in zip(prompts, full_ids, strict=True):
-        suffix = None
-        if text.startswith(prefix) and len(text) > len(prefix):
-            candidate = list(tokenizer(text[len(prefix) :], add_special_tokens=False)["input_ids"])
-            if candidate and prefix_ids + candidate == ids:
-                suffix = candidate
-        suffixes.append(suffix)
-    return prefix_ids, suffixes
+    The cut is on token ids, not text, so reusing the prefix's KV cache is exact by causality whatever
+    the tokenizer does at the boundary (a BPE tokenizer cuts right after ``## Question\\n``; a
+    SentencePiece one that merges across it cuts a token or two earlier). Each row keeps one token so
+    that it has a position to predict its first new token from."""
+    first = prompts[0]
+    n = min(len(p) for p in prompts) - 1
+    for other in prompts[1:]:
+        i = 0
+        while i < n and other[i] == first[i]:
+            i += 1
+        n = i
+    return max(n, 0)
 
 
-def _prefix_cache_supported(model: Any) -> bool:
-    """Prefix reuse expands plain full-attention KV layers; sliding-window, linear-attention or
-    quantized caches (Mistral, Gemma, hybrids) take the plain path."""
+def _prefix_cache_problem(model: Any) -> str | None:
+    """Why a prefix's KV cache cannot be copied under other suffixes for this model, or None.
+
+    The reuse path expands plain full-attention KV layers into preallocated buffers. A sliding-window
+    layer (Gemma 2/3, Mistral with ``sliding_window``) keeps only its last window of keys and masks by
+    it, linear-attention or hybrid layers keep a state instead of keys: those models take the plain
+    path, which is what ``generate`` does for them."""
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
-    return all(type(layer) is DynamicLayer for layer in DynamicCache(config=model.config).layers)
+    kinds = {type(layer).__name__ for layer in DynamicCache(config=model.config).layers}
+    if kinds <= {DynamicLayer.__name__}:
+        return None
+    window = getattr(model.config.get_text_config(), "sliding_window", None)
+    what = f"sliding-window attention (window {window})" if window else "not plain full attention"
+    return f"its KV cache layers ({', '.join(sorted(kinds))}) are {what}, so a shared prefix is not reused"
+
+
+@functools.cache
+def _log_once(message: str) -> None:
+    logger.warning(message)
 
 
 def _prefill_prefix(model: Any, prefix_ids: list[int]) -> list[tuple[Any, Any]]:
@@ -372,7 +471,7 @@ def _prefill_prefix(model: Any, prefix_ids: list[int]) -> list[tuple[Any, Any]]:
     cache = DynamicCache(config=model.config)
     input_ids = torch.tensor([prefix_ids], dtype=torch.long, device=model.device)
     # Only the cache is wanted; logits_to_keep=1 avoids a (prefix x vocab) logits tensor.
-    model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1)
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
@@ -489,7 +588,7 @@ class _Decoder:
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=positions,
-            past_key_values=cache,
+            cache=cache,
             use_cache=True,
             logits_to_keep=keep,
         ).logits
@@ -528,7 +627,7 @@ class _Decoder:
                 input_ids=tokens[:, None],
                 attention_mask=attention_mask,
                 position_ids=next_pos[:, None],
-                past_key_values=cache,
+                cache=cache,
                 use_cache=True,
             ).logits[:, -1]
             next_pos = next_pos + 1

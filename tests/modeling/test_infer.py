@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -191,9 +192,11 @@ def test_it_encodes_the_markdown_prompt_with_one_bos_and_no_chat_template(
     assert tokenizer.decode(ids[1:]) == prompt  # nothing but the Markdown (no "### User:" template)
 
 
-def test_it_falls_back_to_full_prompts_when_a_tokenizer_merges_across_the_cut(tmp_path: Path) -> None:
-    # A SentencePiece-style tokenizer (Llama 2) prepends "▁" to any text it encodes, so the question
-    # encoded alone does not match its tokens inside the full prompt.
+def test_it_reuses_the_shared_tokens_even_when_a_tokenizer_merges_across_the_question(
+    tmp_path: Path,
+) -> None:
+    # A SentencePiece-style tokenizer (Llama 2) prepends "▁" to any text it encodes, so the text before
+    # the question does not tokenize as the start of the full prompt; the cut is on the prompts' ids.
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
@@ -214,13 +217,76 @@ def test_it_falls_back_to_full_prompts_when_a_tokenizer_merges_across_the_cut(tm
     reused = run(pair, SHOTS[:2], questions=QUESTIONS[:3], max_new_tokens=6, stats=stats)
     plain = run(pair, SHOTS[:2], questions=QUESTIONS[:3], max_new_tokens=6, reuse_prefix=False)
 
-    assert (stats.fallbacks, stats.reused) == (3, 0)
+    assert (stats.reused, stats.fallbacks) == (3, 0)
     assert outputs(reused) == outputs(plain)
-    assert all(g.cached_tokens == 0 for g in reused)
+    assert all(g.cached_tokens == stats.prefix_tokens > 0 for g in reused)
 
 
-def test_it_rejects_a_prompt_longer_than_the_context(model_and_tokenizer: tuple[Any, Any]) -> None:
-    with pytest.raises(LLMError, match="exceeds the model's context of 2048 tokens"):
+@contextmanager
+def context_of(model: Any, tokens: int) -> Iterator[None]:
+    """The model's context (``max_position_embeddings``, what ``context_length`` reads) set to
+    ``tokens`` for a while: RoPE does not depend on it, so the outputs of prompts that fit are unchanged."""
+    original = model.config.max_position_embeddings
+    model.config.max_position_embeddings = tokens
+    try:
+        yield
+    finally:
+        model.config.max_position_embeddings = original
+
+
+def test_a_prompt_longer_than_the_context_drops_its_earliest_shots_and_says_how_many(
+    model_and_tokenizer: tuple[Any, Any],
+) -> None:
+    model, tokenizer = model_and_tokenizer
+    long = " ".join(_S[50:56])
+    questions = ["Why?", long, "How?"]
+
+    def length(cut: int, question: str) -> int:
+        return len(plain_prompt_ids(tokenizer, build_prompt(SHOTS[cut:], question, instruction=INSTRUCTION)))
+
+    new = 4
+    # The short questions fit without their first shot, the long one only without its first two.
+    limit = max(length(1, "Why?"), length(1, "How?")) + new
+    assert min(length(0, "Why?"), length(0, "How?"), length(1, long)) + new > limit >= length(2, long) + new
+    stats, plain_stats = GenerationStats(), GenerationStats()
+
+    with context_of(model, limit):
+        cut = run(model_and_tokenizer, SHOTS, questions=questions, max_new_tokens=new, stats=stats)
+        plain = run(
+            model_and_tokenizer,
+            SHOTS,
+            questions=questions,
+            max_new_tokens=new,
+            reuse_prefix=False,
+            stats=plain_stats,
+        )
+    by_hand = [
+        run(model_and_tokenizer, SHOTS[k:], questions=[q], max_new_tokens=new)[0]
+        for k, q in zip((1, 2, 1), questions, strict=True)
+    ]
+
+    assert [g.shots_cut for g in cut] == [1, 2, 1]
+    assert outputs(cut) == outputs(plain) == outputs(by_hand)
+    assert (stats.shots_cut, stats.prompts_cut) == (plain_stats.shots_cut, plain_stats.prompts_cut) == (4, 3)
+    assert stats.reused == 2  # the two short questions keep the same shots, so they still share them
+    assert all(g.prompt_tokens + new <= limit for g in cut)
+
+
+def test_it_cuts_nothing_from_prompts_that_fit(model_and_tokenizer: tuple[Any, Any]) -> None:
+    stats = GenerationStats()
+
+    generations = run(model_and_tokenizer, SHOTS, questions=QUESTIONS[:2], max_new_tokens=2, stats=stats)
+
+    assert (stats.shots_cut, stats.prompts_cut) == (0, 0)
+    assert {g.shots_cut for g in generations} == {0}
+
+
+def test_it_says_clearly_when_a_question_does_not_fit_even_without_shots(
+    model_and_tokenizer: tuple[Any, Any],
+) -> None:
+    with pytest.raises(
+        LLMError, match="with every shot cut \\+ 5000 new tokens exceeds the model's context of 2048"
+    ):
         run(model_and_tokenizer, SHOTS, max_new_tokens=5000)
     with pytest.raises(ValueError, match="questions"):
         run(model_and_tokenizer, SHOTS, questions=["fine", "  "])
@@ -358,7 +424,7 @@ def test_it_reports_a_bad_model_or_adapter_directory_clearly(tiny_model_dir: Pat
     with pytest.raises(LLMError, match="is not a directory"):
         LocalBackend(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(LLMError, match=f"cannot load model from {tmp_path / 'empty'}"):
+    with pytest.raises(LLMError, match=f"cannot load model: {tmp_path / 'empty'}: not a Hugging Face model"):
         LocalBackend(tmp_path / "empty")
     with pytest.raises(LLMError, match="has no adapter_config.json"):
         LocalBackend(tiny_model_dir, adapter=tmp_path / "empty")
@@ -379,7 +445,7 @@ def test_it_builds_backends_from_specs(
 
     assert isinstance(backend_from_spec(str(tiny_model_dir)), LocalBackend)
     adapted = backend_from_spec(f"hf:{lora_dir}")
-    assert isinstance(adapted, LocalBackend) and adapted.engine.default_adapter == "default"
+    assert isinstance(adapted, LocalBackend) and adapted.name == f"hf:{tiny_model_dir}+{lora_dir}"
     with pytest.raises(LLMError, match="vLLM is not installed"):
         backend_from_spec(f"vllm:{tiny_model_dir}")
     with pytest.raises(LLMError, match="needs the model name"):
