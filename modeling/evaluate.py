@@ -15,12 +15,15 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from .data import Episode, EpisodeSource
 from .judges import Comparison, Judge, OracleJudge, win_rate
+
+if TYPE_CHECKING:
+    from .infer import Generation
 
 Progress = Callable[[int, int, str], None]
 
@@ -78,14 +81,15 @@ def generate_arm(
     temperature: float = 0.0,
     seed: int = 0,
     backend: Any = None,
-) -> list[str]:
+) -> list[Generation]:
     """One response of one arm to each episode's target question (greedy at temperature 0, else
     sampled with a seed per question, so every arm and rerun draws the same way). ``max_new_tokens``
-    is the response's budget (``generate_for_episodes`` adds a CoT arm's description budget)."""
+    is the response's budget (``generate_for_episodes`` adds a CoT arm's description budget). Each
+    ``Generation`` also says how many earliest shots its prompt lost to fit the model's context."""
     from .infer import LocalBackend, generate_for_episodes
 
     backend = backend or LocalBackend(arm.model)
-    gens = generate_for_episodes(
+    return generate_for_episodes(
         backend,
         _episodes_for(arm, episodes),
         cot=arm.cot,
@@ -94,7 +98,11 @@ def generate_arm(
         temperature=temperature,
         seed=seed if temperature > 0 else None,
     )
-    return [g.text for g in gens]
+
+
+def _cut_counts(gens: Sequence[Generation]) -> dict[str, int]:
+    """How many prompts dropped shots to fit the context, and how many shots in all."""
+    return {"prompts_cut": sum(1 for g in gens if g.shots_cut), "shots_cut": sum(g.shots_cut for g in gens)}
 
 
 def _compare(
@@ -157,12 +165,13 @@ def evaluate(
     eps = [dataclasses.replace(e, shots=e.shots[:shots]) for e in pool]
     total = len(arms) + len(shot_sweep)
     texts: dict[str, list[str]] = {}
+    cuts: dict[str, dict[str, int]] = {}
     for i, arm in enumerate(arms):
         if progress:
             progress(i, total, f"generating: {arm.name}")
-        texts[arm.name] = generate_arm(
-            arm, eps, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed
-        )
+        gens = generate_arm(arm, eps, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+        texts[arm.name] = [g.text for g in gens]
+        cuts[arm.name] = _cut_counts(gens)
     table = []
     oracle = judge if isinstance(judge, OracleJudge) else None
     for arm in arms:
@@ -171,6 +180,7 @@ def evaluate(
             row.update(win_rate=0.5, ci_low=0.5, ci_high=0.5, n=len(eps), p_value=None, baseline=True)
         else:
             row.update(win_rate(_compare(judge, eps, texts[arm.name], texts[baseline]), seed=seed).to_dict())
+        row.update(cuts[arm.name])
         if oracle:
             row["mean_oracle_score"] = float(
                 np.mean(
@@ -191,11 +201,11 @@ def evaluate(
             if progress:
                 progress(len(arms) + j, total, f"shot sweep: {arm.name} N={n}")
             eps_n = [dataclasses.replace(e, shots=e.shots[:n]) for e in pool]
-            t = generate_arm(
+            gens = generate_arm(
                 arm, eps_n, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, backend=backend
             )
-            w = win_rate(_compare(judge, eps_n, t, texts[baseline]), seed=seed)
-            sweep.append({"shots": n, **w.to_dict()})
+            w = win_rate(_compare(judge, eps_n, [g.text for g in gens], texts[baseline]), seed=seed)
+            sweep.append({"shots": n, **w.to_dict(), **_cut_counts(gens)})
     h2h = [
         {"arm": a, "vs": b, **win_rate(_compare(judge, eps, texts[a], texts[b]), seed=seed).to_dict()}
         for a, b in head_to_head
@@ -247,6 +257,14 @@ def report_markdown(result: EvalResult, meta: dict[str, Any]) -> str:
             f"| {r['arm']} | {r['context']} | {'yes' if r['cot'] else ''} | {100 * r['win_rate']:.1f}% | "
             f"{100 * r['ci_low']:.1f}–{100 * r['ci_high']:.1f} | {p} | {score} |"
         )
+    cut = [r for r in result.table if r.get("prompts_cut")]
+    if cut:
+        lines += [
+            "",
+            "Prompts too long for the model's context dropped their earliest shots: "
+            + "; ".join(f"`{r['arm']}` {r['prompts_cut']} prompts ({r['shots_cut']} shots)" for r in cut)
+            + ".",
+        ]
     if result.shot_sweep:
         lines += ["", "## Shot-count sensitivity", "", "| shots | win rate | 95% CI |", "|---:|---:|---|"]
         lines += [
@@ -441,13 +459,14 @@ def style_following(
     )
     if not prompts:
         raise DatasetError(f"{ds.path}: no held-out episode has every shot question answered in one style")
-    texts = generate_arm(
+    gens = generate_arm(
         Arm("probe", str(model_dir)),
         prompts,
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         seed=seed,
     )
+    texts = [g.text for g in gens]
     got = styles_read(domain, texts)
     return StyleFollowing(
         episodes=len(prompts),

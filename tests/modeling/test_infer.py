@@ -24,7 +24,7 @@ from modeling.infer import (
     generate_for_episodes,
     generate_personalized,
 )
-from modeling.llm import LLMError, TextRequest, generate_ids, plain_prompt_ids
+from modeling.llm import LLMError, TextRequest, fspo_prompt_ids, generate_ids, plain_prompt_ids
 from tests.modeling.conftest import ADAPTER_NAME, BASE_NAME, english_like_sentences
 
 INSTRUCTION = "Answer the question the way this user prefers."
@@ -292,6 +292,71 @@ def test_it_says_clearly_when_a_question_does_not_fit_even_without_shots(
         run(model_and_tokenizer, SHOTS, questions=["fine", "  "])
 
 
+def sliding_window_model(kind: str, tokenizer: Any) -> Any:
+    """A tiny random-weight Gemma 2 or Mistral whose attention window (16) is far shorter than a prompt."""
+    import torch
+    from transformers import Gemma2Config, Gemma2ForCausalLM, MistralConfig, MistralForCausalLM
+
+    common: dict[str, Any] = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "head_dim": 32,
+        "sliding_window": 16,
+        "max_position_embeddings": 2048,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    config_class, model_class = {
+        "gemma2": (Gemma2Config, Gemma2ForCausalLM),
+        "mistral": (MistralConfig, MistralForCausalLM),
+    }[kind]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return model_class(config_class(**common)).eval()
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "mistral"])
+def test_a_sliding_window_model_takes_the_plain_path_and_says_why_once(
+    model_and_tokenizer: tuple[Any, Any], kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    from modeling.infer import decoding
+
+    _, tokenizer = model_and_tokenizer
+    pair = (sliding_window_model(kind, tokenizer), tokenizer)
+    decoding._log_once.cache_clear()
+    stats = GenerationStats()
+
+    with caplog.at_level("WARNING", logger="modeling.infer.decoding"):
+        generations = run(pair, SHOTS[:1], questions=QUESTIONS[:3], max_new_tokens=6, stats=stats)
+        run(pair, SHOTS[:1], questions=QUESTIONS[:2], max_new_tokens=2)
+    plain = run(pair, SHOTS[:1], questions=QUESTIONS[:3], max_new_tokens=6, reuse_prefix=False)
+
+    assert outputs(generations) == outputs(plain)
+    assert (stats.reused, stats.fallbacks) == (0, 3)
+    reasons = [
+        r.getMessage() for r in caplog.records if "sliding-window attention (window 16)" in r.getMessage()
+    ]
+    assert len(reasons) == 1
+
+
+def test_a_mistral_without_a_sliding_window_reuses_the_prefix(model_and_tokenizer: tuple[Any, Any]) -> None:
+    _, tokenizer = model_and_tokenizer
+    model = sliding_window_model("mistral", tokenizer)
+    model.config.sliding_window = None
+    stats = GenerationStats()
+
+    reused = run((model, tokenizer), SHOTS[:1], questions=QUESTIONS[:3], max_new_tokens=6, stats=stats)
+    plain = run((model, tokenizer), SHOTS[:1], questions=QUESTIONS[:3], max_new_tokens=6, reuse_prefix=False)
+
+    assert (stats.reused, stats.fallbacks) == (3, 0)
+    assert outputs(reused) == outputs(plain)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Back ends
 
@@ -343,6 +408,55 @@ def test_it_selects_a_lora_adapter_by_model_name_over_http(
 
     assert outputs(over_http) == outputs(here)
     assert outputs(here) != outputs(local.generate(SHOTS[:2], QUESTIONS[:3], **kwargs))
+
+
+@pytest.fixture(scope="module")
+def chat_checkpoint(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model as a checkpoint whose fspo.json says it was trained on chat-wrapped prompts."""
+    import shutil
+
+    from modeling.data import PROMPT_FORMAT_VERSION
+
+    out = tmp_path_factory.mktemp("chat-checkpoint") / "model"
+    shutil.copytree(tiny_model_dir, out)
+    manifest = {"prompt_format_version": PROMPT_FORMAT_VERSION, "config": {"chat_template": True}}
+    (out / "fspo.json").write_text(json.dumps(manifest))
+    return out
+
+
+def test_a_checkpoint_trained_on_the_chat_template_gets_chat_wrapped_prompts(
+    chat_checkpoint: Path, model_and_tokenizer: tuple[Any, Any], local: LocalBackend
+) -> None:
+    _, tokenizer = model_and_tokenizer
+    backend = LocalBackend(chat_checkpoint)
+
+    generations = backend.generate(SHOTS[:2], QUESTIONS[:3], instruction=INSTRUCTION, max_new_tokens=6)
+    by_hand = run(
+        model_and_tokenizer, SHOTS[:2], questions=QUESTIONS[:3], max_new_tokens=6, chat_template=True
+    )
+    plain = local.generate(SHOTS[:2], QUESTIONS[:3], instruction=INSTRUCTION, max_new_tokens=6)
+
+    prompt = build_prompt(SHOTS[:2], QUESTIONS[0], instruction=INSTRUCTION)
+    wrapped = fspo_prompt_ids(tokenizer, prompt, chat_template=True)
+    assert tokenizer.decode(wrapped).startswith(f"{tokenizer.bos_token}### User:\n# Example 1")
+    assert backend.chat_template and not local.chat_template
+    assert generations[0].prompt_tokens == len(wrapped) != plain[0].prompt_tokens
+    assert outputs(generations) == outputs(by_hand)
+    assert backend.last_stats.reused == 3
+
+
+def test_the_completions_backend_sends_the_chat_wrapped_text_when_asked(
+    server_url: str, tiny_model_dir: Path, chat_checkpoint: Path
+) -> None:
+    kwargs: dict[str, Any] = {"instruction": INSTRUCTION, "max_new_tokens": 6}
+    here = LocalBackend(chat_checkpoint).generate(SHOTS[:1], QUESTIONS[:2], **kwargs)
+
+    with OpenAICompletionsBackend(
+        server_url, BASE_NAME, max_retries=0, chat_template=True, tokenizer=tiny_model_dir
+    ) as remote:
+        over_http = remote.generate(SHOTS[:1], QUESTIONS[:2], **kwargs)
+
+    assert outputs(over_http) == outputs(here)
 
 
 def test_it_completes_a_list_of_plain_prompts_with_usage_and_stop_strings(server_url: str) -> None:
