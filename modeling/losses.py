@@ -25,6 +25,7 @@ __all__ = [
     "ipo_loss",
     "packed_group_logps",
     "packed_pair_logps",
+    "response_logits",
     "separate_pair_logps",
     "sequence_logps",
     "sft_loss",
@@ -130,6 +131,53 @@ def sft_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor
     token_logps = _token_logps(logits[:, :-1], labels[:, 1:])
     mask = loss_mask[:, 1:].bool()
     return -torch.where(mask, token_logps, 0.0).sum() / mask.sum().clamp(min=1)
+
+
+def response_logits(
+    model: torch.nn.Module, prompt_ids: list[list[int]], target_ids: list[list[int]], *, pad_id: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Logits for the target tokens only, of rows ``[prompt | target]``: the memory-lean forward behind
+    Pref-FT on a real vocabulary.
+
+    A causal LM's forward with labels computes [B, T, V] logits, every position over the whole
+    vocabulary; with SmolLM2's 49,152 tokens and 8-shot prompts of ~1,200 tokens that tensor and its
+    float32 log-softmax and gradient are several GB, while the loss needs only the target's positions.
+    The rows are **left**-padded instead, so every target ends at the last column, and the model is
+    asked for the last ``max(len(target)) + 1`` positions' logits only (``logits_to_keep``): the LM head
+    then runs on those positions alone, through the architecture's own head (softcapping and all).
+    Position ids count from each row's first real token, so a left-padded row is encoded as it would
+    be alone.
+
+    Returns ``(logits [B, K, V], labels [B, K], loss_mask [B, K], n_tokens)`` in one frame (K = the
+    longest target + 1; ``loss_mask[:, 0]`` is 0), ready for :func:`sft_loss` or :func:`sequence_logps`;
+    ``n_tokens`` counts the real (unpadded) input positions.
+    """
+    if not prompt_ids or len(prompt_ids) != len(target_ids):
+        raise ValueError("response_logits needs one prompt per target and at least one row")
+    if any(not p for p in prompt_ids):
+        raise ValueError("every prompt needs at least one token (it predicts the target's first token)")
+    device = _model_device(model)
+    rows = [p + t for p, t in zip(prompt_ids, target_ids, strict=True)]
+    width = max(map(len, rows))
+    keep = max(map(len, target_ids)) + 1
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    loss_mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, (row, t) in enumerate(zip(rows, target_ids, strict=True)):
+        input_ids[i, width - len(row) :] = torch.tensor(row)
+        attention_mask[i, width - len(row) :] = 1
+        if t:
+            loss_mask[i, width - len(t) :] = True
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    input_ids, attention_mask, position_ids = (
+        input_ids.to(device),
+        attention_mask.to(device),
+        position_ids.to(device),
+    )
+    logits = model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=keep
+    ).logits
+    return logits, input_ids[:, -keep:], loss_mask[:, -keep:].to(device), int(attention_mask.sum())
 
 
 def _log_ratio_margin(

@@ -112,8 +112,13 @@ def check_causal_lm_dir(path: str | Path) -> dict[str, Any]:
     except ValueError as e:
         raise ModelError(f"{path}/config.json is not valid JSON ({e})") from None
     model_type = config.get("model_type")
-    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        archs = ", ".join(config.get("architectures") or []) or "none named"
+    archs_named = config.get("architectures") or []
+    causal_classes = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
+    causal_classes = {causal_classes} if isinstance(causal_classes, str) else set(causal_classes or ())
+    # The type alone is not enough: BERT has a causal-LM head class, but a BertModel or BertForMaskedLM
+    # checkpoint is an encoder whose weights were never trained to predict the next token.
+    if not causal_classes or (archs_named and not causal_classes & set(archs_named)):
+        archs = ", ".join(archs_named) or "none named"
         raise ModelError(
             f"{path}: model_type {model_type!r} (architectures: {archs}) is not a causal language model "
             "that transformers can load with AutoModelForCausalLM"

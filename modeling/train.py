@@ -98,6 +98,22 @@ class TrainConfig:
         ``batch_size * targets_per_episode`` pairs: more of the signal that only the user's shots
         explain, for little more compute, since the shots are most of each prompt. A user with too few
         pairs gets fewer targets. 1 (the default) is the paper's episode.
+    chat_template: wrap each prompt in the model's chat template as one user turn (generation then
+        does the same: the checkpoint records it). Off by default: the paper's prompt is plain Markdown.
+    max_prompt_tokens: the longest prompt; a longer one drops its earliest shots (never the target)
+        until it fits. The model's context also bounds it: a prompt always leaves
+        ``max_target_tokens + 1`` positions of the context for its response. How many prompts were
+        cut and shots dropped is in the run's metrics (``prompts_cut``, ``shots_cut``).
+    gradient_checkpointing: recompute each layer's activations in the backward pass instead of keeping
+        them (far less memory on long few-shot prompts, about a third more compute); works with LoRA.
+    dtype: float32, or bfloat16 (GPU): the weights' dtype; log-softmax and losses stay in float32.
+    lora: with ``init`` an fspo LoRA checkpoint (Pref-FT), IPO/DPO continue training that adapter (it is
+        the reference too); with a plain model directory, a new adapter on all its linear layers but
+        the output head (peft's ``all-linear``: found from the architecture).
+
+    Dropout is always off in the trained model (TRL and the FSPO code do the same): the preference
+    losses compare the policy's log-probs with the reference's, computed once without dropout, so
+    dropout noise in the policy alone would bias every margin.
     """
 
     dataset: str
@@ -126,6 +142,7 @@ class TrainConfig:
     ptx: float = 0.0
     cot_nll: float = 0.0
     targets_per_episode: int = 1
+    chat_template: bool = False
     lora_r: int = 16
     lora_alpha: int = 32
     dtype: Literal["float32", "bfloat16"] = "float32"
@@ -186,6 +203,16 @@ class TrainConfig:
             problems.append(f"targets_per_episode must be >= 1, got {self.targets_per_episode}")
         elif self.targets_per_episode > 1 and self.stage not in ("ipo", "dpo"):
             problems.append("targets_per_episode > 1 is for a preference stage (ipo or dpo)")
+        if self.chat_template and self.shot_targets:
+            problems.append(
+                "shot_targets labels spans of the plain prompt; it cannot be used with chat_template"
+            )
+        if self.chat_template and self.init is None:
+            problems.append(
+                "chat_template needs a model with a chat template (init), not the tiny model built here"
+            )
+        if self.max_prompt_tokens < 1 or self.max_target_tokens < 1:
+            problems.append("max_prompt_tokens and max_target_tokens must be >= 1")
         if self.cot and self.context == "description":
             problems.append("cot with context 'description' would copy the description it is given")
         if problems:
@@ -236,9 +263,14 @@ def load_model(
     model is named in its adapter_config.json."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: no such model directory")
+    from .models import ModelError, check_causal_lm_dir
+
+    # Absolute, so a LoRA adapter trained on it names a base that loads from any working directory.
+    path = Path(path).resolve()
+    try:
+        check_causal_lm_dir(path)
+    except ModelError as e:
+        raise CheckpointError(str(e)) from None
     torch_dtype = getattr(torch, dtype)
     try:
         if (path / "adapter_config.json").is_file():
@@ -248,13 +280,30 @@ def load_model(
             model = AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype)
             model = PeftModel.from_pretrained(model, path, is_trainable=trainable)
             if not trainable:
+                # Inference and full fine-tuning run on the merged weights (one matmul per layer
+                # instead of three: unmerged LoRA generation was 2x slower on SmolLM2).
                 model = model.merge_and_unload()
         else:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise CheckpointError(f"{path}: cannot load model ({' '.join(str(e).split())[:200]})") from None
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+        tokenizer.pad_token = tokenizer.eos_token  # batches pad with EOS where the model has no pad token
     return model.to(device), tokenizer
+
+
+def disable_dropout(model: Any) -> int:
+    """Turn every dropout in ``model`` off (nn.Dropout modules and attention dropout rates); returns
+    how many were on."""
+    n = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout) and module.p > 0:
+            module.p, n = 0.0, n + 1
+        rate = getattr(module, "attention_dropout", None)
+        if isinstance(rate, float) and rate > 0:
+            module.attention_dropout, n = 0.0, n + 1
+    return n
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -271,6 +320,8 @@ class Example:
     # Examples of one group (one user's shots, several targets: TrainConfig.targets_per_episode) share
     # this id and sit next to each other in a batch; None: a group of its own.
     group: int | None = None
+    # Earliest shots dropped so that the prompt fits (TrainConfig.max_prompt_tokens).
+    shots_cut: int = 0
 
 
 def episode_texts(ep: Episode, cfg: TrainConfig) -> tuple[str, str, str]:
@@ -300,19 +351,38 @@ def episode_texts(ep: Episode, cfg: TrainConfig) -> tuple[str, str, str]:
     return build_prompt(shots, ep.question, instruction=ep.instruction), ep.chosen, ep.rejected
 
 
-def tokenize_episode(tok: Any, ep: Episode, cfg: TrainConfig) -> Example:
-    """Token ids; a prompt over max_prompt_tokens drops its earliest shots until it fits."""
-    eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
-    from .llm import document_bos_id
+def prompt_limit(cfg: TrainConfig, context: int | None) -> int:
+    """The longest prompt a run trains on: ``max_prompt_tokens``, and never so long that the response
+    (up to ``max_target_tokens`` and its EOS) would run past the model's context."""
+    if context is None:
+        return cfg.max_prompt_tokens
+    room = context - cfg.max_target_tokens - 1
+    if room < 1:
+        raise ValueError(
+            f"max_target_tokens {cfg.max_target_tokens} leaves no room for a prompt in the model's "
+            f"context of {context} tokens"
+        )
+    return min(cfg.max_prompt_tokens, room)
 
-    bos_id = document_bos_id(tok)
+
+def tokenize_episode(tok: Any, ep: Episode, cfg: TrainConfig, *, limit: int | None = None) -> Example:
+    """Token ids; a prompt over ``limit`` (default ``max_prompt_tokens``) drops its earliest shots until
+    it fits, never the target (``Example.shots_cut`` counts them). Encoded as generation encodes it
+    (``modeling.llm.fspo_prompt_ids``): the document BOS, or the model's chat template."""
+    from .llm import chat_wrapped, document_bos_id
+
+    eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    limit = cfg.max_prompt_tokens if limit is None else limit
+    bos_id = None if cfg.chat_template else document_bos_id(tok)
     bos = [bos_id] if bos_id is not None else []
     label_shots = cfg.shot_targets and cfg.stage == "sft" and cfg.context == "fewshot"
+    n_shots = len(ep.shots)
     while True:
         prompt, chosen, rejected = episode_texts(ep, cfg)
-        enc = tok(prompt, add_special_tokens=False, return_offsets_mapping=label_shots)
+        text = chat_wrapped(tok, prompt) if cfg.chat_template else prompt
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=label_shots)
         p = bos + enc["input_ids"]
-        if len(p) <= cfg.max_prompt_tokens or not ep.shots:
+        if len(p) <= limit or not ep.shots:
             break
         ep = dataclasses.replace(ep, shots=ep.shots[1:])
     c = tok(chosen, add_special_tokens=False)["input_ids"][: cfg.max_target_tokens] + eos
@@ -322,8 +392,8 @@ def tokenize_episode(tok: Any, ep: Episode, cfg: TrainConfig) -> Example:
         spans = shot_response_spans(prompt)
         inside = [any(a <= s and e <= b for a, b in spans) for s, e in enc["offset_mapping"]]
         labels = [-100] * len(bos) + [t if i else -100 for t, i in zip(enc["input_ids"], inside, strict=True)]
-        labels = labels[-cfg.max_prompt_tokens :]
-    return Example(p[-cfg.max_prompt_tokens :], c, r, labels)
+        labels = labels[-limit:]
+    return Example(p[-limit:], c, r, labels, shots_cut=n_shots - len(ep.shots))
 
 
 def pretrain_episode(
@@ -461,12 +531,14 @@ def _episodes_for_step(src: EpisodeSource, cfg: TrainConfig, step: int) -> list[
     return src.sample(cfg.batch_size, shots=shots, seed=seed)
 
 
-def _examples(src: EpisodeSource, tok: Any, cfg: TrainConfig, step: int) -> list[Example]:
+def _examples(
+    src: EpisodeSource, tok: Any, cfg: TrainConfig, step: int, *, limit: int | None = None
+) -> list[Example]:
     if cfg.targets_per_episode > 1:
         seed, shots = _step_draw(cfg, step)
         groups = src.sample_groups(cfg.batch_size, shots=shots, targets=cfg.targets_per_episode, seed=seed)
         return [
-            dataclasses.replace(tokenize_episode(tok, e, cfg), group=g)
+            dataclasses.replace(tokenize_episode(tok, e, cfg, limit=limit), group=g)
             for g, group in enumerate(groups)
             for e in group
         ]
@@ -474,7 +546,7 @@ def _examples(src: EpisodeSource, tok: Any, cfg: TrainConfig, step: int) -> list
     if cfg.stage == "pretrain":
         rng = random.Random(_batch_seed(cfg, step))
         eps = [pretrain_episode(e, rng, src, cfg.pretrain_consistent, cfg.pretrain_quoted) for e in eps]
-    return [tokenize_episode(tok, e, cfg) for e in eps]
+    return [tokenize_episode(tok, e, cfg, limit=limit) for e in eps]
 
 
 def _ptx_config(cfg: TrainConfig) -> TrainConfig:
@@ -494,7 +566,21 @@ def _ptx_config(cfg: TrainConfig) -> TrainConfig:
 
 
 def _sft_loss(model: Any, examples: list[Example], cfg: TrainConfig, pad_id: int) -> tuple[torch.Tensor, int]:
-    """Token-averaged NLL of the targets (all tokens for pretrain). Returns (loss, tokens processed)."""
+    """Token-averaged NLL of the targets (all tokens for pretrain). Returns (loss, tokens processed).
+
+    When only the responses are supervised (Pref-FT without shot targets), the logits are computed for
+    the response positions alone (``response_logits``): on a real vocabulary the full [B, T, V] logits
+    of a few-shot prompt are most of a step's memory."""
+    from .losses import response_logits, sft_loss
+
+    if cfg.stage != "pretrain" and all(ex.prompt_labels is None for ex in examples):
+        prompts, targets = [], []
+        for ex in examples:
+            for t in [ex.chosen] + ([ex.rejected] if cfg.sft_include_rejected else []):
+                prompts.append(ex.prompt)
+                targets.append(t)
+        logits, labels, mask, n = response_logits(model, prompts, targets, pad_id=pad_id)
+        return sft_loss(logits, labels, mask), n
     rows, labels = [], []
     for ex in examples:
         targets = [ex.chosen] + ([ex.rejected] if cfg.sft_include_rejected else [])
@@ -605,10 +691,29 @@ def _save(model: Any, tok: Any, path: Path, cfg: TrainConfig, extra: dict[str, A
     os.replace(tmp, path)
 
 
+def _init_is_lora(init: str | None) -> bool:
+    return init is not None and (Path(init) / "adapter_config.json").is_file()
+
+
+def default_device() -> str:
+    """cuda when a GPU is visible, else cpu."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def train(
-    cfg: TrainConfig, *, progress: Progress | None = None, log: Callable[[dict[str, Any]], None] | None = None
+    cfg: TrainConfig,
+    *,
+    progress: Progress | None = None,
+    log: Callable[[dict[str, Any]], None] | None = None,
+    device: str | None = None,
 ) -> TrainResult:
-    """Run one stage. Resumes from ``out_dir/checkpoint-last`` when it holds the same config."""
+    """Run one stage. Resumes from ``out_dir/checkpoint-last`` when it holds the same config.
+
+    ``device``: where the model trains (default: cuda when visible, else cpu); not part of the config,
+    so a run started on one device resumes on another."""
+    from .llm import context_length
+
+    device = device or default_device()
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     src = EpisodeSource(cfg.dataset, split="train", all_questions=cfg.stage == "pretrain")
@@ -645,14 +750,21 @@ def train(
             raise CheckpointError(
                 f"{last} was written with another config; delete it or rerun with that config"
             )
-        model, tok = load_model(last, dtype=cfg.dtype, trainable=True)
+        model, tok = load_model(last, dtype=cfg.dtype, trainable=True, device=device)
         state = torch.load(last / "trainer_state.pt", weights_only=False)
         start_step = state["step"]
     elif cfg.init is None:
         model, tok = build_tiny_model(src, out_dir, cfg)
+        model = model.to(device)
+    elif cfg.lora and _init_is_lora(cfg.init):
+        # Stage 2 from a LoRA Pref-FT: IPO is initialised from stage 1, so it trains the same adapter on
+        # (the reference log-probs are computed from it before the first step). A new adapter on the
+        # merged weights would be saved naming the bare base, and load without stage 1's update.
+        init_manifest = load_checkpoint_manifest(cfg.init)
+        model, tok = load_model(cfg.init, dtype=cfg.dtype, trainable=True, device=device)
     else:
         init_manifest = load_checkpoint_manifest(cfg.init) if (Path(cfg.init) / MANIFEST).exists() else {}
-        model, tok = load_model(cfg.init, dtype=cfg.dtype)
+        model, tok = load_model(cfg.init, dtype=cfg.dtype, device=device)
         if cfg.lora:
             from peft import LoraConfig, get_peft_model
 
@@ -671,7 +783,11 @@ def train(
             if module is not None:
                 module.weight.requires_grad_(False)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        # Non-reentrant checkpointing needs no input that requires grad, so it works with LoRA (whose
+        # frozen embeddings would otherwise leave the checkpointed blocks without a gradient path).
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    disable_dropout(model)
+    limit = prompt_limit(cfg, context_length(model))
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     preference = cfg.stage in ("ipo", "dpo")
 
@@ -681,7 +797,7 @@ def train(
         if state is not None:
             ref_all = state["ref"]
         else:
-            batches = [_examples(src, tok, cfg, s) for s in range(cfg.steps)]
+            batches = [_examples(src, tok, cfg, s, limit=limit) for s in range(cfg.steps)]
             ref_all = _reference_logps(model, batches, cfg, pad_id, progress)
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -698,14 +814,17 @@ def train(
         history = state["history"]
 
     eval_examples = [
-        tokenize_episode(tok, e, cfg)
+        tokenize_episode(tok, e, cfg, limit=limit)
         for e in eval_src.sample(cfg.eval_episodes, shots=cfg.shots, seed=10_007)
     ]
     if cfg.stage == "pretrain":
         rng = random.Random(10_007)
         eval_examples = [
             tokenize_episode(
-                tok, pretrain_episode(e, rng, eval_src, cfg.pretrain_consistent, cfg.pretrain_quoted), cfg
+                tok,
+                pretrain_episode(e, rng, eval_src, cfg.pretrain_consistent, cfg.pretrain_quoted),
+                cfg,
+                limit=limit,
             )
             for e in eval_src.sample(cfg.eval_episodes, shots=cfg.shots, seed=10_007)
         ]
@@ -748,8 +867,12 @@ def train(
     if not history:
         history.append({"step": 0, **evaluate()})
     tokens, t0 = 0, time.perf_counter()
+    cut = state.get("cut", {"prompts_cut": 0, "shots_cut": 0}) if state is not None else None
+    cut = cut or {"prompts_cut": 0, "shots_cut": 0}
     for step in range(start_step, cfg.steps):
-        examples = _examples(src, tok, cfg, step)
+        examples = _examples(src, tok, cfg, step, limit=limit)
+        cut["prompts_cut"] += sum(ex.shots_cut > 0 for ex in examples)
+        cut["shots_cut"] += sum(ex.shots_cut for ex in examples)
         if preference:
             assert ref_all is not None
             loss, metrics, n = _pref_loss(model, examples, ref_all[step, : len(examples)], cfg, pad_id)
@@ -759,7 +882,7 @@ def train(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         for metric, weight, aux_src, aux_cfg in aux_terms:  # a backward each: one graph held at a time
-            lm, n_lm = _sft_loss(model, _examples(aux_src, tok, aux_cfg, step), aux_cfg, pad_id)
+            lm, n_lm = _sft_loss(model, _examples(aux_src, tok, aux_cfg, step, limit=limit), aux_cfg, pad_id)
             (weight * lm).backward()
             metrics[metric] = float(lm.detach())
             loss, n = loss.detach() + weight * lm.detach(), n + n_lm
@@ -780,6 +903,7 @@ def train(
                 "lr": sched.get_last_lr()[0],
                 "tokens_per_s": tokens / max(time.perf_counter() - t0, 1e-9),
                 **metrics,
+                **cut,
                 **evaluate(),
             }
             history.append(row)
@@ -799,6 +923,7 @@ def train(
                             "scheduler": sched.state_dict(),
                             "torch_rng": torch.get_rng_state(),
                             "history": history,
+                            "cut": cut,
                             "ref": ref_all,
                             "eval_ref": eval_ref,
                         }
@@ -806,7 +931,14 @@ def train(
                 },
             )
 
-    metrics = {"history": history, "final": history[-1], "params": total, "trainable_params": trainable}
+    metrics = {
+        "history": history,
+        "final": history[-1],
+        "params": total,
+        "trainable_params": trainable,
+        "prompt_limit": limit,
+        **cut,
+    }
     extra = {
         "stage": cfg.stage,
         "context": cfg.context,
