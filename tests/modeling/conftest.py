@@ -272,5 +272,5 @@ def smollm2_url(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     """`fspo serve-model` on SmolLM2-135M-Instruct as a real subprocess (served as "smollm2"); its /v1
     URL. One per session: the LLM tests of several modules share it."""
     log = tmp_path_factory.mktemp("serve-smollm2") / "serve.log"
-    with serve_model(smollm2_dir, log, "--served-name", SMOLLM2_NAME) as url:
+    with serve_model(smollm2_dir, log, "--served-name", SMOLLM2_NAME, "--threads", "1") as url:
         yield url
