@@ -6,7 +6,7 @@ prompts; ``Generation`` is one response; ``finish_generation`` and ``question_se
 
 ``generate_personalized`` is the local engine. Every prompt of one user shares its text up to the final
 ``## Question`` (the few-shot examples and the ``# Task`` section), so with ``reuse_prefix`` that shared
-prefix runs through the model once; its KV cache is copied into every row of a batch of questions (in
+prefix (the token ids all the user's prompts start with) runs through the model once; its KV cache is copied into every row of a batch of questions (in
 buffers sized for the whole generation, so decoding never re-copies the cache), only each question's
 suffix (question, headers) is run on top of it, and a batched decode loop writes the replies.
 ``reuse_prefix=False`` is the baseline: batched ``model.generate`` on each full prompt. The output is
@@ -427,9 +427,11 @@ def _shared_prefix_length(prompts: list[list[int]]) -> int:
     """How many leading token ids all ``prompts`` share, leaving every prompt at least one of its own.
 
     The cut is on token ids, not text, so reusing the prefix's KV cache is exact by causality whatever
-    the tokenizer does at the boundary (a BPE tokenizer cuts right after ``## Question\\n``; a
-    SentencePiece one that merges across it cuts a token or two earlier). Each row keeps one token so
-    that it has a position to predict its first new token from."""
+    the tokenizer does at the boundary: with a BPE tokenizer the prompts share every token up to
+    ``## Question\\n`` (and any words all their questions start with); a SentencePiece one that merges
+    across the newline shares a token or two fewer. Each row keeps at least one token, the position
+    that predicts its first new token; the chat template's closing turn markers simply join each
+    question's suffix."""
     first = prompts[0]
     n = min(len(p) for p in prompts) - 1
     for other in prompts[1:]:
@@ -450,7 +452,10 @@ def _prefix_cache_problem(model: Any) -> str | None:
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
-    kinds = {type(layer).__name__ for layer in DynamicCache(config=model.config).layers}
+    try:
+        kinds = {type(layer).__name__ for layer in DynamicCache(config=model.config).layers}
+    except (TypeError, ValueError, AttributeError) as exc:  # a config the cache classes do not know
+        return f"its KV cache cannot be built from its config ({type(exc).__name__}), so a shared prefix is not reused"
     if kinds <= {DynamicLayer.__name__}:
         return None
     window = getattr(model.config.get_text_config(), "sliding_window", None)
