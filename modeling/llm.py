@@ -233,7 +233,7 @@ class OpenAICompatBackend:
         api_key: str | None = None,
         max_concurrency: int = 8,
         max_retries: int = 3,
-        timeout_s: float = 60.0,
+        timeout_s: float = 600.0,  # the OpenAI client's default: a CPU server's batch can take minutes
         backoff_s: float = 0.5,
     ) -> None:
         if not base_url.startswith(("http://", "https://")):

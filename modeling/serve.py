@@ -648,7 +648,8 @@ def serve_model_main(argv: list[str] | None = None) -> int:
     except (LLMError, ValueError) as exc:
         print(f"fspo serve-model: error: {exc}", file=sys.stderr)
         return 1
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    # On SIGTERM, requests still generating get a few seconds, not the minutes a CPU batch can take.
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
     return 0
 
 

@@ -8,7 +8,7 @@ import pytest
 from scipy import stats
 
 from modeling.judges import Comparison, LLMJudge, OracleJudge, win_rate
-from modeling.llm import LLMError, TransformersBackend
+from modeling.llm import LLMError, TransformersBackend, ask_choices
 from modeling.synth import generate_dataset, load_domain
 from modeling.synth.world import render_response
 
@@ -112,3 +112,26 @@ def test_win_rate_counts_ties_as_halves_with_an_interval_and_a_one_sided_test():
     assert coin.ci_low < 0.5 < coin.ci_high and coin.p_value > 0.4
     with pytest.raises(ValueError, match="no comparisons"):
         win_rate([])
+
+
+def test_an_llm_judge_on_smollm2_decides_by_both_orders_probabilities(smollm2_dir):
+    backend = TransformersBackend(smollm2_dir)
+    short = "The Moon's gravity pulls the oceans into bulges that the Earth turns through."
+    long = (
+        "Great question! Tides are a fascinating phenomenon. The gravitational interplay between the Earth, "
+        "the Moon and the Sun raises bulges of water on opposite sides of the planet, and as the Earth "
+        "spins, every coast passes through them, so the sea rises and falls twice a day."
+    )
+    c = Comparison("How do tides work?", short, long, user_id=1, description="I want one short sentence.")
+    swapped = Comparison(c.question, long, short, user_id=1, description=c.description)
+    judge = LLMJudge(backend, margin=0.0)  # any lean decides, so the test sees a win or a loss
+
+    [forward], [backward] = judge.score([c]), judge.score([swapped])
+
+    shown = ask_choices(backend, [judge._request(c, short, long), judge._request(c, long, short)])
+    assert all(r.probs is not None and r.probs.keys() == {"a", "b"} for r in shown)
+    p_short_better = (shown[0].probs["a"] + shown[1].probs["b"]) / 2
+    assert forward == (1.0 if p_short_better > 0.5 else 0.0)
+    assert backward == 1 - forward
+    # With the default margin a lean this small is a tie, not a verdict.
+    assert LLMJudge(backend).score([c]) == [0.5 if abs(p_short_better - 0.5) <= 0.1 else forward]
