@@ -47,6 +47,13 @@ def main(argv: list[str] | None = None) -> int:
         help="walk one scripted participant through the platform, then stop (implies --no-embeddings)",
     )
     p.add_argument("--port", type=int, default=8000, help="the platform's port (0: any free port)")
+    p.add_argument(
+        "--model",
+        choices=["tiny", "smollm2"],
+        default="tiny",
+        help="tiny: a decoder pretrained from scratch on the ELIX world (the default); smollm2: LoRA FSPO on "
+        "the real SmolLM2-135M-Instruct (fspo models pull smollm2-135m), so participants read real English",
+    )
     args = p.parse_args(argv)
     args.no_embeddings = args.no_embeddings or args.check
     quiet_library_progress_bars()
@@ -80,11 +87,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_train:
         out.print(f"done in {time.perf_counter() - t0:.1f} s")
         return 0
-    train_and_evaluate(args.out / "elix", args.out / "fspo-elix", retrain=args.retrain)
+    base_model = None
+    if args.model == "smollm2":
+        from .models import pull
+
+        with progress_bar("SmolLM2-135M-Instruct") as update:
+            base_model = pull("smollm2-135m", progress=update)
+        out.print(f"base model: {base_model}")
+    run_dir = args.out / RUN_DIRS[args.model]
+    train_and_evaluate(args.out / "elix", run_dir, retrain=args.retrain, base_model=base_model)
     out.print(f"steps 1-2 done in {time.perf_counter() - t0:.1f} s")
     if args.no_site:
         return 0
-    status = start_site(args.out, check=args.check, port=args.port)
+    status = start_site(args.out, check=args.check, port=args.port, run=run_dir, base_model=base_model)
     if args.check:
         out.print(f"done in {time.perf_counter() - t0:.1f} s")
     return status
@@ -103,16 +118,50 @@ DEMO_PIPELINE: dict[str, Any] = {
 }
 
 
-def train_and_evaluate(dataset: Path, run_dir: Path, *, retrain: bool = False) -> None:
+# The real-model demo: LoRA adapters on SmolLM2-135M-Instruct, sized for two CPU cores (docs/results.md
+# has what this budget buys): 1-3 shots (prompts of ~150-500 tokens), 60 Pref-FT and 60 IPO steps of 4
+# episodes, responses cut at 96 tokens. No ptx and no frozen embeddings: those hold the tiny world's
+# from-scratch base together; a pretrained model under LoRA keeps its weights.
+SMOLLM2_PIPELINE: dict[str, Any] = {
+    "only": ("pref-ft", "fspo"),
+    "lora": True,
+    "shots": (1, 3),
+    "batch_size": 4,
+    "steps": {"pretrain": 1, "sft": 60, "ipo": 60},
+    "lr": {"pretrain": 1e-3, "sft": 2e-4, "ipo": 5e-5},
+    "beta": 0.1,
+    "ptx": {},
+    "freeze_embeddings": False,
+    "shot_targets": False,
+    "max_target_tokens": 96,
+    "eval_episodes": 50,
+    "eval_shots": 3,
+    "shot_sweep": (),
+    "max_new_tokens": 80,
+}
+RUN_DIRS = {"tiny": "fspo-elix", "smollm2": "fspo-elix-smollm2"}
+
+
+def train_and_evaluate(
+    dataset: Path, run_dir: Path, *, retrain: bool = False, base_model: Path | None = None
+) -> None:
     from .cli import _print_eval
     from .pipeline import PipelineConfig, run_pipeline
 
     if retrain and run_dir.exists():
         shutil.rmtree(run_dir)
-    out.print(
-        f"\nFSPO on {dataset}: pretrain a tiny base model, then Pref-FT and IPO (checkpoints in {run_dir}/)"
-    )
-    pc = PipelineConfig(dataset=str(dataset), out_dir=str(run_dir), **DEMO_PIPELINE)
+    if base_model is None:
+        out.print(
+            f"\nFSPO on {dataset}: pretrain a tiny base model, then Pref-FT and IPO (checkpoints in {run_dir}/)"
+        )
+        pc = PipelineConfig(dataset=str(dataset), out_dir=str(run_dir), **DEMO_PIPELINE)
+    else:
+        out.print(
+            f"\nFSPO on {dataset} with {base_model.name}: LoRA Pref-FT, then LoRA IPO (checkpoints in {run_dir}/)"
+        )
+        pc = PipelineConfig(
+            dataset=str(dataset), out_dir=str(run_dir), base_model=str(base_model), **SMOLLM2_PIPELINE
+        )
     with progress_bar("FSPO") as update:
         result = run_pipeline(pc, progress=update, log=console.print)
     _print_eval(result)
@@ -121,7 +170,9 @@ def train_and_evaluate(dataset: Path, run_dir: Path, *, retrain: bool = False) -
 REPO = Path(__file__).resolve().parent.parent
 
 
-def start_site(out_dir: Path, *, check: bool, port: int) -> int:
+def start_site(
+    out_dir: Path, *, check: bool, port: int, run: Path | None = None, base_model: Path | None = None
+) -> int:
     """Step 3: ``manage.py demo_site`` on the embedded defaults, with the database, the broker and the
     logs under ``<out_dir>/site/``; its exit status. Ctrl-C reaches it too: it then stops its server and
     worker, and this waits for it."""
@@ -139,9 +190,10 @@ def start_site(out_dir: Path, *, check: bool, port: int) -> int:
         CELERY_RESULT_BACKEND=f"db+sqlite:///{site / 'celery-results.sqlite'}",
         STUDIO_DATA_DIR=str(out_dir),  # paths typed into the studio (e.g. elix, fspo-elix/fspo) resolve here
     )
-    run = out_dir / "fspo-elix"
+    run = (run or out_dir / "fspo-elix").resolve()
+    base = base_model.resolve() if base_model is not None else run / "base"
     argv = [sys.executable, str(REPO / "manage.py"), "demo_site", "--dataset", str(out_dir / "elix")]
-    argv += ["--fspo", str(run / "fspo"), "--base", str(run / "base"), "--site-dir", str(site)]
+    argv += ["--fspo", str(run / "fspo"), "--base", str(base), "--site-dir", str(site)]
     argv += ["--port", str(port), *(["--check"] if check else [])]
     proc = subprocess.Popen(argv, cwd=REPO, env=env)
     while True:

@@ -40,6 +40,16 @@ class PipelineConfig:
     dataset: str
     out_dir: str
     random_dataset: str | None = None
+    # A pretrained Hugging Face causal-LM directory (e.g. ``fspo models pull smollm2-135m``) as the base
+    # model: no base is pretrained, every stage starts from it, and it is the no-context baseline arm.
+    # None: the tiny world's base, pretrained from scratch on the dataset.
+    base_model: str | None = None
+    # Train LoRA adapters (peft, every linear layer) instead of all weights; FSPO's IPO then continues
+    # the Pref-FT adapter.
+    lora: bool = False
+    lora_r: int = 16
+    # The longest response a stage trains on (TrainConfig.max_target_tokens).
+    max_target_tokens: int = 256
     shots: tuple[int, int] = (1, 4)
     # The most shots in one of the base model's documents (pretraining draws 0..this many); None: as
     # many as the fine-tuning stages show (shots[1]).
@@ -103,6 +113,8 @@ class PipelineConfig:
     only: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.base_model is not None and not Path(self.base_model).is_dir():
+            raise ValueError(f"base_model {self.base_model!r} is not a model directory")
         if self.ipo_targets < 1:
             raise ValueError(f"ipo_targets must be 1 or more, not {self.ipo_targets}")
         if self.pretrain_shots is not None and self.pretrain_shots < 0:
@@ -160,6 +172,9 @@ def _stage(
         eval_episodes=16,
         warmup_steps=min(20, steps // 5),
         seed=pc.seed,
+        lora=pc.lora and stage != "pretrain",
+        lora_r=pc.lora_r,
+        max_target_tokens=pc.max_target_tokens,
         freeze_embeddings=pc.freeze_embeddings and stage != "pretrain" and not writes_descriptions,
         shot_targets=pc.shot_targets and stage == "sft",
         # The base's document mix, for the pretrain stage and for a fine-tuning stage's ptx documents.
@@ -175,6 +190,8 @@ def stages(pc: PipelineConfig) -> list[tuple[str, TrainConfig]]:
     out = Path(pc.out_dir)
 
     def p(name: str) -> str:
+        if name == "base" and pc.base_model is not None:
+            return str(Path(pc.base_model).resolve())
         return str(out / name)
 
     plan = [
@@ -195,8 +212,10 @@ def stages(pc: PipelineConfig) -> list[tuple[str, TrainConfig]]:
                 _stage(pc, "fspo-random", "ipo", init=p("random-sft"), dataset=pc.random_dataset),
             ),
         ]
+    if pc.base_model is not None:
+        plan = [(name, cfg) for name, cfg in plan if name != "base"]  # the given model is the base
     if pc.only is not None:
-        unknown = set(pc.only) - {name for name, _ in plan}
+        unknown = set(pc.only) - {name for name, _ in plan} - ({"base"} if pc.base_model else set())
         if unknown:
             raise ValueError(f"unknown stage(s) {sorted(unknown)}; the stages are {[n for n, _ in plan]}")
         needed = set(pc.only)
@@ -211,11 +230,17 @@ BASELINE = "base (no context)"
 FSPO = "FSPO"  # the arm the shot sweep and the head-to-head comparisons are about
 
 
+def base_dir(pc: PipelineConfig) -> Path:
+    """The base model's directory: the given pretrained model, or the tiny base the pipeline trains."""
+    return Path(pc.base_model).resolve() if pc.base_model is not None else Path(pc.out_dir) / "base"
+
+
 def arms(pc: PipelineConfig) -> list[Arm]:
     out = Path(pc.out_dir)
+    base = str(base_dir(pc))
     a = [
-        Arm(BASELINE, str(out / "base"), "none"),
-        Arm("few-shot prompting", str(out / "base"), "fewshot"),
+        Arm(BASELINE, base, "none"),
+        Arm("few-shot prompting", base, "fewshot"),
         Arm("IPO (no user context)", str(out / "ipo-aggregate"), "none"),
         Arm("few-shot Pref-FT", str(out / "pref-ft"), "fewshot"),
         Arm(FSPO, str(out / "fspo"), "fewshot"),
@@ -224,8 +249,10 @@ def arms(pc: PipelineConfig) -> list[Arm]:
     ]
     if pc.random_dataset:
         a.append(Arm("FSPO on random data (ablation)", str(out / "fspo-random"), "fewshot"))
-    trained = {name for name, _ in stages(pc)}
-    return [arm for arm in a if Path(arm.model).name in trained]
+    trained = {str(Path(cfg.out_dir)) for _, cfg in stages(pc)}
+    if pc.only is None or "base" in pc.only or pc.base_model is not None:
+        trained.add(base)
+    return [arm for arm in a if arm.model in trained or str(Path(arm.model)) in trained]
 
 
 def _done(cfg: TrainConfig) -> bool:

@@ -712,8 +712,14 @@ def train(
     ``device``: where the model trains (default: cuda when visible, else cpu); not part of the config,
     so a run started on one device resumes on another."""
     from .llm import context_length
+    from .models import ModelError, check_causal_lm_dir
 
     device = device or default_device()
+    if cfg.init is not None:  # bad input changes nothing: refused before the run folder exists
+        try:
+            check_causal_lm_dir(cfg.init)
+        except ModelError as e:
+            raise CheckpointError(str(e)) from None
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     src = EpisodeSource(cfg.dataset, split="train", all_questions=cfg.stage == "pretrain")

@@ -49,6 +49,22 @@ def test_a_subset_of_stages_brings_the_stages_it_starts_from(dataset, tmp_path):
         stages(config(dataset, tmp_path, only=("fspo", "nonsense")))
 
 
+def test_a_pretrained_base_model_is_the_base_every_stage_starts_from_and_the_baseline(
+    dataset, tiny_model_dir, tmp_path
+):
+    pc = config(dataset, tmp_path, base_model=str(tiny_model_dir), lora=True, lora_r=4, max_target_tokens=32)
+    plan = dict(stages(pc))
+    assert list(plan) == ["pref-ft", "fspo"]  # nothing is pretrained
+    assert plan["pref-ft"].init == str(tiny_model_dir.resolve())
+    assert plan["fspo"].init == str(tmp_path / "pref-ft")
+    assert all(c.lora and c.lora_r == 4 and c.max_target_tokens == 32 for c in plan.values())
+    models = {a.name: a.model for a in arms(pc)}
+    assert models["base (no context)"] == models["few-shot prompting"] == str(tiny_model_dir.resolve())
+    assert models["FSPO"] == str(tmp_path / "fspo")
+    with pytest.raises(ValueError, match="is not a model directory"):
+        config(dataset, tmp_path, base_model=str(tmp_path / "missing"))
+
+
 def test_the_pipeline_trains_evaluates_and_skips_finished_stages_on_a_rerun(dataset, tmp_path):
     pc = config(dataset, tmp_path)
     result = run_pipeline(pc)
