@@ -311,3 +311,18 @@ def test_a_sampled_letter_counts_as_certainty_where_no_probabilities_come_back()
     assert judge_pair({"text": "A"}, {"text": "B"}, margin=0.1) == ("first", 1.0)
     assert judge_pair({"text": "A"}, {"text": "A"}, margin=0.1) == ("position", 0.5)
     assert judge_pair({"text": "A"}, {"text": "neither"}, margin=0.1) == ("unreadable", None)
+
+
+def test_the_cli_refuses_llm_stage_flags_without_an_llm_and_bad_values(tmp_path, capsys):
+    from modeling.cli import main
+
+    out = ["--users", "2", "--pairs-per-user", "1", "--out", str(tmp_path / "d")]
+    assert main(["synth", *out, "--judge-margin", "0.2", "--refine-temperature", "0.1"]) == 2
+    assert main(["synth", *out, "--llm", "http://127.0.0.1:1/v1#m", "--judge-margin", "0.7"]) == 2
+
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "error: --refine-temperature, --judge-margin only apply with --llm",
+        "error: judge_margin must be from 0 to below 0.5, got 0.7",
+    ]
+    assert not (tmp_path / "d").exists() and not (tmp_path / "d.work").exists()
