@@ -780,19 +780,37 @@ class TransformersBackend:
         with_logprobs: Sequence[bool] | None = None,
     ) -> tuple[list[list[float]], list[list[Any] | None]]:
         """Summed log-prob of every choice of every request, all scored in the same batches; and, for
-        the requests ``with_logprobs`` marks, each choice's (tokens x vocabulary) log-probs."""
+        the requests ``with_logprobs`` marks, each choice's (tokens x vocabulary) log-probs.
+
+        When every choice is one token ("A" / "B"), one pass over the prompt gives them all (the last
+        position's log-probs); otherwise each choice is a row of its own (prompt + choice)."""
+        import torch
+
+        encoded = [[self._encode(c) for c in r.choices or ()] for r in requests]
+        scores: list[list[float]] = [[] for _ in requests]
+        positions: list[list[Any] | None] = [None] * len(requests)
+        single = [r for r, ids in enumerate(encoded) if all(len(c) == 1 for c in ids)]
+        single.sort(key=lambda r: len(prompts[r]))
+        with self._lock, torch.inference_mode():
+            for start in range(0, len(single), self.batch_size):
+                chunk = single[start : start + self.batch_size]
+                logprobs = self._last_logprobs([prompts[r] for r in chunk], 1)
+                for row, r in enumerate(chunk):
+                    scores[r] = [float(logprobs[row, 0, c[0]]) for c in encoded[r]]
+                    if with_logprobs is not None and with_logprobs[r]:
+                        positions[r] = [logprobs[row, 0:1].clone()] * len(encoded[r])
         rows, spans, keep = [], [], set()
-        for r, (prompt, request) in enumerate(zip(prompts, requests, strict=True)):
-            assert request.choices is not None
-            spans.append((len(rows), len(request.choices)))
+        multi = [r for r in range(len(requests)) if r not in set(single)]
+        for r in multi:
+            spans.append((len(rows), len(encoded[r])))
             if with_logprobs is not None and with_logprobs[r]:
-                keep.update(range(len(rows), len(rows) + len(request.choices)))
-            rows += [(prompt, self._encode(c)) for c in request.choices]
+                keep.update(range(len(rows), len(rows) + len(encoded[r])))
+            rows += [(prompts[r], ids) for ids in encoded[r]]
         flat, kept = self._score_rows(rows, keep)
-        scores = [flat[start : start + n] for start, n in spans]
-        positions = [
-            [kept[k] for k in range(start, start + n)] if start in kept else None for start, n in spans
-        ]
+        for r, (start, n) in zip(multi, spans, strict=True):
+            scores[r] = flat[start : start + n]
+            if start in kept:
+                positions[r] = [kept[k] for k in range(start, start + n)]
         return scores, positions
 
     def _score_rows(

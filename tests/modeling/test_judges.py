@@ -8,7 +8,7 @@ import pytest
 from scipy import stats
 
 from modeling.judges import Comparison, LLMJudge, OracleJudge, win_rate
-from modeling.llm import LLMError, TransformersBackend, ask_choices
+from modeling.llm import ChoiceReply, LLMError, TransformersBackend, ask_choices
 from modeling.synth import generate_dataset, load_domain
 from modeling.synth.world import render_response
 
@@ -114,7 +114,19 @@ def test_win_rate_counts_ties_as_halves_with_an_interval_and_a_one_sided_test():
         win_rate([])
 
 
-def test_an_llm_judge_on_smollm2_decides_by_both_orders_probabilities(smollm2_dir):
+@pytest.fixture
+def one_torch_thread():
+    """SmolLM2 in this process on one thread: two threads on a busy 2-core machine run several times
+    slower (each waits for the other's core)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_an_llm_judge_on_smollm2_decides_by_both_orders_probabilities(smollm2_dir, one_torch_thread):
     backend = TransformersBackend(smollm2_dir)
     short = "The Moon's gravity pulls the oceans into bulges that the Earth turns through."
     long = (
@@ -133,5 +145,31 @@ def test_an_llm_judge_on_smollm2_decides_by_both_orders_probabilities(smollm2_di
     p_short_better = (shown[0].probs["a"] + shown[1].probs["b"]) / 2
     assert forward == (1.0 if p_short_better > 0.5 else 0.0)
     assert backward == 1 - forward
-    # With the default margin a lean this small is a tie, not a verdict.
-    assert LLMJudge(backend).score([c]) == [0.5 if abs(p_short_better - 0.5) <= 0.1 else forward]
+
+
+class Leaning:
+    """A back end that reads choice probabilities: P("a") is 0.9 whatever is shown first (position
+    bias), plus 0.04 when the first output shown is the word it likes."""
+
+    name = "leaning"
+
+    def chat(self, requests, *, progress=None):
+        return [r.text for r in self.choice_replies(requests)]
+
+    def choice_replies(self, requests, *, progress=None):
+        out = []
+        for r in requests:
+            first = r.messages[-1]["content"].split("Output (a):\n")[1].split("\n")[0]
+            p_a = 0.9 + (0.04 if first == "liked" else 0.0)
+            out.append(ChoiceReply("a", {"a": p_a, "b": 1 - p_a}))
+        return out
+
+
+def test_the_llm_judge_averages_both_orders_probabilities_against_a_margin():
+    c = Comparison("q?", "liked", "other", user_id=1, description="I like the word liked.")
+    # P(first is better) = (0.94 + (1 - 0.9)) / 2 = 0.52: a lean of 0.02 past a tie.
+    assert LLMJudge(Leaning(), margin=0.01).score([c]) == [1.0]
+    assert LLMJudge(Leaning(), margin=0.01).score([Comparison("q?", "other", "liked", 1, "")]) == [0.0]
+    assert LLMJudge(Leaning()).score([c]) == [0.5]  # within the default margin of 0.1: a tie
+    with pytest.raises(ValueError, match="margin must be from 0 to below 0.5"):
+        LLMJudge(Leaning(), margin=0.5)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -31,9 +32,16 @@ def post(url: str, body: dict[str, Any]) -> dict[str, Any]:
     return response.json()
 
 
-@pytest.fixture(scope="module")
-def smollm2(smollm2_dir: Path) -> TransformersBackend:
-    return TransformersBackend(smollm2_dir)
+@pytest.fixture
+def smollm2(smollm2_dir: Path) -> Iterator[TransformersBackend]:
+    """SmolLM2 in this process, on one torch thread while the test runs (two threads on a busy 2-core
+    machine run several times slower: each waits for the other's core)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield TransformersBackend(smollm2_dir)
+    torch.set_num_threads(before)
 
 
 JUDGE = [
