@@ -188,3 +188,38 @@ def test_serve_model_refuses_an_adapter_of_another_base_model(
     assert rc == 2
     [line] = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("fspo serve-model: error:") and "a LoRA adapter for another base model" in line
+
+
+def test_plain_prompts_batched_together_each_stop_at_their_own_stop_string_and_budget(
+    smollm2_url: str,
+) -> None:
+    url = f"{smollm2_url}/completions"
+    prompts = ["The capital of France is", "1, 2, 3, 4,", "Once upon a time"]
+    cases = [{"stop": ["."]}, {"stop": [" 6"]}, {}]
+    budgets = [12, 12, 4]
+    before = metrics(smollm2_url)
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        together = list(
+            pool.map(
+                lambda k: post(
+                    url,
+                    {"model": SMOLLM2_NAME, "prompt": prompts[k], "max_tokens": budgets[k], "temperature": 0}
+                    | cases[k],
+                )["choices"][0],
+                range(len(prompts)),
+            )
+        )
+    during = metrics(smollm2_url)
+    alone = [
+        post(url, {"model": SMOLLM2_NAME, "prompt": p, "max_tokens": n, "temperature": 0} | case)["choices"][
+            0
+        ]
+        for p, n, case in zip(prompts, budgets, cases, strict=True)
+    ]
+
+    assert during["batches"] - before["batches"] < len(prompts)
+    assert together == alone
+    assert "." not in together[0]["text"] and together[0]["finish_reason"] == "stop"
+    assert " 6" not in together[1]["text"]
+    assert together[2]["finish_reason"] == "length"
