@@ -119,22 +119,24 @@ DEMO_PIPELINE: dict[str, Any] = {
 
 
 # The real-model demo: LoRA adapters on SmolLM2-135M-Instruct, sized for two CPU cores (docs/results.md
-# has what this budget buys): 1-2 shots (prompts of ~170-370 tokens), 30 Pref-FT and 30 IPO steps of 4
-# episodes, responses cut at 96 tokens. No ptx and no frozen embeddings: those hold the tiny world's
+# has what this budget buys): 1-2 shots (prompts of ~170-370 tokens), 30 Pref-FT and 12 IPO steps of 4
+# episodes, responses cut at 96 tokens. A step of 4 such episodes is ~1,600 tokens through a 135M model
+# and back: about a minute on two CPU cores (docs/results.md), so this is a demonstration of the loop on
+# a real model, not a recipe that personalizes it; a GPU runs the paper's budgets. No ptx and no frozen embeddings: those hold the tiny world's
 # from-scratch base together; a pretrained model under LoRA keeps its weights.
 SMOLLM2_PIPELINE: dict[str, Any] = {
     "only": ("pref-ft", "fspo"),
     "lora": True,
     "shots": (1, 2),
     "batch_size": 4,
-    "steps": {"pretrain": 1, "sft": 30, "ipo": 30},
+    "steps": {"pretrain": 1, "sft": 30, "ipo": 12},
     "lr": {"pretrain": 1e-3, "sft": 2e-4, "ipo": 5e-5},
     "beta": 0.1,
     "ptx": {},
     "freeze_embeddings": False,
     "shot_targets": False,
     "max_target_tokens": 96,
-    "eval_episodes": 40,
+    "eval_episodes": 24,
     "eval_shots": 2,
     "shot_sweep": (),
     "max_new_tokens": 64,
