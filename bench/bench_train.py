@@ -2,6 +2,9 @@
 
     ./run bench train                          # 4 and 8 shots, batch 4, 2 warm-up + 12 timed steps
     ./run bench train --shots 8 --steps 6      # a shorter timed window
+    ./run bench train --model /root/.cache/fspo/models/smollm2-135m --lora
+                                               # a real model, LoRA both sides: 2 and 4 shots, batch 2,
+                                               # 1 warm-up + 3 timed steps (39 min on 2 shared cores)
 
 Workload: a procedural ELIX dataset (``fspo synth``'s engine, 600 users x 12 pairs, built in a temp dir)
 and a random tiny Llama (hidden 128, 4 layers, 4 heads, intermediate 384, tied embeddings) with a byte-level
@@ -39,6 +42,17 @@ With ``--targets K`` (K > 1) a fourth peer, ``ours_targets``, runs the same stag
 all scored in one packed row (``packed_group_logps``). Its pairs/s against ``ours`` is what sharing the
 shots across targets buys (its steps hold up to K x batch pairs, drawn by ``train`` the same way).
 
+``--model DIR`` starts every peer from that Hugging Face model directory instead of the tiny Llama
+(same dataset; the shots/steps/batch defaults shrink to 2 and 4 shots, batch 2, 1 warm-up + 3 timed
+steps, sized for a 2-core CPU). ``--lora`` trains a LoRA adapter on both sides: ours is
+``TrainConfig(lora=True, lora_r=16, lora_alpha=32)`` (peft's ``all-linear``, dropout 0, the reference
+log-probs precomputed from the adapter-free initial model as always); TRL gets
+``peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0)`` and no
+``ref_model``, so its reference is the same model with the adapter disabled (``trl``: a reference forward
+in every step; ``trl_pre``: once in ``__init__``). The prompt's BOS follows ``modeling.llm.document_bos_id``,
+as ``tokenize_episode`` does: SmolLM2's BOS ``<|im_start|>`` is a chat-turn marker, so neither side puts
+it before the plain FSPO prompt (the tiny tokenizer's BOS is a document start and is kept).
+
 About 4 minutes on a quiet 2-core machine. With another job loading the cores, 2-thread steps slow down 3-5x
 and unevenly, and the ratios are not meaningful; the per-step times are printed to stderr to show it.
 """
@@ -64,6 +78,7 @@ USERS, PAIRS_PER_USER = 600, 12
 THREADS = 2
 LR = 1e-4
 BETA = 0.01
+LORA_R, LORA_ALPHA = 16, 32
 KINDS = ("ours", "trl", "trl_pre")
 
 
@@ -79,13 +94,15 @@ def _env() -> None:
         os.environ.setdefault(k, v)
 
 
-def prepare(work: Path) -> None:
-    """Dataset and the init checkpoint (model + tokenizer), under ``work``."""
+def prepare(work: Path, *, tiny: bool) -> None:
+    """The dataset under ``work``, and with ``tiny`` the init checkpoint (model + tokenizer) too."""
     from modeling.data import EpisodeSource
     from modeling.synth import generate_dataset
     from modeling.train import TrainConfig, build_tiny_model
 
     generate_dataset(out_dir=work / "ds", domain="elix", users=USERS, pairs_per_user=PAIRS_PER_USER, seed=0)
+    if not tiny:
+        return
     cfg = TrainConfig(dataset=str(work / "ds"), out_dir=str(work / "init"), stage="pretrain", seed=0)
     model, tok = build_tiny_model(EpisodeSource(work / "ds", split="train"), work / "init", cfg)
     model.save_pretrained(work / "init", safe_serialization=True)
@@ -93,14 +110,26 @@ def prepare(work: Path) -> None:
     shutil.rmtree(work / "init" / "tokenizer", ignore_errors=True)
 
 
-def train_config(work: Path, shots: int, steps: int, batch: int, out: str):
+def lora_config():
+    """TRL's adapter: what ``train`` builds for ``TrainConfig(lora=True)``."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=LORA_R, lora_alpha=LORA_ALPHA, target_modules="all-linear", lora_dropout=0.0, task_type="CAUSAL_LM"
+    )
+
+
+def train_config(work: Path, init: Path, lora: bool, shots: int, steps: int, batch: int, out: str):
     from modeling.train import TrainConfig
 
     return TrainConfig(
         dataset=str(work / "ds"),
         out_dir=str(work / out),
-        init=str(work / "init"),
+        init=str(init),
         stage="ipo",
+        lora=lora,
+        lora_r=LORA_R,
+        lora_alpha=LORA_ALPHA,
         shots=(shots, shots),
         steps=steps,
         batch_size=batch,
@@ -112,18 +141,20 @@ def train_config(work: Path, shots: int, steps: int, batch: int, out: str):
         beta=BETA,
         average_logps=True,
         eval_every=steps,  # evaluate only at step 0 and after the last step (both outside the timed window)
-        eval_episodes=batch,
+        eval_episodes=1,  # one held-out pair: the two evaluations (untimed) cost little on a real model
         save_every=steps + 1,  # no intermediate checkpoint inside the loop
         seed=0,
     )
 
 
-def run_ours(work: Path, shots: int, steps: int, warmup: int, batch: int, targets: int = 1) -> dict:
+def run_ours(
+    work: Path, init: Path, lora: bool, shots: int, steps: int, warmup: int, batch: int, targets: int = 1
+) -> dict:
     import dataclasses
 
     import modeling.train as T
 
-    cfg = train_config(work, shots, steps, batch, f"ours-{shots}-{targets}")
+    cfg = train_config(work, init, lora, shots, steps, batch, f"ours-{shots}-{targets}")
     cfg = dataclasses.replace(cfg, targets_per_episode=targets)
     ref_seconds: list[float] = []
     processed: list[int] = []
@@ -157,7 +188,7 @@ def run_ours(work: Path, shots: int, steps: int, warmup: int, batch: int, target
 
     from modeling.data import EpisodeSource
 
-    tok = AutoTokenizer.from_pretrained(work / "init")
+    tok = AutoTokenizer.from_pretrained(init)
     src = EpisodeSource(cfg.dataset, split="train")
     pair_tokens = [
         [len(e.prompt) + len(e.chosen) + len(e.rejected) for e in T._examples(src, tok, cfg, s)]
@@ -175,24 +206,30 @@ def run_ours(work: Path, shots: int, steps: int, warmup: int, batch: int, target
     }
 
 
-def run_trl(work: Path, shots: int, steps: int, warmup: int, batch: int, precompute: bool) -> dict:
+def run_trl(
+    work: Path, init: Path, lora: bool, shots: int, steps: int, warmup: int, batch: int, precompute: bool
+) -> dict:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
     import modeling.train as T
     from modeling.data import EpisodeSource
+    from modeling.llm import document_bos_id
 
-    cfg = train_config(work, shots, steps, batch, "unused")
-    tok = AutoTokenizer.from_pretrained(work / "init")
+    cfg = train_config(work, init, lora, shots, steps, batch, "unused")
+    tok = AutoTokenizer.from_pretrained(init)
     src = EpisodeSource(cfg.dataset, split="train")
     episodes = [e for s in range(steps) for e in T._episodes_for_step(src, cfg, s)]
     texts = [T.episode_texts(e, cfg) for e in episodes]
     ours = [T.tokenize_episode(tok, e, cfg) for e in episodes]
+    assert not any(ex.shots_cut for ex in ours)  # TRL runs untruncated (max_length=None): so must ours
+    # tokenize_episode puts the document BOS before the prompt, if the tokenizer has one (the tiny model's;
+    # not SmolLM2's <|im_start|>). Neither tokenizer adds it itself, so TRL gets it as text.
+    bos = tok.bos_token if document_bos_id(tok) is not None else ""
     dataset = Dataset.from_dict(
         {
-            # tokenize_episode puts BOS before the prompt; this tokenizer adds none itself, so TRL gets it as text
-            "prompt": [tok.bos_token + p for p, _, _ in texts],
+            "prompt": [bos + p for p, _, _ in texts],
             "chosen": [c for _, c, _ in texts],
             "rejected": [r for _, _, r in texts],
         }
@@ -201,15 +238,16 @@ def run_trl(work: Path, shots: int, steps: int, warmup: int, batch: int, precomp
     def load():
         import torch
 
-        return AutoModelForCausalLM.from_pretrained(work / "init", dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(init, dtype=torch.float32)
 
     model = load()
     ref_model = None
-    if not precompute:
+    # LoRA: no ref_model; TRL scores the reference with the adapter disabled (peft_config wraps the model).
+    if not precompute and not lora:
         ref_model = load()
         ref_model.eval().requires_grad_(False)
     args = DPOConfig(
-        output_dir=str(work / f"trl-{shots}-{int(precompute)}"),
+        output_dir=str(work / f"trl-{shots}-{int(precompute)}-{int(lora)}"),
         loss_type="ipo",
         beta=BETA,
         per_device_train_batch_size=batch,
@@ -246,7 +284,12 @@ def run_trl(work: Path, shots: int, steps: int, warmup: int, batch: int, precomp
     DPOTrainer._precompute_ref_logps = timed_pre
     t0 = time.perf_counter()
     trainer = DPOTrainer(
-        model=model, ref_model=ref_model, args=args, train_dataset=dataset, processing_class=tok
+        model=model,
+        ref_model=ref_model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tok,
+        peft_config=lora_config() if lora else None,
     )
     init_seconds = time.perf_counter() - t0
 
@@ -298,7 +341,17 @@ def run_trl(work: Path, shots: int, steps: int, warmup: int, batch: int, precomp
     }
 
 
-def one(kind: str, shots: int, work: Path, steps: int, warmup: int, batch: int, targets: int) -> dict:
+def one(
+    kind: str,
+    shots: int,
+    work: Path,
+    init: Path,
+    lora: bool,
+    steps: int,
+    warmup: int,
+    batch: int,
+    targets: int,
+) -> dict:
     _env()
     import torch
 
@@ -310,13 +363,15 @@ def one(kind: str, shots: int, work: Path, steps: int, warmup: int, batch: int, 
 
     if not kind.startswith("ours"):
         import trl  # noqa: F401
+    if lora:
+        import peft  # noqa: F401
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if kind == "ours":
-        res = run_ours(work, shots, steps, warmup, batch)
+        res = run_ours(work, init, lora, shots, steps, warmup, batch)
     elif kind == "ours_targets":
-        res = run_ours(work, shots, steps, warmup, batch, targets)
+        res = run_ours(work, init, lora, shots, steps, warmup, batch, targets)
     else:
-        res = run_trl(work, shots, steps, warmup, batch, precompute=kind == "trl_pre")
+        res = run_trl(work, init, lora, shots, steps, warmup, batch, precompute=kind == "trl_pre")
     timed = [t for s in res["pair_tokens"][warmup:] for t in s]
     res.update(
         kind=kind,
@@ -330,26 +385,48 @@ def one(kind: str, shots: int, work: Path, steps: int, warmup: int, batch: int, 
     return res
 
 
+def _rate(x: float) -> str:
+    """pairs/s with two decimals, or three significant digits below 1 (a real model on a CPU)."""
+    return f"{x:.2f}" if x >= 1 else f"{x:.3g}"
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("--shots", type=int, nargs="+", default=[4, 8])
-    p.add_argument("--steps", type=int, default=12, help="timed optimizer steps")
-    p.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps before them")
-    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--shots", type=int, nargs="+", help="shot counts (default 4 8; with --model 2 4)")
+    p.add_argument("--steps", type=int, help="timed optimizer steps (default 12; with --model 3)")
+    p.add_argument(
+        "--warmup", type=int, help="untimed optimizer steps before them (default 2; with --model 1)"
+    )
+    p.add_argument("--batch", type=int, help="pairs per step (default 4; with --model 2)")
     p.add_argument(
         "--targets", type=int, default=1, help="K > 1: also ours with K held-out targets per episode"
     )
+    p.add_argument("--model", help="a Hugging Face model directory to start from instead of the tiny Llama")
+    p.add_argument("--lora", action="store_true", help="train a LoRA adapter (r 16, alpha 32) on both sides")
     p.add_argument("--one", nargs=3, metavar=("KIND", "SHOTS", "WORK"), help=argparse.SUPPRESS)
     p.add_argument("--prepare", metavar="WORK", help=argparse.SUPPRESS)
     args = p.parse_args()
+    real = args.model is not None
+    for name, tiny_default, real_default in (
+        ("shots", [4, 8], [2, 4]),
+        ("steps", 12, 3),
+        ("warmup", 2, 1),
+        ("batch", 4, 2),
+    ):
+        if getattr(args, name) is None:
+            setattr(args, name, real_default if real else tiny_default)
+    if real and not (Path(args.model) / "config.json").is_file():
+        p.error(f"--model {args.model}: not a Hugging Face model directory (no config.json)")
     total = args.steps + args.warmup
     if args.prepare:
         _env()
-        prepare(Path(args.prepare))
+        prepare(Path(args.prepare), tiny=not real)
         return 0
     if args.one:
         kind, shots, work = args.one
-        print(json.dumps(one(kind, int(shots), Path(work), total, args.warmup, args.batch, args.targets)))
+        init = Path(args.model).resolve() if real else Path(work) / "init"
+        res = one(kind, int(shots), Path(work), init, args.lora, total, args.warmup, args.batch, args.targets)
+        print(json.dumps(res))
         return 0
 
     _env()
@@ -358,14 +435,16 @@ def main() -> int:
         t = time.perf_counter()
         # In a subprocess too: a child's ru_maxrss starts from its parent's peak RSS (Linux keeps it across
         # fork and exec), so this parent stays free of torch and of the model it would otherwise build.
-        subprocess.run([sys.executable, __file__, "--prepare", str(tmp)], check=True)
-        print(f"  prepared dataset and init model in {time.perf_counter() - t:.1f} s", file=sys.stderr)
+        mode = (["--model", args.model] if real else []) + (["--lora"] if args.lora else [])
+        subprocess.run([sys.executable, __file__, "--prepare", str(tmp), *mode], check=True)
+        what = "dataset" if real else "dataset and init model"
+        print(f"  prepared {what} in {time.perf_counter() - t:.1f} s", file=sys.stderr)
         results: dict[tuple[str, int], dict] = {}
         for shots in args.shots:
             for kind in KINDS + (("ours_targets",) if args.targets > 1 else ()):
                 cmd = [sys.executable, __file__, "--one", kind, str(shots), str(tmp)]
                 cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch)]
-                cmd += ["--targets", str(args.targets)]
+                cmd += ["--targets", str(args.targets), *mode]
                 env = {**os.environ, "HF_DATASETS_CACHE": str(tmp / f"hf-datasets-{kind}-{shots}")}
                 proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
                 if proc.returncode:
@@ -378,7 +457,7 @@ def main() -> int:
                     else ""
                 )
                 print(
-                    f"  {kind:8s} {shots} shots: {r['pairs_per_s']:5.2f} pairs/s, "
+                    f"  {kind:8s} {shots} shots: {_rate(r['pairs_per_s']):>5s} pairs/s, "
                     f"{r['pair_tokens_per_s']:7,.0f} pair tokens/s, peak RSS {r['peak_rss_mb']:4.0f} MB{extra}; "
                     f"step s: {' '.join(f'{x:.2f}' for x in r['step_seconds'])}",
                     file=sys.stderr,
@@ -390,8 +469,10 @@ def main() -> int:
         shutil.rmtree(tmp, ignore_errors=True)
 
     B, N, W = args.batch, args.steps, args.warmup
+    model = Path(args.model).name if real else "tiny Llama (hidden 128, 4 layers)"
+    lora = f", LoRA r {LORA_R} alpha {LORA_ALPHA} all-linear both sides (TRL: peft_config, no ref_model)"
     print(
-        f"\nFSPO IPO training vs TRL DPOTrainer(loss_type='ipo'): tiny Llama (hidden 128, 4 layers), "
+        f"\nFSPO IPO training vs TRL DPOTrainer(loss_type='ipo'): {model}{lora if args.lora else ''}, "
         f"float32 CPU, {THREADS} threads, batch {B}, {N} timed steps after {W} warm-up\n"
     )
     print(
@@ -404,8 +485,8 @@ def main() -> int:
         o, t, q = (results[k, s] for k in KINDS)
         per_pair = sum(sum(x) for x in o["pair_tokens"][W:]) / (N * B)
         print(
-            f"| {s} | {per_pair:,.0f} | {o['pairs_per_s']:.2f} | {t['pairs_per_s']:.2f} | "
-            f"{o['pairs_per_s'] / t['pairs_per_s']:.2f}x | {q['pairs_per_s']:.2f} | "
+            f"| {s} | {per_pair:,.0f} | {_rate(o['pairs_per_s'])} | {_rate(t['pairs_per_s'])} | "
+            f"{o['pairs_per_s'] / t['pairs_per_s']:.2f}x | {_rate(q['pairs_per_s'])} | "
             f"{o['pairs_per_s'] / q['pairs_per_s']:.2f}x | {o['pair_tokens_per_s']:,.0f} | "
             f"{t['pair_tokens_per_s']:,.0f} | {q['pair_tokens_per_s']:,.0f} | "
             f"{o['peak_rss_mb']:.0f} / {t['peak_rss_mb']:.0f} / {q['peak_rss_mb']:.0f} |"
