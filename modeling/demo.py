@@ -197,6 +197,10 @@ def start_site(
     argv = [sys.executable, str(REPO / "manage.py"), "demo_site", "--dataset", str(out_dir / "elix")]
     argv += ["--fspo", str(run / "fspo"), "--base", str(base), "--site-dir", str(site)]
     argv += ["--port", str(port), *(["--check"] if check else [])]
+    if base_model is not None:
+        # Its own study (a rerun of the tiny demo keeps its own), 2 picks as in training, shorter answers,
+        # and the minutes a 135M model needs on two CPU cores to write them.
+        argv += ["--slug", "elix-smollm2", "--picks", "2", "--max-new-tokens", "64", "--check-timeout", "900"]
     proc = subprocess.Popen(argv, cwd=REPO, env=env)
     while True:
         try:

@@ -282,7 +282,7 @@ def test_a_quoted_document_puts_the_authors_answer_first_and_another_style_secon
     assert sum(style_of[s.chosen] == style_of[s.rejected] for d in never for s in d.shots) >= 60
 
 
-def test_consistent_pretraining_needs_a_dataset_that_records_styles(dataset, tmp_path):
+def test_consistent_pretraining_needs_a_dataset_that_records_styles(base_model, dataset, tmp_path):
     import shutil
 
     import pyarrow.parquet as pq
@@ -297,7 +297,16 @@ def test_consistent_pretraining_needs_a_dataset_that_records_styles(dataset, tmp
     with pytest.raises(ValueError, match="pretrain_consistent needs each response's trait values"):
         train(cfg(str(copy), tmp_path / "out", stage="pretrain", steps=2, pretrain_consistent=0.5))
     with pytest.raises(ValueError, match="pretrain_consistent needs each response's trait values"):
-        train(cfg(str(copy), tmp_path / "ptx", stage="ipo", init="unused", ptx=1.0, pretrain_consistent=0.5))
+        train(
+            cfg(
+                str(copy),
+                tmp_path / "ptx",
+                stage="ipo",
+                init=str(base_model),
+                ptx=1.0,
+                pretrain_consistent=0.5,
+            )
+        )
     with pytest.raises(ValueError, match="pretrain_consistent must be a fraction"):
         cfg(dataset, tmp_path / "out", stage="pretrain", pretrain_consistent=1.5)
     with pytest.raises(ValueError, match="pretrain_quoted must be a fraction"):

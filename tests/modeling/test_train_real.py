@@ -112,6 +112,7 @@ def test_lora_pref_ft_on_smollm2_lowers_the_loss_of_the_preferred_response(pref_
     assert pref_ft.metrics["trainable_params"] < pref_ft.metrics["params"] / 50
 
 
+@pytest.mark.slow
 def test_lora_ipo_continues_the_pref_ft_adapter_from_the_reference(pref_ft, dataset, smollm2_dir, tmp_path):
     # A learning rate too small to move the weights: IPO's checkpoint must then be Pref-FT's model. A new
     # adapter on the merged Pref-FT weights would be saved naming the bare base and load without them.
