@@ -19,6 +19,7 @@ from modeling.train import (
     tokenize_episode,
     train,
 )
+from tests.modeling.test_losses import tiny_llama
 
 # Two steps of two 1-shot episodes with 16-token responses: a few seconds a stage on two cores.
 REAL = dict(
@@ -141,19 +142,7 @@ def test_lora_ipo_continues_the_pref_ft_adapter_from_the_reference(pref_ft, data
 
 
 def test_dropout_is_off_in_a_trained_model():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    model = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=64,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-            attention_dropout=0.5,
-        )
-    ).train()
+    model = tiny_llama(attention_dropout=0.5).train()
     ids = torch.tensor([[1, 5, 9, 13, 2]])
     assert not torch.equal(model(ids).logits, model(ids).logits)  # dropout on: two passes differ
     assert disable_dropout(model) == 2  # the attention dropout of both layers
@@ -161,21 +150,9 @@ def test_dropout_is_off_in_a_trained_model():
 
 
 def test_pref_ft_scores_the_response_positions_alone_with_the_full_logits_loss_and_gradients():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from modeling.losses import response_logits, sft_loss
 
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=97,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-        )
-    )
+    model = tiny_llama(vocab_size=97)
     rng = random.Random(0)
     prompts = [[rng.randrange(1, 97) for _ in range(rng.randint(3, 30))] for _ in range(5)]
     targets = [[rng.randrange(1, 97) for _ in range(rng.randint(1, 12))] for _ in range(5)]
@@ -199,7 +176,7 @@ def test_pref_ft_scores_the_response_positions_alone_with_the_full_logits_loss_a
     assert n == sum(len(p) + len(t) for p, t in zip(prompts, targets, strict=True))
     torch.testing.assert_close(lean, full)
     for a, p in zip(full_grads, model.parameters(), strict=True):
-        torch.testing.assert_close(p.grad, a, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(p.grad, a, atol=1e-5, rtol=1e-4)
 
 
 def test_an_init_that_is_not_a_causal_lm_is_refused_before_anything_is_written(dataset, tmp_path):
