@@ -256,6 +256,17 @@ def load_checkpoint_manifest(path: str | Path) -> dict[str, Any]:
     return manifest
 
 
+def check_model_dir(path: str | Path) -> Path:
+    """``path`` resolved, once ``modeling.models.check_causal_lm_dir`` accepts it (CheckpointError if not)."""
+    from .models import ModelError, check_causal_lm_dir
+
+    try:
+        check_causal_lm_dir(path)
+    except ModelError as e:
+        raise CheckpointError(str(e)) from None
+    return Path(path).resolve()
+
+
 def load_model(
     path: str | Path, *, dtype: str = "float32", device: str = "cpu", trainable: bool = False
 ) -> tuple[Any, Any]:
@@ -263,14 +274,8 @@ def load_model(
     model is named in its adapter_config.json."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .models import ModelError, check_causal_lm_dir
-
     # Absolute, so a LoRA adapter trained on it names a base that loads from any working directory.
-    path = Path(path).resolve()
-    try:
-        check_causal_lm_dir(path)
-    except ModelError as e:
-        raise CheckpointError(str(e)) from None
+    path = check_model_dir(path)
     torch_dtype = getattr(torch, dtype)
     try:
         if (path / "adapter_config.json").is_file():
@@ -369,19 +374,22 @@ def tokenize_episode(tok: Any, ep: Episode, cfg: TrainConfig, *, limit: int | No
     """Token ids; a prompt over ``limit`` (default ``max_prompt_tokens``) drops its earliest shots until
     it fits, never the target (``Example.shots_cut`` counts them). Encoded as generation encodes it
     (``modeling.llm.fspo_prompt_ids``): the document BOS, or the model's chat template."""
-    from .llm import chat_wrapped, document_bos_id
+    from .llm import document_bos_id, fspo_prompt_ids
 
     eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
     limit = cfg.max_prompt_tokens if limit is None else limit
-    bos_id = None if cfg.chat_template else document_bos_id(tok)
-    bos = [bos_id] if bos_id is not None else []
+    # Shot targets need character offsets into the plain prompt (chat_template is refused with them).
     label_shots = cfg.shot_targets and cfg.stage == "sft" and cfg.context == "fewshot"
+    bos_id = document_bos_id(tok) if label_shots else None
+    bos = [bos_id] if bos_id is not None else []
     n_shots = len(ep.shots)
     while True:
         prompt, chosen, rejected = episode_texts(ep, cfg)
-        text = chat_wrapped(tok, prompt) if cfg.chat_template else prompt
-        enc = tok(text, add_special_tokens=False, return_offsets_mapping=label_shots)
-        p = bos + enc["input_ids"]
+        if label_shots:
+            enc = tok(prompt, add_special_tokens=False, return_offsets_mapping=True)
+            p = bos + enc["input_ids"]
+        else:
+            p = fspo_prompt_ids(tok, prompt, chat_template=cfg.chat_template)
         if len(p) <= limit or not ep.shots:
             break
         ep = dataclasses.replace(ep, shots=ep.shots[1:])
@@ -712,14 +720,10 @@ def train(
     ``device``: where the model trains (default: cuda when visible, else cpu); not part of the config,
     so a run started on one device resumes on another."""
     from .llm import context_length
-    from .models import ModelError, check_causal_lm_dir
 
     device = device or default_device()
     if cfg.init is not None:  # bad input changes nothing: refused before the run folder exists
-        try:
-            check_causal_lm_dir(cfg.init)
-        except ModelError as e:
-            raise CheckpointError(str(e)) from None
+        check_model_dir(cfg.init)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     src = EpisodeSource(cfg.dataset, split="train", all_questions=cfg.stage == "pretrain")
@@ -873,8 +877,7 @@ def train(
     if not history:
         history.append({"step": 0, **evaluate()})
     tokens, t0 = 0, time.perf_counter()
-    cut = state.get("cut", {"prompts_cut": 0, "shots_cut": 0}) if state is not None else None
-    cut = cut or {"prompts_cut": 0, "shots_cut": 0}
+    cut = (state or {}).get("cut") or {"prompts_cut": 0, "shots_cut": 0}
     for step in range(start_step, cfg.steps):
         examples = _examples(src, tok, cfg, step, limit=limit)
         cut["prompts_cut"] += sum(ex.shots_cut > 0 for ex in examples)
