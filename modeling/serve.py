@@ -33,12 +33,13 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from modeling.llm import (
+    DTYPES,
     ChatRequest,
     Completion,
     LLMError,
@@ -377,117 +378,150 @@ def create_app(
 
     @app.get("/v1/models")
     def list_models() -> dict[str, Any]:
-        data = [
-            {
-                "id": base_name,
-                "object": "model",
-                "created": created,
-                "owned_by": "fspo",
-                "root": str(model_dir),
-                "parent": None,
-            }
-        ]
-        data += [
-            {
-                "id": name,
-                "object": "model",
-                "created": created,
-                "owned_by": "fspo",
-                "root": str(path),
-                "parent": base_name,
-            }
-            for name, path in adapters.items()
-        ]
-        return {"object": "list", "data": data}
+        return _model_list(base_name, model_dir, adapters, created)
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(http_request: Request) -> JSONResponse | StreamingResponse:
-        try:
-            body = json.loads(await http_request.body())
-        except (ValueError, UnicodeDecodeError):
-            return _error(400, "request body is not valid JSON")
-        try:
-            model, request, stream, include_usage = _parse_body(body)
-        except ValueError as exc:
-            return _error(400, str(exc))
-        if model not in targets:
-            return _unknown_model(model, targets)
-        target = targets[model]
-        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
-        if stream:
-            return StreamingResponse(
-                _stream(
-                    batcher,
-                    target,
-                    request,
-                    model=model,
-                    completion_id=completion_id,
-                    include_usage=include_usage,
-                ),
-                media_type="text/event-stream",
-            )
-        try:
-            completion = await batcher.run(target, request)
-        except Exception as exc:
-            return _failure(exc)
-        return JSONResponse(
-            {
-                "id": completion_id,
-                "object": "chat.completion",
-                "created": int(time.time()),
-                "model": model,
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": completion.text},
-                        "finish_reason": completion.finish_reason,
-                        "logprobs": _logprobs_json(completion.logprobs),
-                    }
-                ],
-                "usage": _usage(completion),
-            }
-        )
+        parsed = await _read_request(http_request, _parse_body, targets)
+        if isinstance(parsed, JSONResponse):
+            return parsed
+        model, request, stream, include_usage = parsed
+        return await _chat_reply(batcher, targets[model], request, model, stream, include_usage)
 
     @app.post("/v1/completions", response_model=None)
     async def completions(http_request: Request) -> JSONResponse:
-        try:
-            body = json.loads(await http_request.body())
-        except (ValueError, UnicodeDecodeError):
-            return _error(400, "request body is not valid JSON")
-        try:
-            model, requests = _parse_text_body(body)
-        except ValueError as exc:
-            return _error(400, str(exc))
-        if model not in targets:
-            return _unknown_model(model, targets)
-        target = targets[model]
-        # Each prompt is a row of its own: it may share a batch with other clients' requests.
-        outcomes = await asyncio.gather(*(batcher.run(target, r) for r in requests), return_exceptions=True)
-        for outcome in outcomes:
-            if isinstance(outcome, BaseException):
-                return _failure(outcome)
-        results = [o for o in outcomes if isinstance(o, Completion)]
-        prompt_tokens = sum(c.prompt_tokens for c in results)
-        completion_tokens = sum(c.completion_tokens for c in results)
-        return JSONResponse(
-            {
-                "id": f"cmpl-{uuid.uuid4().hex}",
-                "object": "text_completion",
-                "created": int(time.time()),
-                "model": model,
-                "choices": [
-                    {"index": i, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None}
-                    for i, c in enumerate(results)
-                ],
-                "usage": {
-                    "prompt_tokens": prompt_tokens,
-                    "completion_tokens": completion_tokens,
-                    "total_tokens": prompt_tokens + completion_tokens,
-                },
-            }
-        )
+        parsed = await _read_request(http_request, _parse_text_body, targets)
+        if isinstance(parsed, JSONResponse):
+            return parsed
+        model, requests = parsed
+        return await _text_reply(batcher, targets[model], requests, model)
 
     return app
+
+
+def _model_list(
+    base_name: str, model_dir: str | Path, adapters: dict[str, Path], created: int
+) -> dict[str, Any]:
+    """``GET /v1/models``: the base model, then each adapter with the base as its parent."""
+    data = [
+        {
+            "id": base_name,
+            "object": "model",
+            "created": created,
+            "owned_by": "fspo",
+            "root": str(model_dir),
+            "parent": None,
+        }
+    ]
+    data += [
+        {
+            "id": name,
+            "object": "model",
+            "created": created,
+            "owned_by": "fspo",
+            "root": str(path),
+            "parent": base_name,
+        }
+        for name, path in adapters.items()
+    ]
+    return {"object": "list", "data": data}
+
+
+_Parsed = TypeVar("_Parsed", bound=tuple[Any, ...])
+
+
+async def _read_request(
+    http_request: Request, parse: Callable[[Any], _Parsed], targets: dict[str, str | None]
+) -> _Parsed | JSONResponse:
+    """The request body parsed by ``parse`` (whose first field is the served model's name), or the
+    error response: 400 for a body that is not JSON or that ``parse`` refuses, 404 for an unknown model."""
+    try:
+        body = json.loads(await http_request.body())
+    except (ValueError, UnicodeDecodeError):
+        return _error(400, "request body is not valid JSON")
+    try:
+        parsed = parse(body)
+    except ValueError as exc:
+        return _error(400, str(exc))
+    if parsed[0] not in targets:
+        return _unknown_model(parsed[0], targets)
+    return parsed
+
+
+async def _chat_reply(
+    batcher: Batcher,
+    target: str | None,
+    request: ChatRequest,
+    model: str,
+    stream: bool,
+    include_usage: bool,
+) -> JSONResponse | StreamingResponse:
+    """Run one chat request: streamed as SSE events, or as one ``chat.completion`` object."""
+    completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+    if stream:
+        return StreamingResponse(
+            _stream(
+                batcher,
+                target,
+                request,
+                model=model,
+                completion_id=completion_id,
+                include_usage=include_usage,
+            ),
+            media_type="text/event-stream",
+        )
+    try:
+        completion = await batcher.run(target, request)
+    except Exception as exc:
+        return _failure(exc)
+    return JSONResponse(
+        {
+            "id": completion_id,
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": completion.text},
+                    "finish_reason": completion.finish_reason,
+                    "logprobs": _logprobs_json(completion.logprobs),
+                }
+            ],
+            "usage": _usage(completion),
+        }
+    )
+
+
+async def _text_reply(
+    batcher: Batcher, target: str | None, requests: list[TextRequest], model: str
+) -> JSONResponse:
+    """Run plain-text prompts, each a row of its own (it may share a batch with other clients'
+    requests), as one ``text_completion`` object; the first failure answers instead."""
+    outcomes = await asyncio.gather(*(batcher.run(target, r) for r in requests), return_exceptions=True)
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            return _failure(outcome)
+    results = [o for o in outcomes if isinstance(o, Completion)]
+    prompt_tokens = sum(c.prompt_tokens for c in results)
+    completion_tokens = sum(c.completion_tokens for c in results)
+    return JSONResponse(
+        {
+            "id": f"cmpl-{uuid.uuid4().hex}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": [
+                {"index": i, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None}
+                for i, c in enumerate(results)
+            ],
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
+        }
+    )
 
 
 async def _stream(
@@ -572,48 +606,7 @@ def check_model_slots(model_dir: Path, adapters: dict[str, Path]) -> None:
 
 def serve_model_main(argv: list[str] | None = None) -> int:
     """Entry point of ``fspo serve-model``; returns the process exit code."""
-    parser = argparse.ArgumentParser(
-        prog="fspo serve-model",
-        description="Serve a local causal LM (and LoRA adapters) over an OpenAI-compatible HTTP API.",
-    )
-    parser.add_argument("--model", required=True, type=Path, help="local Hugging Face model directory")
-    parser.add_argument(
-        "--adapter",
-        action="append",
-        default=[],
-        type=_adapter_arg,
-        metavar="NAME=DIR",
-        help="a peft LoRA adapter served under NAME (repeatable)",
-    )
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument(
-        "--served-name", default=None, help="name of the base model (default: the directory's name)"
-    )
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "auto"])
-    parser.add_argument(
-        "--max-batch",
-        type=int,
-        default=DEFAULT_MAX_BATCH,
-        help=f"most requests run as one batch (default {DEFAULT_MAX_BATCH}; 1 serves one at a time)",
-    )
-    parser.add_argument(
-        "--batch-window-ms",
-        type=float,
-        default=DEFAULT_BATCH_WINDOW_S * 1000,
-        help="how long a request that finds the model idle waits for others to batch with "
-        f"(default {DEFAULT_BATCH_WINDOW_S * 1000:g})",
-    )
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="CPU threads torch may use (default: torch's choice); 1 keeps a small model fast on a busy machine",
-    )
-    parser.add_argument(
-        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
-    )
+    parser = _serve_parser()
     args = parser.parse_args(argv)
     adapters = dict(args.adapter)
     if len(adapters) != len(args.adapter):
@@ -651,6 +644,53 @@ def serve_model_main(argv: list[str] | None = None) -> int:
     # On SIGTERM, requests still generating get a few seconds, not the minutes a CPU batch can take.
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
     return 0
+
+
+def _serve_parser() -> argparse.ArgumentParser:
+    """The command line of ``fspo serve-model``."""
+    parser = argparse.ArgumentParser(
+        prog="fspo serve-model",
+        description="Serve a local causal LM (and LoRA adapters) over an OpenAI-compatible HTTP API.",
+    )
+    parser.add_argument("--model", required=True, type=Path, help="local Hugging Face model directory")
+    parser.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        type=_adapter_arg,
+        metavar="NAME=DIR",
+        help="a peft LoRA adapter served under NAME (repeatable)",
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument(
+        "--served-name", default=None, help="name of the base model (default: the directory's name)"
+    )
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    parser.add_argument(
+        "--max-batch",
+        type=int,
+        default=DEFAULT_MAX_BATCH,
+        help=f"most requests run as one batch (default {DEFAULT_MAX_BATCH}; 1 serves one at a time)",
+    )
+    parser.add_argument(
+        "--batch-window-ms",
+        type=float,
+        default=DEFAULT_BATCH_WINDOW_S * 1000,
+        help="how long a request that finds the model idle waits for others to batch with "
+        f"(default {DEFAULT_BATCH_WINDOW_S * 1000:g})",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads torch may use (default: torch's choice); 1 keeps a small model fast on a busy machine",
+    )
+    parser.add_argument(
+        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
+    )
+    return parser
 
 
 if __name__ == "__main__":

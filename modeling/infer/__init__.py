@@ -6,9 +6,11 @@ OpenAI-compatible server or vLLM.
   prompt's earliest shots); and the local engine, ``generate_personalized`` / ``generate_for_users``,
   which runs a user's shared few-shot prefix once and decodes every question on top of its KV cache;
 - ``backends``: ``PersonalizationBackend`` and its local, OpenAI-compatible and vLLM implementations,
-  ``checkpoint_chat_template``, ``backend_from_spec`` and ``generate_for_episodes``.
+  ``checkpoint_chat_template``, ``backend_from_spec`` (a spec parsed by ``modeling.llm.ModelSpec``,
+  re-exported here) and ``generate_for_episodes``.
 """
 
+from ..llm import ModelSpec
 from .backends import (
     COT_DESCRIPTION_TOKENS,
     VLLM_MISSING,
@@ -37,6 +39,7 @@ __all__ = [
     "Generation",
     "GenerationStats",
     "LocalBackend",
+    "ModelSpec",
     "OpenAICompletionsBackend",
     "PersonalizationBackend",
     "UserQuestions",

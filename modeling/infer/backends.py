@@ -19,13 +19,15 @@ import os
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..data import Episode, Pair
 from ..llm import (
-    _DTYPES,
+    DTYPES,
     LLMError,
+    ModelSpec,
     OpenAICompatBackend,
     TextRequest,
     chat_wrapped,
@@ -45,15 +47,26 @@ from .decoding import (
 )
 
 
+@dataclass(frozen=True)
+class Decoding:
+    """The settings of one ``generate_many`` call, checked, as every back end's ``_generate`` gets them."""
+
+    cot: bool
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    seed: int | None
+
+
 class PersonalizationBackend(ABC):
     """Anything that writes responses personalized from users' few-shot picks, in question order.
 
-    Back ends implement ``generate_many`` (several users, batched across users); ``generate`` (one
-    user) is ``generate_many`` of one."""
+    Back ends implement ``_generate`` (several users, batched across users, with the settings checked);
+    ``generate_many`` checks the settings and calls it, ``generate`` (one user) is ``generate_many`` of
+    one."""
 
     name: str
 
-    @abstractmethod
     def generate_many(
         self,
         users: Sequence[UserQuestions],
@@ -63,7 +76,13 @@ class PersonalizationBackend(ABC):
         temperature: float = 0.0,
         top_p: float = 1.0,
         seed: int | None = None,
-    ) -> list[list[Generation]]: ...
+    ) -> list[list[Generation]]:
+        """Each user's generations, in question order (see ``generate_personalized`` for the settings)."""
+        _check_decoding(max_new_tokens, temperature, top_p, seed)
+        return self._generate(users, Decoding(cot, max_new_tokens, temperature, top_p, seed))
+
+    @abstractmethod
+    def _generate(self, users: Sequence[UserQuestions], decoding: Decoding) -> list[list[Generation]]: ...
 
     def generate(
         self,
@@ -163,8 +182,8 @@ class LocalBackend(PersonalizationBackend):
         if adapter is None and (model_dir / "adapter_config.json").is_file():
             model_dir, adapter = model_and_adapter_dirs(model_dir, str(model_dir))
         adapter = Path(adapter) if adapter is not None else None
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.chat_template = _check_dirs(model_dir, adapter)
@@ -176,16 +195,7 @@ class LocalBackend(PersonalizationBackend):
         self.last_stats = GenerationStats()
         self._lock = threading.Lock()
 
-    def generate_many(
-        self,
-        users: Sequence[UserQuestions],
-        *,
-        cot: bool = False,
-        max_new_tokens: int = 256,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-    ) -> list[list[Generation]]:
+    def _generate(self, users: Sequence[UserQuestions], decoding: Decoding) -> list[list[Generation]]:
         """See ``generate_for_users``; its stats are kept in ``last_stats``."""
         stats = GenerationStats()
         with self._lock:  # the model's buffers and the Rust tokenizer are not shared across threads
@@ -193,12 +203,12 @@ class LocalBackend(PersonalizationBackend):
                 self.model,
                 self.tokenizer,
                 users,
-                cot=cot,
+                cot=decoding.cot,
                 chat_template=self.chat_template,
-                max_new_tokens=max_new_tokens,
-                temperature=temperature,
-                top_p=top_p,
-                seed=seed,
+                max_new_tokens=decoding.max_new_tokens,
+                temperature=decoding.temperature,
+                top_p=decoding.top_p,
+                seed=decoding.seed,
                 reuse_prefix=self.reuse_prefix,
                 batch_size=self.batch_size,
                 stats=stats,
@@ -346,27 +356,17 @@ class OpenAICompletionsBackend(PersonalizationBackend):
         """The text sent for one FSPO prompt: as is, or wrapped in the chat template."""
         return chat_wrapped(self.tokenizer, prompt) if self.chat_template else prompt
 
-    def generate_many(
-        self,
-        users: Sequence[UserQuestions],
-        *,
-        cot: bool = False,
-        max_new_tokens: int = 256,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-    ) -> list[list[Generation]]:
-        _check_decoding(max_new_tokens, temperature, top_p, seed)
+    def _generate(self, users: Sequence[UserQuestions], decoding: Decoding) -> list[list[Generation]]:
         requests, descriptions = [], []
         for user in users:
-            for prompt, q in zip(user.prompts(cot=cot), user.questions, strict=True):
+            for prompt, q in zip(user.prompts(cot=decoding.cot), user.questions, strict=True):
                 requests.append(
                     TextRequest(
                         self.prompt_text(prompt),
-                        max_tokens=max_new_tokens,
-                        temperature=temperature,
-                        top_p=top_p,
-                        seed=question_seed(seed, q),
+                        max_tokens=decoding.max_new_tokens,
+                        temperature=decoding.temperature,
+                        top_p=decoding.top_p,
+                        seed=question_seed(decoding.seed, q),
                     )
                 )
                 descriptions.append(user.description)
@@ -374,7 +374,7 @@ class OpenAICompletionsBackend(PersonalizationBackend):
         flat = [
             finish_generation(
                 c.text,
-                cot=cot,
+                cot=decoding.cot,
                 description=d,
                 prompt_tokens=c.prompt_tokens,
                 new_tokens=c.completion_tokens,
@@ -423,26 +423,16 @@ class VLLMBackend(PersonalizationBackend):
         self.tokenizer = self.llm.get_tokenizer()
         self.name = f"vllm:{model_dir}" + (f"+{adapter}" if adapter is not None else "")
 
-    def generate_many(
-        self,
-        users: Sequence[UserQuestions],
-        *,
-        cot: bool = False,
-        max_new_tokens: int = 256,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-    ) -> list[list[Generation]]:
+    def _generate(self, users: Sequence[UserQuestions], decoding: Decoding) -> list[list[Generation]]:
         from vllm import SamplingParams
 
-        _check_decoding(max_new_tokens, temperature, top_p, seed)
         limit = getattr(getattr(self.llm.llm_engine, "model_config", None), "max_model_len", None)
         fitted = fit_to_context(
             users,
             lambda text: fspo_prompt_ids(self.tokenizer, text, chat_template=self.chat_template),
             limit if isinstance(limit, int) else None,
-            max_new_tokens,
-            cot=cot,
+            decoding.max_new_tokens,
+            cot=decoding.cot,
         )
         inputs = [{"prompt_token_ids": ids} for ids in fitted.ids]
         params, descriptions = [], []
@@ -451,10 +441,10 @@ class VLLMBackend(PersonalizationBackend):
                 params.append(
                     SamplingParams(
                         n=1,
-                        temperature=temperature,
-                        top_p=top_p,
-                        max_tokens=max_new_tokens,
-                        seed=question_seed(seed, q),
+                        temperature=decoding.temperature,
+                        top_p=decoding.top_p,
+                        max_tokens=decoding.max_new_tokens,
+                        seed=question_seed(decoding.seed, q),
                     )
                 )
                 descriptions.append(user.description)
@@ -465,7 +455,7 @@ class VLLMBackend(PersonalizationBackend):
             flat.append(
                 finish_generation(
                     choice.text,
-                    cot=cot,
+                    cot=decoding.cot,
                     description=d,
                     prompt_tokens=len(item["prompt_token_ids"]),
                     new_tokens=len(choice.token_ids),
@@ -477,8 +467,9 @@ class VLLMBackend(PersonalizationBackend):
         return fitted.restore(flat, users)
 
 
-def backend_from_spec(spec: str, **options: Any) -> PersonalizationBackend:
-    """A personalization back end from a one-string spec (``options`` go to its constructor):
+def backend_from_spec(spec: str | ModelSpec, **options: Any) -> PersonalizationBackend:
+    """A personalization back end from a one-string spec, or one parsed by ``ModelSpec.parse``
+    (``options`` go to its constructor):
 
     - ``http(s)://host:port/v1#model`` -> ``OpenAICompletionsBackend`` (API key from
       ``OPENAI_API_KEY`` if set);
@@ -487,23 +478,13 @@ def backend_from_spec(spec: str, **options: Any) -> PersonalizationBackend:
 
     A directory holding a peft adapter loads on top of the base model its ``adapter_config.json``
     names."""
-    if spec.startswith(("http://", "https://")):
-        url, _, model = spec.partition("#")
-        if not model:
-            raise LLMError(
-                f"spec {spec!r} needs the model name after '#', e.g. http://127.0.0.1:8000/v1#my-model"
-            )
-        return OpenAICompletionsBackend(url, model, api_key=os.environ.get("OPENAI_API_KEY"), **options)
-    kind = "vllm" if spec.startswith("vllm:") else "hf"
-    raw = spec.split(":", 1)[1] if spec.startswith(("vllm:", "hf:")) else spec
-    path = Path(raw).expanduser()
-    if not path.is_dir():
-        if spec.startswith(("vllm:", "hf:")):
-            raise LLMError(f"spec {spec!r}: {path} is not a directory")
-        raise LLMError(
-            f"unknown generation spec {spec!r}: expected 'http(s)://host:port/v1#model', 'vllm:/dir' or 'hf:/dir'"
+    parsed = spec if isinstance(spec, ModelSpec) else ModelSpec.parse(spec)
+    if parsed.kind == "http":
+        assert parsed.url is not None and parsed.name is not None
+        return OpenAICompletionsBackend(
+            parsed.url, parsed.name, api_key=os.environ.get("OPENAI_API_KEY"), **options
         )
-    base, adapter = model_and_adapter_dirs(path, spec)
-    if kind == "vllm":
-        return VLLMBackend(base, adapter=adapter, **options)
-    return LocalBackend(base, adapter=adapter, **options)
+    assert parsed.path is not None
+    if parsed.kind == "vllm":
+        return VLLMBackend(parsed.path, adapter=parsed.adapter, **options)
+    return LocalBackend(parsed.path, adapter=parsed.adapter, **options)

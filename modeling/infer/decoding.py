@@ -319,8 +319,6 @@ def generate_for_users(
     every other prompt (lone questions of many users, everything with ``reuse_prefix=False`` or on a
     model whose cache cannot be reused) goes through plain batched ``generate``, shortest prompts
     together to limit padding."""
-    import torch
-
     _check_decoding(max_new_tokens, temperature, top_p, seed)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -333,20 +331,35 @@ def generate_for_users(
         max_new_tokens,
         cot=cot,
     )
-    full_ids = fitted.ids
     questions = [q for user in fitted.users for q in user.questions]
-    descriptions = [user.description for user in fitted.users for _ in user.questions]
-    decoder = _Decoder(model, tokenizer)
-    samplings = [_Sampling(temperature, top_p, question_seed(seed, q)) for q in questions]
-    stats = stats if stats is not None else GenerationStats()
-    stats.questions += len(full_ids)
-    stats.prompt_tokens += sum(len(ids) for ids in full_ids)
-    stats.shots_cut += sum(fitted.shots_cut)
-    stats.prompts_cut += sum(1 for c in fitted.shots_cut if c)
-    raw: list[tuple[list[int], str, int] | None] = [None] * len(full_ids)  # (new ids, finish, cached)
-    total, done = len(full_ids), 0
-    cache_problem = _prefix_cache_problem(model) if reuse_prefix else None
+    run = _LocalRun(
+        model,
+        _Decoder(model, tokenizer),
+        fitted.ids,
+        [_Sampling(temperature, top_p, question_seed(seed, q)) for q in questions],
+        max_new_tokens,
+        batch_size,
+        stats if stats is not None else GenerationStats(),
+        progress,
+    )
+    run.count_prompts(fitted.shots_cut)
+    prefixed, plain = _plan_prefix_reuse(model, fitted, reuse_prefix, run.stats)
+    for idx, cut in prefixed:
+        run.on_prefix(idx, cut)
+    run.plain(plain)
+    return fitted.restore(run.generations(fitted, cot=cot), users)
 
+
+def _plan_prefix_reuse(
+    model: Any, fitted: FittedPrompts, reuse_prefix: bool, stats: GenerationStats
+) -> tuple[list[tuple[list[int], int]], list[int]]:
+    """Which prompts run on a shared prefix and which go through plain ``generate``.
+
+    Returns (the (prompt indices, prefix length) of each user whose questions share a prefix, in user
+    order; every other prompt's index). A user's questions share a prefix when there are two or more, the
+    model's cache can be reused (else they count as ``stats.fallbacks``) and their ids share a start."""
+    cache_problem = _prefix_cache_problem(model) if reuse_prefix else None
+    prefixed: list[tuple[list[int], int]] = []
     plain: list[int] = []
     start = 0
     for user in fitted.users:
@@ -360,67 +373,104 @@ def generate_for_users(
             stats.fallbacks += len(idx)
             plain += idx
             continue
-        cut = _shared_prefix_length([full_ids[i] for i in idx])
+        cut = _shared_prefix_length([fitted.ids[i] for i in idx])
         if cut == 0:
             plain += idx
             continue
-        prefix_ids = full_ids[idx[0]][:cut]
+        prefixed.append((idx, cut))
+    return prefixed, plain
+
+
+@dataclass
+class _LocalRun:
+    """One ``generate_for_users`` call: every prompt's ids and sampling, and each one's raw result,
+    (new ids, finish reason, cached prompt tokens), filled batch by batch."""
+
+    model: Any
+    decoder: _Decoder
+    ids: list[list[int]]
+    samplings: list[_Sampling]
+    max_new_tokens: int
+    batch_size: int
+    stats: GenerationStats
+    progress: ProgressFn | None
+    raw: list[tuple[list[int], str, int] | None] = dataclasses.field(default_factory=list)
+    done: int = 0
+
+    def __post_init__(self) -> None:
+        self.raw = [None] * len(self.ids)
+
+    def count_prompts(self, shots_cut: list[int]) -> None:
+        self.stats.questions += len(self.ids)
+        self.stats.prompt_tokens += sum(len(ids) for ids in self.ids)
+        self.stats.shots_cut += sum(shots_cut)
+        self.stats.prompts_cut += sum(1 for c in shots_cut if c)
+
+    def on_prefix(self, idx: list[int], cut: int) -> None:
+        """Run the prompts ``idx``'s shared first ``cut`` ids once, then decode them in batches on it."""
+        import torch
+
+        prefix_ids = self.ids[idx[0]][:cut]
         with torch.inference_mode():
-            prefix_kv = _prefill_prefix(model, prefix_ids)
-        stats.prefix_tokens += cut
-        stats.prompt_tokens_computed += cut
-        stats.reused += len(idx)
-        for b in range(0, len(idx), batch_size):
-            batch = idx[b : b + batch_size]
-            rows = [full_ids[i][cut:] for i in batch]
+            prefix_kv = _prefill_prefix(self.model, prefix_ids)
+        self.stats.prefix_tokens += cut
+        self.stats.prompt_tokens_computed += cut
+        self.stats.reused += len(idx)
+        for b in range(0, len(idx), self.batch_size):
+            batch = idx[b : b + self.batch_size]
+            rows = [self.ids[i][cut:] for i in batch]
             with torch.inference_mode():
-                outputs = decoder.decode_on_prefix(
-                    prefix_kv, cut, rows, [samplings[i] for i in batch], max_new_tokens
+                outputs = self.decoder.decode_on_prefix(
+                    prefix_kv, cut, rows, [self.samplings[i] for i in batch], self.max_new_tokens
                 )
-            stats.prompt_tokens_computed += len(batch) * max(len(r) for r in rows)
-            for i, (ids, finish) in zip(batch, outputs, strict=True):
-                raw[i] = (ids, finish, cut)
-            done += len(batch)
-            if progress is not None:
-                progress(done, total)
+            self.stats.prompt_tokens_computed += len(batch) * max(len(r) for r in rows)
+            self._record(batch, outputs, cut)
 
-    plain.sort(key=lambda i: len(full_ids[i]))
-    for b in range(0, len(plain), batch_size):
-        batch = plain[b : b + batch_size]
-        outputs = generate_ids(
-            model,
-            [full_ids[i] for i in batch],
-            [samplings[i] for i in batch],
-            max_new_tokens,
-            stop_ids=decoder.stop_ids,
-            pad_id=decoder.pad_id,
-        )
-        stats.prompt_tokens_computed += len(batch) * max(len(full_ids[i]) for i in batch)
-        for i, (ids, finish) in zip(batch, outputs, strict=True):
-            raw[i] = (ids, finish, 0)
-        done += len(batch)
-        if progress is not None:
-            progress(done, total)
-
-    flat = []
-    for i, item in enumerate(raw):
-        assert item is not None
-        ids, finish, cached = item
-        new_tokens = len(ids) + (finish == "stop")
-        stats.new_tokens += new_tokens
-        flat.append(
-            finish_generation(
-                decoder.decode(ids),
-                cot=cot,
-                description=descriptions[i],
-                prompt_tokens=len(full_ids[i]),
-                new_tokens=new_tokens,
-                cached_tokens=cached,
-                finish_reason=finish,
-                shots_cut=fitted.shots_cut[i],
+    def plain(self, idx: list[int]) -> None:
+        """Run the prompts ``idx`` whole through batched ``generate``, shortest prompts together."""
+        idx = sorted(idx, key=lambda i: len(self.ids[i]))
+        for b in range(0, len(idx), self.batch_size):
+            batch = idx[b : b + self.batch_size]
+            outputs = generate_ids(
+                self.model,
+                [self.ids[i] for i in batch],
+                [self.samplings[i] for i in batch],
+                self.max_new_tokens,
+                stop_ids=self.decoder.stop_ids,
+                pad_id=self.decoder.pad_id,
             )
-        )
-    return fitted.restore(flat, users)
+            self.stats.prompt_tokens_computed += len(batch) * max(len(self.ids[i]) for i in batch)
+            self._record(batch, outputs, 0)
+
+    def _record(self, batch: list[int], outputs: list[tuple[list[int], str]], cached: int) -> None:
+        for i, (ids, finish) in zip(batch, outputs, strict=True):
+            self.raw[i] = (ids, finish, cached)
+        self.done += len(batch)
+        if self.progress is not None:
+            self.progress(self.done, len(self.ids))
+
+    def generations(self, fitted: FittedPrompts, *, cot: bool) -> list[Generation]:
+        """Every prompt's ``Generation``, in the order of ``fitted``'s prompts."""
+        descriptions = [user.description for user in fitted.users for _ in user.questions]
+        flat = []
+        for i, item in enumerate(self.raw):
+            assert item is not None
+            ids, finish, cached = item
+            new_tokens = len(ids) + (finish == "stop")
+            self.stats.new_tokens += new_tokens
+            flat.append(
+                finish_generation(
+                    self.decoder.decode(ids),
+                    cot=cot,
+                    description=descriptions[i],
+                    prompt_tokens=len(self.ids[i]),
+                    new_tokens=new_tokens,
+                    cached_tokens=cached,
+                    finish_reason=finish,
+                    shots_cut=fitted.shots_cut[i],
+                )
+            )
+        return flat
 
 
 def _shared_prefix_length(prompts: list[list[int]]) -> int:
@@ -565,6 +615,22 @@ class _Decoder:
         positions of the unpadded prompt); the pads sit inside the cache but the attention mask hides
         them from every later query. Causal masking follows the cache index, which is the same for all
         rows, so only the per-row position ids and the mask differ between rows."""
+        logits, cache, attention_mask, next_pos = self._run_suffixes(
+            prefix_kv, prefix_len, suffixes, max_new_tokens
+        )
+        return self._decode_loop(logits, cache, attention_mask, next_pos, samplings, max_new_tokens)
+
+    def _run_suffixes(
+        self,
+        prefix_kv: list[tuple[Any, Any]],
+        prefix_len: int,
+        suffixes: list[list[int]],
+        max_new_tokens: int,
+    ) -> tuple[Any, Any, Any, Any]:
+        """The suffix step: every row's suffix, right-padded, run on its copy of the prefix cache.
+
+        Returns (each row's logits for its first new token, the cache, the attention mask, each row's
+        position of its next token)."""
         import torch
         from transformers.cache_utils import Cache
 
@@ -598,12 +664,27 @@ class _Decoder:
             logits_to_keep=keep,
         ).logits
         logits = logits[torch.arange(b, device=device), where]  # (b, vocab)
+        return logits, cache, attention_mask, prefix_len + lengths
 
+    def _decode_loop(
+        self,
+        logits: Any,
+        cache: Any,
+        attention_mask: Any,
+        next_pos: Any,
+        samplings: list[_Sampling],
+        max_new_tokens: int,
+    ) -> list[tuple[list[int], str]]:
+        """Pick a token for every live row, drop the rows that stopped, run one step; until every row
+        stopped or has ``max_new_tokens`` tokens. Each row's new ids and finish reason."""
+        import torch
+
+        model, device = self.model, self.model.device
+        b = len(samplings)
         generators = [row_generator(s.seed, device) for s in samplings]
         new_ids: list[list[int]] = [[] for _ in range(b)]
         finish = ["length"] * b
         active = list(range(b))  # batch row of each live row
-        next_pos = prefix_len + lengths  # per live row: the position of its next token
         for step in range(max_new_tokens):
             tokens = self._pick(logits, [samplings[r] for r in active], [generators[r] for r in active])
             live = []

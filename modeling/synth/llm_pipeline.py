@@ -26,7 +26,7 @@ import os
 import re
 import shutil
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -265,30 +265,7 @@ def generate_with_llm(
     if out_dir.exists() and not overwrite:
         raise DatasetError(f"{out_dir} already exists (pass --overwrite to replace it)")
     backend = backend_from_spec(llm, max_concurrency=llm_concurrency) if isinstance(llm, str) else llm
-    work = out_dir.with_name(out_dir.name + ".work")
-    # The stages' settings are not part of it: every journal entry is keyed by its request's digest,
-    # so a rerun with other temperatures or another margin reuses exactly the calls that are unchanged.
-    fingerprint = hashlib.sha256(
-        json.dumps(
-            {
-                "config": cfg.to_dict(),
-                "domain": dom.sha256,
-                "prompts": prompts()["version"],
-                "backend": backend.name,
-            },
-            sort_keys=True,
-        ).encode()
-    ).hexdigest()
-    fp_path = work / "fingerprint"
-    if fp_path.exists() and fp_path.read_text() != fingerprint and overwrite:
-        shutil.rmtree(work)  # --overwrite: an interrupted run with other options is discarded too
-    work.mkdir(parents=True, exist_ok=True)
-    if fp_path.exists() and fp_path.read_text() != fingerprint:
-        raise DatasetError(
-            f"{work} holds an interrupted run with other options; rerun with those options to resume, "
-            f"or delete {work}"
-        )
-    fp_path.write_text(fingerprint)
+    work = _work_dir(out_dir, _fingerprint(cfg, dom, backend), overwrite=overwrite)
     caller = _Caller(backend, Journal(work / "calls.jsonl"), progress)
     writer = DatasetWriter(out_dir, overwrite=overwrite)
     try:
@@ -301,6 +278,41 @@ def generate_with_llm(
         raise
     shutil.rmtree(work, ignore_errors=True)
     return DatasetInfo(path=path, manifest=load_dataset(path).manifest)
+
+
+def _fingerprint(cfg: SynthConfig, dom: Domain, backend: ChatBackend) -> str:
+    """What a journal's calls depend on besides their requests: the config, domain, prompts, back end.
+
+    The stages' settings are not part of it: every journal entry is keyed by its request's digest, so a
+    rerun with other temperatures or another margin reuses exactly the calls that are unchanged."""
+    return hashlib.sha256(
+        json.dumps(
+            {
+                "config": cfg.to_dict(),
+                "domain": dom.sha256,
+                "prompts": prompts()["version"],
+                "backend": backend.name,
+            },
+            sort_keys=True,
+        ).encode()
+    ).hexdigest()
+
+
+def _work_dir(out_dir: Path, fingerprint: str, *, overwrite: bool) -> Path:
+    """``<out>.work/``, holding the journal of a run with this ``fingerprint``: an interrupted run's is
+    resumed, one with other options refused (discarded with ``overwrite``)."""
+    work = out_dir.with_name(out_dir.name + ".work")
+    fp_path = work / "fingerprint"
+    if fp_path.exists() and fp_path.read_text() != fingerprint and overwrite:
+        shutil.rmtree(work)  # --overwrite: an interrupted run with other options is discarded too
+    work.mkdir(parents=True, exist_ok=True)
+    if fp_path.exists() and fp_path.read_text() != fingerprint:
+        raise DatasetError(
+            f"{work} holds an interrupted run with other options; rerun with those options to resume, "
+            f"or delete {work}"
+        )
+    fp_path.write_text(fingerprint)
+    return work
 
 
 def stages_line(report: dict[str, Any]) -> str:
@@ -325,95 +337,164 @@ def _style(dom: Domain, values: Sequence[int]) -> str:
 def _run(
     cfg: SynthConfig, dom: Domain, writer: DatasetWriter, call: _Caller, st: LLMStages, work: Path
 ) -> dict[str, Any]:
-    seed = cfg.seed
-    rng = np.random.default_rng([seed, 1])
-    qs = world.build_questions(dom, rng, cfg.questions, cfg.test_topic_frac)
-    title = dom.spec.title
-    report: dict[str, dict[str, Any]] = {}
+    """The stages in order (each a batch of LLM calls): questions, responses, personas, labels with
+    persona refinement, repeat asks, transitivity; then the users and preferences tables. Returns the
+    manifest."""
+    run = _Stages(cfg, dom, call, st, writer)
+    rng = np.random.default_rng([cfg.seed, 1])
+    qs = run.questions(rng)
+    rtexts = run.responses(rng, qs)
 
-    def writing(step: str, max_tokens: int, temperature: float, call_seed: int, **fields: str) -> ChatRequest:
+    urng = np.random.default_rng([cfg.seed, 2, 0])
+    n = cfg.users
+    users = world.sample_users(dom, urng, n, 0)
+    is_test = urng.random(n) < cfg.test_user_frac
+    desc_initial = run.personas(users)
+    judge = _Judge(run, qs.text, rtexts, list(desc_initial), *_candidate_pairs(urng, cfg, len(qs.text)))
+    quality = _Quality(rounds=cfg.max_rounds, combos_possible=int(np.prod(dom.trait_sizes)))
+    labels, replies = _label_rounds(judge, users, quality)
+    C = judge.cq.shape[1]
+    if cfg.mode == "random":  # the ablation: labels not tied to the persona
+        labels.a_wins = urng.random((n, C)) < 0.5
+        labels.consistent[:] = True
+    quality.candidates = n * C
+
+    keep = labels.consistent & (np.cumsum(labels.consistent, axis=1) <= cfg.pairs_per_user)
+    rows, cols = np.nonzero(keep)
+    undecided = run.report_labels(labels, keep, replies)
+    (work / "report.json").write_text(json.dumps(run.report, indent=2) + "\n")
+    if not len(rows):
+        raise LLMError(
+            f"the LLM judge decided no pair ({stages_line(run.report)}); nothing was published: the report "
+            f"is in {work / 'report.json'} and the {len(call.journal.done)} finished calls stay in "
+            f"{work / 'calls.jsonl'}, so a rerun (e.g. with a smaller judge margin) reuses them"
+        )
+
+    repeat_agree = judge.repeat_asks(labels.a_wins, rows, cols)
+    _count_labels(quality, cfg, keep, users, repeat_agree)
+    if cfg.mode == "structured" and cfg.responses_per_question >= 3:
+        judge.transitivity(quality)
+    aw = labels.a_wins[rows, cols]
+    users_columns = users_schema(dom.attribute_names, [t.name for t in dom.traits])
+    writer.write(
+        "users", users_table(dom, users, is_test, users_columns, descriptions=(judge.desc, desc_initial))
+    )
+    write_preferences(
+        writer,
+        first_pair_id=0,
+        user_id=users.user_id[rows],
+        question_id=judge.cq[rows, cols],
+        chosen=np.where(aw, judge.ra[rows, cols], judge.rb[rows, cols]),
+        rejected=np.where(aw, judge.rb[rows, cols], judge.ra[rows, cols]),
+        user_test=is_test[rows],
+        question_split=qs.split[judge.cq[rows, cols]],
+        margin=np.full(len(rows), np.nan),  # no oracle behind an LLM judge
+        repeat_agree=repeat_agree,
+        label_round=labels.label_round[rows, cols],
+    )
+    return run.manifest(quality, undecided["unreadable"])
+
+
+@dataclass
+class _Stages:
+    """One LLM synthesis run: its settings, its caller, the dataset it writes and the per-stage report
+    it fills."""
+
+    cfg: SynthConfig
+    dom: Domain
+    call: _Caller
+    st: LLMStages
+    writer: DatasetWriter
+    report: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def writing(
+        self, step: str, max_tokens: int, temperature: float, call_seed: int, **fields: str
+    ) -> ChatRequest:
+        """A writing stage's request: nucleus sampling at ``temperature``, greedy at 0."""
         return ChatRequest(
             _messages(step, **fields),
             max_tokens=max_tokens,
             temperature=temperature,
-            top_p=st.top_p if temperature > 0 else 1.0,
+            top_p=self.st.top_p if temperature > 0 else 1.0,
             seed=call_seed,
         )
 
-    # 1. Questions, written from each topic (the template question is shown as an example).
-    qreplies = call.run(
-        "questions",
-        [
+    def questions(self, rng: np.random.Generator) -> world.Questions:
+        """1. Questions, written from each topic (the template question is shown as an example), and
+        written to the dataset."""
+        qs = world.build_questions(self.dom, rng, self.cfg.questions, self.cfg.test_topic_frac)
+        title, seed = self.dom.spec.title, self.cfg.seed
+        calls = [
             (
                 f"q{q}",
-                writing(
+                self.writing(
                     "question",
                     64,
-                    st.question_temperature,
+                    self.st.question_temperature,
                     _seed(seed, "question", q),
                     domain_title=title,
                     topic=qs.topic[q],
                 ),
             )
             for q in range(len(qs.text))
-        ],
-    )
-    written = [_first_line(qreplies[f"q{q}"], 300) for q in range(len(qs.text))]
-    short = sum(len(w) < 3 for w in written)
-    qs.text = [
-        w if len(w) >= 3 else qs.text[q] for q, w in enumerate(written)
-    ]  # an empty reply keeps the template
-    report["questions"] = {
-        "asked": len(written),
-        "kept": len(written) - short,
-        "dropped": {"empty replies (the template question is used instead)": short},
-    }
-    write_questions(writer, qs)
+        ]
+        qreplies = self.call.run("questions", calls)
+        written = [_first_line(qreplies[f"q{q}"], 300) for q in range(len(qs.text))]
+        short = sum(len(w) < 3 for w in written)
+        # an empty reply keeps the template
+        qs.text = [w if len(w) >= 3 else qs.text[q] for q, w in enumerate(written)]
+        self.report["questions"] = {
+            "asked": len(written),
+            "kept": len(written) - short,
+            "dropped": {"empty replies (the template question is used instead)": short},
+        }
+        write_questions(self.writer, qs)
+        return qs
 
-    # 2. Responses, steered by sampled trait values (persona steering).
-    K = cfg.responses_per_question
-    sizes = dom.trait_sizes
-    picks = rng.integers(0, int(np.prod(sizes)), size=(len(qs.text), K))
-    values = np.stack(np.unravel_index(picks.ravel(), sizes), axis=1).astype(np.int16)
-    rreplies = call.run(
-        "responses",
-        [
+    def responses(self, rng: np.random.Generator, qs: world.Questions) -> list[str]:
+        """2. Responses, steered by sampled trait values (persona steering), written to the dataset;
+        their texts."""
+        K, sizes = self.cfg.responses_per_question, self.dom.trait_sizes
+        picks = rng.integers(0, int(np.prod(sizes)), size=(len(qs.text), K))
+        values = np.stack(np.unravel_index(picks.ravel(), sizes), axis=1).astype(np.int16)
+        calls = [
             (
                 f"r{i}",
-                writing(
+                self.writing(
                     "response",
                     256,
-                    st.response_temperature,
-                    _seed(seed, "response", i),
+                    self.st.response_temperature,
+                    _seed(self.cfg.seed, "response", i),
                     question=qs.text[i // K],
-                    style=_style(dom, values[i]),
+                    style=_style(self.dom, values[i]),
                 ),
             )
             for i in range(len(values))
-        ],
-    )
-    rtexts = [rreplies[f"r{i}"].strip() for i in range(len(values))]
-    report["responses"] = {"asked": len(rtexts), "kept": len(rtexts), "dropped": {}}
-    if not all(rtexts):
-        report["responses"]["notes"] = (
-            f"{sum(not t for t in rtexts)} empty replies (kept, judged as they are)"
-        )
-    write_responses(
-        writer,
-        dom,
-        rtexts,
-        np.repeat(np.arange(len(qs.text)), K),
-        values,
-        [f"llm:{call.backend.name}"] * len(rtexts),
-    )
+        ]
+        rreplies = self.call.run("responses", calls)
+        rtexts = [rreplies[f"r{i}"].strip() for i in range(len(values))]
+        self.report["responses"] = {"asked": len(rtexts), "kept": len(rtexts), "dropped": {}}
+        if not all(rtexts):
+            self.report["responses"]["notes"] = (
+                f"{sum(not t for t in rtexts)} empty replies (kept, judged as they are)"
+            )
+        question_of = np.repeat(np.arange(len(qs.text)), K)
+        sources = [f"llm:{self.call.backend.name}"] * len(rtexts)
+        write_responses(self.writer, self.dom, rtexts, question_of, values, sources)
+        return rtexts
 
-    # 3. Personas from randomized attributes and preferences (domain randomization).
-    urng = np.random.default_rng([seed, 2, 0])
-    n = cfg.users
-    users = world.sample_users(dom, urng, n, 0)
-    is_test = urng.random(n) < cfg.test_user_frac
+    def personas(self, users: world.Users) -> list[str]:
+        """3. Personas from randomized attributes and preferences (domain randomization)."""
+        n = len(users.user_id)
+        preplies = self.call.run("personas", [(f"p{u}", self._persona_call(users, u)) for u in range(n)])
+        desc_initial = [preplies[f"p{u}"].strip() for u in range(n)]
+        self.report["personas"] = {"asked": n, "kept": n, "dropped": {}}
+        if not all(desc_initial):
+            self.report["personas"]["notes"] = f"{sum(not d for d in desc_initial)} empty replies (kept)"
+        return desc_initial
 
-    def persona_call(u: int) -> ChatRequest:
+    def _persona_call(self, users: world.Users, u: int) -> ChatRequest:
+        dom = self.dom
         attrs = "\n".join(
             f"- {a}: {dom.spec.attributes[a].values[users.attrs[u, j]]}"
             for j, a in enumerate(dom.attribute_names)
@@ -423,171 +504,206 @@ def _run(
             for ti, t in enumerate(dom.traits)
             if users.stated[u, ti]
         )
-        return writing(
+        return self.writing(
             "persona",
             160,
-            st.persona_temperature,
-            _seed(seed, "persona", u),
+            self.st.persona_temperature,
+            _seed(self.cfg.seed, "persona", u),
             attributes=attrs,
-            domain_title=title,
+            domain_title=dom.spec.title,
             preferences=prefs or "- (none stated)",
         )
 
-    preplies = call.run("personas", [(f"p{u}", persona_call(u)) for u in range(n)])
-    desc_initial = [preplies[f"p{u}"].strip() for u in range(n)]
-    desc = list(desc_initial)
-    report["personas"] = {"asked": n, "kept": n, "dropped": {}}
-    if not all(desc_initial):
-        report["personas"]["notes"] = f"{sum(not d for d in desc_initial)} empty replies (kept)"
+    def report_labels(
+        self, labels: _Labels, keep: np.ndarray, replies: dict[str, dict[str, Any]]
+    ) -> dict[str, int]:
+        """Report the labels' (and the refinement's) kept and dropped counts; the undecided pairs by
+        reason."""
+        consistent = labels.consistent
+        undecided = {reason: int((~consistent & (labels.outcome == reason)).sum()) for reason in DROP_REASONS}
+        self.report["labels"] = {
+            "asked": consistent.size,
+            "kept": int(keep.sum()),
+            "dropped": {DROP_REASONS[r]: k for r, k in undecided.items()}
+            | {"decided beyond pairs_per_user": int((consistent & ~keep).sum())},
+            "judge_margin": self.st.judge_margin,
+            "judge_read": "probabilities" if _any_probs(replies) else "sampled letters",
+        }
+        if labels.refine_asked:
+            self.report["refinement"] = {
+                "asked": labels.refine_asked,
+                "kept": labels.refine_kept,
+                "dropped": {"empty replies": labels.refine_asked - labels.refine_kept},
+            }
+        return undecided
 
-    # 4. Candidate pairs: distinct questions per user, two responses with different steering.
+    def manifest(self, quality: _Quality, unparsed: int) -> dict[str, Any]:
+        """The dataset's manifest (less what ``generate_with_llm`` and the writer add)."""
+        cfg, dom = self.cfg, self.dom
+        summary = quality.summary(cfg.mode)
+        summary["stated_trait_fraction_final"] = (
+            None  # an LLM persona's refinements are free text, not trait flags
+        )
+        summary["judge_replies_unparsed"] = unparsed
+        return {
+            "domain": dom.name,
+            "domain_source": dom.source,
+            "domain_sha256": dom.sha256,
+            "mode": cfg.mode,
+            "config": {**cfg.to_dict(), "llm": asdict(self.st)},
+            "prompts_version": prompts()["version"],
+            "llm_calls": {"made": self.call.journal.made, "reused_from_journal": self.call.journal.reused},
+            "traits": {t.name: [v.name for v in t.values] for t in dom.traits},
+            "attributes": {a: list(dom.spec.attributes[a].values) for a in dom.attribute_names},
+            "quality": summary,
+            "stages": self.report,
+        }
+
+
+def _candidate_pairs(
+    urng: np.random.Generator, cfg: SynthConfig, Q: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """4. Candidate pairs: distinct questions per user, two responses with different steering.
+    (question of each candidate, its two responses), each [users, candidates]."""
+    n, K = cfg.users, cfg.responses_per_question
     C = cfg.pairs_per_user * OVERSAMPLE
-    Q = len(qs.text)
     cq = np.stack([urng.permutation(Q)[:C] if C <= Q else urng.integers(0, Q, C) for _ in range(n)])
     i = urng.integers(0, K, size=(n, C))
     j = (i + urng.integers(1, K, size=(n, C))) % K
-    ra, rb = cq * K + i, cq * K + j
+    return cq, cq * K + i, cq * K + j
 
-    def judge_request(u: int, q: int, a: int, b: int, temperature: float, call_seed: int) -> ChatRequest:
+
+@dataclass
+class _Labels:
+    """Each candidate pair's judgment [users, candidates], and the refinement's counts."""
+
+    a_wins: np.ndarray
+    consistent: np.ndarray
+    outcome: np.ndarray
+    p_avg: np.ndarray
+    label_round: np.ndarray
+    refine_asked: int = 0
+    refine_kept: int = 0
+
+    @classmethod
+    def empty(cls, n: int, C: int) -> _Labels:
+        return cls(
+            np.zeros((n, C), dtype=bool),
+            np.zeros((n, C), dtype=bool),
+            np.full((n, C), "", dtype=object),
+            np.full((n, C), np.nan),
+            np.zeros((n, C), dtype=np.int8),
+        )
+
+
+@dataclass
+class _Judge:
+    """The judge's questions about users' candidate pairs, asked with each user's current persona
+    (``desc``, refined in place)."""
+
+    run: _Stages
+    questions: list[str]
+    rtexts: list[str]
+    desc: list[str]
+    cq: np.ndarray
+    ra: np.ndarray
+    rb: np.ndarray
+
+    def request(self, u: int, q: int, a: int, b: int, temperature: float, call_seed: int) -> ChatRequest:
         msgs = _messages(
-            "judge", persona=desc[u], question=qs.text[q], response_a=rtexts[a], response_b=rtexts[b]
+            "judge",
+            persona=self.desc[u],
+            question=self.questions[q],
+            response_a=self.rtexts[a],
+            response_b=self.rtexts[b],
         )
         return ChatRequest(msgs, max_tokens=2, temperature=temperature, choices=("A", "B"), seed=call_seed)
 
-    def judge_calls(u: int, c: int, tag: str, order: str, temperature: float) -> tuple[str, ChatRequest]:
-        a, b = (ra[u, c], rb[u, c]) if order == "ab" else (rb[u, c], ra[u, c])
-        call_seed = _seed(seed, "label", u, c, tag, order)
-        return f"L{u}_{c}_{tag}_{order}", judge_request(u, cq[u, c], a, b, temperature, call_seed)
+    def pair_call(self, u: int, c: int, tag: str, order: str, temperature: float) -> tuple[str, ChatRequest]:
+        """Candidate ``c`` of user ``u`` shown in ``order`` ("ab": its first response as A)."""
+        a, b = (self.ra[u, c], self.rb[u, c]) if order == "ab" else (self.rb[u, c], self.ra[u, c])
+        call_seed = _seed(self.run.cfg.seed, "label", u, c, tag, order)
+        return f"L{u}_{c}_{tag}_{order}", self.request(u, self.cq[u, c], a, b, temperature, call_seed)
 
-    quality = _Quality(rounds=cfg.max_rounds, combos_possible=int(np.prod(sizes)))
-    a_wins = np.zeros((n, C), dtype=bool)
-    consistent = np.zeros((n, C), dtype=bool)
-    outcome = np.full((n, C), "", dtype=object)
-    p_avg = np.full((n, C), np.nan)
-    label_round = np.zeros((n, C), dtype=np.int8)
-    pending = np.ones(n, dtype=bool)
-    refine_asked = refine_kept = 0
-    for rnd in range(cfg.max_rounds + 1):
-        us = np.flatnonzero(pending)
+    def label_round(self, us: np.ndarray, rnd: int, labels: _Labels) -> dict[str, dict[str, Any]]:
+        """Judge every candidate of the users ``us`` in both orders; record each decision in ``labels``."""
+        st, C = self.run.st, self.cq.shape[1]
         calls = [
-            judge_calls(u, c, f"r{rnd}", o, st.judge_temperature)
+            self.pair_call(u, c, f"r{rnd}", o, st.judge_temperature)
             for u in us
             for c in range(C)
             for o in ("ab", "ba")
         ]
-        replies = call.choices(f"labels (round {rnd})", calls)
+        replies = self.run.call.choices(f"labels (round {rnd})", calls)
         for u in us:
             for c in range(C):
                 decided, p = judge_pair(
                     replies[f"L{u}_{c}_r{rnd}_ab"], replies[f"L{u}_{c}_r{rnd}_ba"], st.judge_margin
                 )
-                outcome[u, c], p_avg[u, c] = decided, np.nan if p is None else p
-                a_wins[u, c] = decided == "first"
-                consistent[u, c] = decided in ("first", "second")
-                label_round[u, c] = rnd
-        quality.consistent_by_round[rnd] = int(consistent.sum())
-        if rnd == cfg.max_rounds or cfg.mode == "random":
-            break
-        # Iterative persona improvement: a user with an undecided pair gets one more specific sentence.
-        refine = [u for u in us if not consistent[u].all()]
-        if not refine:
-            break
-        rcalls = []
+                labels.outcome[u, c], labels.p_avg[u, c] = decided, np.nan if p is None else p
+                labels.a_wins[u, c] = decided == "first"
+                labels.consistent[u, c] = decided in ("first", "second")
+                labels.label_round[u, c] = rnd
+        return replies
+
+    def refine(self, refine: list[int], rnd: int, labels: _Labels, users: world.Users) -> list[int]:
+        """Iterative persona improvement: each of the users ``refine`` gets one more specific sentence
+        about their first undecided pair. The users whose persona grew (they are judged again)."""
+        st, rcalls = self.run.st, []
         for u in refine:
-            c = int(np.flatnonzero(~consistent[u])[0])
-            rcalls.append(
-                (
-                    f"F{u}_{rnd}",
-                    writing(
-                        "refine",
-                        80,
-                        st.refine_temperature,
-                        _seed(seed, "refine", u, rnd),
-                        persona=desc[u],
-                        question=qs.text[cq[u, c]],
-                        response_a=rtexts[ra[u, c]],
-                        response_b=rtexts[rb[u, c]],
-                    ),
-                )
+            c = int(np.flatnonzero(~labels.consistent[u])[0])
+            request = self.run.writing(
+                "refine",
+                80,
+                st.refine_temperature,
+                _seed(self.run.cfg.seed, "refine", u, rnd),
+                persona=self.desc[u],
+                question=self.questions[self.cq[u, c]],
+                response_a=self.rtexts[self.ra[u, c]],
+                response_b=self.rtexts[self.rb[u, c]],
             )
-        freplies = call.run(f"refine (round {rnd + 1})", rcalls)
-        refine_asked += len(rcalls)
-        pending[:] = False
+            rcalls.append((f"F{u}_{rnd}", request))
+        freplies = self.run.call.run(f"refine (round {rnd + 1})", rcalls)
+        labels.refine_asked += len(rcalls)
+        grown = []
         for u in refine:
             sentence = _first_line(freplies[f"F{u}_{rnd}"], 300)
             if sentence:
-                desc[u] = f"{desc[u]} {sentence}".strip()
+                self.desc[u] = f"{self.desc[u]} {sentence}".strip()
                 users.rounds[u] += 1
-                pending[u] = True
-                refine_kept += 1
-        if not pending.any():
-            break
-    for r in range(rnd + 1, cfg.max_rounds + 1):
-        quality.consistent_by_round[r] = quality.consistent_by_round[rnd]
-    if cfg.mode == "random":  # the ablation: labels not tied to the persona
-        a_wins = urng.random((n, C)) < 0.5
-        consistent[:] = True
-    quality.candidates = n * C
+                grown.append(u)
+                labels.refine_kept += 1
+        return grown
 
-    keep = consistent & (np.cumsum(consistent, axis=1) <= cfg.pairs_per_user)
-    rows, cols = np.nonzero(keep)
-    undecided = {reason: int((~consistent & (outcome == reason)).sum()) for reason in DROP_REASONS}
-    report["labels"] = {
-        "asked": n * C,
-        "kept": len(rows),
-        "dropped": {DROP_REASONS[r]: k for r, k in undecided.items()}
-        | {"decided beyond pairs_per_user": int((consistent & ~keep).sum())},
-        "judge_margin": st.judge_margin,
-        "judge_read": "probabilities" if _any_probs(replies) else "sampled letters",
-    }
-    if refine_asked:
-        report["refinement"] = {
-            "asked": refine_asked,
-            "kept": refine_kept,
-            "dropped": {"empty replies": refine_asked - refine_kept},
-        }
-    (work / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    if not len(rows):
-        raise LLMError(
-            f"the LLM judge decided no pair ({stages_line(report)}); nothing was published: the report is "
-            f"in {work / 'report.json'} and the {len(call.journal.done)} finished calls stay in "
-            f"{work / 'calls.jsonl'}, so a rerun (e.g. with a smaller judge margin) reuses them"
+    def repeat_asks(self, a_wins: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """Each kept pair asked once more, sampled: does the judge say the same?"""
+        again_calls = [self.pair_call(u, c, "repeat", "ab", 1.0) for u, c in zip(rows, cols, strict=True)]
+        again = self.run.call.run("repeat asks", again_calls)
+        return np.asarray(
+            [
+                parse_choice(again[k]) == ("A" if a_wins[u, c] else "B")
+                for (k, _), u, c in zip(again_calls, rows, cols, strict=True)
+            ],
+            dtype=bool,
         )
 
-    # Asked once more, sampled: does the judge say the same?
-    again_calls = [judge_calls(u, c, "repeat", "ab", 1.0) for u, c in zip(rows, cols, strict=True)]
-    again = call.run("repeat asks", again_calls)
-    repeat_agree = np.asarray(
-        [
-            parse_choice(again[k]) == ("A" if a_wins[u, c] else "B")
-            for (k, _), u, c in zip(again_calls, rows, cols, strict=True)
-        ],
-        dtype=bool,
-    )
-    quality.repeat_asked, quality.repeat_agree = len(rows), int(repeat_agree.sum())
-    quality.users_short = int((keep.sum(axis=1) < cfg.pairs_per_user).sum())
-    quality.pairs_missing = int((cfg.pairs_per_user - keep.sum(axis=1)).sum())
-    quality.rounds_hist = np.bincount(users.rounds, minlength=cfg.max_rounds + 1).tolist()
-    quality.stated_initial = quality.stated_final = int(users.stated_initial.sum())
-    quality.user_traits = n * len(sizes)
-    for combo in map(tuple, users.pref.tolist()):
-        quality.combo_counts[combo] = quality.combo_counts.get(combo, 0) + 1
-
-    # Transitivity: three responses of one question per user (up to 50 users), each pair asked both ways.
-    if cfg.mode == "structured" and K >= 3:
-        tri_users = list(range(min(n, 50)))
+    def transitivity(self, quality: _Quality) -> None:
+        """Three responses of one question per user (up to 50 users), each pair asked both ways: how
+        many decided triples are cyclic."""
+        st, K = self.run.st, self.run.cfg.responses_per_question
+        tri_users = list(range(min(len(self.desc), 50)))
         tcalls = []
         for u in tri_users:
-            trio = [int(cq[u, 0]) * K + k for k in range(3)]
-            for x, y in ((0, 1), (1, 2), (2, 0)):
+            trio = [int(self.cq[u, 0]) * K + k for k in range(3)]
+            for x, y in _TRIO_PAIRS:
                 for order, (a, b) in (("ab", (trio[x], trio[y])), ("ba", (trio[y], trio[x]))):
-                    call_seed = _seed(seed, "triple", u, x, y, order)
-                    request = judge_request(u, int(cq[u, 0]), a, b, st.judge_temperature, call_seed)
+                    call_seed = _seed(self.run.cfg.seed, "triple", u, x, y, order)
+                    request = self.request(u, int(self.cq[u, 0]), a, b, st.judge_temperature, call_seed)
                     tcalls.append((f"T{u}_{x}{y}_{order}", request))
-        treplies = call.choices("transitivity", tcalls)
+        treplies = self.run.call.choices("transitivity", tcalls)
         for u in tri_users:
             wins, ok = [], True
-            for x, y in ((0, 1), (1, 2), (2, 0)):
+            for x, y in _TRIO_PAIRS:
                 decided, _ = judge_pair(
                     treplies[f"T{u}_{x}{y}_ab"], treplies[f"T{u}_{x}{y}_ba"], st.judge_margin
                 )
@@ -597,48 +713,50 @@ def _run(
                 quality.triples += 1
                 quality.triples_cyclic += int(all(wins) or not any(wins))
 
-    aw = a_wins[rows, cols]
-    writer.write(
-        "users",
-        users_table(
-            dom,
-            users,
-            is_test,
-            users_schema(dom.attribute_names, [t.name for t in dom.traits]),
-            descriptions=(desc, desc_initial),
-        ),
-    )
-    write_preferences(
-        writer,
-        first_pair_id=0,
-        user_id=users.user_id[rows],
-        question_id=cq[rows, cols],
-        chosen=np.where(aw, ra[rows, cols], rb[rows, cols]),
-        rejected=np.where(aw, rb[rows, cols], ra[rows, cols]),
-        user_test=is_test[rows],
-        question_split=qs.split[cq[rows, cols]],
-        margin=np.full(len(rows), np.nan),  # no oracle behind an LLM judge
-        repeat_agree=repeat_agree,
-        label_round=label_round[rows, cols],
-    )
-    summary = quality.summary(cfg.mode)
-    summary["stated_trait_fraction_final"] = (
-        None  # an LLM persona's refinements are free text, not trait flags
-    )
-    summary["judge_replies_unparsed"] = undecided["unreadable"]
-    return {
-        "domain": dom.name,
-        "domain_source": dom.source,
-        "domain_sha256": dom.sha256,
-        "mode": cfg.mode,
-        "config": {**cfg.to_dict(), "llm": asdict(st)},
-        "prompts_version": prompts()["version"],
-        "llm_calls": {"made": call.journal.made, "reused_from_journal": call.journal.reused},
-        "traits": {t.name: [v.name for v in t.values] for t in dom.traits},
-        "attributes": {a: list(dom.spec.attributes[a].values) for a in dom.attribute_names},
-        "quality": summary,
-        "stages": report,
-    }
+
+_TRIO_PAIRS = ((0, 1), (1, 2), (2, 0))
+
+
+def _label_rounds(
+    judge: _Judge, users: world.Users, quality: _Quality
+) -> tuple[_Labels, dict[str, dict[str, Any]]]:
+    """Judge every user's candidates; a user with an undecided pair gets a refined persona and is judged
+    again, up to ``max_rounds`` times (never in ``random`` mode). The labels, and the last round's
+    replies."""
+    cfg = judge.run.cfg
+    n, C = judge.cq.shape
+    labels = _Labels.empty(n, C)
+    pending = np.ones(n, dtype=bool)
+    for rnd in range(cfg.max_rounds + 1):
+        us = np.flatnonzero(pending)
+        replies = judge.label_round(us, rnd, labels)
+        quality.consistent_by_round[rnd] = int(labels.consistent.sum())
+        if rnd == cfg.max_rounds or cfg.mode == "random":
+            break
+        refine = [u for u in us if not labels.consistent[u].all()]
+        if not refine:
+            break
+        pending[:] = False
+        pending[judge.refine(refine, rnd, labels, users)] = True
+        if not pending.any():
+            break
+    for r in range(rnd + 1, cfg.max_rounds + 1):
+        quality.consistent_by_round[r] = quality.consistent_by_round[rnd]
+    return labels, replies
+
+
+def _count_labels(
+    quality: _Quality, cfg: SynthConfig, keep: np.ndarray, users: world.Users, repeat_agree: np.ndarray
+) -> None:
+    """The quality counters of the kept labels and of the users behind them."""
+    quality.repeat_asked, quality.repeat_agree = len(repeat_agree), int(repeat_agree.sum())
+    quality.users_short = int((keep.sum(axis=1) < cfg.pairs_per_user).sum())
+    quality.pairs_missing = int((cfg.pairs_per_user - keep.sum(axis=1)).sum())
+    quality.rounds_hist = np.bincount(users.rounds, minlength=cfg.max_rounds + 1).tolist()
+    quality.stated_initial = quality.stated_final = int(users.stated_initial.sum())
+    quality.user_traits = len(users) * users.pref.shape[1]
+    for combo in map(tuple, users.pref.tolist()):
+        quality.combo_counts[combo] = quality.combo_counts.get(combo, 0) + 1
 
 
 def _any_probs(replies: dict[str, dict[str, Any]]) -> bool:
