@@ -6,7 +6,7 @@ account exist, starts a Celery worker (queues gpu and cpu, one process, solo poo
 WebSocket and the static files), prints where to go, and serves until Ctrl-C; then it stops both. A rerun
 reuses the database, the study and the account.
 
-With `check`, one scripted participant (studyapp.demo_check) takes the study over real HTTP instead, and
+With `check`, one scripted participant (studyapp.scripted_participant) takes the study over real HTTP instead, and
 the run ends once they have their completion code, or with DemoSiteFailed.
 
 Which database, broker and channel layer it runs on is the settings' business (the environment): `./run
@@ -15,6 +15,7 @@ layer lives inside one process, so the worker's "ready" never reaches the server
 pages poll instead (studyapp.realtime.live_socket_path).
 """
 
+import asyncio
 import os
 import re
 import secrets
@@ -23,6 +24,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,8 +38,8 @@ from django.core.management import call_command
 
 from annotation.models import GeneratedResponse
 from annotation.pool import pool_from_dataset
-from studyapp.demo_check import CheckFailed, ScriptedParticipant
 from studyapp.models import Arm, Participant, Study
+from studyapp.scripted_participant import CheckFailed, PrefersShort, ScriptedParticipant
 from studyapp.services import ArmSpec, recruitment_id_hash, study_create
 
 REPO = Path(__file__).resolve().parent.parent
@@ -180,14 +182,15 @@ def _spawn(name: str, argv: list[str], log: Path) -> Child:
     return Child(name, proc, log)
 
 
-def worker_start(log_dir: Path) -> Child:
+def worker_start(log_dir: Path, *, name: str = "worker", hostname: str = "demo") -> Child:
     """A Celery worker on both queues, as a one-GPU host runs it: one process, one task at a time. No
-    gossip, mingle or heartbeats: they are broadcasts between workers, and this is the only one."""
+    gossip, mingle or heartbeats: they are broadcasts between workers (the site bench starts several,
+    each its own `name`, log and `hostname`, and none needs the others)."""
     argv = [sys.executable, "-m", "celery", "-A", "studyapp", "worker", "--queues", "gpu,cpu"]
     argv += ["--concurrency", "1", "--pool", "solo", "--prefetch-multiplier", "1", "--loglevel", "info"]
     argv += ["--without-gossip", "--without-mingle", "--without-heartbeat"]
-    argv += ["--hostname", f"demo-{os.getpid()}@%h"]
-    return _spawn("worker", argv, log_dir / "worker.log")
+    argv += ["--hostname", f"{hostname}-{os.getpid()}@%h"]
+    return _spawn(name, argv, log_dir / f"{name.replace(' ', '')}.log")
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -291,15 +294,7 @@ def demo_site_run(
             raise DemoSiteFailed(f"the {what} {path} does not exist (run `./run demo` to make it)")
     site_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    call_command("migrate", interactive=False, verbosity=0)
-    study, created = demo_study_ensure(spec)
-    username, password = demo_coordinator_ensure(password_file=site_dir / "coordinator-password.txt")
-    say(f"\nThe study platform ({'new' if created else 'reusing the'} study {study.slug}):")
-    for line in _describe_backends():
-        say(f"  {line}")
-    for arm in study.arms.order_by("name"):
-        say(f"  arm {arm.name:<6} {arm.get_method_display()}: {arm.checkpoint}")
-
+    study, account = _site_prepare(spec, site_dir, say)
     if port and not _port_free(host, port):
         say(f"  port {port} is in use: serving on a free port instead")
         port = 0
@@ -307,28 +302,16 @@ def demo_site_run(
     try:
         with interruptible():
             try:
-                worker = worker_start(site_dir)
-                children.append(worker)
-                server = server_start(site_dir, host=host, port=port)
-                children.append(server)
+                worker, server = _site_start(children, site_dir, host=host, port=port)
                 url = f"http://{server.wait_for(SERVER_LISTENING, START_TIMEOUT_S)[1]}"
                 worker.wait_for(WORKER_READY, START_TIMEOUT_S)
                 say(
                     f"  server pid {server.proc.pid}, worker pid {worker.proc.pid} (queues gpu,cpu, solo pool), "
                     f"up {time.monotonic() - started:.1f} s after the start; logs in {site_dir}/"
                 )
-                say("")
-                say(f"  coordinator    {url}/studio/login/   user {username}   password {password}")
-                say(f"  dashboard      {url}/studio/studies/{study.slug}/")
-                say(f"  participant    {url}/s/{study.slug}/   (each browser is a new participant)")
+                _say_addresses(url, study, account, say)
                 if check:
-                    try:
-                        _check(url, study, check_timeout_s, say)
-                    except DemoSiteFailed as exc:
-                        raise DemoSiteFailed(
-                            f"{exc}\n--- the end of {worker.log} (the server's is {server.log}) ---\n"
-                            f"{worker.log_tail(15)}"
-                        ) from None
+                    _check_showing_the_log(url, study, check_timeout_s, (worker, server), say)
                 else:
                     _serve(children, say)
             except Interrupted:
@@ -336,13 +319,51 @@ def demo_site_run(
                 if check:
                     raise DemoSiteFailed("the check was interrupted before it finished") from None
     finally:
-        with signals_ignored():  # a second Ctrl-C must not leave the worker behind
-            for child in reversed(children):  # the server first: no new work reaches the worker
-                child.stop()
-        if children:
-            say(
-                f"Server and worker stopped ({', '.join(f'{c.name} exit {c.proc.returncode}' for c in children)})."
-            )
+        _site_stop(children, say)
+
+
+def _site_prepare(
+    spec: DemoStudy, site_dir: Path, say: Callable[[str], None]
+) -> tuple[Study, tuple[str, str]]:
+    """Migrate, make sure the study and the coordinator exist, and say what the site runs on; (the
+    study, (the coordinator's username, password))."""
+    call_command("migrate", interactive=False, verbosity=0)
+    study, created = demo_study_ensure(spec)
+    account = demo_coordinator_ensure(password_file=site_dir / "coordinator-password.txt")
+    say(f"\nThe study platform ({'new' if created else 'reusing the'} study {study.slug}):")
+    for line in _describe_backends():
+        say(f"  {line}")
+    for arm in study.arms.order_by("name"):
+        say(f"  arm {arm.name:<6} {arm.get_method_display()}: {arm.checkpoint}")
+    return study, account
+
+
+def _site_start(children: list[Child], site_dir: Path, *, host: str, port: int) -> tuple[Child, Child]:
+    """Start the worker, then the server, each added to `children` as it starts (so that whatever
+    started is stopped, whatever fails next); (worker, server)."""
+    worker = worker_start(site_dir)
+    children.append(worker)
+    server = server_start(site_dir, host=host, port=port)
+    children.append(server)
+    return worker, server
+
+
+def _site_stop(children: list[Child], say: Callable[[str], None]) -> None:
+    with signals_ignored():  # a second Ctrl-C must not leave the worker behind
+        for child in reversed(children):  # the server first: no new work reaches the worker
+            child.stop()
+    if children:
+        say(
+            f"Server and worker stopped ({', '.join(f'{c.name} exit {c.proc.returncode}' for c in children)})."
+        )
+
+
+def _say_addresses(url: str, study: Study, account: tuple[str, str], say: Callable[[str], None]) -> None:
+    username, password = account
+    say("")
+    say(f"  coordinator    {url}/studio/login/   user {username}   password {password}")
+    say(f"  dashboard      {url}/studio/studies/{study.slug}/")
+    say(f"  participant    {url}/s/{study.slug}/   (each browser is a new participant)")
 
 
 def _serve(children: list[Child], say: Callable[[str], None]) -> None:
@@ -353,27 +374,41 @@ def _serve(children: list[Child], say: Callable[[str], None]) -> None:
     raise DemoSiteFailed(f"the {gone.name} exited with status {gone.proc.returncode}:\n{gone.log_tail()}")
 
 
+def _check_showing_the_log(
+    url: str, study: Study, timeout_s: float, children: tuple[Child, Child], say: Callable[[str], None]
+) -> None:
+    """The check; if it fails, with the end of the worker's log (where a generation's error shows)."""
+    worker, server = children
+    try:
+        _check(url, study, timeout_s, say)
+    except DemoSiteFailed as exc:
+        raise DemoSiteFailed(
+            f"{exc}\n--- the end of {worker.log} (the server's is {server.log}) ---\n{worker.log_tail(15)}"
+        ) from None
+
+
 def _check(url: str, study: Study, timeout_s: float, say: Callable[[str], None]) -> None:
     say(f"\nCheck: one scripted participant takes {url}/s/{study.slug}/ over HTTP")
-    participant = ScriptedParticipant(url, study.slug, say=say)
+    participant = ScriptedParticipant(
+        url,
+        study.slug,
+        f"demo-check-{uuid.uuid4().hex[:8]}",
+        chooser=PrefersShort(),
+        wait_timeout_s=timeout_s,
+        completion_code=study.completion_code,
+        say=say,
+    )
     try:
-        walk = participant.walk(timeout_s=timeout_s)
+        walk = asyncio.run(participant.walk())
     except CheckFailed as exc:
         row = Participant.objects.filter(
             recruitment_id_hash=recruitment_id_hash(participant.recruitment_id)
         ).first()
         said = f" (the worker's error: {row.generation_error})" if row and row.generation_error else ""
         raise DemoSiteFailed(f"check failed: {exc}{said}") from None
-    except Exception as exc:  # the server went away, a timeout: say so, not as a traceback
+    except Exception as exc:  # anything else the site answered wrongly: say so, not as a traceback
         raise DemoSiteFailed(f"check failed: {type(exc).__name__}: {exc}") from None
-    finally:
-        participant.close()
     _report_responses(walk.recruitment_id, say)
-    if walk.code != study.completion_code:
-        raise DemoSiteFailed(
-            f"check failed: the completion page shows {walk.code!r} ({walk.outcome!r}), "
-            f"not the completion code {study.completion_code!r}"
-        )
     say(f"  completion code: {walk.code}")
-    say(f"  from the last pick to responses ready: {walk.ready_after_s:.1f} s")
+    say(f"  from the last pick to responses ready: {walk.ready_since_sent_s:.1f} s")
     say("Check passed.")
