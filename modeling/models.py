@@ -228,22 +228,12 @@ def convert_gguf(
 
     Written into ``out_dir.tmp`` and renamed, so ``out_dir`` only ever appears complete; an existing
     ``out_dir`` is refused (nothing is overwritten)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers import __version__ as transformers_version
-    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     gguf_path, out_dir = Path(gguf_path).resolve(), Path(out_dir)
     if out_dir.exists():
         raise ModelError(f"{out_dir} already exists; pick another --out or delete it")
-    arch = gguf_architecture(gguf_path)
-    supported = [a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ("general", "tokenizer")]
-    if arch not in supported:
-        raise ModelError(
-            f"{gguf_path}: architecture {arch!r} is not one transformers can read from GGUF "
-            f"(it reads: {', '.join(sorted(supported))})"
-        )
+    arch = _readable_architecture(gguf_path)
     step = 0
 
     def tick(what: str) -> None:
@@ -252,36 +242,8 @@ def convert_gguf(
         if progress:
             progress(step, 4, what)
 
-    kw = {"gguf_file": gguf_path.name}
-    try:
-        config = AutoConfig.from_pretrained(gguf_path.parent, **kw)
-        if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-            raise ModelError(
-                f"{gguf_path}: a {config.model_type!r} model, not a causal language model "
-                "(AutoModelForCausalLM cannot load it)"
-            )
-        tick("tokenizer")
-        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kw)
-        tick("dequantizing weights")
-        loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kw)
-    except ModelError:
-        raise
-    except Exception as e:
-        raise ModelError(
-            f"{gguf_path}: transformers cannot load it ({type(e).__name__}: {_short(e)})"
-        ) from None
-    # A GGUF-loaded model refuses save_pretrained (its config still says "quantized with gguf"): build
-    # the same architecture from a clean config and move the dequantized weights into it.
-    clean = loaded.config.to_dict()
-    clean.pop("quantization_config", None)
-    clean.pop("_name_or_path", None)
-    clean.pop("_model_name_or_path", None)
-    model_config = type(loaded.config).from_dict(clean)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(model_config, dtype=torch.float32)
-    model.load_state_dict(loaded.state_dict(), assign=True)
-    model.tie_weights()
-    model.generation_config = loaded.generation_config
+    tokenizer, loaded = _load_gguf(gguf_path, tick)
+    model, model_config = _dequantized_copy(loaded)
     del loaded
     # Padding: a tokenizer without a pad token pads with EOS (what generation and training expect).
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
@@ -308,6 +270,69 @@ def convert_gguf(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, out_dir)
     return out_dir
+
+
+def _readable_architecture(gguf_path: Path) -> str:
+    """The GGUF file's architecture, if transformers can read it from GGUF (else ModelError)."""
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    arch = gguf_architecture(gguf_path)
+    supported = [a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ("general", "tokenizer")]
+    if arch not in supported:
+        raise ModelError(
+            f"{gguf_path}: architecture {arch!r} is not one transformers can read from GGUF "
+            f"(it reads: {', '.join(sorted(supported))})"
+        )
+    return arch
+
+
+def _load_gguf(gguf_path: Path, tick: Callable[[str], None]) -> tuple[Any, Any]:
+    """(tokenizer, model with its weights dequantized to float32) read from a causal-LM GGUF file."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    kw = {"gguf_file": gguf_path.name}
+    try:
+        config = AutoConfig.from_pretrained(gguf_path.parent, **kw)
+        if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+            raise ModelError(
+                f"{gguf_path}: a {config.model_type!r} model, not a causal language model "
+                "(AutoModelForCausalLM cannot load it)"
+            )
+        tick("tokenizer")
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kw)
+        tick("dequantizing weights")
+        loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kw)
+    except ModelError:
+        raise
+    except Exception as e:
+        raise ModelError(
+            f"{gguf_path}: transformers cannot load it ({type(e).__name__}: {_short(e)})"
+        ) from None
+    return tokenizer, loaded
+
+
+def _dequantized_copy(loaded: Any) -> tuple[Any, Any]:
+    """(model, its config): the same architecture built from a clean config, holding ``loaded``'s
+    weights.
+
+    A GGUF-loaded model refuses save_pretrained (its config still says "quantized with gguf"): build
+    the same architecture from a clean config and move the dequantized weights into it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    clean = loaded.config.to_dict()
+    clean.pop("quantization_config", None)
+    clean.pop("_name_or_path", None)
+    clean.pop("_model_name_or_path", None)
+    model_config = type(loaded.config).from_dict(clean)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict(), assign=True)
+    model.tie_weights()
+    model.generation_config = loaded.generation_config
+    return model, model_config
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -246,7 +246,20 @@ def load_domain(name_or_path: str | Path) -> Domain:
 
 
 def _check_semantics(d: Domain) -> None:
+    """What the schema cannot say, checked in this order: priors, persona sentences, templates' fields,
+    response lengths, and exact trait markers (ValueError naming the first problem)."""
     s = d.spec
+    _check_priors(s)
+    _check_persona(s)
+    _check_fields(s.questions.topic, set(s.questions.slots), "questions.topic")
+    for tpl in s.questions.templates:
+        _check_fields(tpl, {"topic"}, "questions.templates")
+    _check_lengths(s)
+    _check_markers(d)
+
+
+def _check_priors(s: DomainSpec) -> None:
+    """Each conditional prior names an attribute and has one row of weights per value of it."""
     attrs = s.attributes
     for t in s.traits:
         if t.prior is None:
@@ -264,6 +277,11 @@ def _check_semantics(d: Domain) -> None:
                 raise ValueError(
                     f"trait {t.name!r}: prior row {row_name!r} needs {len(t.values)} non-negative weights"
                 )
+
+
+def _check_persona(s: DomainSpec) -> None:
+    """The persona's sentences name known attributes and values; its intros only attribute fields."""
+    attrs = s.attributes
     for attr, by_value in s.persona.attribute_sentences.items():
         if attr not in attrs:
             raise ValueError(f"persona.attribute_sentences names unknown attribute {attr!r}")
@@ -272,9 +290,10 @@ def _check_semantics(d: Domain) -> None:
             raise ValueError(f"persona.attribute_sentences.{attr}: unknown values {sorted(unknown)}")
     for tpl in s.persona.intro:
         _check_fields(tpl, set(attrs), "persona.intro")
-    _check_fields(s.questions.topic, set(s.questions.slots), "questions.topic")
-    for tpl in s.questions.templates:
-        _check_fields(tpl, {"topic"}, "questions.templates")
+
+
+def _check_lengths(s: DomainSpec) -> None:
+    """At most one length and one layout trait, and room for one sentence per lexical trait."""
     kinds = [t.kind for t in s.traits]
     if kinds.count("length") > 1 or kinds.count("layout") > 1:
         raise ValueError("a domain has at most one length trait and one layout trait")
@@ -288,22 +307,20 @@ def _check_semantics(d: Domain) -> None:
             f"responses need at least {n_lexical} sentences (one per lexical trait); the shortest allowed is {length_min}"
         )
 
-    # Exactness: each sentence is one sentence, and markers appear only where they belong.
+
+def _check_markers(d: Domain) -> None:
+    """Exactness: each sentence is one sentence, and markers appear only where they belong."""
+    s = d.spec
     pats = [(ti, vi, p) for ti, ps in enumerate(d.marker_patterns) if ps for vi, p in enumerate(ps)]
 
     def hits(text: str) -> set[tuple[int, int]]:
         return {(ti, vi) for ti, vi, p in pats if p.search(text)}
 
-    def one_sentence(text: str, where: str) -> None:
-        _check_fields(text, {"topic"}, where)
-        if "\n" in text or count_sentences(text) != 1 or not _SENTENCE_END.search(text.rstrip()[-1:] + " "):
-            raise ValueError(f"{where}: {text!r} must be exactly one sentence ending with . ! or ?")
-
     for topic in d.topics:
         if hits(topic):
             raise ValueError(f"questions: topic {topic!r} contains a trait marker")
     for i, f in enumerate(s.response.filler):
-        one_sentence(f, f"response.filler[{i}]")
+        _one_sentence(f, f"response.filler[{i}]")
         if hits(f):
             raise ValueError(f"response.filler[{i}]: {f!r} contains a trait marker")
     for ti, t in enumerate(s.traits):
@@ -312,7 +329,7 @@ def _check_semantics(d: Domain) -> None:
         for vi, v in enumerate(t.values):
             for i, ph in enumerate(v.phrases):
                 where = f"traits.{t.name}.{v.name}.phrases[{i}]"
-                one_sentence(ph, where)
+                _one_sentence(ph, where)
                 h = hits(ph)
                 if (ti, vi) not in h:
                     raise ValueError(f"{where}: {ph!r} contains none of its markers")
@@ -322,6 +339,12 @@ def _check_semantics(d: Domain) -> None:
                     raise ValueError(
                         f"{where}: {ph!r} also contains a marker of {s.traits[oti].name}={s.traits[oti].values[ovi].name}"
                     )
+
+
+def _one_sentence(text: str, where: str) -> None:
+    _check_fields(text, {"topic"}, where)
+    if "\n" in text or count_sentences(text) != 1 or not _SENTENCE_END.search(text.rstrip()[-1:] + " "):
+        raise ValueError(f"{where}: {text!r} must be exactly one sentence ending with . ! or ?")
 
 
 _FIELD = re.compile(r"{([^{}]*)}")

@@ -245,11 +245,56 @@ def _label_block(
     ``pairs_per_user`` consistent ones per user."""
     rng = users_rng
     users = world.sample_users(dom, rng, n, start)
-    Q = len(qs.text)
+    cq, ra, rb = _candidate_pairs(cfg, resp, rng, n, len(qs.text))
+    valid = ~(resp.values[ra] == resp.values[rb]).all(axis=-1)
+    va, vb = resp.values[ra], resp.values[rb]  # [n, C, T]
+
+    def margins(stated: np.ndarray) -> np.ndarray:
+        w = (users.weight * stated)[:, None, :]
+        p = users.pref[:, None, :]
+        return world.utility(dom, p, w, va) - world.utility(dom, p, w, vb)
+
+    a_wins, consistent, label_round = _label_candidates(cfg, users, va, vb, valid, margins, rng, quality)
+    quality.candidates += int(valid.sum())
+
+    # Keep the first pairs_per_user consistent candidates of each user.
+    keep = consistent & (np.cumsum(consistent, axis=1) <= cfg.pairs_per_user)
+    got = keep.sum(axis=1)
+    quality.users_short += int((got < cfg.pairs_per_user).sum())
+    quality.pairs_missing += int((cfg.pairs_per_user - got).sum())
+    rows, cols = np.nonzero(keep)
+    aw = a_wins[rows, cols]
+    final = margins(users.stated)[rows, cols]
+    # Asked a second time in the first order: does the judge say the same?
+    if cfg.mode == "random":
+        again = rng.random(len(rows)) < 0.5
+    else:
+        again = world.judge_picks_first(final, rng, cfg.judge)
+    repeat_agree = again == aw
+    quality.repeat_asked += len(rows)
+    quality.repeat_agree += int(repeat_agree.sum())
+
+    # Transitivity: three responses of one of the user's questions, all three pairs asked both ways.
+    _check_transitivity(cfg, dom, users, resp, cq[:, 0], rng, quality)
+    _count_users(quality, users)
+    return users, {
+        "user_row": rows,
+        "question_id": cq[rows, cols],
+        "chosen": np.where(aw, ra[rows, cols], rb[rows, cols]),
+        "rejected": np.where(aw, rb[rows, cols], ra[rows, cols]),
+        "margin": np.where(aw, final, -final),
+        "repeat_agree": repeat_agree,
+        "round": label_round[rows, cols],
+    }
+
+
+def _candidate_pairs(
+    cfg: SynthConfig, resp: world.Responses, rng: np.random.Generator, n: int, Q: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each user's candidates [n, C]: a question, and two responses of it (their ids), with different
+    trait values where a few redraws find them."""
     K = cfg.responses_per_question
     C = cfg.pairs_per_user * OVERSAMPLE
-    T = len(dom.traits)
-
     # Candidate questions: distinct per user while the bank allows, in random order.
     if C <= Q:
         r = rng.random((n, Q))
@@ -268,65 +313,52 @@ def _label_block(
             break
         jj = (i + rng.integers(1, K, size=(n, C))) % K
         rb = np.where(same, resp.offsets[cq] + jj, rb)
-    valid = ~(resp.values[ra] == resp.values[rb]).all(axis=-1)
-    va, vb = resp.values[ra], resp.values[rb]  # [n, C, T]
+    return cq, ra, rb
 
-    def margins(stated: np.ndarray) -> np.ndarray:
-        w = (users.weight * stated)[:, None, :]
-        p = users.pref[:, None, :]
-        return world.utility(dom, p, w, va) - world.utility(dom, p, w, vb)
 
-    label_round = np.zeros((n, C), dtype=np.int8)
+def _label_candidates(
+    cfg: SynthConfig,
+    users: world.Users,
+    va: np.ndarray,
+    vb: np.ndarray,
+    valid: np.ndarray,
+    margins: Callable[[np.ndarray], np.ndarray],
+    rng: np.random.Generator,
+    quality: _Quality,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Label every candidate in both orders, then refine the personas with undecided ones and relabel,
+    up to ``max_rounds`` times (``random`` mode: coin flips). (first response wins, consistent, round
+    of the label), each [n, C]."""
+    label_round = np.zeros(valid.shape, dtype=np.int8)
     if cfg.mode == "random":
-        a_wins = rng.random((n, C)) < 0.5
-        agree = (rng.random((n, C)) < 0.5) == a_wins  # what asking again in the other order gives
+        a_wins = rng.random(valid.shape) < 0.5
+        agree = (rng.random(valid.shape) < 0.5) == a_wins  # what asking again in the other order gives
         quality.consistent_by_round[0] += int((agree & valid).sum())
-        consistent = valid
-    else:
-        a_wins, consistent = world.label_both_orders(margins(users.stated), rng, cfg.judge)
-        consistent &= valid
-        quality.consistent_by_round[0] += int(consistent.sum())
-        for rnd in range(1, cfg.max_rounds + 1):
-            # Iterative persona improvement: for each user with inconsistent pairs, state the unstated
-            # trait on which those pairs differ most often, then relabel that user's pairs.
-            bad = valid & ~consistent
-            differs = (va != vb) & bad[..., None] & ~users.stated[:, None, :]
-            votes = differs.sum(axis=1)  # [n, T]
-            fix = votes.max(axis=1) > 0
-            if fix.any():
-                trait = votes.argmax(axis=1)
-                users.stated[np.flatnonzero(fix), trait[fix]] = True
-                users.rounds[fix] += 1
-                m = margins(users.stated)
-                a2, c2 = world.label_both_orders(m[fix], rng, cfg.judge)
-                a_wins[fix], consistent[fix] = a2, c2 & valid[fix]
-                label_round[fix] = rnd
-            quality.consistent_by_round[rnd] += int(consistent.sum())
-    quality.candidates += int(valid.sum())
+        return a_wins, valid, label_round
+    a_wins, consistent = world.label_both_orders(margins(users.stated), rng, cfg.judge)
+    consistent &= valid
+    quality.consistent_by_round[0] += int(consistent.sum())
+    for rnd in range(1, cfg.max_rounds + 1):
+        # Iterative persona improvement: for each user with inconsistent pairs, state the unstated
+        # trait on which those pairs differ most often, then relabel that user's pairs.
+        bad = valid & ~consistent
+        differs = (va != vb) & bad[..., None] & ~users.stated[:, None, :]
+        votes = differs.sum(axis=1)  # [n, T]
+        fix = votes.max(axis=1) > 0
+        if fix.any():
+            trait = votes.argmax(axis=1)
+            users.stated[np.flatnonzero(fix), trait[fix]] = True
+            users.rounds[fix] += 1
+            m = margins(users.stated)
+            a2, c2 = world.label_both_orders(m[fix], rng, cfg.judge)
+            a_wins[fix], consistent[fix] = a2, c2 & valid[fix]
+            label_round[fix] = rnd
+        quality.consistent_by_round[rnd] += int(consistent.sum())
+    return a_wins, consistent, label_round
 
-    # Keep the first pairs_per_user consistent candidates of each user.
-    keep = consistent & (np.cumsum(consistent, axis=1) <= cfg.pairs_per_user)
-    got = keep.sum(axis=1)
-    quality.users_short += int((got < cfg.pairs_per_user).sum())
-    quality.pairs_missing += int((cfg.pairs_per_user - got).sum())
-    rows, cols = np.nonzero(keep)
-    aw = a_wins[rows, cols]
-    chosen = np.where(aw, ra[rows, cols], rb[rows, cols])
-    rejected = np.where(aw, rb[rows, cols], ra[rows, cols])
-    final = margins(users.stated)[rows, cols]
-    margin = np.where(aw, final, -final)
-    # Asked a second time in the first order: does the judge say the same?
-    if cfg.mode == "random":
-        again = rng.random(len(rows)) < 0.5
-    else:
-        again = world.judge_picks_first(final, rng, cfg.judge)
-    repeat_agree = again == aw
-    quality.repeat_asked += len(rows)
-    quality.repeat_agree += int(repeat_agree.sum())
 
-    # Transitivity: three responses of one of the user's questions, all three pairs asked both ways.
-    _check_transitivity(cfg, dom, users, resp, cq[:, 0], rng, quality)
-
+def _count_users(quality: _Quality, users: world.Users) -> None:
+    """Add a block's users to the refinement, stated-trait and preference-combination counters."""
     quality.rounds_hist = [
         a + b
         for a, b in zip(
@@ -337,19 +369,10 @@ def _label_block(
     ]
     quality.stated_initial += int(users.stated_initial.sum())
     quality.stated_final += int(users.stated.sum())
-    quality.user_traits += n * T
+    quality.user_traits += users.pref.size
     combos, counts = np.unique(users.pref, axis=0, return_counts=True)
     for combo, c in zip(map(tuple, combos.tolist()), counts.tolist(), strict=True):
         quality.combo_counts[combo] = quality.combo_counts.get(combo, 0) + c
-    return users, {
-        "user_row": rows,
-        "question_id": cq[rows, cols],
-        "chosen": chosen,
-        "rejected": rejected,
-        "margin": margin,
-        "repeat_agree": repeat_agree,
-        "round": label_round[rows, cols],
-    }
 
 
 def _check_transitivity(

@@ -58,41 +58,13 @@ def dataset_stats(
     descriptions = users.column("description").to_pylist()
     q_texts = questions.column("text").to_pylist()
     r_texts = pick(responses.column("text").to_pylist())
-    margin = prefs.column("margin").to_numpy(zero_copy_only=False)
-    decided = margin[np.isfinite(margin) & (margin != 0)]  # pairs the persona decides (NaN: LLM judge)
     out: dict[str, Any] = {
         "dataset": str(ds.path),
         "domain": ds.domain,
         "mode": ds.manifest["mode"],
         "backend": ds.manifest.get("backend", "procedural"),
-        "sizes": {
-            **ds.manifest["counts"],
-            "users_train": int(pc.sum(pc.equal(users.column("split"), "train")).as_py() or 0),
-            "users_test": int(pc.sum(pc.equal(users.column("split"), "test")).as_py() or 0),
-            "questions_test": int(pc.sum(pc.equal(questions.column("split"), "test")).as_py() or 0),
-            "pairs_train_users_train_questions": int(
-                pc.sum(
-                    pc.and_(
-                        pc.equal(prefs.column("user_split"), "train"),
-                        pc.equal(prefs.column("question_split"), "train"),
-                    )
-                ).as_py()
-                or 0
-            ),
-            "mean_response_words": round(float(np.mean([len(t.split()) for t in r_texts])), 1)
-            if r_texts
-            else 0.0,
-        },
-        "consistency": {
-            "order_swap_agreement_initial": quality["order_swap_agreement_initial"],
-            "order_swap_agreement_final": quality["order_swap_agreement_final"],
-            "repeat_agreement": quality["repeat_agreement"],
-            "transitivity_violation_rate": quality["transitivity_violation_rate"],
-            "labels_agree_with_oracle": round(float((decided > 0).mean()), 4) if decided.size else None,
-            "mean_refinement_rounds": round(float(np.mean(users.column("refinement_rounds").to_numpy())), 3),
-            "stated_trait_fraction_initial": quality["stated_trait_fraction_initial"],
-            "stated_trait_fraction_final": quality["stated_trait_fraction_final"],
-        },
+        "sizes": _sizes(ds.manifest["counts"], users, questions, prefs, r_texts),
+        "consistency": _consistency(quality, users, prefs),
         "diversity": {
             "preference_combo_entropy_normalized": quality.get("preference_combo_entropy_normalized"),
             "preference_combos_seen": quality.get("preference_combos_seen"),
@@ -114,6 +86,45 @@ def dataset_stats(
             mean_pairwise_distance(embed(pick(q_texts))), 4
         )
     return out
+
+
+def _count(column: Any, value: str) -> int:
+    return int(pc.sum(pc.equal(column, value)).as_py() or 0)
+
+
+def _sizes(
+    counts: dict[str, int], users: Any, questions: Any, prefs: Any, r_texts: list[str]
+) -> dict[str, Any]:
+    """The tables' row counts and the train/test splits (``r_texts``: the sampled responses)."""
+    both_train = pc.and_(
+        pc.equal(prefs.column("user_split"), "train"), pc.equal(prefs.column("question_split"), "train")
+    )
+    return {
+        **counts,
+        "users_train": _count(users.column("split"), "train"),
+        "users_test": _count(users.column("split"), "test"),
+        "questions_test": _count(questions.column("split"), "test"),
+        "pairs_train_users_train_questions": int(pc.sum(both_train).as_py() or 0),
+        "mean_response_words": round(float(np.mean([len(t.split()) for t in r_texts])), 1)
+        if r_texts
+        else 0.0,
+    }
+
+
+def _consistency(quality: dict[str, Any], users: Any, prefs: Any) -> dict[str, Any]:
+    """The labeler's own consistency (from the manifest), and how often labels agree with the oracle."""
+    margin = prefs.column("margin").to_numpy(zero_copy_only=False)
+    decided = margin[np.isfinite(margin) & (margin != 0)]  # pairs the persona decides (NaN: LLM judge)
+    return {
+        "order_swap_agreement_initial": quality["order_swap_agreement_initial"],
+        "order_swap_agreement_final": quality["order_swap_agreement_final"],
+        "repeat_agreement": quality["repeat_agreement"],
+        "transitivity_violation_rate": quality["transitivity_violation_rate"],
+        "labels_agree_with_oracle": round(float((decided > 0).mean()), 4) if decided.size else None,
+        "mean_refinement_rounds": round(float(np.mean(users.column("refinement_rounds").to_numpy())), 3),
+        "stated_trait_fraction_initial": quality["stated_trait_fraction_initial"],
+        "stated_trait_fraction_final": quality["stated_trait_fraction_final"],
+    }
 
 
 ROWS = [
