@@ -11,7 +11,14 @@ from annotation.pool import PoolSource, pool_from_dataset, pool_from_file
 from modeling.synth import BUILTIN_DOMAINS
 from studyapp.datastore import resolve_in_data_root
 from studyapp.models import Arm, Study
-from studyapp.services import STUDY_FIELDS, ArmSpec
+from studyapp.services import ArmSpec
+from studyapp.study_fields import STUDY_FIELDS, STUDY_LABELS, STUDY_SECTIONS
+
+
+def datalist_input(datalist: str) -> forms.TextInput:
+    """A text input that suggests the page's `datalist` (the data folder's datasets, checkpoints, ...)
+    in place of the browser's own history."""
+    return forms.TextInput(attrs={"list": datalist, "autocomplete": "off"})
 
 
 class StudyForm(forms.ModelForm):
@@ -19,33 +26,19 @@ class StudyForm(forms.ModelForm):
         required=False,
         max_length=500,
         assume_scheme="https",
-        label="Completion link",
+        label=STUDY_LABELS["completion_url"],
         help_text=Study._meta.get_field("completion_url").help_text,
     )
 
     class Meta:
         model = Study
         fields = STUDY_FIELDS
-        labels = {
-            "n_pairs": "Elicitation pairs per participant (N shots)",
-            "n_eval_questions": "Evaluation questions per participant",
-            "consistency_repeats": "Consistency repeats",
-            "attention_checks": "Attention checks",
-            "attention_failures_allowed": "Attention-check failures allowed",
-            "max_new_tokens": "Longest response (tokens)",
-            "instructions_text": "Instructions",
-            "completion_code": "Completion code",
-            "screened_out_code": "Code when screened out (study full)",
-            "failed_attention_code": "Code after failed attention checks",
-            "declined_code": "Code when consent is declined",
-            "is_open": "Open: the study takes new participants",
-            "time_limit_minutes": "Time limit (minutes of inactivity)",
-        }
+        labels = STUDY_LABELS
         widgets = {
             "instruction": forms.Textarea(attrs={"rows": 3}),
             "consent_text": forms.Textarea(attrs={"rows": 6}),
             "instructions_text": forms.Textarea(attrs={"rows": 4}),
-            "domain": forms.TextInput(attrs={"list": "domains", "autocomplete": "off"}),
+            "domain": datalist_input("domains"),
         }
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -112,6 +105,18 @@ ComparisonFormSet = forms.formset_factory(ComparisonForm, extra=2, can_delete=Tr
 DEFAULT_POOL_QUESTIONS = 50
 
 
+def _pool_size_field(label: str, help_text: str) -> forms.IntegerField:
+    """How many questions of one kind to take from a dataset (empty: DEFAULT_POOL_QUESTIONS)."""
+    return forms.IntegerField(
+        required=False,
+        min_value=1,
+        max_value=5000,
+        initial=DEFAULT_POOL_QUESTIONS,
+        label=label,
+        help_text=help_text,
+    )
+
+
 class PoolForm(forms.Form):
     """Where the question pool comes from: a synthetic dataset in the data folder, or a file."""
 
@@ -119,23 +124,13 @@ class PoolForm(forms.Form):
         required=False,
         label="From a synthetic dataset",
         help_text="A dataset folder inside the data folder, e.g. datasets/elix.",
-        widget=forms.TextInput(attrs={"list": "datasets", "autocomplete": "off"}),
+        widget=datalist_input("datasets"),
     )
-    elicitation_questions = forms.IntegerField(
-        required=False,
-        min_value=1,
-        max_value=5000,
-        initial=DEFAULT_POOL_QUESTIONS,
-        label="Elicitation questions",
-        help_text="How many to take; each with the pair its synthetic users disagreed on most.",
+    elicitation_questions = _pool_size_field(
+        "Elicitation questions", "How many to take; each with the pair its synthetic users disagreed on most."
     )
-    evaluation_questions = forms.IntegerField(
-        required=False,
-        min_value=1,
-        max_value=5000,
-        initial=DEFAULT_POOL_QUESTIONS,
-        label="Evaluation questions",
-        help_text="How many to take, from the dataset's held-out topics.",
+    evaluation_questions = _pool_size_field(
+        "Evaluation questions", "How many to take, from the dataset's held-out topics."
     )
     file = forms.FileField(
         required=False,
@@ -182,41 +177,6 @@ class PoolForm(forms.Form):
         return data
 
 
-# The study settings, grouped as the page shows them: (title, what the group is for, fields).
-STUDY_SECTIONS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
-    ("The study", "", ("title", "slug", "domain", "instruction")),
-    (
-        "What each participant does",
-        "Counts are fixed for a participant when they reach each step, so edits never move someone "
-        "who has started.",
-        (
-            "n_pairs",
-            "n_eval_questions",
-            "consistency_repeats",
-            "attention_checks",
-            "attention_failures_allowed",
-            "max_new_tokens",
-        ),
-    ),
-    (
-        "Recruitment and consent",
-        "",
-        (
-            "quota",
-            "time_limit_minutes",
-            "consent_text",
-            "instructions_text",
-            "completion_code",
-            "screened_out_code",
-            "failed_attention_code",
-            "declined_code",
-            "completion_url",
-        ),
-    ),
-    ("Status", "", ("is_open",)),
-)
-
-
 class StudyEditor:
     """The study page's parts, bound and checked together: the settings, the arms, the comparisons and
     where the pool comes from. Errors the services raise are shown next to the field they name, and the
@@ -243,8 +203,10 @@ class StudyEditor:
         self.errors: list[str] = []
 
     def sections(self) -> list[tuple[str, str, list[forms.BoundField]]]:
+        """The settings' sections as the page shows them: (title, what it is for, its bound fields)."""
         return [
-            (title, about, [self.settings[name] for name in names]) for title, about, names in STUDY_SECTIONS
+            (section.title, section.about, [self.settings[s.name] for s in section.settings])
+            for section in STUDY_SECTIONS
         ]
 
     def is_valid(self) -> bool:
@@ -340,14 +302,14 @@ class SynthJobForm(JobForm):
 class TrainJobForm(JobForm):
     dataset = forms.CharField(
         help_text="A synthetic dataset folder in the data folder, e.g. datasets/elix.",
-        widget=forms.TextInput(attrs={"list": "datasets", "autocomplete": "off"}),
+        widget=datalist_input("datasets"),
     )
     init = forms.CharField(
         required=False,
         label="Start from",
         help_text="A checkpoint in the data folder (e.g. checkpoints/base); empty to build a tiny model "
         "from scratch (pretrain only).",
-        widget=forms.TextInput(attrs={"list": "checkpoints", "autocomplete": "off"}),
+        widget=datalist_input("checkpoints"),
     )
     stage = forms.ChoiceField(
         choices=[
@@ -384,7 +346,7 @@ class TrainJobForm(JobForm):
 class EvaluateJobForm(JobForm):
     dataset = forms.CharField(
         help_text="The synthetic dataset whose held-out users and topics are evaluated on.",
-        widget=forms.TextInput(attrs={"list": "datasets", "autocomplete": "off"}),
+        widget=datalist_input("datasets"),
     )
     arms = forms.CharField(
         widget=forms.Textarea(attrs={"rows": 4, "spellcheck": "false"}),

@@ -12,30 +12,7 @@ from annotation.models import CandidatePair, GeneratedResponse, Question
 from annotation.pool import PoolSource
 from annotation.services import question_pool_import
 from studyapp.models import Arm, Comparison, Study
-
-# The Study fields a coordinator sets (everything but the bookkeeping).
-STUDY_FIELDS = (
-    "title",
-    "slug",
-    "domain",
-    "instruction",
-    "n_pairs",
-    "n_eval_questions",
-    "consistency_repeats",
-    "attention_checks",
-    "attention_failures_allowed",
-    "quota",
-    "consent_text",
-    "instructions_text",
-    "completion_code",
-    "screened_out_code",
-    "failed_attention_code",
-    "declined_code",
-    "completion_url",
-    "max_new_tokens",
-    "time_limit_minutes",
-    "is_open",
-)
+from studyapp.study_fields import STUDY_FIELDS
 
 
 @dataclass(frozen=True)
