@@ -1,5 +1,5 @@
 """A study's question pool as rows, read from an uploaded file or from a synthetic dataset; nothing here
-writes to the database (annotation.services.question_pool_import does).
+writes to the database (annotation.writers.question_pool_import does).
 
 Uploaded files are CSV (a header row) or JSON Lines (one object a line) with the fields
 `question`, `response_a`, `response_b` and `kind` (elicitation | evaluation), and optionally `topic` and

@@ -3,7 +3,7 @@
 from django import forms
 
 from annotation.models import Side, SurveyResponse
-from annotation.services import REASON_MAX_LENGTH
+from studyapp.services.journey import REASON_MAX_LENGTH
 
 STRENGTHS = [
     (1, "1 · barely better"),

@@ -17,7 +17,6 @@ from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_http_methods
 
 from annotation.selectors import elicitation_item_at, rating_item_at
-from annotation.services import elicitation_pick_record, item_mark_shown, rating_record, survey_record
 from studyapp.flow import Step, participant_next_step, participant_progress, step_url
 from studyapp.forms import PickForm, RatingForm, SurveyForm
 from studyapp.models import Participant, Study
@@ -25,10 +24,14 @@ from studyapp.realtime import live_socket_path
 from studyapp.selectors import participant_by_token, participant_outcome, participant_status
 from studyapp.services import (
     StudyClosed,
+    elicitation_pick_record,
+    item_mark_shown,
     participant_consent,
     participant_enroll,
     participant_start_elicitation,
     participant_withdraw,
+    rating_record,
+    survey_record,
 )
 from studyapp.sessions import session_bind, session_token
 

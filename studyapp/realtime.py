@@ -1,4 +1,7 @@
-"""Live updates: the one place that names channel-layer groups and sends to them from sync code."""
+"""Live updates: the one place that names channel-layer groups and sends to them from sync code.
+
+Services notify on commit, robustly: a channel layer that is down is logged, and never turns a change
+already stored into an error (every live page also polls)."""
 
 from typing import Any
 
@@ -42,8 +45,10 @@ def notify_participant(token: str, payload: dict[str, Any]) -> None:
 
 
 def notify_participant_on_commit(token: str, payload: dict[str, Any]) -> None:
-    """`notify_participant` once the current transaction commits (never for a change rolled back)."""
-    transaction.on_commit(lambda: notify_participant(token, payload))
+    """`notify_participant` once the current transaction commits (never for a change rolled back).
+    Robust: a page that cannot be told must never fail the change already stored (the waiting page's
+    polling catches up)."""
+    transaction.on_commit(lambda: notify_participant(token, payload), robust=True)
 
 
 def notify_participant_changed_on_commit(participant: Any) -> None:
@@ -56,8 +61,9 @@ def notify_participant_changed_on_commit(participant: Any) -> None:
 
 
 def notify_job_on_commit(job_id: str, payload: dict[str, Any]) -> None:
-    """`notify_job` once the current transaction commits."""
-    transaction.on_commit(lambda: notify_job(job_id, payload))
+    """`notify_job` once the current transaction commits. Robust: a job page that cannot be told must
+    never fail the job's worker or its launch (the job's page polls too)."""
+    transaction.on_commit(lambda: notify_job(job_id, payload), robust=True)
 
 
 def study_group(study_id: int) -> str:

@@ -12,6 +12,8 @@ import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 from kombu import Exchange, Queue
 
+from studyapp.queue import CPU, EXPIRE_PARTICIPANTS, GPU, task_routes
+
 
 def env_str(name: str, default: str) -> str:
     return os.environ.get(name, default)
@@ -188,15 +190,10 @@ if CELERY_BROKER_URL.startswith(("redis://", "rediss://")):
 # Two queues: `gpu` (one worker per GPU, concurrency 1) for model work, `cpu` for everything else.
 # Each queue has its own exchange and routing key: a bare Queue("gpu") would be bound to the default
 # exchange with the default queue's key and receive a copy of every `cpu` message.
-CELERY_TASK_QUEUES = tuple(Queue(name, Exchange(name), routing_key=name) for name in ("cpu", "gpu"))
-CELERY_TASK_DEFAULT_QUEUE = "cpu"
-CELERY_TASK_ROUTES = {
-    "worker.tasks.personalize*": {"queue": "gpu"},
-    "worker.tasks.train*": {"queue": "gpu"},
-    "worker.tasks.evaluate*": {"queue": "gpu"},
-    "worker.tasks.synth_generate": {"queue": "cpu"},
-    "worker.tasks.expire_participants": {"queue": "cpu"},
-}
+CELERY_TASK_QUEUES = tuple(Queue(name, Exchange(name), routing_key=name) for name in (CPU, GPU))
+CELERY_TASK_DEFAULT_QUEUE = CPU
+# Each task's queue, by the names the tasks are registered and enqueued under (studyapp.queue).
+CELERY_TASK_ROUTES = task_routes()
 # A task is acknowledged only once it has finished, and one whose worker died goes back on the queue;
 # each worker process holds at most one unstarted task, so a long GPU job never sits on a queued one.
 CELERY_TASK_ACKS_LATE = True
@@ -211,7 +208,7 @@ CELERY_ACCEPT_CONTENT = ["json"]
 # every PARTICIPANT_EXPIRY_INTERVAL_S seconds (worker.tasks.expire_participants, on the cpu queue).
 CELERY_BEAT_SCHEDULE = {
     "expire-participants": {
-        "task": "worker.tasks.expire_participants",
+        "task": EXPIRE_PARTICIPANTS,
         "schedule": env_int("PARTICIPANT_EXPIRY_INTERVAL_S", 300),
     },
 }

@@ -1,23 +1,30 @@
-"""Session fixtures shared by the suite.
+"""Fixtures shared by the suite.
 
 - `celery_worker`: a real `celery worker` process (queues cpu and gpu) on a Redis database of its own,
   and a client app that talks to it. It uses the test database, so tasks see rows that a transactional
   test (`django_db(transaction=True)`) has committed.
+- `broker_unreachable`: tasks this process enqueues go to a broker that refuses every connection (a
+  closed port on this machine), as when the broker is down.
+
+The settings need SECRET_KEY and PARTICIPANT_ID_KEY (DEBUG is off by default): `./run test` gives the
+test run its own.
 """
 
 import os
+import socket
 import subprocess
 import sys
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 import redis
-from celery import Celery
+from celery import Celery, current_app
 
 REPO = Path(__file__).resolve().parent.parent
 # The worker's own Redis database: flushed at start, so messages left by an earlier run (or by anything
@@ -93,3 +100,42 @@ def celery_worker(tmp_path_factory: pytest.TempPathFactory, django_db_setup: Non
     finally:
         stop_process(proc, timeout=15)
         client.close()
+
+
+def closed_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (one just handed out by the system, then closed)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def tasks_sent_through(app: Celery) -> Iterator[Celery]:
+    """Make `app` the Celery app that enqueued tasks go through (studyapp.queue sends through the current
+    app), in this thread and, as the default, in the others; the previous one afterwards."""
+    previous = current_app._get_current_object()
+    app.set_current()
+    app.set_default()
+    try:
+        yield app
+    finally:
+        previous.set_current()
+        previous.set_default()
+
+
+def unreachable_broker_app() -> Celery:
+    """A Celery app configured as the site's, on a broker (and result backend) that refuses every
+    connection."""
+    client = Celery("fspo-unreachable", set_as_current=False)
+    client.config_from_object("django.conf:settings", namespace="CELERY")
+    url = f"redis://127.0.0.1:{closed_port()}/0"
+    client.conf.update(broker_url=url, result_backend=url)
+    return client
+
+
+@pytest.fixture
+def broker_unreachable() -> Iterator[Celery]:
+    client = unreachable_broker_app()
+    with tasks_sent_through(client):
+        yield client
+    client.close()

@@ -13,20 +13,18 @@ from django.utils import timezone
 
 from annotation.models import CandidatePair, GeneratedResponse, Question, RatingItem, Side
 from annotation.selectors import evaluation_questions_for
-from annotation.services import (
-    NewResponse,
-    elicitation_pick_record,
-    rating_record,
-    responses_store,
-    survey_record,
-)
 from studyapp.coordinators import ANALYSTS_GROUP
 from studyapp.models import Arm, Comparison, Job, Participant, Study
 from studyapp.services import (
+    NewResponse,
+    elicitation_pick_record,
     participant_consent,
     participant_enroll,
     participant_mark_returned,
     participant_start_elicitation,
+    rating_record,
+    responses_store,
+    survey_record,
 )
 
 _serial = itertools.count(1)

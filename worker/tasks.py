@@ -1,6 +1,7 @@
 """Celery tasks. Each one is thin: an id in, one modeling entry point, progress out (through services).
 
-Queues come from CELERY_TASK_ROUTES in settings. modeling's heavy parts are imported inside each task: a
+Each task is registered under its name in studyapp.queue (what the web side enqueues by, and what
+CELERY_TASK_ROUTES in settings routes to its queue). modeling's heavy parts are imported inside each task: a
 worker imports every task module at start, and torch should load only where a job runs (the selectors
 import only modeling.data, the light episode schema).
 """
@@ -15,9 +16,10 @@ from celery import Task, shared_task
 from django.conf import settings
 
 from annotation.selectors import ArmEpisodes, PersonalizationRequest, personalization_request
-from annotation.services import NewResponse, responses_store
+from studyapp import queue
 from studyapp.models import Job
 from studyapp.services import (
+    NewResponse,
     job_fail,
     job_log_append,
     job_progress_record,
@@ -26,6 +28,7 @@ from studyapp.services import (
     participant_generation_fail,
     participant_generation_start,
     participants_expire,
+    responses_store,
 )
 
 ProgressCallback = Callable[[int, int, str], None]
@@ -94,7 +97,7 @@ def run_job(task: Task, job_id: str, work: JobWork) -> dict[str, Any]:
 
 # Jobs are not retried: a failed job says why on its page, and the coordinator launches another. A job
 # whose worker died is redelivered (acks_late) and starts again; training resumes from its checkpoint.
-@shared_task(bind=True, acks_late=True)
+@shared_task(name=queue.SYNTH_GENERATE, bind=True, acks_late=True)
 def synth_generate(self: Task, job_id: str) -> dict[str, Any]:
     """Generate the job's synthetic dataset (modeling.synth.generate_dataset) into its output folder;
     the result is the dataset's summary (counts, quality)."""
@@ -124,7 +127,7 @@ def _metrics_line(row: dict[str, Any]) -> str:
     return f"step {row.get('step')}: {values}"
 
 
-@shared_task(bind=True, acks_late=True)
+@shared_task(name=queue.TRAIN_CHECKPOINT, bind=True, acks_late=True)
 def train_checkpoint(self: Task, job_id: str) -> dict[str, Any]:
     """Train one stage (modeling.train.train) into the job's output folder; the result is the run's
     metrics (final held-out loss and accuracy, the evaluation history, parameter counts)."""
@@ -141,7 +144,7 @@ def train_checkpoint(self: Task, job_id: str) -> dict[str, Any]:
     return run_job(self, job_id, work)
 
 
-@shared_task(bind=True, acks_late=True)
+@shared_task(name=queue.EVALUATE_ARMS, bind=True, acks_late=True)
 def evaluate_arms(self: Task, job_id: str) -> dict[str, Any]:
     """Evaluate the job's arms against its baseline on held-out synthetic users (modeling.evaluate);
     the result is the win-rate table, and the run folder holds report.md and the plots."""
@@ -214,6 +217,7 @@ def generate_responses(request: PersonalizationRequest) -> list[NewResponse]:
 
 
 @shared_task(
+    name=queue.PERSONALIZE,
     bind=True,
     acks_late=True,
     max_retries=settings.PERSONALIZE_MAX_RETRIES,
@@ -246,7 +250,7 @@ def personalize(self: Task, participant_id: int) -> dict[str, Any]:
     }
 
 
-@shared_task
+@shared_task(name=queue.EXPIRE_PARTICIPANTS)
 def expire_participants() -> dict[str, int]:
     """Time out the participants who have been inactive past their study's time limit
     (services.participants_expire). Run every few minutes by Celery beat (CELERY_BEAT_SCHEDULE); safe to

@@ -15,6 +15,7 @@ from django.core.validators import validate_slug
 from django.db import transaction
 from django.utils import timezone
 
+from studyapp import queue
 from studyapp.datastore import (
     CHECKPOINT_MANIFEST,
     DATASET_MANIFEST,
@@ -28,9 +29,9 @@ from studyapp.selectors import job_status
 
 # The Celery task of each kind (routed to its queue by CELERY_TASK_ROUTES).
 JOB_TASKS = {
-    Job.Kind.SYNTH: "synth_generate",
-    Job.Kind.TRAIN: "train_checkpoint",
-    Job.Kind.EVALUATE: "evaluate_arms",
+    Job.Kind.SYNTH: queue.SYNTH_GENERATE,
+    Job.Kind.TRAIN: queue.TRAIN_CHECKPOINT,
+    Job.Kind.EVALUATE: queue.EVALUATE_ARMS,
 }
 # A file whose presence means the job's output is complete (it is written last).
 JOB_OUTPUT_MARKERS = {
@@ -81,15 +82,17 @@ def job_launch(
             celery_task_id=task_id,
             log=_log_line(f"queued by {who}"),
         )
-        transaction.on_commit(partial(_enqueue_job, JOB_TASKS[kind], str(job.pk), task_id))
+        transaction.on_commit(partial(job_enqueue, JOB_TASKS[kind], str(job.pk), task_id))
         return job
 
 
-def _enqueue_job(task_name: str, job_id: str, task_id: str) -> None:
-    # Imported here: worker.tasks imports these services (the arrow is tasks -> services).
-    from worker import tasks
-
-    getattr(tasks, task_name).apply_async(args=[job_id], task_id=task_id)
+def job_enqueue(task_name: str, job_id: str, task_id: str) -> None:
+    """Send the job's task (an on_commit callback). When the broker cannot take it, the job fails with
+    the broker's error instead of staying queued for ever (the coordinator launches it again)."""
+    try:
+        queue.enqueue(task_name, job_id, task_id=task_id)
+    except queue.QueueUnavailable as exc:
+        job_fail(job_id=job_id, error=str(exc))
 
 
 def _config_error(exc: ValueError) -> ValidationError:

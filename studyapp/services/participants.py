@@ -1,17 +1,18 @@
-"""Changes to participants. A participant row is locked (selectors.participant_for_update) by every
-change to it, so two tabs or a double-click can never both move it; every change of state tells the
-participant's open pages and the study's dashboards once the transaction commits."""
+"""Changes to participants outside their judgments and their personalization: enrolment, consent, the
+start of the picks, withdrawal, and the ends set from outside the journey (returned, timed out).
+
+A participant row is locked (selectors.participant_for_update) by every change to it, so two tabs or a
+double-click can never both move it; every change of state tells the participant's open pages and the
+study's dashboards once the transaction commits."""
 
 import random
 from datetime import datetime, timedelta
-from functools import partial
 
 from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.utils import timezone
 
-from annotation.models import ElicitationItem, GeneratedResponse, RatingItem, SurveyResponse
-from annotation.services import elicitation_items_assign, personalize_enqueue
+from annotation.writers import elicitation_items_assign, participant_data_delete
 from studyapp.models import Participant, Study
 from studyapp.pseudonyms import recruitment_id_hash
 from studyapp.realtime import notify_participant_changed_on_commit, notify_study_on_commit
@@ -101,16 +102,13 @@ def participant_withdraw(*, participant: Participant) -> Participant:
 
     What remains is the row itself (state withdrawn, no judgments), so the same recruitment id comes back
     to "you have withdrawn" instead of starting again. A generation still running for them stores nothing
-    (annotation.services.responses_store checks the state). A participant who can no longer withdraw
+    (personalization.responses_store checks the state). A participant who can no longer withdraw
     (Participant.may_withdraw: already gone, returned, timed out) is left as they are."""
     with transaction.atomic():
         participant = participant_for_update(participant_id=participant.pk)
         if not participant.may_withdraw:
             return participant
-        RatingItem.objects.filter(participant=participant).delete()
-        GeneratedResponse.objects.filter(participant=participant).delete()
-        ElicitationItem.objects.filter(participant=participant).delete()
-        SurveyResponse.objects.filter(participant=participant).delete()
+        participant_data_delete(participant=participant)
         participant.state = State.WITHDRAWN
         participant.n_picks = participant.picks_done = participant.n_ratings = participant.ratings_done = 0
         participant.generation, participant.generation_error = Generation.NOT_STARTED, ""
@@ -118,40 +116,6 @@ def participant_withdraw(*, participant: Participant) -> Participant:
         participant.save()
         notify_participant_changed_on_commit(participant)
         return participant
-
-
-def _awaits_responses(participant: Participant | None) -> bool:
-    """Whether a worker's news about the participant's responses still concerns them: they exist, wait,
-    and have no stored responses yet."""
-    return (
-        participant is not None
-        and participant.state == State.WAITING
-        and participant.generation != Generation.READY
-    )
-
-
-def participant_generation_start(*, participant_id: int) -> bool:
-    """A worker has started on the participant's responses; False when there is nothing to do for them
-    (gone, withdrawn, or their responses are already stored)."""
-    with transaction.atomic():
-        participant = participant_for_update(participant_id=participant_id)
-        if not _awaits_responses(participant):
-            return False
-        participant.generation = Generation.RUNNING
-        participant.save(update_fields=["generation", "updated_at"])
-        notify_participant_changed_on_commit(participant)
-        return True
-
-
-def participant_generation_fail(*, participant_id: int, error: str) -> None:
-    """Generation failed for good: the participant's page says so, and coordinators see `error`."""
-    with transaction.atomic():
-        participant = participant_for_update(participant_id=participant_id)
-        if not _awaits_responses(participant):
-            return
-        participant.generation, participant.generation_error = Generation.FAILED, error
-        participant.save(update_fields=["generation", "generation_error", "updated_at"])
-        notify_participant_changed_on_commit(participant)
 
 
 def _finish_from_outside(participant: Participant, state: str, now: datetime) -> None:
@@ -203,25 +167,4 @@ def participant_mark_returned(*, participant: Participant) -> Participant:
                 f"A participant who is {participant.get_state_display().lower()} cannot be marked returned."
             )
         _finish_from_outside(participant, State.RETURNED, timezone.now())
-        return participant
-
-
-def participant_generation_retry(*, participant: Participant) -> Participant:
-    """Run a participant's generation again after it failed for good (a coordinator's retry, e.g. once
-    the model's problem is fixed): back to queued, `personalize` enqueued once the transaction commits,
-    and their waiting page told, so it moves on by itself when the responses are ready.
-
-    Only from a failed generation (Participant.may_retry_generation), so a second click while the first
-    retry is queued or running is refused with ValidationError and enqueues nothing."""
-    with transaction.atomic():
-        participant = participant_for_update(participant_id=participant.pk)
-        if not participant.may_retry_generation:
-            raise ValidationError(
-                "Only a generation that has failed can be retried; this participant's is "
-                f"{participant.generation} (state {participant.state})."
-            )
-        participant.generation, participant.generation_error = Generation.QUEUED, ""
-        participant.save(update_fields=["generation", "generation_error", "updated_at"])
-        transaction.on_commit(partial(personalize_enqueue, participant.pk))
-        notify_participant_changed_on_commit(participant)
         return participant

@@ -28,10 +28,9 @@ from annotation.exports import (
 )
 from annotation.models import ElicitationPick, GeneratedResponse, Rating, RatingItem, Side
 from annotation.selectors import personalization_request
-from annotation.services import responses_store, survey_record
 from modeling.data import Episode, build_prompt
 from studyapp.models import Participant, Study
-from studyapp.services import participant_withdraw
+from studyapp.services import participant_withdraw, responses_store, survey_record
 from tests.factories import (
     fake_responses,
     make_analyst,

@@ -6,9 +6,13 @@ from django.test import Client
 from django.utils import timezone
 
 from annotation.models import ElicitationPick, GeneratedResponse, Rating, RatingItem, Side, SurveyResponse
-from annotation.services import personalize_enqueue
 from studyapp.models import Participant, Study
-from studyapp.services import participant_mark_returned, participants_expire, recruitment_id_hash
+from studyapp.services import (
+    participant_mark_returned,
+    participants_expire,
+    personalize_enqueue,
+    recruitment_id_hash,
+)
 from tests.factories import (
     make_participant,
     make_study,

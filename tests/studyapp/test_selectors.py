@@ -6,7 +6,6 @@ from django.utils import timezone
 from scipy.stats import binomtest
 
 from annotation.models import Rating, Side
-from annotation.services import survey_record
 from modeling.synth import generate_dataset
 from studyapp.models import Arm, Participant, Study
 from studyapp.selectors import (
@@ -21,6 +20,7 @@ from studyapp.services import (
     participant_mark_returned,
     participant_withdraw,
     participants_expire,
+    survey_record,
 )
 from tests.factories import (
     make_participant,

@@ -6,16 +6,18 @@ import pytest
 from django.core.exceptions import ValidationError
 
 from annotation.models import ElicitationPick, GeneratedResponse, Rating, SurveyResponse
-from annotation.services import elicitation_pick_record, personalize_enqueue, survey_record
 from studyapp.models import Participant
 from studyapp.services import (
+    elicitation_pick_record,
     participant_consent,
     participant_generation_fail,
     participant_generation_retry,
     participant_mark_returned,
     participant_withdraw,
     participants_expire,
+    personalize_enqueue,
     recruitment_id_hash,
+    survey_record,
 )
 from tests.factories import (
     make_participant,

@@ -9,7 +9,6 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 from django.test import Client
 
 from annotation.models import CandidatePair, Question
-from annotation.services import personalize_enqueue
 from modeling.synth import generate_dataset
 from studyapp.coordinators import COORDINATORS_GROUP
 from studyapp.models import Job, Participant, Study
@@ -19,6 +18,7 @@ from studyapp.services import (
     participant_generation_fail,
     participant_mark_returned,
     participant_withdraw,
+    personalize_enqueue,
 )
 from tests.factories import (
     make_coordinator,

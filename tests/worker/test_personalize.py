@@ -10,7 +10,7 @@ from channels_redis.core import RedisChannelLayer
 from annotation.models import GeneratedResponse, RatingItem
 from studyapp.models import Arm, Participant
 from studyapp.realtime import participant_group
-from tests.conftest import RunningWorker
+from tests.conftest import RunningWorker, tasks_sent_through, unreachable_broker_app
 from tests.factories import (
     make_coordinator,
     make_study,
@@ -166,3 +166,23 @@ def test_a_coordinators_retry_after_a_failure_generates_the_responses_once(
     assert GeneratedResponse.objects.filter(participant=participant).count() == 2 * 2
     assert RatingItem.objects.filter(participant=participant).count() == participant.n_ratings == 4
     assert browser_of(participant).get(f"/s/{study.slug}/waiting/").url == f"/s/{study.slug}/rate/1/"
+
+
+def test_a_pick_made_while_the_broker_was_down_is_generated_once_the_coordinator_retries(
+    tasks_go_to_the_worker: RunningWorker, tiny_checkpoint
+) -> None:
+    study = make_study(checkpoint=str(tiny_checkpoint))
+    participant = participant_at_elicitation(study)
+    with tasks_sent_through(unreachable_broker_app()):
+        for position in range(participant.n_picks):
+            pick(participant, position)
+    participant.refresh_from_db()
+    assert (participant.state, participant.generation) == (State.WAITING, Generation.FAILED)
+
+    # The broker is back: the coordinator's retry enqueues the task, and the worker writes the answers.
+    coordinator = coordinator_browser(make_coordinator())
+    coordinator.post(f"/studio/studies/{study.slug}/participants/{participant.token}/retry-generation/")
+
+    participant = wait_for(tasks_go_to_the_worker, participant, lambda p: p.state == State.RATING)
+    assert (participant.generation, participant.generation_error) == (Generation.READY, "")
+    assert GeneratedResponse.objects.filter(participant=participant).count() == 2 * 2
