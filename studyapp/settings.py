@@ -46,10 +46,12 @@ BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = BASE_DIR / "var"
 VAR_DIR.mkdir(exist_ok=True)
 
-DEBUG = env_bool("DEBUG", True)
+# Off unless asked for: a site started with nothing configured must not show tracebacks to visitors.
+# `./run demo` turns it on (DEBUG=true), and the test run gives itself its keys (`./run test`).
+DEBUG = env_bool("DEBUG", False)
 
-# The fallback key is for development only: it is public, so anyone could forge sessions with it.
-# A deployment (DEBUG=false) must set SECRET_KEY, and refuses to start without it.
+# The fallback key is for development only (DEBUG=true): it is public, so anyone could forge sessions
+# with it. A deployment (DEBUG off) must set SECRET_KEY, and refuses to start without it.
 SECRET_KEY = env_str("SECRET_KEY", "")
 if not SECRET_KEY:
     if not DEBUG:
