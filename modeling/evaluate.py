@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from .data import Episode, EpisodeSource
-from .judges import Comparison, Judge, OracleJudge, win_rate
+from .judges import Comparison, Judge, OracleJudge
+from .winrate import WinRate, win_rate
 
 if TYPE_CHECKING:
     from .infer import Generation
@@ -146,16 +147,9 @@ def evaluate(
     ``head_to_head`` pairs ``(arm, other)`` are also judged directly against each other on the same
     answers (no extra generation): two arms can each beat the baseline by overlapping margins and
     still differ significantly when compared on the same episodes, or not."""
-    names = [a.name for a in arms]
-    if baseline not in names:
-        raise ValueError(f"baseline {baseline!r} is not one of the arms {names}")
-    if len(set(names)) != len(names):
-        raise ValueError(f"arm names must be unique: {names}")
-    if shot_sweep and (sweep_arm not in names):
-        raise ValueError(f"shot_sweep needs sweep_arm, one of {names}")
-    for pair in head_to_head:
-        if len(pair) != 2 or pair[0] == pair[1] or any(n not in names for n in pair):
-            raise ValueError(f"a head-to-head pair is two different arms of {names}, not {list(pair)}")
+    _check_arms(
+        arms, baseline=baseline, shot_sweep=shot_sweep, sweep_arm=sweep_arm, head_to_head=head_to_head
+    )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     src = EpisodeSource(dataset, split="test")
@@ -163,61 +157,19 @@ def evaluate(
     max_shots = max([shots, *shot_sweep])
     pool = src.sample(episodes, shots=max_shots, seed=seed)  # the same users and targets for every arm and N
     eps = [dataclasses.replace(e, shots=e.shots[:shots]) for e in pool]
-    total = len(arms) + len(shot_sweep)
-    texts: dict[str, list[str]] = {}
-    cuts: dict[str, dict[str, int]] = {}
-    for i, arm in enumerate(arms):
-        if progress:
-            progress(i, total, f"generating: {arm.name}")
-        gens = generate_arm(arm, eps, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
-        texts[arm.name] = [g.text for g in gens]
-        cuts[arm.name] = _cut_counts(gens)
-    table = []
-    oracle = judge if isinstance(judge, OracleJudge) else None
-    for arm in arms:
-        row: dict[str, Any] = {"arm": arm.name, "model": arm.model, "context": arm.context, "cot": arm.cot}
-        if arm.name == baseline:
-            row.update(win_rate=0.5, ci_low=0.5, ci_high=0.5, n=len(eps), p_value=None, baseline=True)
-        else:
-            row.update(win_rate(_compare(judge, eps, texts[arm.name], texts[baseline]), seed=seed).to_dict())
-        row.update(cuts[arm.name])
-        if oracle:
-            row["mean_oracle_score"] = float(
-                np.mean(
-                    [
-                        oracle.text_score(int(e.user_id), e.meta.get("topic", ""), t)  # type: ignore[arg-type]
-                        for e, t in zip(eps, texts[arm.name], strict=True)
-                    ]
-                )
-            )
-        table.append(row)
+    report = _Progress(progress, total=len(arms) + len(shot_sweep))
+    decode = {"max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed}
+    texts, cuts = _generate_arms(arms, eps, decode, report)
+    table = [_table_row(arm, baseline, judge, eps, texts, cuts[arm.name], seed) for arm in arms]
     sweep: list[dict[str, Any]] = []
     if shot_sweep:
-        arm = next(a for a in arms if a.name == sweep_arm)
-        from .infer import LocalBackend
-
-        backend = LocalBackend(arm.model)
-        for j, n in enumerate(shot_sweep):
-            if progress:
-                progress(len(arms) + j, total, f"shot sweep: {arm.name} N={n}")
-            eps_n = [dataclasses.replace(e, shots=e.shots[:n]) for e in pool]
-            gens = generate_arm(
-                arm, eps_n, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, backend=backend
-            )
-            w = win_rate(_compare(judge, eps_n, [g.text for g in gens], texts[baseline]), seed=seed)
-            sweep.append({"shots": n, **w.to_dict(), **_cut_counts(gens)})
+        sweep_of = next(a for a in arms if a.name == sweep_arm)
+        sweep = _shot_sweep(sweep_of, pool, shot_sweep, texts[baseline], judge, decode, report, len(arms))
     h2h = [
-        {"arm": a, "vs": b, **win_rate(_compare(judge, eps, texts[a], texts[b]), seed=seed).to_dict()}
+        {"arm": a, "vs": b, **_judged(judge, eps, texts[a], texts[b], seed).to_dict()}
         for a, b in head_to_head
     ]
-    if progress:
-        progress(total, total, "done")
-    with open(out / "generations.jsonl", "w") as f:
-        for k, e in enumerate(eps):
-            f.write(
-                json.dumps({"user_id": e.user_id, "question": e.question, **{a: texts[a][k] for a in texts}})
-                + "\n"
-            )
+    report(report.total, "done")
     result = EvalResult(out_dir=out, table=table, shot_sweep=sweep, head_to_head=h2h)
     meta = {
         "dataset": str(dataset),
@@ -229,12 +181,136 @@ def evaluate(
         "split": "held-out users x held-out question topics",
         "seed": seed,
     }
-    (out / "results.json").write_text(
-        json.dumps({**meta, "table": table, "shot_sweep": sweep, "head_to_head": h2h}, indent=2) + "\n"
-    )
-    (out / "report.md").write_text(report_markdown(result, meta))
-    _plots(result, baseline, out)
+    _write_run(out, eps, texts, result, meta)
     return result
+
+
+def _check_arms(
+    arms: Sequence[Arm],
+    *,
+    baseline: str,
+    shot_sweep: Sequence[int],
+    sweep_arm: str | None,
+    head_to_head: Sequence[tuple[str, str]],
+) -> None:
+    """ValueError unless the baseline, the sweep arm and every head-to-head pair name arms, uniquely."""
+    names = [a.name for a in arms]
+    if baseline not in names:
+        raise ValueError(f"baseline {baseline!r} is not one of the arms {names}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"arm names must be unique: {names}")
+    if shot_sweep and (sweep_arm not in names):
+        raise ValueError(f"shot_sweep needs sweep_arm, one of {names}")
+    for pair in head_to_head:
+        if len(pair) != 2 or pair[0] == pair[1] or any(n not in names for n in pair):
+            raise ValueError(f"a head-to-head pair is two different arms of {names}, not {list(pair)}")
+
+
+@dataclass(frozen=True)
+class _Progress:
+    """The run's steps (one per arm, one per swept N) reported to an optional callback."""
+
+    callback: Progress | None
+    total: int
+
+    def __call__(self, done: int, stage: str) -> None:
+        if self.callback:
+            self.callback(done, self.total, stage)
+
+
+def _generate_arms(
+    arms: Sequence[Arm], eps: Sequence[Episode], decode: dict[str, Any], report: _Progress
+) -> tuple[dict[str, list[str]], dict[str, dict[str, int]]]:
+    """Each arm's answer to every episode, and how many of its prompts lost shots to fit."""
+    texts: dict[str, list[str]] = {}
+    cuts: dict[str, dict[str, int]] = {}
+    for i, arm in enumerate(arms):
+        report(i, f"generating: {arm.name}")
+        gens = generate_arm(arm, eps, **decode)
+        texts[arm.name] = [g.text for g in gens]
+        cuts[arm.name] = _cut_counts(gens)
+    return texts, cuts
+
+
+def _judged(
+    judge: Judge, eps: Sequence[Episode], mine: Sequence[str], theirs: Sequence[str], seed: int
+) -> WinRate:
+    """`mine` against `theirs` on the same episodes: one comparison each, a win rate over comparisons."""
+    return win_rate(_compare(judge, eps, mine, theirs), over="comparisons", seed=seed)
+
+
+def _table_row(
+    arm: Arm,
+    baseline: str,
+    judge: Judge,
+    eps: Sequence[Episode],
+    texts: dict[str, list[str]],
+    cuts: dict[str, int],
+    seed: int,
+) -> dict[str, Any]:
+    """The arm's row of the table: its win rate against the baseline (the baseline's own row is 50% by
+    definition), its shot cuts and, with the oracle judge, the oracle's mean score of its answers."""
+    row: dict[str, Any] = {"arm": arm.name, "model": arm.model, "context": arm.context, "cot": arm.cot}
+    if arm.name == baseline:
+        row.update(win_rate=0.5, ci_low=0.5, ci_high=0.5, n=len(eps), p_value=None, baseline=True)
+    else:
+        row.update(_judged(judge, eps, texts[arm.name], texts[baseline], seed).to_dict())
+    row.update(cuts)
+    if isinstance(judge, OracleJudge):
+        row["mean_oracle_score"] = float(
+            np.mean(
+                [
+                    judge.text_score(int(e.user_id), e.meta.get("topic", ""), t)  # type: ignore[arg-type]
+                    for e, t in zip(eps, texts[arm.name], strict=True)
+                ]
+            )
+        )
+    return row
+
+
+def _shot_sweep(
+    arm: Arm,
+    pool: Sequence[Episode],
+    counts: Sequence[int],
+    baseline_texts: Sequence[str],
+    judge: Judge,
+    decode: dict[str, Any],
+    report: _Progress,
+    done: int,
+) -> list[dict[str, Any]]:
+    """The arm's win rate against the baseline's answers with each N of its shots (one backend)."""
+    from .infer import LocalBackend
+
+    backend = LocalBackend(arm.model)
+    sweep = []
+    for j, n in enumerate(counts):
+        report(done + j, f"shot sweep: {arm.name} N={n}")
+        eps_n = [dataclasses.replace(e, shots=e.shots[:n]) for e in pool]
+        gens = generate_arm(arm, eps_n, **decode, backend=backend)
+        w = _judged(judge, eps_n, [g.text for g in gens], baseline_texts, decode["seed"])
+        sweep.append({"shots": n, **w.to_dict(), **_cut_counts(gens)})
+    return sweep
+
+
+def _write_run(
+    out: Path, eps: Sequence[Episode], texts: dict[str, list[str]], result: EvalResult, meta: dict[str, Any]
+) -> None:
+    """generations.jsonl, results.json, report.md and the plots."""
+    with open(out / "generations.jsonl", "w") as f:
+        for k, e in enumerate(eps):
+            f.write(
+                json.dumps({"user_id": e.user_id, "question": e.question, **{a: texts[a][k] for a in texts}})
+                + "\n"
+            )
+    results = {
+        **meta,
+        "table": result.table,
+        "shot_sweep": result.shot_sweep,
+        "head_to_head": result.head_to_head,
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "report.md").write_text(report_markdown(result, meta))
+    _plots(result, meta["baseline"], out)
 
 
 def report_markdown(result: EvalResult, meta: dict[str, Any]) -> str:

@@ -12,8 +12,7 @@ A judge compares two responses to a question for one user and returns a score fo
   without a request, and a judge that answers none of its prompts with "a" or "b" is an error rather
   than a run of ties.
 
-``win_rate`` turns per-comparison scores into a win rate with a 95% bootstrap interval and a one-sided
-binomial test (ties split as halves), as the paper reports them.
+Their per-comparison scores become a win rate in ``modeling.winrate`` (``over="comparisons"``).
 """
 
 from __future__ import annotations
@@ -21,8 +20,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
-
-import numpy as np
 
 from .llm import ChatBackend, ChatRequest, ChoiceReply, LLMError, ask_choices
 
@@ -170,51 +167,3 @@ def _p_shown_first(reply: ChoiceReply) -> float | None:
 def _verdict(reply: str) -> str | None:
     r = reply.strip().strip("().'\"").lower()[:3]
     return r[0] if r[:1] in ("a", "b") and (len(r) == 1 or not r[1].isalpha()) else None
-
-
-@dataclass(frozen=True)
-class WinRate:
-    n: int
-    win_rate: float
-    ci_low: float
-    ci_high: float
-    wins: float
-    ties: int
-    p_value: float  # one-sided binomial test of win rate > 0.5 (ties split as halves, rounded down)
-
-    def to_dict(self) -> dict[str, float]:
-        return {k: float(v) for k, v in self.__dict__.items()}
-
-
-def win_rate(
-    scores: Sequence[float], *, confidence: float = 0.95, seed: int = 0, resamples: int = 5000
-) -> WinRate:
-    """Mean of per-comparison scores (1 win, 0.5 tie, 0 loss) with a bootstrap CI over comparisons."""
-    from scipy import stats
-
-    s = np.asarray(scores, dtype=np.float64)
-    if s.size == 0:
-        raise ValueError("no comparisons to compute a win rate from")
-    if s.size == 1 or np.all(s == s[0]):
-        lo = hi = float(s.mean())
-    else:
-        res = stats.bootstrap(
-            (s,),
-            np.mean,
-            confidence_level=confidence,
-            n_resamples=resamples,
-            method="percentile",
-            random_state=np.random.default_rng(seed),
-        )
-        lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
-    wins = float(s.sum())
-    p = stats.binomtest(int(np.floor(wins)), int(s.size), 0.5, alternative="greater").pvalue
-    return WinRate(
-        n=int(s.size),
-        win_rate=float(s.mean()),
-        ci_low=lo,
-        ci_high=hi,
-        wins=wins,
-        ties=int((s == 0.5).sum()),
-        p_value=float(p),
-    )

@@ -1,13 +1,15 @@
 """Reads about studies, participants and jobs (writes are in services.py)."""
 
 import statistics
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from django.db.models import Count, F, Q, QuerySet
-from scipy.stats import binomtest
+from django.db.models import BooleanField, Count, ExpressionWrapper, F, Q, QuerySet
 
+from annotation.exports.paging import comparisons_by_arms
 from annotation.models import Rating, Side
+from modeling import winrate
 from studyapp.datastore import datasets_available, output_name_free, relative_to_root
 from studyapp.flow import STEP_OF_STATE, STEPS
 from studyapp.models import Arm, Job, Participant, Study
@@ -95,28 +97,46 @@ def studies_overview() -> QuerySet[Study]:
 
 @dataclass(frozen=True)
 class WinRate:
-    """How often `arm`'s response was preferred to `baseline`'s in one comparison: `wins` of `n` ratings
-    (arm preferred = 1, baseline preferred = 0), the proportion, its 95% Wilson score interval, and the
-    one-sided binomial test of a win rate above 50% (the paper's test). None while there are no ratings."""
+    """How often `arm`'s response was preferred to `baseline`'s in one comparison, computed as the
+    analysis page computes it (modeling.winrate, over participants): `wins` of `n` counted ratings (arm
+    preferred = 1, baseline preferred = 0, two responses of the same text = 1/2), the rate, its 95%
+    percentile bootstrap interval over `participants` (None with fewer than two: `message` says why),
+    and `p_value`, the one-sided sign test of a win rate above 50% (the paper's test). No rate while
+    there are no ratings."""
 
     comparison_id: int
     arm: str
     baseline: str
-    wins: int
+    wins: float
     n: int
     rate: float | None
     ci_low: float | None
     ci_high: float | None
     p_value: float | None
+    participants: int = 0
+    message: str | None = None
 
 
-def win_rate(*, comparison_id: int, arm: str, baseline: str, wins: int, n: int) -> WinRate:
-    if n == 0:
+def win_rate(
+    *, comparison_id: int, arm: str, baseline: str, scores: Sequence[float], participants: Sequence[int]
+) -> WinRate:
+    """The comparison's win rate from each counted rating's score and the participant who gave it."""
+    if not scores:
         return WinRate(comparison_id, arm, baseline, 0, 0, None, None, None, None)
-    # The interval is two-sided; the test one-sided (does the arm win more than half the time?).
-    ci = binomtest(wins, n).proportion_ci(confidence_level=0.95, method="wilson")
-    p_value = binomtest(wins, n, p=0.5, alternative="greater").pvalue
-    return WinRate(comparison_id, arm, baseline, wins, n, wins / n, ci.low, ci.high, float(p_value))
+    rate = winrate.win_rate(scores, over="participants", participants=participants)
+    return WinRate(
+        comparison_id,
+        arm,
+        baseline,
+        rate.wins,
+        rate.n,
+        rate.win_rate,
+        rate.ci_low,
+        rate.ci_high,
+        rate.p_value,
+        rate.participants or 0,
+        rate.message,
+    )
 
 
 def study_counted_ratings(*, study: Study) -> QuerySet[Rating]:
@@ -130,26 +150,38 @@ def study_counted_ratings(*, study: Study) -> QuerySet[Rating]:
 
 def study_win_rates(*, study: Study) -> list[WinRate]:
     """The current win rate of every comparison of the study, from the ratings recorded so far
-    (study_counted_ratings): each rated A/B item whose two responses are the comparison's arms."""
+    (study_counted_ratings): each rated A/B item whose two responses are the comparison's arms, scored
+    as modeling.winrate.rating_scores says. Where two comparisons hold the same two arms, their items
+    cannot be told apart and count for the first (as in the export's judgments table)."""
     comparisons = list(study.comparisons.select_related("arm", "baseline").order_by("id"))
-    by_arms: dict[frozenset[int], list[int]] = {}
+    comparison_of = comparisons_by_arms(study)
+    # Per (arm id, baseline id): each counted rating's arm_won, same-text tie and participant.
+    rated: dict[tuple[int, int], tuple[list[bool], list[bool], list[int]]] = {}
+    same_text = ExpressionWrapper(Q(item__left__text=F("item__right__text")), output_field=BooleanField())
+    for participant_id, choice, left_arm, right_arm, tie in (
+        study_counted_ratings(study=study)
+        .annotate(same_text=same_text)
+        .values_list(
+            "item__participant_id", "choice", "item__left__arm_id", "item__right__arm_id", "same_text"
+        )
+    ):
+        arms = comparison_of.get(frozenset((left_arm, right_arm)))
+        if arms is None:
+            continue  # a pair of arms that is no comparison of the study
+        won, ties, who = rated.setdefault(arms, ([], [], []))
+        won.append((left_arm if choice == Side.LEFT else right_arm) == arms[0])
+        ties.append(tie)
+        who.append(participant_id)
+    rates = []
     for c in comparisons:
-        by_arms.setdefault(frozenset((c.arm_id, c.baseline_id)), []).append(c.pk)
-    arm_of = {c.pk: c.arm_id for c in comparisons}
-    wins = dict.fromkeys(arm_of, 0)
-    n = dict.fromkeys(arm_of, 0)
-    ratings = study_counted_ratings(study=study).values_list(
-        "choice", "item__left__arm_id", "item__right__arm_id"
-    )
-    for choice, left_arm, right_arm in ratings:
-        preferred = left_arm if choice == Side.LEFT else right_arm
-        for comparison_id in by_arms.get(frozenset((left_arm, right_arm)), ()):
-            n[comparison_id] += 1
-            wins[comparison_id] += preferred == arm_of[comparison_id]
-    return [
-        win_rate(comparison_id=c.pk, arm=c.arm.name, baseline=c.baseline.name, wins=wins[c.pk], n=n[c.pk])
-        for c in comparisons
-    ]
+        won, ties, who = rated.get((c.arm_id, c.baseline_id), ([], [], []))
+        scores = winrate.rating_scores(won, ties).tolist()
+        rates.append(
+            win_rate(
+                comparison_id=c.pk, arm=c.arm.name, baseline=c.baseline.name, scores=scores, participants=who
+            )
+        )
+    return rates
 
 
 @dataclass(frozen=True)

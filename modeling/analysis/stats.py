@@ -16,9 +16,10 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
-DEFAULT_RESAMPLES = 2000
-DEFAULT_SEED = 0
-CONFIDENCE = 0.95
+from ..winrate import CONFIDENCE, RESAMPLES, SEED
+
+DEFAULT_RESAMPLES = RESAMPLES["participants"]
+DEFAULT_SEED = SEED
 
 
 def participant_bootstrap(

@@ -4,7 +4,9 @@ checkpoints' win rate on held-out synthetic users (`fspo eval`).
 Scoring (declared in every result's rules): each counted A/B rating scores 1 when the comparison's arm
 was chosen and 0 when its baseline was; a pair whose two responses are the same text scores 1/2 (a tie:
 whatever was chosen, neither response was better), and ties count as halves. Attention checks and
-consistency repeats are not counted (the repeat is for consistency; the first answer counts).
+consistency repeats are not counted (the repeat is for consistency; the first answer counts). The win
+rate itself, its interval over participants and its sign test are modeling.winrate's, which the
+studio's live dashboard uses too.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 
 import pandas as pd
 
+from ..winrate import rating_scores, win_rate
 from .data import AnalysisInputError, StudyArm, StudyData
 from .rules import Selection
 from .stats import (
@@ -25,8 +28,6 @@ from .stats import (
     DEFAULT_RESAMPLES,
     DEFAULT_SEED,
     normal_gap_interval,
-    participant_bootstrap,
-    sign_test,
 )
 
 SCORING = (
@@ -97,45 +98,40 @@ def counted_ratings(data: StudyData, selection: Selection) -> tuple[pd.DataFrame
             f"{int(unassigned.sum())} rating(s) of arm pairs that are no comparison of the study were left out."
         )
     ratings = ratings[~unassigned].copy()
-    ratings["score"] = ratings["arm_won"].astype(float)
-    ties = _same_text(data, ratings)
-    ratings.loc[ties, "score"] = 0.5
+    ratings["score"] = rating_scores(
+        ratings["arm_won"].to_numpy(dtype=bool), _same_text(data, ratings).to_numpy()
+    )
     return ratings, notes
 
 
 def _win_rate(
     arm: str, baseline: str, ratings: pd.DataFrame, *, seed: int, resamples: int, empty: str
 ) -> WinRate:
+    """The pair's win rate over participants (modeling.winrate: the dashboard's computation too)."""
     if ratings.empty:
         return WinRate(arm, baseline, message=empty)
+    rate = win_rate(
+        ratings["score"].to_numpy(),
+        over="participants",
+        participants=ratings["participant"].tolist(),
+        seed=seed,
+        resamples=resamples,
+    )
     by = ratings.groupby("participant", sort=True)["score"].agg(["sum", "count"])
-    wins, n = float(by["sum"].sum()), int(by["count"].sum())
-    scores = ratings["score"].to_numpy()
-    test = sign_test(int((scores == 1.0).sum()), int((scores == 0.0).sum()))
-    message = None
-    low = high = None
-    if len(by) >= 2:
-        low, high = participant_bootstrap(
-            by["sum"].to_numpy(), by["count"].to_numpy(), seed=seed, resamples=resamples
-        )
-    else:
-        message = "One participant: an interval over participants needs at least two."
-    if test is None:
-        message = ((message or "") + " Every rating is a tie: there is nothing to test.").strip()
     return WinRate(
         arm=arm,
         baseline=baseline,
-        participants=len(by),
-        n=n,
-        wins=wins,
-        ties=int((scores == 0.5).sum()),
-        win_rate=wins / n,
-        ci_low=low,
-        ci_high=high,
-        p_greater=None if test is None else test.p_greater,
-        p_two_sided=None if test is None else test.p_two_sided,
+        participants=int(rate.participants or 0),
+        n=rate.n,
+        wins=rate.wins,
+        ties=rate.ties,
+        win_rate=rate.win_rate,
+        ci_low=rate.ci_low,
+        ci_high=rate.ci_high,
+        p_greater=rate.p_value,
+        p_two_sided=rate.p_two_sided,
         per_participant=tuple((str(p), float(row["sum"]), int(row["count"])) for p, row in by.iterrows()),
-        message=message,
+        message=rate.message,
     )
 
 

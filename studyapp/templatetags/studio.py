@@ -18,6 +18,13 @@ def pct(value: Any) -> str:
 
 
 @register.filter
+def wins(value: Any) -> str:
+    """A count of wins with ties as halves: "6", "6.5" (as studio.js shows the JSON's 6.0 and 6.5)."""
+    wins = float(value)
+    return str(int(wins)) if wins.is_integer() else f"{wins:.1f}"
+
+
+@register.filter
 def width(value: Any) -> str:
     """A proportion as a CSS width percentage, clamped to 0–100 ("71.2")."""
     if value is None or value == "":

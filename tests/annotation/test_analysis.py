@@ -275,7 +275,8 @@ def test_its_p_values_are_scipys_binomial_test_of_the_decisive_ratings(sim: Sim,
 
 def test_its_interval_resamples_participants_and_holds_the_true_preference(sim: Sim) -> None:
     scores = simulated_scores(sim.counted, "fspo")
-    order = sorted(scores, key=lambda pk: sim.pseudonym[pk])  # the analysis orders participants by pseudonym
+    # Participants are resampled in a canonical order, by their wins, then their ratings (modeling.winrate).
+    order = sorted(scores, key=lambda pk: (sum(scores[pk]), len(scores[pk])))
     sums = np.array([sum(scores[pk]) for pk in order])
     counts = np.array([len(scores[pk]) for pk in order], dtype=float)
     rng = np.random.default_rng(SEED)

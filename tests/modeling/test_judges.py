@@ -5,9 +5,8 @@ from __future__ import annotations
 import random
 
 import pytest
-from scipy import stats
 
-from modeling.judges import Comparison, LLMJudge, OracleJudge, win_rate
+from modeling.judges import Comparison, LLMJudge, OracleJudge
 from modeling.llm import ChoiceReply, LLMError, TransformersBackend, ask_choices
 from modeling.synth import generate_dataset, load_domain
 from modeling.synth.world import render_response
@@ -99,19 +98,6 @@ def test_a_deterministic_llm_judge_is_antisymmetric(tiny_model_dir):
     )
     assert all(s in (0.0, 0.5, 1.0) for s in forward)
     assert [1 - s for s in forward] == backward
-
-
-def test_win_rate_counts_ties_as_halves_with_an_interval_and_a_one_sided_test():
-    w = win_rate([1, 1, 0, 0.5] * 25)
-    assert w.win_rate == pytest.approx(0.625)
-    assert w.ties == 25 and w.n == 100
-    assert w.ci_low < 0.625 < w.ci_high
-    assert w.ci_low > 0.5  # 100 comparisons at 62.5% exclude a coin flip
-    assert w.p_value == pytest.approx(stats.binomtest(62, 100, 0.5, alternative="greater").pvalue)
-    coin = win_rate([1, 0] * 20)
-    assert coin.ci_low < 0.5 < coin.ci_high and coin.p_value > 0.4
-    with pytest.raises(ValueError, match="no comparisons"):
-        win_rate([])
 
 
 @pytest.fixture

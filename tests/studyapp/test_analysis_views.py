@@ -169,18 +169,24 @@ def test_it_keeps_participants_visitors_and_users_without_a_role_out(study: Stud
         assert coordinator_browser(stranger).get(path).status_code == 403
 
 
-def test_its_win_rates_are_the_dashboards_under_the_dashboards_rule(study: Study) -> None:
-    analysis = expected(study, drop_failed_attention=False, drop_too_fast=False)
+def test_the_dashboard_and_the_analysis_page_give_the_same_figures_for_the_same_ratings(study: Study) -> None:
+    simulate_participant(study, Persona(0.6, identical_pair=True), seed=9)  # one cot-vs-base tie
+    analysis = expected(study, drop_failed_attention=False, drop_too_fast=False)  # the dashboard's rule
 
     dashboard = {(w.arm, w.baseline): w for w in study_win_rates(study=study)}
 
+    assert sum(row.ties for row in analysis.win_rates.rows) == 1
     for row in analysis.win_rates.rows:
-        assert (row.wins, row.n, row.ties) == (
-            dashboard[row.arm, row.baseline].wins,
-            dashboard[row.arm, row.baseline].n,
-            0,
-        )
-        assert row.win_rate == pytest.approx(dashboard[row.arm, row.baseline].rate)
+        live = dashboard[row.arm, row.baseline]
+        assert (live.wins, live.n, live.participants) == (row.wins, row.n, row.participants)
+        assert (live.rate, live.ci_low, live.ci_high) == (row.win_rate, row.ci_low, row.ci_high)
+        assert (live.p_value, live.message) == (row.p_greater, row.message)
+    studio = coordinator_browser(make_coordinator())
+    dashboard_html = studio.get(reverse("studio-study", kwargs={"slug": study.slug})).content.decode()
+    analysis_html = page(studio, study, "?keep_failed_attention=on&too_fast_ms=0")
+    for row in analysis.win_rates.rows:
+        interval = f"{100 * row.ci_low:.1f}% – {100 * row.ci_high:.1f}%"
+        assert interval in dashboard_html and interval in analysis_html
 
 
 def test_the_dashboard_links_to_the_analyses(study: Study) -> None:

@@ -1,11 +1,12 @@
 from datetime import timedelta
 from pathlib import Path
 
+import numpy as np
 import pytest
 from django.utils import timezone
 from scipy.stats import binomtest
 
-from annotation.models import Rating, Side
+from annotation.models import GeneratedResponse, Rating, Side
 from modeling.synth import generate_dataset
 from studyapp.models import Arm, Participant, Study
 from studyapp.selectors import (
@@ -60,7 +61,7 @@ def complete(participant: Participant, minutes: int) -> None:
     )
 
 
-def test_it_computes_win_rates_with_wilson_intervals_and_a_one_sided_test_that_match_scipy() -> None:
+def test_it_computes_win_rates_with_an_interval_over_participants_and_a_one_sided_sign_test() -> None:
     study = make_study(n_eval_questions=2)  # two pairs per participant, plus a repeat and an attention check
     outcomes = [[True, True], [True, False], [True, True], [False, True]]
     for arm_wins in outcomes:
@@ -68,12 +69,37 @@ def test_it_computes_win_rates_with_wilson_intervals_and_a_one_sided_test_that_m
 
     (wr,) = study_dashboard(study=study).win_rates
 
-    wins, n = sum(map(sum, outcomes)), sum(map(len, outcomes))
-    ci = binomtest(wins, n).proportion_ci(confidence_level=0.95, method="wilson")
-    assert (wr.arm, wr.baseline, wr.wins, wr.n) == ("fspo", "base", 6, 8)
+    # Participants resampled in the canonical order (wins, then ratings), 2,000 times from seed 0.
+    per = np.array(sorted((float(sum(o)), float(len(o))) for o in outcomes))
+    idx = np.random.default_rng(0).integers(0, len(per), size=(2000, len(per)))
+    ratios = per[idx, 0].sum(axis=1) / per[idx, 1].sum(axis=1)
+    assert (wr.arm, wr.baseline, wr.wins, wr.n, wr.participants) == ("fspo", "base", 6, 8, 4)
     assert wr.rate == pytest.approx(6 / 8)
-    assert (wr.ci_low, wr.ci_high) == (pytest.approx(ci.low), pytest.approx(ci.high))
-    assert wr.p_value == pytest.approx(binomtest(wins, n, 0.5, alternative="greater").pvalue)
+    assert (wr.ci_low, wr.ci_high) == pytest.approx(tuple(np.quantile(ratios, [0.025, 0.975])), abs=1e-12)
+    assert wr.p_value == pytest.approx(binomtest(6, 8, 0.5, alternative="greater").pvalue)
+
+
+def test_it_gives_one_participants_win_rate_without_an_interval() -> None:
+    study = make_study(n_eval_questions=2)
+    rate_preferring(participant_rating(study), [True, False])
+
+    (wr,) = study_dashboard(study=study).win_rates
+
+    assert (wr.wins, wr.n, wr.rate, wr.ci_low, wr.ci_high) == (1, 2, 0.5, None, None)
+    assert wr.message == "One participant: an interval over participants needs at least two."
+
+
+def test_it_counts_a_pair_of_identical_responses_as_half_a_win() -> None:
+    study = make_study(n_eval_questions=2)
+    participant = participant_rating(study)
+    first = participant.rating_items.filter(is_repeat=False, is_attention_check=False).order_by("position")[0]
+    GeneratedResponse.objects.filter(pk=first.right_id).update(text=first.left.text)
+    rate_preferring(participant, [True, True])
+
+    (wr,) = study_dashboard(study=study).win_rates
+
+    assert (wr.wins, wr.n, wr.rate) == (1.5, 2, 0.75)
+    assert wr.p_value == pytest.approx(binomtest(1, 1, 0.5, alternative="greater").pvalue)  # ties left out
 
 
 def test_it_shows_no_win_rate_before_the_first_rating() -> None:
