@@ -1,7 +1,8 @@
 """Study exports for analysts: long-format tables in CSV, JSONL and Parquet, with pseudonymous ids.
 
-- schema: each table's columns, defined once (pyarrow schemas with descriptions), and
-  EXPORT_SCHEMA_VERSION; docs/analyst-guide.md documents the same columns;
+- the schema: each table's columns, defined once in modeling.export_schema (pyarrow schemas with
+  descriptions, which the analyses read too), and EXPORT_SCHEMA_VERSION; docs/analyst-guide.md documents
+  the same columns;
 - paging: the options and errors, the pseudonyms, what a study holds and whether an export makes sense
   (an empty study, a running one), and the pages of participants every table is read in (bounded memory);
 - rows, episodes: each table's rows, page by page;
@@ -11,8 +12,9 @@
 Entry points: `manage.py export`, the studio's export page and its JSON API (studyapp.export_views).
 """
 
+from modeling.export_schema import EXPORT_SCHEMA_VERSION, FORMATS, MANIFEST, TABLE_NAMES, TABLES, TableSpec
+
 from .formats import (
-    MANIFEST,
     ExportResult,
     export_study,
     file_name,
@@ -36,7 +38,6 @@ from .paging import (
     participant_pseudonym,
 )
 from .rows import table_pages
-from .schema import EXPORT_SCHEMA_VERSION, FORMATS, TABLE_NAMES, TABLES, TableSpec
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",

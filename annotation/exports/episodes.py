@@ -4,6 +4,7 @@ participant's picks as its shots, exactly as the personalization worker put them
 from collections.abc import Iterator
 
 from modeling.data import Episode, Pair
+from modeling.export_schema import EXPORT_SCHEMA_VERSION
 from studyapp.models import Study
 
 from ..models import ElicitationPick, Rating, Side
@@ -15,7 +16,6 @@ from .paging import (
     participant_pages,
     study_arms,
 )
-from .schema import EXPORT_SCHEMA_VERSION
 
 EPISODE_PICK_FIELDS = (
     "item__participant_id",

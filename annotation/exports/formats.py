@@ -26,13 +26,11 @@ import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
 from modeling.data import Episode, dumps_episodes
+from modeling.export_schema import EXPORT_SCHEMA_VERSION, FORMATS, MANIFEST, TABLES, TableSpec
 from studyapp.models import Study
 
 from .paging import PSEUDONYM_SCHEME, ExportError, ExportOptions, ExportSummary, export_check
 from .rows import table_pages
-from .schema import EXPORT_SCHEMA_VERSION, FORMATS, TABLES, TableSpec
-
-MANIFEST = "manifest.json"
 
 
 def table_spec(table: str, fmt: str) -> TableSpec:

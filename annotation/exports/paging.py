@@ -23,9 +23,8 @@ from django.conf import settings
 from django.db.models import Count, QuerySet
 from django.utils import timezone
 
+from modeling.export_schema import TABLES
 from studyapp.models import Arm, Participant, Study
-
-from .schema import TABLES
 
 State = Participant.State
 Row = tuple[Any, ...]

@@ -1,5 +1,6 @@
 """The rows of the export tables judgments, participants, responses, study and pool, page by page
-(paging.py), as tuples in the order of each table's schema (schema.py); episodes are in episodes.py."""
+(paging.py), as tuples in the order of each table's schema (modeling.export_schema); episodes are in
+episodes.py."""
 
 import json
 import statistics
@@ -9,6 +10,7 @@ from typing import Any
 from django.db.models import QuerySet
 
 from modeling.data import EPISODE_FORMAT, EPISODE_VERSION, PROMPT_FORMAT_VERSION
+from modeling.export_schema import EXPORT_SCHEMA_VERSION
 from studyapp.models import Arm, Participant, Study
 
 from ..models import (
@@ -34,7 +36,6 @@ from .paging import (
     participant_pages,
     study_arms,
 )
-from .schema import EXPORT_SCHEMA_VERSION
 
 # ---------------------------------------------------------------------------------------------------
 # judgments

@@ -6,9 +6,9 @@ manifest says), and `study_data_from_tables(tables)` takes pyarrow tables built 
 builds them from the database through the exporter). Both go through `study_data_from_tables`, so an
 analysis of an export and of the database it came from see the same values.
 
-`COLUMNS` declares the columns the analyses read, with their export types: the analyses' contract with
-the export schema (tests/annotation/test_analysis.py checks it against annotation.exports.schema). A file
-that lacks one of them, or an export of another schema version, is refused with a one-line reason.
+`COLUMNS` holds the columns the analyses read (`READ`) with their types, which come from the export
+schema (modeling.export_schema, which annotation.exports writes with). A file that lacks one of them, or an
+export of another schema version, is refused with a one-line reason.
 """
 
 from __future__ import annotations
@@ -26,96 +26,40 @@ import pyarrow.csv as pa_csv
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
-EXPORT_SCHEMA_VERSION = "fspo-study-export-1"
-MANIFEST = "manifest.json"
+from ..export_schema import EXPORT_SCHEMA_VERSION, MANIFEST
+from ..export_schema import TABLES as EXPORT_TABLES
+
+# Where a folder has no manifest, each table is looked for in this order.
 FORMATS = ("parquet", "jsonl", "csv")
 
-S, B, I32, I64, F64 = pa.string(), pa.bool_(), pa.int32(), pa.int64(), pa.float64()
-
-COLUMNS: dict[str, dict[str, pa.DataType]] = {
-    "study": {
-        "schema_version": S,
-        "slug": S,
-        "title": S,
-        "domain": S,
-        "n_pairs": I32,
-        "n_eval_questions": I32,
-        "consistency_repeats": I32,
-        "attention_checks": I32,
-        "attention_failures_allowed": I32,
-        "is_open": B,
-        "arms": S,
-        "comparisons": S,
-        "participants": I32,
-        "participants_completed": I32,
-        "participants_in_progress": I32,
-        "participants_withdrawn": I32,
-        "complete": B,
-        "too_fast_ms": I64,
-    },
-    "participants": {
-        "participant": S,
-        "state": S,
-        "complete": B,
-        "excluded": B,
-        "n_picks": I32,
-        "picks_done": I32,
-        "n_ratings": I32,
-        "ratings_done": I32,
-        "median_rating_ms": F64,
-        "attention_checks_answered": I32,
-        "attention_failures": I32,
-        "attention_failures_allowed": I32,
-        "failed_attention": B,
-        "repeats_answered": I32,
-        "repeats_consistent": I32,
-        "too_fast_ms": I64,
-        "too_fast": B,
-        "self_description": S,
-        "age_range": S,
-        "gender": S,
-        "education": S,
-        "occupation": S,
-    },
-    "judgments": {
-        "participant": S,
-        "participant_state": S,
-        "kind": S,
-        "position": I32,
-        "question_id": I64,
-        "pair_id": I64,
-        "a_on_left": B,
-        "left_response_id": I64,
-        "right_response_id": I64,
-        "left_arm": S,
-        "right_arm": S,
-        "chosen_side": S,
-        "chosen_response_id": I64,
-        "chosen_arm": S,
-        "arm": S,
-        "baseline": S,
-        "arm_won": B,
-        "is_repeat": B,
-        "repeat_of_position": I32,
-        "repeat_consistent": B,
-        "is_attention_check": B,
-        "expected_choice": S,
-        "attention_passed": B,
-        "elapsed_ms": I64,
-    },
-    "responses": {
-        "response_id": I64,
-        "participant": S,
-        "arm": S,
-        "method": S,
-        "checkpoint": S,
-        "cot": B,
-        "shots": I32,
-        "question_id": I64,
-        "text": S,
-        "user_description": S,
-    },
+# The columns each table's analyses read (their types are the export schema's).
+READ: dict[str, tuple[str, ...]] = {
+    table: tuple(names.split())
+    for table, names in {
+        "study": """schema_version slug title domain n_pairs n_eval_questions consistency_repeats
+            attention_checks attention_failures_allowed is_open arms comparisons participants
+            participants_completed participants_in_progress participants_withdrawn complete too_fast_ms""",
+        "participants": """participant state complete excluded n_picks picks_done n_ratings ratings_done
+            median_rating_ms attention_checks_answered attention_failures attention_failures_allowed
+            failed_attention repeats_answered repeats_consistent too_fast_ms too_fast self_description
+            age_range gender education occupation""",
+        "judgments": """participant participant_state kind position question_id pair_id a_on_left
+            left_response_id right_response_id left_arm right_arm chosen_side chosen_response_id chosen_arm
+            arm baseline arm_won is_repeat repeat_of_position repeat_consistent is_attention_check
+            expected_choice attention_passed elapsed_ms""",
+        "responses": """response_id participant arm method checkpoint cot shots question_id text
+            user_description""",
+    }.items()
 }
+
+
+def _export_types(table: str) -> dict[str, pa.DataType]:
+    schema = EXPORT_TABLES[table].schema
+    assert schema is not None
+    return {name: schema.field(name).type for name in READ[table]}
+
+
+COLUMNS: dict[str, dict[str, pa.DataType]] = {table: _export_types(table) for table in READ}
 REQUIRED_TABLES = ("study", "participants", "judgments")
 TABLES = tuple(COLUMNS)
 
@@ -161,7 +105,7 @@ class StudyData:
         return [(c["arm"], c["baseline"]) for c in json.loads(self.study["comparisons"])]
 
 
-_PANDAS_TYPES = {B: pd.BooleanDtype(), I32: pd.Int64Dtype(), I64: pd.Int64Dtype()}
+_PANDAS_TYPES = {pa.bool_(): pd.BooleanDtype(), pa.int32(): pd.Int64Dtype(), pa.int64(): pd.Int64Dtype()}
 
 
 def _frame(table: pa.Table) -> pd.DataFrame:
