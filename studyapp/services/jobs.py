@@ -4,7 +4,7 @@ page (realtime.notify_job) once the transaction commits."""
 
 import json
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
@@ -28,13 +28,13 @@ from studyapp.realtime import notify_job_on_commit
 from studyapp.selectors import job_status
 
 # The Celery task of each kind (routed to its queue by CELERY_TASK_ROUTES).
-JOB_TASKS = {
+JOB_TASKS: dict[str, str] = {
     Job.Kind.SYNTH: queue.SYNTH_GENERATE,
     Job.Kind.TRAIN: queue.TRAIN_CHECKPOINT,
     Job.Kind.EVALUATE: queue.EVALUATE_ARMS,
 }
 # A file whose presence means the job's output is complete (it is written last).
-JOB_OUTPUT_MARKERS = {
+JOB_OUTPUT_MARKERS: dict[str, str] = {
     Job.Kind.SYNTH: DATASET_MANIFEST,
     Job.Kind.TRAIN: CHECKPOINT_MANIFEST,
     Job.Kind.EVALUATE: "report.md",
@@ -199,7 +199,7 @@ def _evaluate_params(params: Mapping[str, Any], output_dir: Path) -> dict[str, A
     }
 
 
-JOB_PARAMS = {
+JOB_PARAMS: dict[str, Callable[[Mapping[str, Any], Path], dict[str, Any]]] = {
     Job.Kind.SYNTH: _synth_params,
     Job.Kind.TRAIN: _train_params,
     Job.Kind.EVALUATE: _evaluate_params,

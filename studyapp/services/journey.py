@@ -18,8 +18,8 @@ from annotation.writers import elicitation_pick_create, item_mark_shown, rating_
 from studyapp.flow import Step, participant_next_step
 from studyapp.models import Participant
 from studyapp.realtime import notify_study_on_commit
-from studyapp.selectors import participant_for_update
 
+from .participants import participant_locked
 from .personalization import participant_generation_queue
 
 State = Participant.State
@@ -67,7 +67,7 @@ def elicitation_pick_record(*, participant: Participant, item_id: int, choice: s
     page and enqueues `personalize` once the transaction commits."""
     _check_choice(choice)
     with transaction.atomic():
-        participant = participant_for_update(participant_id=participant.pk)
+        participant = participant_locked(participant)
         items = ElicitationItem.objects.filter(participant=participant)
         item = _item_to_judge(participant, items, ElicitationPick.objects, item_id, "elicitation", "pair")
         if item is None:
@@ -98,7 +98,7 @@ def rating_record(
     reason = reason.strip()
     _check_rating(choice, strength, reason)
     with transaction.atomic():
-        participant = participant_for_update(participant_id=participant.pk)
+        participant = participant_locked(participant)
         items = RatingItem.objects.filter(participant=participant)
         item = _item_to_judge(participant, items, Rating.objects, item_id, "rating", "comparison")
         if item is None:
@@ -118,7 +118,7 @@ def survey_record(*, participant: Participant, answers: dict[str, Any]) -> bool:
     if unknown:
         raise ValidationError(f"Unknown survey fields: {', '.join(sorted(unknown))}.")
     with transaction.atomic():
-        participant = participant_for_update(participant_id=participant.pk)
+        participant = participant_locked(participant)
         if participant.state != State.SURVEY:
             return False
         now = timezone.now()

@@ -22,6 +22,15 @@ State = Participant.State
 Generation = Participant.Generation
 
 
+def participant_locked(participant: Participant) -> Participant:
+    """The participant's row again, locked until the end of the transaction
+    (selectors.participant_for_update). A participant deleted meanwhile raises Participant.DoesNotExist."""
+    locked = participant_for_update(participant_id=participant.pk)
+    if locked is None:
+        raise Participant.DoesNotExist(f"participant {participant.pk} no longer exists")
+    return locked
+
+
 class StudyClosed(Exception):
     """A newcomer tried to join a study that is not open."""
 
@@ -66,7 +75,7 @@ def participant_consent(*, participant: Participant, agreed: bool) -> Participan
     """Consent given (on to the instructions) or declined (the study ends with the declined code).
     A replay once the participant has moved on changes nothing."""
     with transaction.atomic():
-        participant = participant_for_update(participant_id=participant.pk)
+        participant = participant_locked(participant)
         if participant.state != State.CONSENT:
             return participant
         now = timezone.now()
@@ -83,7 +92,7 @@ def participant_start_elicitation(*, participant: Participant) -> Participant:
     """The participant has read the instructions: assign their pairs (order and sides randomized and
     recorded) and start the picks."""
     with transaction.atomic():
-        participant = participant_for_update(participant_id=participant.pk)
+        participant = participant_locked(participant)
         if participant.state != State.INSTRUCTIONS:
             return participant
         n = elicitation_items_assign(participant=participant, rng=random.Random(f"{participant.token}:pairs"))
@@ -105,7 +114,7 @@ def participant_withdraw(*, participant: Participant) -> Participant:
     (personalization.responses_store checks the state). A participant who can no longer withdraw
     (Participant.may_withdraw: already gone, returned, timed out) is left as they are."""
     with transaction.atomic():
-        participant = participant_for_update(participant_id=participant.pk)
+        participant = participant_locked(participant)
         if not participant.may_withdraw:
             return participant
         participant_data_delete(participant=participant)
@@ -159,7 +168,7 @@ def participant_mark_returned(*, participant: Participant) -> Participant:
     analyses. Marking a returned participant again changes nothing; one who never held a place or has
     withdrawn (Participant.may_be_returned) is refused with ValidationError."""
     with transaction.atomic():
-        participant = participant_for_update(participant_id=participant.pk)
+        participant = participant_locked(participant)
         if participant.state == State.RETURNED:
             return participant
         if not participant.may_be_returned:

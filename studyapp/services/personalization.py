@@ -26,6 +26,8 @@ from studyapp.models import Participant
 from studyapp.realtime import notify_participant_changed_on_commit
 from studyapp.selectors import participant_for_update
 
+from .participants import participant_locked
+
 State = Participant.State
 Generation = Participant.Generation
 logger = logging.getLogger(__name__)
@@ -72,14 +74,10 @@ def _generation_not_queued(participant_id: int, error: str) -> None:
         notify_participant_changed_on_commit(participant)
 
 
-def _awaits_responses(participant: Participant | None) -> bool:
-    """Whether a worker's news about the participant's responses still concerns them: they exist, wait,
-    and have no stored responses yet."""
-    return (
-        participant is not None
-        and participant.state == State.WAITING
-        and participant.generation != Generation.READY
-    )
+def _awaits_responses(participant: Participant) -> bool:
+    """Whether a worker's news about the participant's responses still concerns them: they wait, and
+    have no stored responses yet."""
+    return participant.state == State.WAITING and participant.generation != Generation.READY
 
 
 def participant_generation_start(*, participant_id: int) -> bool:
@@ -87,7 +85,7 @@ def participant_generation_start(*, participant_id: int) -> bool:
     (gone, withdrawn, or their responses are already stored)."""
     with transaction.atomic():
         participant = participant_for_update(participant_id=participant_id)
-        if not _awaits_responses(participant):
+        if participant is None or not _awaits_responses(participant):
             return False
         participant.generation = Generation.RUNNING
         participant.save(update_fields=["generation", "updated_at"])
@@ -99,7 +97,7 @@ def participant_generation_fail(*, participant_id: int, error: str) -> None:
     """Generation failed for good: the participant's page says so, and coordinators see `error`."""
     with transaction.atomic():
         participant = participant_for_update(participant_id=participant_id)
-        if not _awaits_responses(participant):
+        if participant is None or not _awaits_responses(participant):
             return
         participant.generation, participant.generation_error = Generation.FAILED, error
         participant.save(update_fields=["generation", "generation_error", "updated_at"])
@@ -115,7 +113,7 @@ def participant_generation_retry(*, participant: Participant) -> Participant:
     Only from a failed generation (Participant.may_retry_generation), so a second click while the first
     retry is queued or running is refused with ValidationError and enqueues nothing."""
     with transaction.atomic():
-        participant = participant_for_update(participant_id=participant.pk)
+        participant = participant_locked(participant)
         if not participant.may_retry_generation:
             raise ValidationError(
                 "Only a generation that has failed can be retried; this participant's is "
