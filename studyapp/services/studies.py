@@ -100,17 +100,23 @@ def _study_set_fields(study: Study, fields: Mapping[str, Any], pool: PoolSource 
         raise ValidationError(problems)
 
 
-def _arms_sync(study: Study, arms: Sequence[ArmSpec]) -> None:
+def _arm_spec_problems(arms: Sequence[ArmSpec]) -> list[str]:
+    """What is wrong with the arms as given, before they are compared with the study's."""
     problems = []
-    names = [arm.name for arm in arms]
-    for arm in arms:
-        if not arm.name or len(arm.name) > 64:
+    names = [spec.name for spec in arms]
+    for spec in arms:
+        if not spec.name or len(spec.name) > 64:
             problems.append("Every arm needs a name of at most 64 characters.")
-        if arm.method not in Arm.Method.values:
-            problems.append(f"Arm '{arm.name}': the method must be one of {', '.join(Arm.Method.values)}.")
-        if not arm.checkpoint.strip() or len(arm.checkpoint) > 500:
-            problems.append(f"Arm '{arm.name}': give a checkpoint spec (at most 500 characters).")
+        if spec.method not in Arm.Method.values:
+            problems.append(f"Arm '{spec.name}': the method must be one of {', '.join(Arm.Method.values)}.")
+        if not spec.checkpoint.strip() or len(spec.checkpoint) > 500:
+            problems.append(f"Arm '{spec.name}': give a checkpoint spec (at most 500 characters).")
     problems += [f"Two arms are named '{name}'." for name in sorted({n for n in names if names.count(n) > 1})]
+    return problems
+
+
+def _arms_sync(study: Study, arms: Sequence[ArmSpec]) -> None:
+    problems = _arm_spec_problems(arms)
     existing = {arm.name: arm for arm in study.arms.all()}
     used = set(GeneratedResponse.objects.filter(arm__study=study).values_list("arm_id", flat=True).distinct())
     for spec in arms:
