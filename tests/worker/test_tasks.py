@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 from asgiref.sync import sync_to_async
+from celery import Celery
 from channels_redis.core import RedisChannelLayer
 from django.test import Client
 from django.utils import timezone
@@ -68,6 +69,22 @@ def test_a_synth_job_launched_from_the_studio_runs_in_the_worker_and_records_its
         "pairs: 200/200",
         "succeeded",
     ]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_job_launched_while_the_broker_is_down_fails_with_the_brokers_error(
+    broker_unreachable: Celery, data_dir: Path
+) -> None:
+    browser: Client = coordinator_browser(make_coordinator())
+    form = {"name": "reviews-5", "domain": "reviews", "users": 5, "pairs_per_user": 4, "seed": 0}
+
+    response = browser.post("/studio/jobs/new/synth/", form)
+
+    job = Job.objects.get()
+    assert response.status_code == 302
+    assert job.status == Status.FAILED
+    assert job.error.startswith("The task queue could not be reached: ")
+    assert job.log.splitlines()[-1].split(" ", 2)[2].startswith("failed: The task queue could not be reached")
 
 
 @pytest.mark.django_db(transaction=True)
