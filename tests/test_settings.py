@@ -31,14 +31,18 @@ print(json.dumps({
     "broker_url": app.conf.broker_url,
     "result_backend": app.conf.result_backend,
     "channel_layer": settings.CHANNEL_LAYERS["default"]["BACKEND"],
+    "debug": settings.DEBUG,
 }))
 """
 
 
-def run_settings(**env: str) -> subprocess.CompletedProcess[str]:
-    """Load studyapp.settings in a fresh interpreter with exactly these deploy knobs set."""
+def run_settings(*, debug: str | None = "true", **env: str) -> subprocess.CompletedProcess[str]:
+    """Load studyapp.settings in a fresh interpreter with exactly these deploy knobs set (DEBUG on
+    unless `debug` says otherwise; None leaves it unset, the deployment default)."""
     base = {k: v for k, v in os.environ.items() if k not in KNOBS}
     base["DJANGO_SETTINGS_MODULE"] = "studyapp.settings"
+    if debug is not None:
+        base["DEBUG"] = debug
     return subprocess.run(
         [sys.executable, "-c", PRINT_SETTINGS], cwd=REPO, env={**base, **env}, capture_output=True, text=True
     )
@@ -101,21 +105,30 @@ def test_it_lets_celery_urls_override_redis_url() -> None:
 
 
 def test_it_refuses_to_start_without_secret_key_when_debug_is_off() -> None:
-    proc = run_settings(DEBUG="false")
+    proc = run_settings(debug="false")
 
     assert proc.returncode != 0
     assert "SECRET_KEY must be set when DEBUG is false" in proc.stderr
 
 
+def test_debug_is_off_unless_it_is_asked_for() -> None:
+    unset = run_settings(debug=None)
+    keyed = run_settings(debug=None, SECRET_KEY="a-real-secret", PARTICIPANT_ID_KEY="another-secret")
+
+    assert unset.returncode != 0 and "SECRET_KEY must be set when DEBUG is false" in unset.stderr
+    assert keyed.returncode == 0, keyed.stderr
+    assert json.loads(keyed.stdout)["debug"] is False
+
+
 def test_it_refuses_to_start_without_a_participant_id_key_when_debug_is_off() -> None:
-    proc = run_settings(DEBUG="false", SECRET_KEY="a-real-secret")
+    proc = run_settings(debug="false", SECRET_KEY="a-real-secret")
 
     assert proc.returncode != 0
     assert "PARTICIPANT_ID_KEY must be set when DEBUG is false" in proc.stderr
 
 
 def test_it_rejects_a_boolean_it_cannot_read() -> None:
-    proc = run_settings(DEBUG="maybe")
+    proc = run_settings(debug="maybe")
 
     assert proc.returncode != 0
     assert "DEBUG='maybe' is not a boolean" in proc.stderr
