@@ -177,6 +177,35 @@ def child(
 
 
 def main() -> None:
+    args = _parser().parse_args()
+    if args.child:
+        child(args.child, args.model_dir, args.adapter, args.workload, args.new_tokens, args.threads)
+        return
+
+    command = "./run bench generate " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    print(f"$ {command.strip()}")
+    print(
+        f"machine: {os.cpu_count()} CPU cores, load average at start {os.getloadavg()[0]:.1f}; "
+        f"torch threads per run: {args.threads}"
+    )
+    modes = ["reuse", "plain"] + (["reuse-unmerged"] if args.lora else [])
+    with tempfile.TemporaryDirectory(prefix="bench-generate-") as tmp_name:
+        tmp = Path(tmp_name)
+        start = time.perf_counter()
+        model_dir, adapter = build_workload(tmp, args)
+        print(
+            f"built the workload{' and model' if args.model is None else ''} in {time.perf_counter() - start:.1f} s"
+        )
+        runs = measure(args, modes, model_dir, adapter, tmp / "workload.json")
+
+    texts = {json.dumps(run["texts"]) for mode in ("reuse", "plain") for run in runs[mode]}
+    assert len(texts) == 1, "greedy outputs differ between prefix reuse and plain generate"
+    first = runs["reuse"][0]
+    assert first["fallbacks"] == 0, f"{first['fallbacks']} questions fell back to full prompts"
+    report(args, modes, runs)
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -203,59 +232,46 @@ def main() -> None:
     parser.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--adapter", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--workload", type=Path, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.child:
-        child(args.child, args.model_dir, args.adapter, args.workload, args.new_tokens, args.threads)
-        return
+    return parser
 
-    command = "./run bench generate " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    print(f"$ {command.strip()}")
-    print(
-        f"machine: {os.cpu_count()} CPU cores, load average at start {os.getloadavg()[0]:.1f}; "
-        f"torch threads per run: {args.threads}"
-    )
+
+def measure(
+    args: argparse.Namespace, modes: list[str], model_dir: Path, adapter: Path | None, workload: Path
+) -> dict[str, list[dict]]:
+    """Every (repeat, mode) in a fresh subprocess (``child``), the modes rotating; each run's JSON."""
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
     }
-    modes = ["reuse", "plain"] + (["reuse-unmerged"] if args.lora else [])
-    with tempfile.TemporaryDirectory(prefix="bench-generate-") as tmp_name:
-        tmp = Path(tmp_name)
-        start = time.perf_counter()
-        model_dir, adapter = build_workload(tmp, args)
-        print(
-            f"built the workload{' and model' if args.model is None else ''} in {time.perf_counter() - start:.1f} s"
-        )
-        runs: dict[str, list[dict]] = {mode: [] for mode in modes}
-        for r in range(args.repeats):
-            for mode in modes[r % len(modes) :] + modes[: r % len(modes)]:
-                cmd = [
-                    sys.executable,
-                    __file__,
-                    "--child",
-                    mode,
-                    "--model-dir",
-                    str(model_dir),
-                    "--workload",
-                    str(tmp / "workload.json"),
-                    "--new-tokens",
-                    str(args.new_tokens),
-                    "--threads",
-                    str(args.threads),
-                ]
-                if adapter is not None:
-                    cmd += ["--adapter", str(adapter)]
-                out = subprocess.run(
-                    cmd, env=env, cwd=ROOT, check=True, capture_output=True, text=True
-                ).stdout
-                runs[mode].append(json.loads(out.strip().splitlines()[-1]))
+    runs: dict[str, list[dict]] = {mode: [] for mode in modes}
+    for r in range(args.repeats):
+        for mode in modes[r % len(modes) :] + modes[: r % len(modes)]:
+            cmd = [
+                sys.executable,
+                __file__,
+                "--child",
+                mode,
+                "--model-dir",
+                str(model_dir),
+                "--workload",
+                str(workload),
+                "--new-tokens",
+                str(args.new_tokens),
+                "--threads",
+                str(args.threads),
+            ]
+            if adapter is not None:
+                cmd += ["--adapter", str(adapter)]
+            out = subprocess.run(cmd, env=env, cwd=ROOT, check=True, capture_output=True, text=True).stdout
+            runs[mode].append(json.loads(out.strip().splitlines()[-1]))
+    return runs
 
-    texts = {json.dumps(run["texts"]) for mode in ("reuse", "plain") for run in runs[mode]}
-    assert len(texts) == 1, "greedy outputs differ between prefix reuse and plain generate"
+
+def report(args: argparse.Namespace, modes: list[str], runs: dict[str, list[dict]]) -> None:
+    """The table of modes, the speed-up and the outputs' agreement."""
     first = runs["reuse"][0]
-    assert first["fallbacks"] == 0, f"{first['fallbacks']} questions fell back to full prompts"
 
     def median_s(mode: str) -> float:
         return statistics.median(r["seconds"] for r in runs[mode])

@@ -165,8 +165,18 @@ def main() -> None:
         f"machine: {os.cpu_count()} CPU cores, load average at start {os.getloadavg()[0]:.1f}; "
         f"torch threads per server: {args.threads}"
     )
-    work = bodies(args.requests, args.max_tokens)
     modes = {"batched": args.requests, "one at a time": 1}
+    runs, batches = measure(args, modes)
+    report(args, modes, runs, batches)
+
+
+def measure(
+    args: argparse.Namespace, modes: dict[str, int]
+) -> tuple[dict[str, list[tuple[float, int]]], dict[str, Any]]:
+    """Rounds of the same burst against one server per mode (the modes alternating): each round's
+    (seconds, completion tokens) by mode, and the batched server's batch counts over the rounds.
+    Exits if replies change between rounds or between the modes."""
+    work = bodies(args.requests, args.max_tokens)
     runs: dict[str, list[tuple[float, int]]] = {m: [] for m in modes}
     seen: dict[str, list[str]] = {}
     with ExitStack() as stack:
@@ -188,6 +198,23 @@ def main() -> None:
         after = httpx.get(f"{urls['batched']}/metrics").json()
     if seen["batched"] != seen["one at a time"]:
         raise SystemExit("batched replies differ from the ones served one at a time")
+    sizes = {
+        k: after["batch_sizes"].get(k, 0) - before["batch_sizes"].get(k, 0) for k in after["batch_sizes"]
+    }
+    return runs, {
+        "batches": after["batches"] - before["batches"],
+        "rows": after["rows"] - before["rows"],
+        "sizes": sizes,
+    }
+
+
+def report(
+    args: argparse.Namespace,
+    modes: dict[str, int],
+    runs: dict[str, list[tuple[float, int]]],
+    batches: dict[str, Any],
+) -> None:
+    """The table of servers, the speed-up and the batched server's batches."""
 
     def median_s(mode: str) -> float:
         return statistics.median(s for s, _ in runs[mode])
@@ -210,13 +237,10 @@ def main() -> None:
     print(
         f"speed-up: {median_s('one at a time') / median_s('batched'):.2f}x (one at a time / batched, median seconds)"
     )
-    sizes = {
-        k: after["batch_sizes"].get(k, 0) - before["batch_sizes"].get(k, 0) for k in after["batch_sizes"]
-    }
     print(
-        f"batched server: {after['batches'] - before['batches']} batches for "
-        f"{after['rows'] - before['rows']} requests (batches by rows: "
-        f"{', '.join(f'{k}: {v}' for k, v in sizes.items() if v)})"
+        f"batched server: {batches['batches']} batches for "
+        f"{batches['rows']} requests (batches by rows: "
+        f"{', '.join(f'{k}: {v}' for k, v in batches['sizes'].items() if v)})"
     )
     print(f"replies identical batched and one at a time in all rounds: yes ({tokens} tokens each round)")
 
