@@ -10,7 +10,7 @@ from django.db import transaction
 
 from annotation.models import CandidatePair, GeneratedResponse, Question
 from annotation.pool import PoolSource
-from annotation.services import question_pool_import
+from annotation.writers import question_pool_import
 from studyapp.models import Arm, Comparison, Study
 from studyapp.study_fields import STUDY_FIELDS
 
