@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -92,184 +93,51 @@ def _copy(model: Any, rows: Iterator[dict[str, Any]]) -> int:
     return n
 
 
+@dataclass(frozen=True)
+class BenchStudy:
+    """What the copied rows point at: the study, its pool's pair and evaluation question ids, its two
+    arms, and the clock every participant's timestamps are read from (one participant every 40 s)."""
+
+    study_id: int
+    participants: int
+    pairs: list[int]
+    questions: list[int]
+    arms: tuple[Any, Any]  # fspo, base
+    start: datetime = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
+
+    def when(self, i: int, seconds: float) -> datetime:
+        return self.start + timedelta(seconds=i * 40 + seconds)
+
+
 def build_study(slug: str, participants: int) -> None:
+    """The study, its pool and arms through the ORM, then its participants' rows with COPY."""
     from django.core.management.color import no_style
     from django.db import connection, transaction
 
     from annotation.models import (
-        CandidatePair,
         ElicitationItem,
         ElicitationPick,
         GeneratedResponse,
-        Question,
         Rating,
         RatingItem,
         SurveyResponse,
     )
-    from studyapp.models import Arm, Comparison, Participant, Study
+    from studyapp.models import Participant
 
     rng = random.Random(0)
-    start = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
     with transaction.atomic():
-        study = Study.objects.create(
-            slug=slug,
-            title=f"Export benchmark ({participants:,} participants)",
-            domain="elix",
-            instruction="Explain the answer at the level this user prefers.",
-            n_pairs=PICKS,
-            n_eval_questions=QUESTIONS,
-            consistency_repeats=len(REPEATS),
-            attention_checks=1,
-            quota=participants,
-            consent_text="You agree to take part.",
-            completion_code="BENCH",
-        )
-        pairs = []
-        for k in range(POOL_PAIRS):
-            q = Question.objects.create(study=study, use="elicitation", text=f"Elicitation question {k}?")
-            pairs.append(
-                CandidatePair.objects.create(
-                    question=q,
-                    response_a=f"A short answer {k}." + FILLER,
-                    response_b=f"A long answer {k}." + FILLER,
-                ).pk
-            )
-        questions = [
-            Question.objects.create(study=study, use="evaluation", text=f"Evaluation question {k}?").pk
-            for k in range(POOL_QUESTIONS)
-        ]
-        fspo = Arm.objects.create(study=study, name="fspo", method="fspo", checkpoint="/models/fspo")
-        base = Arm.objects.create(study=study, name="base", method="no_context", checkpoint="/models/base")
-        Comparison.objects.create(study=study, arm=fspo, baseline=base)
-
-        def when(i: int, seconds: float) -> datetime:
-            return start + timedelta(seconds=i * 40 + seconds)
-
-        def people() -> Iterator[dict[str, Any]]:
-            for i in range(participants):
-                yield {
-                    "id": i + 1,
-                    "study_id": study.pk,
-                    "token": secrets.token_hex(16),
-                    "recruitment_id_hash": hashlib.sha256(f"PID{i}".encode()).hexdigest(),
-                    "state": "completed",
-                    "n_picks": PICKS,
-                    "picks_done": PICKS,
-                    "n_ratings": RATINGS,
-                    "ratings_done": RATINGS,
-                    "generation": "ready",
-                    "created_at": when(i, 0),
-                    "consented_at": when(i, 5),
-                    "finished_at": when(i, 600),
-                    "updated_at": when(i, 600),
-                }
-
-        def picks() -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
-            for i in range(participants):
-                for k in range(PICKS):
-                    item = i * PICKS + k + 1
-                    yield (
-                        {
-                            "id": item,
-                            "participant_id": i + 1,
-                            "pair_id": pairs[(i * 7 + k) % POOL_PAIRS],
-                            "position": k,
-                            "a_on_left": rng.random() < 0.5,
-                            "shown_at": when(i, 10 + 8 * k),
-                        },
-                        {
-                            "id": item,
-                            "item_id": item,
-                            "choice": rng.choice(("left", "right")),
-                            "answered_at": when(i, 16 + 8 * k),
-                            "elapsed_ms": rng.randint(2000, 9000),
-                        },
-                    )
-
-        def responses() -> Iterator[dict[str, Any]]:
-            for i in range(participants):
-                for a, arm in enumerate((fspo, base)):
-                    for q in range(QUESTIONS):
-                        yield {
-                            "id": (i * 2 + a) * QUESTIONS + q + 1,
-                            "participant_id": i + 1,
-                            "arm_id": arm.pk,
-                            "question_id": questions[(i + q) % POOL_QUESTIONS],
-                            "text": f"{arm.name} answers question {q} for participant {i}." + FILLER,
-                            "prompt_tokens": 1200,
-                            "new_tokens": 48,
-                            "finish_reason": "stop",
-                            "created_at": when(i, 90),
-                        }
-
-        def ratings() -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
-            for i in range(participants):
-                first_item = i * RATINGS + 1
-                fspo_first, base_first = i * 2 * QUESTIONS + 1, (i * 2 + 1) * QUESTIONS + 1  # response ids
-                sides = {}
-                for position in range(RATINGS):
-                    item: dict[str, Any] = {
-                        "id": first_item + position,
-                        "participant_id": i + 1,
-                        "position": position,
-                        "shown_at": when(i, 100 + 20 * position),
-                    }
-                    if position < QUESTIONS:
-                        q = position
-                        pair = (fspo_first + q, base_first + q)
-                        left, right = pair if rng.random() < 0.5 else pair[::-1]
-                        sides[position] = (left, right)
-                        item.update(
-                            question_id=questions[(i + q) % POOL_QUESTIONS], left_id=left, right_id=right
-                        )
-                    elif position < QUESTIONS + len(REPEATS):
-                        original = REPEATS[position - QUESTIONS]
-                        left, right = sides[original]
-                        item.update(
-                            question_id=questions[(i + original) % POOL_QUESTIONS],
-                            left_id=right,
-                            right_id=left,
-                            is_repeat=True,
-                            repeat_of_id=first_item + original,
-                        )
-                    else:
-                        item.update(is_attention_check=True, expected_choice="left")
-                    choice = "left" if item.get("is_attention_check") else rng.choice(("left", "right"))
-                    yield (
-                        item,
-                        {
-                            "id": first_item + position,
-                            "item_id": first_item + position,
-                            "choice": choice,
-                            "strength": rng.randint(1, 5),
-                            "reason": "Clearer for me." if rng.random() < 0.3 else "",
-                            "answered_at": when(i, 115 + 20 * position),
-                            "elapsed_ms": rng.randint(3000, 20000),
-                        },
-                    )
-
-        def surveys() -> Iterator[dict[str, Any]]:
-            for i in range(participants):
-                yield {
-                    "id": i + 1,
-                    "participant_id": i + 1,
-                    "self_description": "I study biology and like worked examples.",
-                    "age_range": "25-34",
-                    "education": "bachelor",
-                    "submitted_at": when(i, 600),
-                }
-
-        _copy(Participant, people())
-        _copy(ElicitationItem, (item for item, _ in picks()))
+        s = _create_study(slug, participants)
+        _copy(Participant, _people(s))
+        _copy(ElicitationItem, (item for item, _ in _picks(s, rng)))
         rng.seed(0)  # the same draws again, so each pick matches its item
-        _copy(ElicitationPick, (pick for _, pick in picks()))
-        _copy(GeneratedResponse, responses())
+        _copy(ElicitationPick, (pick for _, pick in _picks(s, rng)))
+        _copy(GeneratedResponse, _responses(s))
         rng.seed(1)
         # Originals before repeats: a repeat's repeat_of points at an item already copied.
-        _copy(RatingItem, (item for item, _ in ratings()))
+        _copy(RatingItem, (item for item, _ in _ratings(s, rng)))
         rng.seed(1)
-        _copy(Rating, (rating for _, rating in ratings()))
-        _copy(SurveyResponse, surveys())
+        _copy(Rating, (rating for _, rating in _ratings(s, rng)))
+        _copy(SurveyResponse, _surveys(s))
         models = [
             Participant,
             ElicitationItem,
@@ -284,6 +152,171 @@ def build_study(slug: str, participants: int) -> None:
                 cursor.execute(statement)
     with connection.cursor() as cursor:
         cursor.execute("ANALYZE")
+
+
+def _create_study(slug: str, participants: int) -> BenchStudy:
+    from annotation.models import CandidatePair, Question
+    from studyapp.models import Arm, Comparison, Study
+
+    study = Study.objects.create(
+        slug=slug,
+        title=f"Export benchmark ({participants:,} participants)",
+        domain="elix",
+        instruction="Explain the answer at the level this user prefers.",
+        n_pairs=PICKS,
+        n_eval_questions=QUESTIONS,
+        consistency_repeats=len(REPEATS),
+        attention_checks=1,
+        quota=participants,
+        consent_text="You agree to take part.",
+        completion_code="BENCH",
+    )
+    pairs = []
+    for k in range(POOL_PAIRS):
+        q = Question.objects.create(study=study, use="elicitation", text=f"Elicitation question {k}?")
+        pairs.append(
+            CandidatePair.objects.create(
+                question=q,
+                response_a=f"A short answer {k}." + FILLER,
+                response_b=f"A long answer {k}." + FILLER,
+            ).pk
+        )
+    questions = [
+        Question.objects.create(study=study, use="evaluation", text=f"Evaluation question {k}?").pk
+        for k in range(POOL_QUESTIONS)
+    ]
+    fspo = Arm.objects.create(study=study, name="fspo", method="fspo", checkpoint="/models/fspo")
+    base = Arm.objects.create(study=study, name="base", method="no_context", checkpoint="/models/base")
+    Comparison.objects.create(study=study, arm=fspo, baseline=base)
+    return BenchStudy(study.pk, participants, pairs, questions, (fspo, base))
+
+
+def _people(s: BenchStudy) -> Iterator[dict[str, Any]]:
+    for i in range(s.participants):
+        yield {
+            "id": i + 1,
+            "study_id": s.study_id,
+            "token": secrets.token_hex(16),
+            "recruitment_id_hash": hashlib.sha256(f"PID{i}".encode()).hexdigest(),
+            "state": "completed",
+            "n_picks": PICKS,
+            "picks_done": PICKS,
+            "n_ratings": RATINGS,
+            "ratings_done": RATINGS,
+            "generation": "ready",
+            "created_at": s.when(i, 0),
+            "consented_at": s.when(i, 5),
+            "finished_at": s.when(i, 600),
+            "updated_at": s.when(i, 600),
+        }
+
+
+def _picks(s: BenchStudy, rng: random.Random) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+    """Each elicitation item with its pick."""
+    for i in range(s.participants):
+        for k in range(PICKS):
+            item = i * PICKS + k + 1
+            yield (
+                {
+                    "id": item,
+                    "participant_id": i + 1,
+                    "pair_id": s.pairs[(i * 7 + k) % POOL_PAIRS],
+                    "position": k,
+                    "a_on_left": rng.random() < 0.5,
+                    "shown_at": s.when(i, 10 + 8 * k),
+                },
+                {
+                    "id": item,
+                    "item_id": item,
+                    "choice": rng.choice(("left", "right")),
+                    "answered_at": s.when(i, 16 + 8 * k),
+                    "elapsed_ms": rng.randint(2000, 9000),
+                },
+            )
+
+
+def _responses(s: BenchStudy) -> Iterator[dict[str, Any]]:
+    for i in range(s.participants):
+        for a, arm in enumerate(s.arms):
+            for q in range(QUESTIONS):
+                yield {
+                    "id": (i * 2 + a) * QUESTIONS + q + 1,
+                    "participant_id": i + 1,
+                    "arm_id": arm.pk,
+                    "question_id": s.questions[(i + q) % POOL_QUESTIONS],
+                    "text": f"{arm.name} answers question {q} for participant {i}." + FILLER,
+                    "prompt_tokens": 1200,
+                    "new_tokens": 48,
+                    "finish_reason": "stop",
+                    "created_at": s.when(i, 90),
+                }
+
+
+def _ratings(s: BenchStudy, rng: random.Random) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+    """Each A/B item with its rating: the pairs, then the repeats, then the attention check."""
+    for i in range(s.participants):
+        first_item = i * RATINGS + 1
+        sides: dict[int, tuple[int, int]] = {}
+        for position in range(RATINGS):
+            item = _rating_item(s, i, position, sides, rng)
+            choice = "left" if item.get("is_attention_check") else rng.choice(("left", "right"))
+            yield (
+                item,
+                {
+                    "id": first_item + position,
+                    "item_id": first_item + position,
+                    "choice": choice,
+                    "strength": rng.randint(1, 5),
+                    "reason": "Clearer for me." if rng.random() < 0.3 else "",
+                    "answered_at": s.when(i, 115 + 20 * position),
+                    "elapsed_ms": rng.randint(3000, 20000),
+                },
+            )
+
+
+def _rating_item(
+    s: BenchStudy, i: int, position: int, sides: dict[int, tuple[int, int]], rng: random.Random
+) -> dict[str, Any]:
+    """Participant i's A/B item at `position`; `sides` keeps each pair's (left, right) for its repeat."""
+    first_item = i * RATINGS + 1
+    fspo_first, base_first = i * 2 * QUESTIONS + 1, (i * 2 + 1) * QUESTIONS + 1  # response ids
+    item: dict[str, Any] = {
+        "id": first_item + position,
+        "participant_id": i + 1,
+        "position": position,
+        "shown_at": s.when(i, 100 + 20 * position),
+    }
+    if position < QUESTIONS:
+        q = position
+        pair = (fspo_first + q, base_first + q)
+        left, right = pair if rng.random() < 0.5 else pair[::-1]
+        sides[position] = (left, right)
+        item.update(question_id=s.questions[(i + q) % POOL_QUESTIONS], left_id=left, right_id=right)
+    elif position < QUESTIONS + len(REPEATS):
+        original = REPEATS[position - QUESTIONS]
+        left, right = sides[original]
+        item.update(
+            question_id=s.questions[(i + original) % POOL_QUESTIONS],
+            left_id=right,
+            right_id=left,
+            is_repeat=True,
+            repeat_of_id=first_item + original,
+        )
+    else:
+        item.update(is_attention_check=True, expected_choice="left")
+    return item
+
+
+def _surveys(s: BenchStudy) -> Iterator[dict[str, Any]]:
+    for i in range(s.participants):
+        yield {
+            "id": i + 1,
+            "participant_id": i + 1,
+            "self_description": "I study biology and like worked examples.",
+            "age_range": "25-34",
+            "education": "bachelor",
+            "submitted_at": s.when(i, 600),
+        }
 
 
 def ensure_study(judgments: int, *, rebuild: bool) -> tuple[str, int]:

@@ -42,6 +42,7 @@ from studyapp.datastore import (
     resolve_in_data_root,
 )
 from studyapp.models import Study
+from studyapp.studio_forms import datalist_input
 
 
 def evaluations_available() -> list[str]:
@@ -52,22 +53,27 @@ def evaluations_available() -> list[str]:
     return [relative_to_root(p) for p in sorted(base.iterdir()) if (p / "results.json").is_file()]
 
 
+def _data_folder_path(label: str, folder: str, help_text: str) -> forms.CharField:
+    """An optional path inside the data folder's `folder`, suggested from the page's datalist of it."""
+    widget = datalist_input(folder)
+    widget.attrs["placeholder"] = f"{folder}/<name>"
+    return forms.CharField(required=False, label=label, help_text=help_text, widget=widget)
+
+
 class AnalysisForm(forms.Form):
     """What the page compares with and whom it counts. Paths are inside the data folder."""
 
-    evaluation = forms.CharField(
-        required=False,
-        label="Synthetic evaluation",
-        help_text="An evaluation run of these arms' checkpoints (its folder or results.json), for the "
+    evaluation = _data_folder_path(
+        "Synthetic evaluation",
+        "evaluations",
+        "An evaluation run of these arms' checkpoints (its folder or results.json), for the "
         "synthetic-to-real table.",
-        widget=forms.TextInput(attrs={"list": "evaluations", "placeholder": "evaluations/<name>"}),
     )
-    dataset = forms.CharField(
-        required=False,
-        label="Synthetic dataset",
-        help_text="A dataset of the study's domain: its personas and self-consistency. Without one, the "
-        "domain's persona weights are used.",
-        widget=forms.TextInput(attrs={"list": "datasets", "placeholder": "datasets/<name>"}),
+    dataset = _data_folder_path(
+        "Synthetic dataset",
+        "datasets",
+        "A dataset of the study's domain: its personas and self-consistency. Without one, the domain's "
+        "persona weights are used.",
     )
     too_fast_ms = forms.IntegerField(
         required=False,
@@ -159,10 +165,7 @@ def analysis_page(request: HttpRequest, slug: str) -> HttpResponse:
     }
     try:
         analysis = _analysis(study, form)
-    except NothingToExport as exc:
-        context["nothing"] = str(exc)
-        return render(request, "studio/analysis.html", context)
-    except AnalysisInputError as exc:  # data the analyses cannot read: said, never a crash
+    except (NothingToExport, AnalysisInputError) as exc:  # no data, or data the analyses cannot read: said
         context["nothing"] = str(exc)
         return render(request, "studio/analysis.html", context)
     context.update(

@@ -160,21 +160,8 @@ def consistency(
     interval over participants and Cohen's kappa of first vs second answers), the data engine's
     self-consistency figures when a synthetic dataset's quality block is given, and inter-participant
     agreement on shared elicitation pairs."""
-    rules = [
-        *selection.lines,
-        "A repeat shows an earlier A/B pair again with sides swapped; it agrees when the same response is "
-        "chosen again. Agreement pools every repeat; its 95% interval is a percentile bootstrap over "
-        f"participants ({resamples:,} resamples, seed {seed}). Kappa: Cohen's kappa of the first against "
-        "the second answer, each coded by the response chosen.",
-        "Between participants: the elicitation picks, coded by the pool response chosen; Krippendorff's "
-        "alpha (nominal) over pairs picked from by two or more participants, and the mean Cohen's kappa "
-        f"over pairs of participants who share at least {MIN_SHARED_PAIRS} pairs (Light's kappa).",
-    ]
-    synthetic = []
-    for key, text in SYNTHETIC_FIGURES:
-        value = (synthetic_quality or {}).get(key)
-        if isinstance(value, int | float):
-            synthetic.append((key, text, float(value)))
+    rules = _consistency_rules(selection, seed=seed, resamples=resamples)
+    synthetic = _synthetic_figures(synthetic_quality)
     notes = []
     if synthetic_quality is None:
         notes.append(
@@ -185,21 +172,10 @@ def consistency(
     inter = _inter_rater(data, selection)
     if answers.empty:
         return Consistency(
-            [],
-            0,
-            0,
-            None,
-            None,
-            None,
-            None,
-            synthetic,
-            synthetic_source,
-            inter,
-            rules,
-            notes,
+            [], 0, 0, None, None, None, None, synthetic, synthetic_source, inter, rules, notes,
             "No counted participant has answered a consistency repeat yet (the study shows "
             f"{data.study['consistency_repeats']} per participant).",
-        )
+        )  # fmt: skip
     by = answers.groupby("participant", sort=True)["consistent"].agg(["sum", "count"])
     people = [ParticipantConsistency(str(p), int(r["count"]), int(r["sum"])) for p, r in by.iterrows()]
     low = high = None
@@ -226,3 +202,26 @@ def consistency(
         rules=rules,
         notes=notes,
     )
+
+
+def _consistency_rules(selection: Selection, *, seed: int, resamples: int) -> list[str]:
+    return [
+        *selection.lines,
+        "A repeat shows an earlier A/B pair again with sides swapped; it agrees when the same response is "
+        "chosen again. Agreement pools every repeat; its 95% interval is a percentile bootstrap over "
+        f"participants ({resamples:,} resamples, seed {seed}). Kappa: Cohen's kappa of the first against "
+        "the second answer, each coded by the response chosen.",
+        "Between participants: the elicitation picks, coded by the pool response chosen; Krippendorff's "
+        "alpha (nominal) over pairs picked from by two or more participants, and the mean Cohen's kappa "
+        f"over pairs of participants who share at least {MIN_SHARED_PAIRS} pairs (Light's kappa).",
+    ]
+
+
+def _synthetic_figures(quality: dict[str, Any] | None) -> list[tuple[str, str, float]]:
+    """The data engine's self-consistency figures a dataset's quality block holds, as (key, text, value)."""
+    figures = []
+    for key, text in SYNTHETIC_FIGURES:
+        value = (quality or {}).get(key)
+        if isinstance(value, int | float):
+            figures.append((key, text, float(value)))
+    return figures

@@ -236,16 +236,7 @@ def distribution_shift(
     (unanswered questions left out, unplaced answers as "(other)"), the synthetic categories nobody
     represents, and the largest synthetic segments (combinations of the compared attributes) with no
     counted participant."""
-    rules = [
-        *selection.lines,
-        *(f"{h.survey.replace('_', ' ').capitalize()}: {h.rule}." for h in HARMONIZE),
-        "Answers no rule places count as (other); unanswered questions are left out of the shares. "
-        "Divergence: Jensen-Shannon (bits, 0 = same distribution, 1 = disjoint) and total variation "
-        "distance (the share of participants who would have to move category).",
-        f"Missing segments: combinations of the compared attributes holding at least "
-        f"{MIN_SEGMENT_SHARE:.0%} of synthetic users and no counted participant (the {SEGMENTS_SHOWN} "
-        "largest).",
-    ]
+    rules = _shift_rules(selection)
     if personas is None:
         return DistributionShift(
             [], [], None, [], None, [], rules,
@@ -265,63 +256,17 @@ def distribution_shift(
                 f"{h.survey.replace('_', ' ')} (the synthetic personas have no such attribute)"
             )
             continue
-        values = list(personas.shares[target])
-        answers = people[h.survey].fillna("").astype(str).str.strip()
-        given = answers[answers != ""]
-        if given.empty:
-            attributes.append(
-                AttributeShift(
-                    h.survey,
-                    target,
-                    h.rule,
-                    0,
-                    len(answers),
-                    [],
-                    None,
-                    None,
-                    [],
-                    message="No counted participant answered this question.",
-                )  # fmt: skip
-            )
-            continue
-        cats = given.map(lambda a, values=values, h=h: h.place(a, values) or OTHER)
-        placed[target] = pd.Series(cats.to_numpy(), index=people.loc[given.index, "participant"].to_numpy())
-        counts = cats.value_counts()
-        categories = [*values, *([OTHER] if OTHER in counts else [])]
-        real = np.array([float(counts.get(c, 0)) for c in categories])
-        synthetic = np.array([personas.shares[target].get(c, 0.0) for c in categories])
-        attributes.append(
-            AttributeShift(
-                survey=h.survey,
-                synthetic=target,
-                rule=h.rule,
-                answered=len(given),
-                not_answered=len(answers) - len(given),
-                categories=[
-                    CategoryShare(c, int(r), float(r / real.sum()), float(s))
-                    for c, r, s in zip(categories, real, synthetic, strict=True)
-                ],
-                js_divergence=js_divergence(real, synthetic),
-                tv_distance=tv_distance(real, synthetic),
-                missing=[c for c, r, s in zip(categories, real, synthetic, strict=True) if r == 0 and s > 0],
-            )
-        )
+        shift, categories = _attribute_shift(h, target, people, personas)
+        attributes.append(shift)
+        if categories is not None:
+            placed[target] = categories
     unused = [a for a in personas.shares if a not in {x.synthetic for x in attributes}]
     notes = []
     if unused:
         notes.append(f"Synthetic attributes the survey does not ask about: {', '.join(unused)}.")
     segments, uncovered, segment_attributes = [], None, sorted(placed)
     if len(placed) >= 2:
-        joint = _joint_shares(personas, segment_attributes)
-        frame = pd.DataFrame(placed).dropna()
-        seen = {tuple(row) for row in frame[segment_attributes].itertuples(index=False)}
-        empty = {k: s for k, s in joint.items() if k not in seen and s > 0}
-        uncovered = float(sum(empty.values()))
-        segments = [
-            Segment(tuple(zip(segment_attributes, k, strict=True)), s)
-            for k, s in sorted(empty.items(), key=lambda kv: -kv[1])
-            if s >= MIN_SEGMENT_SHARE
-        ][:SEGMENTS_SHOWN]
+        segments, uncovered = _missing_segments(personas, placed, segment_attributes)
     elif attributes:
         notes.append("Missing segments need two compared attributes with answers.")
     message = None
@@ -338,6 +283,72 @@ def distribution_shift(
         notes,
         message,
     )
+
+
+def _shift_rules(selection: Selection) -> list[str]:
+    return [
+        *selection.lines,
+        *(f"{h.survey.replace('_', ' ').capitalize()}: {h.rule}." for h in HARMONIZE),
+        "Answers no rule places count as (other); unanswered questions are left out of the shares. "
+        "Divergence: Jensen-Shannon (bits, 0 = same distribution, 1 = disjoint) and total variation "
+        "distance (the share of participants who would have to move category).",
+        f"Missing segments: combinations of the compared attributes holding at least "
+        f"{MIN_SEGMENT_SHARE:.0%} of synthetic users and no counted participant (the {SEGMENTS_SHOWN} "
+        "largest).",
+    ]
+
+
+def _attribute_shift(
+    h: Harmonizer, target: str, people: pd.DataFrame, personas: PersonaDistribution
+) -> tuple[AttributeShift, pd.Series | None]:
+    """One survey question against synthetic attribute `target`, and each answering participant's
+    category (by pseudonym; None when nobody answered)."""
+    values = list(personas.shares[target])
+    answers = people[h.survey].fillna("").astype(str).str.strip()
+    given = answers[answers != ""]
+    if given.empty:
+        shift = AttributeShift(
+            h.survey, target, h.rule, 0, len(answers), [], None, None, [],
+            message="No counted participant answered this question.",
+        )  # fmt: skip
+        return shift, None
+    cats = given.map(lambda a: h.place(a, values) or OTHER)
+    counts = cats.value_counts()
+    categories = [*values, *([OTHER] if OTHER in counts else [])]
+    real = np.array([float(counts.get(c, 0)) for c in categories])
+    synthetic = np.array([personas.shares[target].get(c, 0.0) for c in categories])
+    shift = AttributeShift(
+        survey=h.survey,
+        synthetic=target,
+        rule=h.rule,
+        answered=len(given),
+        not_answered=len(answers) - len(given),
+        categories=[
+            CategoryShare(c, int(r), float(r / real.sum()), float(s))
+            for c, r, s in zip(categories, real, synthetic, strict=True)
+        ],
+        js_divergence=js_divergence(real, synthetic),
+        tv_distance=tv_distance(real, synthetic),
+        missing=[c for c, r, s in zip(categories, real, synthetic, strict=True) if r == 0 and s > 0],
+    )
+    return shift, pd.Series(cats.to_numpy(), index=people.loc[given.index, "participant"].to_numpy())
+
+
+def _missing_segments(
+    personas: PersonaDistribution, placed: dict[str, pd.Series], attributes: list[str]
+) -> tuple[list[Segment], float]:
+    """The largest synthetic segments no counted participant falls in, and the share of synthetic users
+    in all such segments."""
+    joint = _joint_shares(personas, attributes)
+    frame = pd.DataFrame(placed).dropna()
+    seen = {tuple(row) for row in frame[attributes].itertuples(index=False)}
+    empty = {k: s for k, s in joint.items() if k not in seen and s > 0}
+    segments = [
+        Segment(tuple(zip(attributes, k, strict=True)), s)
+        for k, s in sorted(empty.items(), key=lambda kv: -kv[1])
+        if s >= MIN_SEGMENT_SHARE
+    ][:SEGMENTS_SHOWN]
+    return segments, float(sum(empty.values()))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -416,16 +427,7 @@ def description_quality(
             [], None, None, None, None, None, None, rules,
             message="The export has no responses table, which holds the predicted descriptions.",
         )  # fmt: skip
-    people = data.participants[data.participants["participant"].isin(selection.included)]
-    own = {
-        str(p): str(d).strip()
-        for p, d in zip(people["participant"], people["self_description"].fillna(""), strict=True)
-        if str(d).strip()
-    }
-    r = data.responses
-    predicted = r[r["cot"].fillna(False).astype(bool) & r["participant"].isin(list(own))]
-    predicted = predicted[predicted["user_description"].fillna("").str.strip() != ""]
-    predicted = predicted.sort_values(["participant", "arm", "question_id"])
+    own, predicted = _own_and_predicted(data, data.responses, selection)
     if predicted.empty:
         why = (
             "No counted participant wrote a self-description in the survey."
@@ -434,29 +436,63 @@ def description_quality(
         )
         return DescriptionQuality([], None, None, None, None, None, None, rules, message=why)
     notes = []
+    sim = None
     if embedder is None:
         notes.append(f"Similarities not computed: {model}.")
-        sims: dict[tuple[str, str], float] = {}
     else:
-        texts = sorted(set(own.values()) | set(predicted["user_description"].str.strip()))
-        matrix = np.asarray(embedder(texts), dtype=np.float64)
-        # Cosine similarity whatever the embedder returns (MiniLM's rows are unit-norm already).
-        matrix = matrix / np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)
-        vectors = dict(zip(texts, matrix, strict=True))
-        sims = {}
+        sim = _cosine(embedder, sorted(set(own.values()) | set(predicted["user_description"].str.strip())))
+    pairs = _description_pairs(predicted, own, sim)
+    summary = _similarity_summary(pairs, seed=seed, resamples=resamples, notes=notes)
+    if len(cot_arms) > 1:
+        notes.append(
+            f"{len(cot_arms)} CoT arms ({', '.join(cot_arms)}): their pairs are pooled in the means."
+        )
+    return DescriptionQuality(pairs, None if embedder is None else model, *summary, rules, notes)
 
-        def sim(a: str, b: str) -> float:
-            if (a, b) not in sims:
-                sims[a, b] = float(vectors[a] @ vectors[b])
-            return sims[a, b]
 
+def _own_and_predicted(
+    data: StudyData, responses: pd.DataFrame, selection: Selection
+) -> tuple[dict[str, str], pd.DataFrame]:
+    """Each counted participant's self-description (those who wrote one), and the CoT responses to them
+    with a description, by participant, arm and question."""
+    people = data.participants[data.participants["participant"].isin(selection.included)]
+    own = {
+        str(p): str(d).strip()
+        for p, d in zip(people["participant"], people["self_description"].fillna(""), strict=True)
+        if str(d).strip()
+    }
+    r = responses
+    predicted = r[r["cot"].fillna(False).astype(bool) & r["participant"].isin(list(own))]
+    predicted = predicted[predicted["user_description"].fillna("").str.strip() != ""]
+    return own, predicted.sort_values(["participant", "arm", "question_id"])
+
+
+def _cosine(embedder: Embedder, texts: list[str]) -> Callable[[str, str], float]:
+    """The cosine similarity of two of `texts`, embedded once (and each pair computed once)."""
+    matrix = np.asarray(embedder(texts), dtype=np.float64)
+    # Cosine similarity whatever the embedder returns (MiniLM's rows are unit-norm already).
+    matrix = matrix / np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)
+    vectors = dict(zip(texts, matrix, strict=True))
+    sims: dict[tuple[str, str], float] = {}
+
+    def sim(a: str, b: str) -> float:
+        if (a, b) not in sims:
+            sims[a, b] = float(vectors[a] @ vectors[b])
+        return sims[a, b]
+
+    return sim
+
+
+def _description_pairs(
+    predicted: pd.DataFrame, own: dict[str, str], sim: Callable[[str, str], float] | None
+) -> list[DescriptionPair]:
     pairs = []
     for (participant, arm), rows in predicted.groupby(["participant", "arm"], sort=True):
         texts = [t.strip() for t in rows["user_description"]]
         mine = own[participant]
         others = [d for p, d in own.items() if p != participant]
         similarity = others_similarity = None
-        if embedder is not None:
+        if sim is not None:
             similarity = float(np.mean([sim(t, mine) for t in texts]))
             if others:
                 others_similarity = float(np.mean([sim(t, o) for t in texts for o in others]))
@@ -465,6 +501,14 @@ def description_quality(
                 str(participant), str(arm), mine, texts[0], len(texts), similarity, others_similarity
             )
         )
+    return pairs
+
+
+def _similarity_summary(
+    pairs: list[DescriptionPair], *, seed: int, resamples: int, notes: list[str]
+) -> tuple[float | None, tuple[float, float] | None, float | None, float | None, tuple[float, float] | None]:
+    """Mean similarity to one's own description, its interval, to others', the mean gain and its
+    interval (a note in `notes` when one participant leaves no interval)."""
     mean = ci = mean_others = gain = gain_ci = None
     scored = [p for p in pairs if p.similarity is not None]
     if scored:
@@ -478,10 +522,4 @@ def description_quality(
             gain_ci = participant_bootstrap(diffs, ones, seed=seed, resamples=resamples)
         else:
             notes.append("One participant: the comparison with others and the intervals need at least two.")
-    if len(cot_arms) > 1:
-        notes.append(
-            f"{len(cot_arms)} CoT arms ({', '.join(cot_arms)}): their pairs are pooled in the means."
-        )
-    return DescriptionQuality(
-        pairs, None if embedder is None else model, mean, ci, mean_others, gain, gain_ci, rules, notes
-    )
+    return mean, ci, mean_others, gain, gain_ci

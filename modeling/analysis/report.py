@@ -10,21 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import plots
+from . import plots, population
 from .agreement import Consistency, consistency
 from .data import AnalysisInputError, StudyData
-from .population import (
-    MINILM,
-    DescriptionQuality,
-    DistributionShift,
-    Embedder,
-    PersonaDistribution,
-    description_quality,
-    distribution_shift,
-    minilm_embedder,
-    persona_distribution_from_dataset,
-    persona_distribution_from_domain,
-)
+from .population import DescriptionQuality, DistributionShift, Embedder, PersonaDistribution
 from .rules import ExclusionRules, Selection, select_participants
 from .stats import DEFAULT_RESAMPLES, DEFAULT_SEED
 from .winrates import (
@@ -79,7 +68,7 @@ def synthetic_inputs(
     figures; without one, a built-in domain's persona sampling weights stand in for the distribution."""
     quality = source = None
     if dataset is not None:
-        personas = persona_distribution_from_dataset(dataset)
+        personas = population.persona_distribution_from_dataset(dataset)
         manifest = json.loads((Path(dataset) / "dataset.json").read_text())
         if manifest.get("domain") != domain:
             raise AnalysisInputError(
@@ -88,7 +77,7 @@ def synthetic_inputs(
         quality, source = manifest.get("quality"), f"synthetic dataset {dataset}"
     else:
         try:
-            personas = persona_distribution_from_domain(domain)
+            personas = population.persona_distribution_from_domain(domain)
         except AnalysisInputError:
             personas = None
     return SyntheticInputs(evaluation, personas, quality, source)
@@ -184,7 +173,7 @@ def analyze(
     options: AnalysisOptions | None = None,
     synthetic: SyntheticInputs | None = None,
     embedder: Embedder | None = None,
-    embedder_name: str = MINILM,
+    embedder_name: str = population.MINILM,
 ) -> StudyAnalysis:
     """Run every analysis on `data` with the same exclusion rules. Descriptions are embedded with
     `embedder` (named `embedder_name`), by default the offline MiniLM model; not at all when
@@ -200,7 +189,7 @@ def analyze(
     elif embedder is not None:
         embed, model = embedder, embedder_name
     else:
-        embed, model = minilm_embedder()
+        embed, model = population.minilm_embedder()
     return StudyAnalysis(
         study={k: data.study[k] for k in STUDY_FIELDS},
         source=data.source,
@@ -216,8 +205,8 @@ def analyze(
             **boot,
         ),
         shots=shot_sensitivity(data, selection, **boot),
-        shift=distribution_shift(data, selection, synthetic.personas),
-        descriptions=description_quality(data, selection, embedder=embed, model=model, **boot),
+        shift=population.distribution_shift(data, selection, synthetic.personas),
+        descriptions=population.description_quality(data, selection, embedder=embed, model=model, **boot),
     )
 
 
@@ -277,11 +266,27 @@ def _section(
 
 def report_markdown(analysis: StudyAnalysis, figures: set[str]) -> str:
     """The report as Markdown, its images named as in `figures` (files beside it)."""
+    lines = _heading(analysis)
+    sections: list[tuple[Any, list[str], str]] = [
+        (analysis.win_rates, _win_rates_body(analysis.win_rates), "win_rates.png"),
+        (analysis.transfer, _transfer_body(analysis.transfer), "transfer.png"),
+        (analysis.consistency, _consistency_body(analysis.consistency), "consistency.png"),
+        (analysis.shots, _shots_body(analysis.shots), "shots.png"),
+        (analysis.shift, _shift_body(analysis.shift), "shift.png"),
+        (analysis.descriptions, _descriptions_body(analysis.descriptions), "descriptions.png"),
+    ]
+    for result, body, figure in sections:
+        lines += _section(analysis, result, body, figure, figures)
+    return "\n".join(lines).replace("\n\n\n", "\n\n") + "\n"
+
+
+def _heading(analysis: StudyAnalysis) -> list[str]:
+    """The title, where the data comes from, and who is counted."""
     s = analysis.study
     status = (
         "final (closed, everyone finished)" if s["complete"] else "not final (the study is still running)"
     )
-    lines = [
+    return [
         f"# Analyses: {s['title']}",
         "",
         f"Study `{s['slug']}` (domain `{s['domain']}`); data from {analysis.source}, schema "
@@ -294,10 +299,10 @@ def report_markdown(analysis: StudyAnalysis, figures: set[str]) -> str:
         "",
         *(f"- {line}" for line in analysis.selection.lines),
     ]
-    w = analysis.win_rates
-    lines += _section(
-        analysis,
-        w,
+
+
+def _win_rates_body(w: HumanWinRates) -> list[str]:
+    return (
         _table(
             [
                 "arm",
@@ -329,11 +334,11 @@ def report_markdown(analysis: StudyAnalysis, figures: set[str]) -> str:
             ],
         )  # fmt: skip
         + [""]
-        + [f"- {r.arm} vs {r.baseline}: {r.message}" for r in w.rows if r.message],
-        "win_rates.png",
-        figures,
+        + [f"- {r.arm} vs {r.baseline}: {r.message}" for r in w.rows if r.message]
     )
-    t = analysis.transfer
+
+
+def _transfer_body(t: Transfer) -> list[str]:
     body = []
     if t.source:
         body += [f"Synthetic: `{t.source}`.", ""]
@@ -350,8 +355,10 @@ def report_markdown(analysis: StudyAnalysis, figures: set[str]) -> str:
             ],
         )  # fmt: skip
         body += [""] + [f"- {r.arm} vs {r.baseline}: {m}" for r in t.rows for m in (*r.notes, r.message) if m]
-    lines += _section(analysis, t, body, "transfer.png", figures)
-    c = analysis.consistency
+    return body
+
+
+def _consistency_body(c: Consistency) -> list[str]:
     body = []
     if c.agreement is not None:
         body += _table(
@@ -378,34 +385,24 @@ def report_markdown(analysis: StudyAnalysis, figures: set[str]) -> str:
         )  # fmt: skip
     if ir.message:
         body += ["", f"Not computed: {ir.message}"]
-    lines += _section(analysis, c, body, "consistency.png", figures)
-    sh = analysis.shots
-    lines += _section(
-        analysis,
-        sh,
-        _table(
-            ["arm", "baseline", "N", "participants", "ratings", "win rate", "95% CI", "p (arm > 50%)"],
-            "llrrrrlr",
-            [
-                [
-                    r.rate.arm,
-                    r.rate.baseline,
-                    r.shots,
-                    r.rate.participants,
-                    r.rate.n,
-                    _pct(r.rate.win_rate),
-                    _ci(r.rate.ci_low, r.rate.ci_high),
-                    _p(r.rate.p_greater),
-                ]
-                for r in sh.rows
-            ],
-        )  # fmt: skip
-        if sh.rows
-        else [],
-        "shots.png",
-        figures,
-    )
-    d = analysis.shift
+    return body
+
+
+def _shots_body(sh: ShotSensitivity) -> list[str]:
+    if not sh.rows:
+        return []
+    return _table(
+        ["arm", "baseline", "N", "participants", "ratings", "win rate", "95% CI", "p (arm > 50%)"],
+        "llrrrrlr",
+        [
+            [r.rate.arm, r.rate.baseline, r.shots, r.rate.participants, r.rate.n, _pct(r.rate.win_rate),
+             _ci(r.rate.ci_low, r.rate.ci_high), _p(r.rate.p_greater)]
+            for r in sh.rows
+        ],
+    )  # fmt: skip
+
+
+def _shift_body(d: DistributionShift) -> list[str]:
     body = [f"Synthetic: {d.source}.", ""] if d.source else []
     for a in d.attributes:
         body += [
@@ -441,30 +438,32 @@ def report_markdown(analysis: StudyAnalysis, figures: set[str]) -> str:
                     for seg in d.segments
                 ],
             )
-    lines += _section(analysis, d, body, "shift.png", figures)
-    q = analysis.descriptions
-    body = []
-    if q.pairs:
-        if q.model:
-            body += [f"Embeddings: {q.model}.", ""]
-        if q.mean_similarity is not None:
-            gain = "" if q.gain is None else (
-                f"; to others' {_num(q.mean_others)}; own − others {q.gain:+.3f} "
-                f"(95% CI {q.gain_ci[0]:+.3f} to {q.gain_ci[1]:+.3f})"  # type: ignore[index]
-            )  # fmt: skip
-            interval = "" if q.ci is None else f" (95% CI {_num(q.ci[0])}–{_num(q.ci[1])})"
-            body += [
-                f"Mean similarity to their own self-description {_num(q.mean_similarity)}{interval}{gain}.",
-                "",
-            ]
-        body += _table(
-            ["participant", "arm", "their self-description", "the model's description (first)", "predictions", "similarity", "to others"],
-            "lllllrr",
-            [[p.participant, p.arm, p.self_description, p.predicted, p.predictions, _num(p.similarity), _num(p.others_similarity)]
-             for p in q.pairs],
+    return body
+
+
+def _descriptions_body(q: DescriptionQuality) -> list[str]:
+    body: list[str] = []
+    if not q.pairs:
+        return body
+    if q.model:
+        body += [f"Embeddings: {q.model}.", ""]
+    if q.mean_similarity is not None:
+        gain = "" if q.gain is None else (
+            f"; to others' {_num(q.mean_others)}; own − others {q.gain:+.3f} "
+            f"(95% CI {q.gain_ci[0]:+.3f} to {q.gain_ci[1]:+.3f})"  # type: ignore[index]
         )  # fmt: skip
-    lines += _section(analysis, q, body, "descriptions.png", figures)
-    return "\n".join(lines).replace("\n\n\n", "\n\n") + "\n"
+        interval = "" if q.ci is None else f" (95% CI {_num(q.ci[0])}–{_num(q.ci[1])})"
+        body += [
+            f"Mean similarity to their own self-description {_num(q.mean_similarity)}{interval}{gain}.",
+            "",
+        ]
+    body += _table(
+        ["participant", "arm", "their self-description", "the model's description (first)", "predictions", "similarity", "to others"],
+        "lllllrr",
+        [[p.participant, p.arm, p.self_description, p.predicted, p.predictions, _num(p.similarity), _num(p.others_similarity)]
+         for p in q.pairs],
+    )  # fmt: skip
+    return body
 
 
 def report_files(analysis: StudyAnalysis) -> dict[str, bytes]:

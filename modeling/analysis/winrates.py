@@ -316,6 +316,11 @@ def _spec(model: str, context: str, cot: bool) -> str:
     return f"{model} ({CONTEXTS.get(context, context)}{', CoT' if cot else ''})"
 
 
+def _row_spec(row: dict[str, Any]) -> str:
+    """What an evaluation row ran, as _spec says it."""
+    return _spec(str(row["model"]), row.get("context", "fewshot"), bool(row.get("cot", False)))
+
+
 def _runs_as(arm: StudyArm, row: dict[str, Any]) -> bool:
     """Whether an evaluation row ran this study arm: same checkpoint, user context and CoT."""
     return (
@@ -403,98 +408,93 @@ def synthetic_transfer(data: StudyData, human: HumanWinRates, evaluation: Synthe
         )
     arms = {a.name: a for a in data.arms}
     human_rows = {(r.arm, r.baseline): r for r in human.rows}
-    eval_baseline = evaluation.row(evaluation.baseline)
     n_picks = {
         str(p): int(n)
         for p, n in zip(data.participants["participant"], data.participants["n_picks"], strict=True)
         if not pd.isna(n)
     }
-    shots = evaluation.results.get("shots")
     rows = []
     for arm_name, baseline_name in data.comparisons:
         arm, baseline = arms.get(arm_name), arms.get(baseline_name)
         real = human_rows.get((arm_name, baseline_name))
-        if arm is None or baseline is None or real is None:
-            continue
-        base = TransferRow(
-            arm=arm_name,
-            baseline=baseline_name,
-            checkpoint=arm.checkpoint,
-            real_participants=real.participants,
-            real_n=real.n,
-            real_win_rate=real.win_rate,
-            real_ci=None if real.ci_low is None else (real.ci_low, real.ci_high),  # type: ignore[arg-type]
-        )
-        synthetic = _eval_arm_for(arm, evaluation)
-        if synthetic is None:
-            rows.append(
-                replace(
-                    base,
-                    message="The synthetic evaluation ran no arm as "
-                    f"{_spec(arm.checkpoint, _context(arm), arm.cot)}.",
-                )
-            )
-            continue
-        row_notes = []
-        picks = sorted({n_picks[p] for p, _, _ in real.per_participant if p in n_picks})
-        if shots is not None and picks and picks != [int(shots)]:
-            row_notes.append(
-                f"Synthetic users were given {shots} shots; these participants made {_either(picks)} picks."
-            )
-        base = replace(
+        if arm is not None and baseline is not None and real is not None:
+            rows.append(_transfer_row(arm, baseline, real, evaluation, n_picks))
+    return Transfer(rows, rules, evaluation.path, notes, _transfer_message(rows, evaluation))
+
+
+def _transfer_row(
+    arm: StudyArm, baseline: StudyArm, real: WinRate, evaluation: SyntheticEval, n_picks: dict[str, int]
+) -> TransferRow:
+    """One comparison's synthetic and real win rates and their gap, or the reason there is no gap."""
+    base = TransferRow(
+        arm=arm.name,
+        baseline=baseline.name,
+        checkpoint=arm.checkpoint,
+        real_participants=real.participants,
+        real_n=real.n,
+        real_win_rate=real.win_rate,
+        real_ci=None if real.ci_low is None else (real.ci_low, real.ci_high),  # type: ignore[arg-type]
+    )
+    synthetic = _eval_arm_for(arm, evaluation)
+    if synthetic is None:
+        return replace(
             base,
-            synthetic_arm=str(synthetic["arm"]),
-            synthetic_n=None if synthetic.get("n") is None else int(synthetic["n"]),
-            synthetic_shots=None if shots is None else int(shots),
-            synthetic_win_rate=float(synthetic["win_rate"]),
-            synthetic_ci=(float(synthetic["ci_low"]), float(synthetic["ci_high"])),
-            notes=tuple(row_notes),
+            message=f"The synthetic evaluation ran no arm as {_spec(arm.checkpoint, _context(arm), arm.cot)}.",
         )
-        if synthetic["arm"] == evaluation.baseline:
-            rows.append(replace(base, message="This checkpoint is the synthetic evaluation's baseline."))
-            continue
-        if eval_baseline is None or not _runs_as(baseline, eval_baseline):
-            where = (
-                "nothing"
-                if eval_baseline is None
-                else _spec(
-                    str(eval_baseline["model"]),
-                    eval_baseline.get("context", "fewshot"),
-                    bool(eval_baseline.get("cot", False)),
-                )
-            )
-            rows.append(
-                replace(
-                    base,
-                    message=f"Different baselines: the synthetic win rate is against {where}, the real one "
-                    f"against {_spec(baseline.checkpoint, _context(baseline), baseline.cot)}.",
-                )
-            )
-            continue
-        if real.win_rate is None or real.ci_low is None or real.ci_high is None:
-            rows.append(
-                replace(
-                    base,
-                    message="Not enough real ratings for a gap with an interval (at least two participants).",
-                )
-            )
-            continue
-        gap, low, high = normal_gap_interval(
-            (float(synthetic["win_rate"]), float(synthetic["ci_low"]), float(synthetic["ci_high"])),
-            (real.win_rate, real.ci_low, real.ci_high),
-            confidence=CONFIDENCE,
+    base = replace(base, **_synthetic_side(synthetic, evaluation, real, n_picks))
+    eval_baseline = evaluation.row(evaluation.baseline)
+    if synthetic["arm"] == evaluation.baseline:
+        return replace(base, message="This checkpoint is the synthetic evaluation's baseline.")
+    if eval_baseline is None or not _runs_as(baseline, eval_baseline):
+        where = "nothing" if eval_baseline is None else _row_spec(eval_baseline)
+        return replace(
+            base,
+            message=f"Different baselines: the synthetic win rate is against {where}, the real one "
+            f"against {_spec(baseline.checkpoint, _context(baseline), baseline.cot)}.",
         )
-        rows.append(replace(base, gap=gap, gap_ci=(low, high)))
-    message = None
+    if real.win_rate is None or real.ci_low is None or real.ci_high is None:
+        return replace(
+            base, message="Not enough real ratings for a gap with an interval (at least two participants)."
+        )
+    gap, low, high = normal_gap_interval(
+        (float(synthetic["win_rate"]), float(synthetic["ci_low"]), float(synthetic["ci_high"])),
+        (real.win_rate, real.ci_low, real.ci_high),
+        confidence=CONFIDENCE,
+    )
+    return replace(base, gap=gap, gap_ci=(low, high))
+
+
+def _synthetic_side(
+    synthetic: dict[str, Any], evaluation: SyntheticEval, real: WinRate, n_picks: dict[str, int]
+) -> dict[str, Any]:
+    """The evaluation row's fields of a TransferRow, with a note when its shots differ from the picks."""
+    shots = evaluation.results.get("shots")
+    notes = []
+    picks = sorted({n_picks[p] for p, _, _ in real.per_participant if p in n_picks})
+    if shots is not None and picks and picks != [int(shots)]:
+        notes.append(
+            f"Synthetic users were given {shots} shots; these participants made {_either(picks)} picks."
+        )
+    return {
+        "synthetic_arm": str(synthetic["arm"]),
+        "synthetic_n": None if synthetic.get("n") is None else int(synthetic["n"]),
+        "synthetic_shots": None if shots is None else int(shots),
+        "synthetic_win_rate": float(synthetic["win_rate"]),
+        "synthetic_ci": (float(synthetic["ci_low"]), float(synthetic["ci_high"])),
+        "notes": tuple(notes),
+    }
+
+
+def _transfer_message(rows: list[TransferRow], evaluation: SyntheticEval) -> str | None:
     if not rows:
-        message = "The study has no comparison to set beside the synthetic evaluation."
-    elif all(r.synthetic_arm is None for r in rows):
+        return "The study has no comparison to set beside the synthetic evaluation."
+    if all(r.synthetic_arm is None for r in rows):
         ran = ", ".join(str(r["model"]) for r in evaluation.results["table"]) or "no arm"
-        message = (
+        return (
             f"None of the study's arm checkpoints was evaluated on synthetic users in {evaluation.path} "
             f"(it ran {ran})."
         )
-    return Transfer(rows, rules, evaluation.path, notes, message)
+    return None
 
 
 def _either(values: Sequence[int]) -> str:

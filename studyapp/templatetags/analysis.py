@@ -5,16 +5,15 @@ from typing import Any
 from django import template
 
 from studyapp.datastore import data_root
+from studyapp.templatetags.studio import number_filter, pct
 
 register = template.Library()
 
 
-@register.filter
-def points(value: Any) -> str:
+@number_filter(register)
+def points(x: float) -> str:
     """A difference of two proportions in percentage points, signed ("+6.0 pts"), or "—"."""
-    if value is None or value == "":
-        return "—"
-    return f"{100 * float(value):+.1f} pts".replace("-", "−")
+    return f"{100 * x:+.1f} pts".replace("-", "−")
 
 
 @register.filter
@@ -31,15 +30,13 @@ def pct_range(pair: Any) -> str:
     """An interval of proportions as percentages ("70.5% – 92.1%"), or "—"."""
     if not pair or pair[0] is None:
         return "—"
-    return f"{100 * float(pair[0]):.1f}% – {100 * float(pair[1]):.1f}%"
+    return f"{pct(pair[0])} – {pct(pair[1])}"
 
 
-@register.filter
-def num3(value: Any) -> str:
+@number_filter(register)
+def num3(x: float) -> str:
     """A statistic with three decimals ("0.743"), or "—"."""
-    if value is None or value == "":
-        return "—"
-    return f"{float(value):.3f}".replace("-", "−")
+    return f"{x:.3f}".replace("-", "−")
 
 
 @register.filter

@@ -1,5 +1,7 @@
 """Number formats of the studio's pages (studio.js formats live updates the same way)."""
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 from django import template
@@ -9,12 +11,30 @@ from studyapp import coordinators
 register = template.Library()
 
 
-@register.filter
-def pct(value: Any) -> str:
+NumberFormat = Callable[[float], str]
+
+
+def number_filter(
+    library: template.Library, *, missing: str = "—"
+) -> Callable[[NumberFormat], Callable[[Any], str]]:
+    """Registers a format of a number in `library` as a filter of template values, which shows
+    `missing` where a value has no number (None, or an empty string)."""
+
+    def register_format(fmt: NumberFormat) -> Callable[[Any], str]:
+        @functools.wraps(fmt)
+        def filter_(value: Any) -> str:
+            return missing if value is None or value == "" else fmt(float(value))
+
+        library.filter(fmt.__name__, filter_)
+        return filter_
+
+    return register_format
+
+
+@number_filter(register)
+def pct(x: float) -> str:
     """A proportion as a percentage with one decimal ("71.2%"), or "—" when there is none."""
-    if value is None or value == "":
-        return "—"
-    return f"{100 * float(value):.1f}%"
+    return f"{100 * x:.1f}%"
 
 
 @register.filter
@@ -24,20 +44,15 @@ def wins(value: Any) -> str:
     return str(int(wins)) if wins.is_integer() else f"{wins:.1f}"
 
 
-@register.filter
-def width(value: Any) -> str:
+@number_filter(register, missing="0")
+def width(x: float) -> str:
     """A proportion as a CSS width percentage, clamped to 0–100 ("71.2")."""
-    if value is None or value == "":
-        return "0"
-    return f"{min(100.0, max(0.0, 100 * float(value))):.1f}"
+    return f"{min(100.0, max(0.0, 100 * x)):.1f}"
 
 
-@register.filter
-def pvalue(value: Any) -> str:
+@number_filter(register)
+def pvalue(p: float) -> str:
     """A p-value with two significant digits ("0.031", "4.2e-5"), or "—"."""
-    if value is None or value == "":
-        return "—"
-    p = float(value)
     if 0 < p < 1e-4:
         return f"{p:.1e}".replace("e-0", "e-")
     return f"{p:.2g}"
