@@ -152,13 +152,17 @@ def run_ours(
 ) -> dict:
     import dataclasses
 
+    import torch
+
     import modeling.train as T
+    from modeling.train import objectives, setup
 
     cfg = train_config(work, init, lora, shots, steps, batch, f"ours-{shots}-{targets}")
     cfg = dataclasses.replace(cfg, targets_per_episode=targets)
     ref_seconds: list[float] = []
     processed: list[int] = []
-    orig_ref, orig_pair = T._reference_logps, T._pair_logps
+    # Wrapped where train looks them up: setup_run calls _reference_logps, _pref_loss calls _pair_logps.
+    orig_ref, orig_pair = setup._reference_logps, objectives._pair_logps
 
     def timed_ref(*a, **k):
         t = time.perf_counter()
@@ -168,11 +172,11 @@ def run_ours(
 
     def counted_pair(*a, **k):
         out = orig_pair(*a, **k)
-        if T.torch.is_grad_enabled():  # training steps only (reference and eval passes run under no_grad)
+        if torch.is_grad_enabled():  # training steps only (reference and eval passes run under no_grad)
             processed.append(out[2])
         return out
 
-    T._reference_logps, T._pair_logps = timed_ref, counted_pair
+    setup._reference_logps, objectives._pair_logps = timed_ref, counted_pair
     step_end: dict[int, float] = {}
 
     def progress(done: int, total: int, msg: str) -> None:
@@ -183,17 +187,7 @@ def run_ours(
     T.train(cfg, progress=progress)
     wall = time.perf_counter() - t0
 
-    # The pairs each step trained on (recomputed here, after the run, with train.py's own functions).
-    from transformers import AutoTokenizer
-
-    from modeling.data import EpisodeSource
-
-    tok = AutoTokenizer.from_pretrained(init)
-    src = EpisodeSource(cfg.dataset, split="train")
-    pair_tokens = [
-        [len(e.prompt) + len(e.chosen) + len(e.rejected) for e in T._examples(src, tok, cfg, s)]
-        for s in range(steps)
-    ]
+    pair_tokens = _pair_tokens(cfg, init)
     assert len(processed) == steps, processed
     return {
         "timed_seconds": step_end[steps] - step_end[warmup],
@@ -206,19 +200,108 @@ def run_ours(
     }
 
 
+def _pair_tokens(cfg, init: Path) -> list[list[int]]:
+    """The real tokens of the pairs each step trained on (recomputed after the run, with train's own
+    functions)."""
+    from transformers import AutoTokenizer
+
+    import modeling.train as T
+    from modeling.data import EpisodeSource
+
+    tok = AutoTokenizer.from_pretrained(init)
+    src = EpisodeSource(cfg.dataset, split="train")
+    return [
+        [len(e.prompt) + len(e.chosen) + len(e.rejected) for e in T._examples(src, tok, cfg, s)]
+        for s in range(cfg.steps)
+    ]
+
+
 def run_trl(
     work: Path, init: Path, lora: bool, shots: int, steps: int, warmup: int, batch: int, precompute: bool
 ) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOTrainer
+
+    cfg = train_config(work, init, lora, shots, steps, batch, "unused")
+    tok = AutoTokenizer.from_pretrained(init)
+    dataset, ours = _trl_dataset(cfg, tok, steps)
+
+    def load():
+        import torch
+
+        return AutoModelForCausalLM.from_pretrained(init, dtype=torch.float32)
+
+    model = load()
+    ref_model = None
+    # LoRA: no ref_model; TRL scores the reference with the adapter disabled (peft_config wraps the model).
+    if not precompute and not lora:
+        ref_model = load()
+        ref_model.eval().requires_grad_(False)
+    args = _dpo_config(work, shots, steps, batch, precompute, lora)
+
+    pre_seconds = _time_ref_precompute()
+    t0 = time.perf_counter()
+    trainer = DPOTrainer(
+        model=model,
+        ref_model=ref_model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tok,
+        peft_config=lora_config() if lora else None,
+    )
+    init_seconds = time.perf_counter() - t0
+    ds = trainer.train_dataset
+    _assert_same_tokens(ds, ours)
+    processed, step_end = _instrument(trainer)
+    t1 = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - t1
+    pair_tokens = [
+        [
+            len(ds[s * batch + j]["prompt_ids"])
+            + len(ds[s * batch + j]["chosen_ids"])
+            + len(ds[s * batch + j]["rejected_ids"])
+            for j in range(batch)
+        ]
+        for s in range(steps)
+    ]
+    return {
+        "timed_seconds": step_end[steps] - step_end[warmup],
+        "step_seconds": [step_end[s + 1] - step_end[s] for s in range(warmup, steps)],
+        "ref_precompute_seconds": pre_seconds[0] if pre_seconds else None,
+        "init_seconds": init_seconds,  # dataset tokenization (+ the reference precompute with trl_pre)
+        "pair_tokens": pair_tokens,
+        "processed_tokens": processed[:steps],
+        "wall_seconds": wall,
+    }
+
+
+def _time_ref_precompute() -> list[float]:
+    """Time each of TRL's reference precomputes (``trl_pre``: once, in ``DPOTrainer.__init__``)."""
+    from trl import DPOTrainer
+
+    pre_seconds: list[float] = []
+    orig_pre = DPOTrainer._precompute_ref_logps
+
+    def timed_pre(self, *a, **k):
+        t = time.perf_counter()
+        out = orig_pre(self, *a, **k)
+        pre_seconds.append(time.perf_counter() - t)
+        return out
+
+    DPOTrainer._precompute_ref_logps = timed_pre
+    return pre_seconds
+
+
+def _trl_dataset(cfg, tok, steps: int):
+    """TRL's dataset of the episodes ``train`` draws for each step (prompt text with the document BOS,
+    chosen, rejected), and ours tokenized by ``tokenize_episode``."""
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import DPOConfig, DPOTrainer
 
     import modeling.train as T
     from modeling.data import EpisodeSource
     from modeling.llm import document_bos_id
 
-    cfg = train_config(work, init, lora, shots, steps, batch, "unused")
-    tok = AutoTokenizer.from_pretrained(init)
     src = EpisodeSource(cfg.dataset, split="train")
     episodes = [e for s in range(steps) for e in T._episodes_for_step(src, cfg, s)]
     texts = [T.episode_texts(e, cfg) for e in episodes]
@@ -234,19 +317,13 @@ def run_trl(
             "rejected": [r for _, _, r in texts],
         }
     )
+    return dataset, ours
 
-    def load():
-        import torch
 
-        return AutoModelForCausalLM.from_pretrained(init, dtype=torch.float32)
+def _dpo_config(work: Path, shots: int, steps: int, batch: int, precompute: bool, lora: bool):
+    from trl import DPOConfig
 
-    model = load()
-    ref_model = None
-    # LoRA: no ref_model; TRL scores the reference with the adapter disabled (peft_config wraps the model).
-    if not precompute and not lora:
-        ref_model = load()
-        ref_model.eval().requires_grad_(False)
-    args = DPOConfig(
+    return DPOConfig(
         output_dir=str(work / f"trl-{shots}-{int(precompute)}-{int(lora)}"),
         loss_type="ipo",
         beta=BETA,
@@ -272,35 +349,20 @@ def run_trl(
         seed=0,
     )
 
-    pre_seconds: list[float] = []
-    orig_pre = DPOTrainer._precompute_ref_logps
 
-    def timed_pre(self, *a, **k):
-        t = time.perf_counter()
-        out = orig_pre(self, *a, **k)
-        pre_seconds.append(time.perf_counter() - t)
-        return out
-
-    DPOTrainer._precompute_ref_logps = timed_pre
-    t0 = time.perf_counter()
-    trainer = DPOTrainer(
-        model=model,
-        ref_model=ref_model,
-        args=args,
-        train_dataset=dataset,
-        processing_class=tok,
-        peft_config=lora_config() if lora else None,
-    )
-    init_seconds = time.perf_counter() - t0
-
-    # Same tokens as ours, id for id (and nothing dropped or truncated).
-    ds = trainer.train_dataset
+def _assert_same_tokens(ds, ours) -> None:
+    """TRL tokenized the same ids as ours, pair for pair (and dropped or truncated nothing)."""
     assert len(ds) == len(ours), (len(ds), len(ours))
     for i, ex in enumerate(ours):
         row = ds[i]
         assert row["prompt_ids"] == ex.prompt, f"pair {i}: prompt ids differ"
         assert row["chosen_ids"] == ex.chosen, f"pair {i}: chosen ids differ"
         assert row["rejected_ids"] == ex.rejected, f"pair {i}: rejected ids differ"
+
+
+def _instrument(trainer) -> tuple[list[int], dict[int, float]]:
+    """Count the model input tokens of each collated batch, and time each step's end."""
+    from transformers import TrainerCallback
 
     processed: list[int] = []
     collate = trainer.data_collator
@@ -318,27 +380,7 @@ def run_trl(
             step_end[state.global_step] = time.perf_counter()
 
     trainer.add_callback(StepTimes())
-    t1 = time.perf_counter()
-    trainer.train()
-    wall = time.perf_counter() - t1
-    pair_tokens = [
-        [
-            len(ds[s * batch + j]["prompt_ids"])
-            + len(ds[s * batch + j]["chosen_ids"])
-            + len(ds[s * batch + j]["rejected_ids"])
-            for j in range(batch)
-        ]
-        for s in range(steps)
-    ]
-    return {
-        "timed_seconds": step_end[steps] - step_end[warmup],
-        "step_seconds": [step_end[s + 1] - step_end[s] for s in range(warmup, steps)],
-        "ref_precompute_seconds": pre_seconds[0] if pre_seconds else None,
-        "init_seconds": init_seconds,  # dataset tokenization (+ the reference precompute with trl_pre)
-        "pair_tokens": pair_tokens,
-        "processed_tokens": processed[:steps],
-        "wall_seconds": wall,
-    }
+    return processed, step_end
 
 
 def one(
@@ -391,6 +433,35 @@ def _rate(x: float) -> str:
 
 
 def main() -> int:
+    args = _args()
+    real = args.model is not None
+    total = args.steps + args.warmup
+    if args.prepare:
+        _env()
+        prepare(Path(args.prepare), tiny=not real)
+        return 0
+    if args.one:
+        kind, shots, work = args.one
+        init = Path(args.model).resolve() if real else Path(work) / "init"
+        res = one(kind, int(shots), Path(work), init, args.lora, total, args.warmup, args.batch, args.targets)
+        print(json.dumps(res))
+        return 0
+    results = _run_peers(args)
+    model = Path(args.model).name if real else "tiny Llama (hidden 128, 4 layers)"
+    lora = f", LoRA r {LORA_R} alpha {LORA_ALPHA} all-linear both sides (TRL: peft_config, no ref_model)"
+    print(
+        f"\nFSPO IPO training vs TRL DPOTrainer(loss_type='ipo'): {model}{lora if args.lora else ''}, "
+        f"float32 CPU, {THREADS} threads, batch {args.batch}, {args.steps} timed steps after "
+        f"{args.warmup} warm-up\n"
+    )
+    _throughput_table(args, results)
+    _token_table(args, results)
+    if args.targets > 1:
+        _targets_table(args, results)
+    return 0
+
+
+def _args() -> argparse.Namespace:
     p = argparse.ArgumentParser()
     p.add_argument("--shots", type=int, nargs="+", help="shot counts (default 4 8; with --model 2 4)")
     p.add_argument("--steps", type=int, help="timed optimizer steps (default 12; with --model 3)")
@@ -417,18 +488,12 @@ def main() -> int:
             setattr(args, name, real_default if real else tiny_default)
     if real and not (Path(args.model) / "config.json").is_file():
         p.error(f"--model {args.model}: not a Hugging Face model directory (no config.json)")
-    total = args.steps + args.warmup
-    if args.prepare:
-        _env()
-        prepare(Path(args.prepare), tiny=not real)
-        return 0
-    if args.one:
-        kind, shots, work = args.one
-        init = Path(args.model).resolve() if real else Path(work) / "init"
-        res = one(kind, int(shots), Path(work), init, args.lora, total, args.warmup, args.batch, args.targets)
-        print(json.dumps(res))
-        return 0
+    return args
 
+
+def _run_peers(args: argparse.Namespace) -> dict[tuple[str, int], dict]:
+    """Every peer at every shot count, each in its own subprocess, on one prepared dataset (and init)."""
+    real = args.model is not None
     _env()
     tmp = Path(tempfile.mkdtemp(prefix="bench-train-"))
     try:
@@ -467,14 +532,11 @@ def main() -> int:
             assert results["ours", shots]["pair_tokens"] == results["trl_pre", shots]["pair_tokens"]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return results
 
+
+def _throughput_table(args: argparse.Namespace, results: dict[tuple[str, int], dict]) -> None:
     B, N, W = args.batch, args.steps, args.warmup
-    model = Path(args.model).name if real else "tiny Llama (hidden 128, 4 layers)"
-    lora = f", LoRA r {LORA_R} alpha {LORA_ALPHA} all-linear both sides (TRL: peft_config, no ref_model)"
-    print(
-        f"\nFSPO IPO training vs TRL DPOTrainer(loss_type='ipo'): {model}{lora if args.lora else ''}, "
-        f"float32 CPU, {THREADS} threads, batch {B}, {N} timed steps after {W} warm-up\n"
-    )
     print(
         "| shots | pair tokens/pair | ours pairs/s | TRL pairs/s | ours/TRL | TRL precomputed-ref pairs/s "
         "| ours/TRL-pre | ours pair tokens/s | TRL pair tokens/s | TRL-pre pair tokens/s "
@@ -491,6 +553,10 @@ def main() -> int:
             f"{t['pair_tokens_per_s']:,.0f} | {q['pair_tokens_per_s']:,.0f} | "
             f"{o['peak_rss_mb']:.0f} / {t['peak_rss_mb']:.0f} / {q['peak_rss_mb']:.0f} |"
         )
+
+
+def _token_table(args: argparse.Namespace, results: dict[tuple[str, int], dict]) -> None:
+    B, N, W = args.batch, args.steps, args.warmup
     print(
         "\n| shots | model input tokens/pair, ours (packed) | TRL (prompt twice) | ratio "
         "| ours/TRL, ours/TRL-pre by median step time | ours ref precompute (s) | TRL-pre ref precompute (s) "
@@ -513,21 +579,23 @@ def main() -> int:
         f"\n(reference precompute covers all {N + W} training batches; model input tokens include padding: "
         "ours B x max(P+C+R) per batch, TRL 2B x max(P+max(C,R)))"
     )
-    if args.targets > 1:
+
+
+def _targets_table(args: argparse.Namespace, results: dict[tuple[str, int], dict]) -> None:
+    N, W = args.steps, args.warmup
+    print(
+        f"\n| shots | pairs per step, {args.targets} targets per episode | pairs/s, 1 target | "
+        f"pairs/s, {args.targets} targets | ratio | ours_targets/TRL | peak RSS 1 / {args.targets} targets (MB) |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for s in args.shots:
+        o, g, t = results["ours", s], results["ours_targets", s], results["trl", s]
+        per_step = sum(len(x) for x in g["pair_tokens"][W:]) / N
         print(
-            f"\n| shots | pairs per step, {args.targets} targets per episode | pairs/s, 1 target | "
-            f"pairs/s, {args.targets} targets | ratio | ours_targets/TRL | peak RSS 1 / {args.targets} targets (MB) |"
+            f"| {s} | {per_step:.1f} | {o['pairs_per_s']:.2f} | {g['pairs_per_s']:.2f} | "
+            f"{g['pairs_per_s'] / o['pairs_per_s']:.2f}x | {g['pairs_per_s'] / t['pairs_per_s']:.2f}x | "
+            f"{o['peak_rss_mb']:.0f} / {g['peak_rss_mb']:.0f} |"
         )
-        print("|---:|---:|---:|---:|---:|---:|---:|")
-        for s in args.shots:
-            o, g, t = results["ours", s], results["ours_targets", s], results["trl", s]
-            per_step = sum(len(x) for x in g["pair_tokens"][W:]) / N
-            print(
-                f"| {s} | {per_step:.1f} | {o['pairs_per_s']:.2f} | {g['pairs_per_s']:.2f} | "
-                f"{g['pairs_per_s'] / o['pairs_per_s']:.2f}x | {g['pairs_per_s'] / t['pairs_per_s']:.2f}x | "
-                f"{o['peak_rss_mb']:.0f} / {g['peak_rss_mb']:.0f} |"
-            )
-    return 0
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ themselves take whatever per-sequence numbers they are given.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -454,79 +456,18 @@ def packed_group_logps(
         ``(chosen_logps, rejected_logps, n_tokens)``: one value per pair, in the order of the groups and
         of the pairs within each; ``n_tokens`` = rows × T, the input positions the model ran over.
     """
-    if not groups or any(not g for g in groups):
-        raise ValueError("packed_group_logps needs at least one group and at least one pair per group")
-    for g in groups:
-        _check_pairs(*(list(x) for x in zip(*g, strict=True)))
-    attn_implementation = getattr(model.config, "_attn_implementation", None)
-    if attn_implementation not in _MASKABLE_ATTENTION:
-        raise ValueError(
-            f"packed scoring needs an attention implementation that honours a custom 4D mask "
-            f"({', '.join(_MASKABLE_ATTENTION)}); this model uses {attn_implementation!r}. Load it with "
-            f"attn_implementation='sdpa' or use separate_pair_logps."
-        )
+    attn_implementation = _check_groups(model, groups)
     device = _model_device(model)
-    n = len(groups)
-    # The prefix may be a whole prompt (one pair per group, or a prompt that is another's prefix); the
-    # first response token is then predicted from the prefix's last token.
-    prefix_lens = [_common_prefix_length([p for p, _, _ in g]) for g in groups]
-    if min(prefix_lens) == 0:
-        raise ValueError("the prompts of a group share no token: nothing to encode once")
-    width = max(
-        pl + sum(len(p) - pl + len(c) + len(r) for p, c, r in g)
-        for g, pl in zip(groups, prefix_lens, strict=True)
-    )
-    n_targets = max(sum(len(c) + len(r) for _, c, r in g) for g in groups)
-    n_pairs = max(map(len, groups))
-
-    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
-    position_ids = torch.zeros((n, width), dtype=torch.long)
-    group = torch.full((n, width), _PAD_GROUP, dtype=torch.long)
-    role = torch.full((n, width), _PROMPT, dtype=torch.long)
-    # Per row, the response tokens to score in order [c1..., r1..., c2..., ...], right-padded to
-    # n_targets: which input position holds each one's logits, its id, and which slot (2k for pair k's
-    # chosen, 2k + 1 for its rejected, -1 for padding) it sums into.
-    source = torch.zeros((n, n_targets), dtype=torch.long)
-    targets = torch.zeros((n, n_targets), dtype=torch.long)
-    slot = torch.full((n, n_targets), -1, dtype=torch.long)
-    for i, (g, pl) in enumerate(zip(groups, prefix_lens, strict=True)):
-        prefix = g[0][0][:pl]
-        input_ids[i, :pl] = torch.tensor(prefix)
-        position_ids[i, :pl] = torch.arange(pl)
-        group[i, :pl] = 0
-        at, t = pl, 0  # next input position, next target slot position
-        for k, (p, c, r) in enumerate(g):
-            s = p[pl:]
-            s_len, c_len, r_len = len(s), len(c), len(r)
-            end = at + s_len + c_len + r_len
-            input_ids[i, at:end] = torch.tensor(s + c + r)
-            # positions: the suffix continues the prefix; chosen follows it and rejected restarts there.
-            position_ids[i, at : at + s_len + c_len] = torch.arange(pl, pl + s_len + c_len)
-            position_ids[i, at + s_len + c_len : end] = torch.arange(pl + s_len, pl + s_len + r_len)
-            group[i, at:end] = k + 1
-            role[i, at + s_len : at + s_len + c_len] = _CHOSEN
-            role[i, at + s_len + c_len : end] = _REJECTED
-            # The first token of each response is predicted from the last prompt token of its pair (the
-            # suffix's last, or the prefix's when the suffix is empty), never from the other response.
-            last_prompt = at + s_len - 1 if s_len else pl - 1
-            c0 = at + s_len
-            source[i, t] = last_prompt
-            source[i, t + 1 : t + c_len] = torch.arange(c0, c0 + c_len - 1)
-            source[i, t + c_len] = last_prompt
-            source[i, t + c_len + 1 : t + c_len + r_len] = torch.arange(c0 + c_len, end - 1)
-            targets[i, t : t + c_len + r_len] = torch.tensor(c + r)
-            slot[i, t : t + c_len] = 2 * k
-            slot[i, t + c_len : t + c_len + r_len] = 2 * k + 1
-            at, t = end, t + c_len + r_len
-
-    input_ids, position_ids = input_ids.to(device), position_ids.to(device)
-    group, role = group.to(device), role.to(device)
-    source, targets, slot = source.to(device), targets.to(device), slot.to(device)
+    packed = _pack_groups(groups, pad_id)
+    input_ids, position_ids = packed.input_ids.to(device), packed.position_ids.to(device)
+    group, role = packed.group.to(device), packed.role.to(device)
+    source, targets, slot = packed.source.to(device), packed.targets.to(device), packed.slot.to(device)
     dtype = model.get_input_embeddings().weight.dtype
     attention_mask = _packed_attention_mask(group, role, dtype, attn_implementation)
 
     # As in separate_pair_logps: no logits for prefix positions that predict no response token.
-    first = min(prefix_lens) - 1
+    first = min(packed.prefix_lens) - 1
+    width = input_ids.shape[1]
     logits = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -539,6 +480,7 @@ def packed_group_logps(
     picked = logits.gather(1, index[:, :, None].expand(-1, -1, logits.shape[-1]))
     token_logps = _token_logps(picked, targets)
     # [rows, pairs] per response, then the pairs that exist, in order.
+    n_pairs = max(map(len, groups))
     chosen = torch.stack(
         [_masked_sum_or_mean(token_logps, slot == 2 * k, average) for k in range(n_pairs)], 1
     )
@@ -548,4 +490,109 @@ def packed_group_logps(
     exists = (
         torch.arange(n_pairs, device=device) < torch.tensor([len(g) for g in groups], device=device)[:, None]
     )
-    return chosen[exists], rejected[exists], n * width
+    return chosen[exists], rejected[exists], len(groups) * width
+
+
+def _check_groups(model: torch.nn.Module, groups: list[list[tuple[list[int], list[int], list[int]]]]) -> str:
+    """Refuse what packed scoring cannot do; returns the model's attention implementation."""
+    if not groups or any(not g for g in groups):
+        raise ValueError("packed_group_logps needs at least one group and at least one pair per group")
+    for g in groups:
+        _check_pairs(*(list(x) for x in zip(*g, strict=True)))
+    attn_implementation = getattr(model.config, "_attn_implementation", None)
+    if attn_implementation not in _MASKABLE_ATTENTION:
+        raise ValueError(
+            f"packed scoring needs an attention implementation that honours a custom 4D mask "
+            f"({', '.join(_MASKABLE_ATTENTION)}); this model uses {attn_implementation!r}. Load it with "
+            f"attn_implementation='sdpa' or use separate_pair_logps."
+        )
+    return attn_implementation
+
+
+@dataclass
+class _PackedGroups:
+    """The rows of :func:`packed_group_logps`, on the CPU: inputs [rows, T] and, per row, the response
+    tokens to score in order [c1..., r1..., c2..., ...], right-padded to the longest row's count: which
+    input position holds each one's logits (``source``), its id (``targets``), and which slot (2k for
+    pair k's chosen, 2k + 1 for its rejected, -1 for padding) it sums into."""
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    group: torch.Tensor  # 0: the shared prefix, k + 1: pair k's suffix and responses, _PAD_GROUP: padding
+    role: torch.Tensor  # _PROMPT, _CHOSEN or _REJECTED
+    source: torch.Tensor
+    targets: torch.Tensor
+    slot: torch.Tensor
+    prefix_lens: list[int]
+
+
+def _pack_groups(
+    groups: list[list[tuple[list[int], list[int], list[int]]]], pad_id: int = 0
+) -> _PackedGroups:
+    """Lay each group out as one row ``[prefix | s1 | c1 | r1 | s2 | c2 | r2 | ...]``."""
+    n = len(groups)
+    # The prefix may be a whole prompt (one pair per group, or a prompt that is another's prefix); the
+    # first response token is then predicted from the prefix's last token.
+    prefix_lens = [_common_prefix_length([p for p, _, _ in g]) for g in groups]
+    if min(prefix_lens) == 0:
+        raise ValueError("the prompts of a group share no token: nothing to encode once")
+    width = max(
+        pl + sum(len(p) - pl + len(c) + len(r) for p, c, r in g)
+        for g, pl in zip(groups, prefix_lens, strict=True)
+    )
+    n_targets = max(sum(len(c) + len(r) for _, c, r in g) for g in groups)
+    packed = _PackedGroups(
+        input_ids=torch.full((n, width), pad_id, dtype=torch.long),
+        position_ids=torch.zeros((n, width), dtype=torch.long),
+        group=torch.full((n, width), _PAD_GROUP, dtype=torch.long),
+        role=torch.full((n, width), _PROMPT, dtype=torch.long),
+        source=torch.zeros((n, n_targets), dtype=torch.long),
+        targets=torch.zeros((n, n_targets), dtype=torch.long),
+        slot=torch.full((n, n_targets), -1, dtype=torch.long),
+        prefix_lens=prefix_lens,
+    )
+    for i, (g, pl) in enumerate(zip(groups, prefix_lens, strict=True)):
+        prefix = g[0][0][:pl]
+        packed.input_ids[i, :pl] = torch.tensor(prefix)
+        packed.position_ids[i, :pl] = torch.arange(pl)
+        packed.group[i, :pl] = 0
+        at, t = pl, 0  # next input position, next target slot position
+        for k, pair in enumerate(g):
+            at, t = _pack_pair(packed, i, k, pair, pl, at, t)
+    return packed
+
+
+def _pack_pair(
+    packed: _PackedGroups,
+    i: int,
+    k: int,
+    pair: tuple[list[int], list[int], list[int]],
+    pl: int,
+    at: int,
+    t: int,
+) -> tuple[int, int]:
+    """Write pair ``k`` of row ``i`` (prefix length ``pl``) from input position ``at`` and target slot
+    position ``t``; returns the next of each."""
+    p, c, r = pair
+    s = p[pl:]
+    s_len, c_len, r_len = len(s), len(c), len(r)
+    end = at + s_len + c_len + r_len
+    packed.input_ids[i, at:end] = torch.tensor(s + c + r)
+    # positions: the suffix continues the prefix; chosen follows it and rejected restarts there.
+    packed.position_ids[i, at : at + s_len + c_len] = torch.arange(pl, pl + s_len + c_len)
+    packed.position_ids[i, at + s_len + c_len : end] = torch.arange(pl + s_len, pl + s_len + r_len)
+    packed.group[i, at:end] = k + 1
+    packed.role[i, at + s_len : at + s_len + c_len] = _CHOSEN
+    packed.role[i, at + s_len + c_len : end] = _REJECTED
+    # The first token of each response is predicted from the last prompt token of its pair (the
+    # suffix's last, or the prefix's when the suffix is empty), never from the other response.
+    last_prompt = at + s_len - 1 if s_len else pl - 1
+    c0 = at + s_len
+    packed.source[i, t] = last_prompt
+    packed.source[i, t + 1 : t + c_len] = torch.arange(c0, c0 + c_len - 1)
+    packed.source[i, t + c_len] = last_prompt
+    packed.source[i, t + c_len + 1 : t + c_len + r_len] = torch.arange(c0 + c_len, end - 1)
+    packed.targets[i, t : t + c_len + r_len] = torch.tensor(c + r)
+    packed.slot[i, t : t + c_len] = 2 * k
+    packed.slot[i, t + c_len : t + c_len + r_len] = 2 * k + 1
+    return end, t + c_len + r_len

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -75,6 +76,66 @@ def train_tokenizer(texts: Iterable[str], out_dir: Path, vocab_size: int = 2048)
     return tokenizer
 
 
+# The demo's tiny decoder (``TrainConfig.tiny``'s default shape): every other caller names what differs.
+TINY_SHAPE = {"hidden_size": 128, "num_layers": 4, "num_heads": 4, "intermediate_size": 384}
+
+
+def tiny_llama(
+    *,
+    vocab_size: int,
+    hidden_size: int = TINY_SHAPE["hidden_size"],
+    num_layers: int = TINY_SHAPE["num_layers"],
+    num_heads: int = TINY_SHAPE["num_heads"],
+    num_kv_heads: int | None = None,
+    intermediate_size: int = TINY_SHAPE["intermediate_size"],
+    max_position_embeddings: int | None = None,
+    tie_word_embeddings: bool = True,
+    tokenizer: PreTrainedTokenizerFast | None = None,
+    seed: int = 0,
+    private_rng: bool = True,
+    **config: Any,
+) -> LlamaForCausalLM:
+    """The one tiny Llama-architecture causal LM, randomly initialised from ``seed``.
+
+    The defaults are the demo's base model (``fspo train --stage pretrain``): tied input and output
+    embeddings, as many key/value heads as query heads (``num_kv_heads`` sets grouped-query attention).
+    ``tokenizer`` puts its BOS / EOS / pad ids into the config (the pad id also zeroes its embedding
+    row); without one they are LlamaConfig's. ``max_position_embeddings`` None keeps LlamaConfig's
+    (2048). Any other LlamaConfig field (``initializer_range``, ``attn_implementation``,
+    ``attention_dropout``, ...) passes through ``config``.
+
+    ``private_rng``: seed a forked RNG stream, so building never perturbs the caller's global RNG;
+    False seeds the global generator itself (``torch.manual_seed(seed)``), which training then
+    continues from.
+    """
+    if hidden_size % num_heads:
+        raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
+    if tokenizer is not None:
+        config.update(
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    if max_position_embeddings is not None:
+        config["max_position_embeddings"] = max_position_embeddings
+    llama = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads if num_kv_heads is None else num_kv_heads,
+        tie_word_embeddings=tie_word_embeddings,
+        **config,
+    )
+    if not private_rng:
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(llama)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(llama)
+
+
 def build_tiny_causal_lm(
     out_dir: Path,
     tokenizer: PreTrainedTokenizerFast,
@@ -86,31 +147,24 @@ def build_tiny_causal_lm(
     max_position_embeddings: int = 2048,
     seed: int = 0,
 ) -> Path:
-    """Save a randomly initialised (seeded) Llama causal LM and ``tokenizer`` to ``out_dir``.
+    """Save a :func:`tiny_llama` (smaller than the demo's by default, with untied embeddings, built on
+    a private RNG stream) and ``tokenizer`` to ``out_dir``.
 
     The result loads with ``AutoModelForCausalLM.from_pretrained(out_dir)`` and
     ``AutoTokenizer.from_pretrained(out_dir)``. Returns ``out_dir``.
     """
-    if hidden_size % num_heads:
-        raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
     out_dir = Path(out_dir)
-    config = LlamaConfig(
+    model = tiny_llama(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_heads,
+        num_layers=num_layers,
+        num_heads=num_heads,
         intermediate_size=intermediate_size,
         max_position_embeddings=max_position_embeddings,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
+        tokenizer=tokenizer,
+        seed=seed,
     )
-    # Seed a private RNG stream so building a model never perturbs the caller's global RNG.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id

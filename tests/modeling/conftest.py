@@ -90,7 +90,9 @@ def english_like_sentences(n: int, seed: int = 0) -> list[str]:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A directory holding a tiny random Llama model and its locally trained tokenizer."""
+    """A directory holding a tiny random Llama model and its locally trained tokenizer: the one builder's
+    model (``modeling.tinymodel.tiny_llama``), differing from the demo's as ``build_tiny_causal_lm``'s
+    defaults say (hidden 64, 2 layers, intermediate 128, untied embeddings, a private RNG stream)."""
     from modeling.tinymodel import build_tiny_causal_lm, train_tokenizer
 
     root = tmp_path_factory.mktemp("tiny-model")

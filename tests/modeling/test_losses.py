@@ -9,10 +9,11 @@ from __future__ import annotations
 import copy
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from modeling.losses import (
     dpo_loss,
@@ -23,6 +24,7 @@ from modeling.losses import (
     sequence_logps,
     sft_loss,
 )
+from modeling.tinymodel import tiny_llama as build_tiny_llama
 
 LN3 = math.log(3.0)
 
@@ -33,27 +35,28 @@ def tiny_llama(
     attn_implementation: str = "sdpa",
     initializer_range: float = 0.3,
     seed: int = 0,
-    **config: int,
+    **config: Any,
 ) -> LlamaForCausalLM:
-    """A seeded random tiny Llama with grouped-query attention (4 query heads over 2 key/value heads).
+    """The one tiny builder's Llama (``modeling.tinymodel.tiny_llama``), smaller and with grouped-query
+    attention (4 query heads over 2 key/value heads), untied embeddings and no tokenizer, seeded on a
+    private RNG stream.
 
     ``initializer_range`` well above Llama's 0.02 makes predictions depend strongly on the context, so
     a token that attends to the wrong thing moves its log-prob far beyond the tolerances used here.
     """
-    cfg = LlamaConfig(
+    return build_tiny_llama(
         vocab_size=vocab_size,
         hidden_size=32,
         intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        tie_word_embeddings=False,
         initializer_range=initializer_range,
         attn_implementation=attn_implementation,
+        seed=seed,
         **config,
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return LlamaForCausalLM(cfg)
 
 
 # Three pairs with different (prompt, chosen, rejected) lengths: (7, 3, 5), (4, 6, 2), (9, 1, 1).

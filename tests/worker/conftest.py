@@ -9,7 +9,8 @@ from tests.conftest import RunningWorker
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real (random, tiny) Llama checkpoint with a locally trained tokenizer: it writes gibberish, but
-    through exactly the loading and generation code a real checkpoint goes through."""
+    through exactly the loading and generation code a real checkpoint goes through. The one builder's
+    model (``build_tiny_causal_lm``), smaller still than its defaults: hidden 32, 1 layer, 2 heads."""
     from modeling.tinymodel import build_tiny_causal_lm, train_tokenizer
 
     root = tmp_path_factory.mktemp("tiny-checkpoint")
