@@ -1,0 +1,5 @@
+"""``python -m modeling.cli``: the ``fspo`` command."""
+
+from . import main
+
+raise SystemExit(main())

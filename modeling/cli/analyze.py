@@ -1,0 +1,178 @@
+"""``fspo analyze``: the analyses of a human study from its export."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from .ui import out
+
+
+def _pct(v: float | None) -> str:
+    return "—" if v is None else f"{100 * v:.1f}%"
+
+
+def _ci(low: float | None, high: float | None) -> str:
+    return "" if low is None or high is None else f" [{100 * low:.1f}–{100 * high:.1f}]"
+
+
+def _analysis_table(analysis: Any) -> Table:
+    """One line per analysis: its headline numbers, or why it has none."""
+    table = Table(title=f"Analyses of {analysis.study['slug']}", title_justify="left")
+    for col in ("analysis", "result", "n"):
+        table.add_column(col, justify="right" if col == "n" else "left")
+    for rows in (_rate_rows, _consistency_rows, _shot_rows, _shift_and_description_rows):
+        for row in rows(analysis):
+            table.add_row(*row)
+    return table
+
+
+def _rate_rows(analysis: Any) -> list[tuple[str, str, str]]:
+    """Each arm pair's win rate, then its synthetic-to-real transfer."""
+    rows = []
+    for r in analysis.win_rates.rows:
+        result = r.message if r.win_rate is None else f"{_pct(r.win_rate)}{_ci(r.ci_low, r.ci_high)}"
+        rows.append((f"win rate {r.arm} vs {r.baseline}", result, f"{r.n} ratings, {r.participants} people"))
+    for r in analysis.transfer.rows:
+        result = r.message or (
+            f"synthetic {_pct(r.synthetic_win_rate)} − real {_pct(r.real_win_rate)} = {100 * r.gap:+.1f} pts"
+            f"{'' if r.gap_ci is None else f' [{100 * r.gap_ci[0]:+.1f} to {100 * r.gap_ci[1]:+.1f}]'}"
+        )
+        rows.append((f"transfer {r.arm} vs {r.baseline}", result, str(r.synthetic_n or "")))
+    return rows
+
+
+def _consistency_rows(analysis: Any) -> list[tuple[str, str, str]]:
+    c = analysis.consistency
+    ir = c.inter_rater
+    return [
+        (
+            "consistency on repeats",
+            c.message
+            or f"{_pct(c.agreement)}{_ci(c.ci_low, c.ci_high)}"
+            + ("".join(f", synthetic {_pct(v)}" for _, _, v in c.synthetic[:1])),
+            f"{c.repeats} repeats",
+        ),
+        (
+            "agreement between participants",
+            ir.message or f"Krippendorff's alpha {ir.alpha:.3f}",
+            f"{ir.units} shared pairs",
+        ),
+    ]
+
+
+def _shot_rows(analysis: Any) -> list[tuple[str, str, str]]:
+    shots = analysis.shots
+    rows = []
+    if shots.message:
+        rows.append(("shot-count sensitivity", shots.message, ""))
+    for arm, baseline in dict.fromkeys((r.rate.arm, r.rate.baseline) for r in shots.rows):
+        rates = [r for r in shots.rows if (r.rate.arm, r.rate.baseline) == (arm, baseline)]
+        rows.append(
+            (
+                f"by shots {arm} vs {baseline}",
+                ", ".join(f"N={r.shots}: {_pct(r.rate.win_rate)}" for r in rates),
+                ", ".join(str(r.rate.participants) for r in rates) + " people",
+            )
+        )
+    return rows
+
+
+def _shift_and_description_rows(analysis: Any) -> list[tuple[str, str, str]]:
+    shift = analysis.shift
+    shift_row = (
+        "distribution shift",
+        shift.message
+        or ", ".join(
+            f"{a.survey} JSD {a.js_divergence:.3f}" for a in shift.attributes if a.js_divergence is not None
+        )
+        or "no survey answers",
+        "",
+    )
+    d = analysis.descriptions
+    description_row = (
+        "user descriptions",
+        d.message
+        or (
+            "texts side by side, no similarity"
+            if d.mean_similarity is None
+            else f"similarity {d.mean_similarity:.3f}"
+            + ("" if d.mean_others is None else f" (to others {d.mean_others:.3f})")
+        ),
+        f"{len(d.pairs)} participants",
+    )
+    return [shift_row, description_row]
+
+
+def analyze_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fspo analyze",
+        description="Analyses of a human study from its export (manage.py export or the studio's export "
+        "page): win rates per arm pair, synthetic-to-real transfer, consistency, shot-count sensitivity, "
+        "distribution shift, user-description quality. Writes report.md, analysis.json and PNG plots.",
+    )
+    p.add_argument("export_dir", type=Path, help="an export folder (schema fspo-study-export-1)")
+    p.add_argument("--synthetic-eval", type=Path, help="an fspo eval results.json (or its run folder)")
+    p.add_argument(
+        "--synthetic-dataset",
+        type=Path,
+        help="the synthetic dataset of the study's domain: persona distribution and self-consistency "
+        "(default: the domain's persona weights, no self-consistency)",
+    )
+    p.add_argument("--out", type=Path, help="where to write the report (default: EXPORT_DIR/analysis)")
+    p.add_argument("--too-fast-ms", type=int, default=None, help="too-fast threshold (default: the export's)")
+    p.add_argument("--keep-too-fast", action="store_true", help="do not exclude too-fast participants")
+    p.add_argument(
+        "--keep-failed-attention", action="store_true", help="do not exclude failed attention checks"
+    )
+    p.add_argument("--keep-returned", action="store_true", help="count returned and timed-out participants")
+    p.add_argument("--completed-only", action="store_true", help="count only participants who completed")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples")
+    p.add_argument(
+        "--no-embeddings", action="store_true", help="skip the MiniLM description similarities (faster)"
+    )
+    return p
+
+
+def cmd_analyze(argv: list[str]) -> int:
+    from ..analysis import (
+        AnalysisOptions,
+        ExclusionRules,
+        analyze,
+        load_export,
+        read_synthetic_eval,
+        synthetic_inputs,
+        write_report,
+    )
+
+    args = analyze_parser().parse_args(argv)
+    options = AnalysisOptions(
+        rules=ExclusionRules(
+            drop_returned=not args.keep_returned,
+            drop_failed_attention=not args.keep_failed_attention,
+            drop_too_fast=not args.keep_too_fast,
+            too_fast_ms=args.too_fast_ms,
+            completed_only=args.completed_only,
+        ),
+        seed=args.seed,
+        resamples=args.resamples,
+        embeddings=not args.no_embeddings,
+    )
+    # Everything is read and checked before anything is written.
+    data = load_export(args.export_dir)
+    evaluation = None
+    if args.synthetic_eval is not None:
+        evaluation = read_synthetic_eval(args.synthetic_eval)
+    synthetic = synthetic_inputs(
+        domain=str(data.study["domain"]), evaluation=evaluation, dataset=args.synthetic_dataset
+    )
+    analysis = analyze(data, options=options, synthetic=synthetic)
+    out_dir = args.out or args.export_dir / "analysis"
+    written = write_report(analysis, out_dir)
+    out.print(_analysis_table(analysis))
+    out.print(f"wrote {out_dir}: {', '.join(path.name for path in written)}")
+    return 0
