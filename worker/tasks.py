@@ -176,11 +176,11 @@ def generation_backend(spec: str) -> Any:
     """The personalization back end of a checkpoint spec, loaded once per worker process and reused for
     every participant (a GPU worker keeps its arms' weights resident; the least recently used of more
     than four is dropped)."""
-    from modeling.infer import backend_from_spec
+    from modeling.infer import ModelSpec, backend_from_spec
 
-    local = not spec.startswith(("http://", "https://", "vllm:"))
-    options = {"device": settings.GENERATION_DEVICE, "dtype": settings.GENERATION_DTYPE} if local else {}
-    return backend_from_spec(spec, **options)
+    parsed = ModelSpec.parse(spec)
+    local = {"device": settings.GENERATION_DEVICE, "dtype": settings.GENERATION_DTYPE}
+    return backend_from_spec(parsed, **(local if parsed.is_local else {}))
 
 
 def generate_responses(request: PersonalizationRequest) -> list[NewResponse]:
