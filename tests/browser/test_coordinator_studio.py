@@ -332,9 +332,8 @@ def test_a_coordinator_creates_a_study_and_watches_its_dashboard_follow_particip
                 expect(dashboard.locator("[data-field=ratings]")).to_have_text("1")
         assert counted == N_EVALUATION
         expect_win_rate(dashboard, wins=1, n=2, rate="50.0%")
-        expect(dashboard.locator("#win-rates [data-wr=ci]")).to_have_text(
-            re.compile(r"^\d+\.\d% – \d+\.\d%$")
-        )
+        # One participant: no interval yet (it resamples participants; modeling.winrate).
+        expect(dashboard.locator("#win-rates [data-wr=ci]")).not_to_have_text(re.compile(r"\d"))
         expect_live(dashboard, steps=by_step(survey=1), participants=1, ratings=N_EVALUATION)
 
         at(one, asgi_server, f"/s/{SLUG}/survey/")
