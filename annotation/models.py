@@ -193,12 +193,21 @@ class RatingItem(ShownSideBySide, models.Model):
 
     @property
     def question_text(self) -> str:
-        return ATTENTION_CHECK_QUESTION if self.is_attention_check else self.question.text
+        if self.is_attention_check:
+            return ATTENTION_CHECK_QUESTION
+        assert self.question is not None, (
+            "a pair always has its question (rating_item_is_a_pair_or_an_attention_check)"
+        )
+        return self.question.text
 
     def text_on(self, side: str) -> str:
         if self.is_attention_check:
             return ATTENTION_CHECK_PICK_ME if side == self.expected_choice else ATTENTION_CHECK_OTHER
-        return (self.left if side == Side.LEFT else self.right).text
+        shown = self.left if side == Side.LEFT else self.right
+        assert shown is not None, (
+            "a pair always has both responses (rating_item_is_a_pair_or_an_attention_check)"
+        )
+        return shown.text
 
 
 class Rating(models.Model):

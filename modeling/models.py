@@ -113,8 +113,8 @@ def check_causal_lm_dir(path: str | Path) -> dict[str, Any]:
         raise ModelError(f"{path}/config.json is not valid JSON ({e})") from None
     model_type = config.get("model_type")
     archs_named = config.get("architectures") or []
-    causal_classes = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
-    causal_classes = {causal_classes} if isinstance(causal_classes, str) else set(causal_classes or ())
+    mapped = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
+    causal_classes: set[str] = {mapped} if isinstance(mapped, str) else set(mapped or ())
     # The type alone is not enough: BERT has a causal-LM head class, but a BertModel or BertForMaskedLM
     # checkpoint is an encoder whose weights were never trained to predict the next token.
     if not causal_classes or (archs_named and not causal_classes & set(archs_named)):
@@ -212,7 +212,7 @@ def gguf_architecture(path: Path) -> str:
     return arch
 
 
-def _short(e: BaseException, limit: int = 200) -> str:
+def _short(e: BaseException | str, limit: int = 200) -> str:
     return " ".join(str(e).split())[:limit]
 
 

@@ -79,8 +79,9 @@ def _error(
 def _content_text(content: Any) -> Any:
     """OpenAI allows content as a list of parts; keep the text parts, joined."""
     if isinstance(content, list):
-        texts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
-        if len(texts) == len(content) and all(isinstance(t, str) for t in texts):
+        parts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+        texts = [t for t in parts if isinstance(t, str)]
+        if len(texts) == len(content):
             return "".join(texts)
     return content
 

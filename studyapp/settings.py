@@ -7,6 +7,7 @@ Production and CI set DATABASE_URL (PostgreSQL) and REDIS_URL (Celery broker + r
 
 import os
 from pathlib import Path
+from typing import Any
 
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
@@ -122,12 +123,16 @@ DATABASE_URL = env_str("DATABASE_URL", "")
 # PostgreSQL's 100 connections (bench/bench_site.py). So each process borrows from a bounded psycopg pool
 # (DB_POOL_MAX_SIZE, default 20; 0 turns pooling off and DB_CONN_MAX_AGE applies instead).
 DB_POOL_MAX_SIZE = env_int("DB_POOL_MAX_SIZE", 20)
+# Plain dicts of Django's settings, not dj_database_url's DBConfig: SQLite's NAME below is a Path.
+DATABASES: dict[str, dict[str, Any]]
 if DATABASE_URL:
     DATABASES = {
-        "default": dj_database_url.parse(
-            DATABASE_URL,
-            conn_max_age=0 if DB_POOL_MAX_SIZE else env_int("DB_CONN_MAX_AGE", 0),
-            conn_health_checks=not DB_POOL_MAX_SIZE,
+        "default": dict(
+            dj_database_url.parse(
+                DATABASE_URL,
+                conn_max_age=0 if DB_POOL_MAX_SIZE else env_int("DB_CONN_MAX_AGE", 0),
+                conn_health_checks=not DB_POOL_MAX_SIZE,
+            )
         )
     }
     if DB_POOL_MAX_SIZE and DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":

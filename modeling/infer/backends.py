@@ -252,16 +252,17 @@ def _load(model_dir: Path, adapter: Path | None, device: str, dtype: str, merge:
         )
     except (OSError, ValueError) as exc:
         raise LLMError(f"cannot load model from {model_dir}: {' '.join(str(exc).split())[:300]}") from None
+    # The base, the PeftModel around it, or the merged base: each a torch module.
+    ready: torch.nn.Module = model
     if adapter is not None:
         from peft import PeftModel
 
         try:
-            model = PeftModel.from_pretrained(model, adapter)
+            peft_model = PeftModel.from_pretrained(model, adapter)
         except (OSError, ValueError, RuntimeError) as exc:
             raise LLMError(f"cannot load adapter {adapter}: {' '.join(str(exc).split())[:300]}") from None
-        if merge:
-            model = model.merge_and_unload()
-    return model.to(torch.device(device)).eval(), tokenizer
+        ready = peft_model.merge_and_unload() if merge else peft_model
+    return ready.to(torch.device(device)).eval(), tokenizer
 
 
 def checkpoint_chat_template(*dirs: Path | None) -> bool:

@@ -527,7 +527,9 @@ def _prefill_prefix(model: Any, prefix_ids: list[int]) -> list[tuple[Any, Any]]:
     input_ids = torch.tensor([prefix_ids], dtype=torch.long, device=model.device)
     # Only the cache is wanted; logits_to_keep=1 avoids a (prefix x vocab) logits tensor.
     model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1)
-    return [(layer.keys, layer.values) for layer in cache.layers]
+    # An attention model's DynamicCache holds key/value layers; the stub's union also names the
+    # linear-attention layers of hybrid models, which have no keys.
+    return [(layer.keys, layer.values) for layer in cache.layers]  # type: ignore[union-attr]
 
 
 @functools.cache

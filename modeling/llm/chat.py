@@ -97,11 +97,15 @@ class TextRequest:
 
 
 class Sampling(Protocol):
-    """The decoding settings a request carries (``ChatRequest``, ``TextRequest``)."""
+    """The decoding settings a request carries (``ChatRequest``, ``TextRequest``): read-only, so frozen
+    dataclasses satisfy it."""
 
-    temperature: float
-    top_p: float
-    seed: int | None
+    @property
+    def temperature(self) -> float: ...
+    @property
+    def top_p(self) -> float: ...
+    @property
+    def seed(self) -> int | None: ...
 
 
 def _check_sampling(max_tokens: object, temperature: object, top_p: object, seed: object) -> None:

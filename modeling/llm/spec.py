@@ -103,7 +103,7 @@ def _local_kind(spec: str) -> tuple[SpecKind | None, str]:
     """The kind a local spec's prefix names (None: no prefix, a bare directory) and the path after it."""
     for kind in ("vllm", "hf"):
         if spec.startswith(f"{kind}:"):
-            return kind, spec.split(":", 1)[1]  # type: ignore[return-value]
+            return kind, spec.split(":", 1)[1]
     return None, spec
 
 

@@ -75,7 +75,8 @@ class TransformersBackend:
         self.name = f"hf:{model_dir}"
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-            model = AutoModelForCausalLM.from_pretrained(
+            # Typed as the torch module it is: transformers' stub of its decorated .to takes the model.
+            model: torch.nn.Module = AutoModelForCausalLM.from_pretrained(
                 model_dir, dtype="auto" if dtype == "auto" else getattr(torch, dtype)
             )
         except Exception as exc:  # a damaged or foreign directory fails anywhere in transformers
@@ -279,7 +280,8 @@ class TransformersBackend:
             messages, chat_template=template, add_generation_prompt=True, tokenize=False
         )
         # The template already writes any BOS it wants; adding special tokens again would double it.
-        return self._encode(text)
+        # tokenize=False returns the rendered str; the stub's return type unions every mode's result.
+        return self._encode(text)  # type: ignore[arg-type]
 
     def text_prompt_ids(self, text: str) -> list[int]:
         """Token ids of a plain-text prompt: the tokenizer's BOS (once), then the text as is."""
@@ -326,7 +328,9 @@ class TransformersBackend:
                     scores[r] = [float(logprobs[row, 0, c[0]]) for c in encoded[r]]
                     if with_logprobs is not None and with_logprobs[r]:
                         positions[r] = [logprobs[row, 0:1].clone()] * len(encoded[r])
-        rows, spans, keep = [], [], set()
+        rows: list[tuple[list[int], list[int]]] = []
+        spans: list[tuple[int, int]] = []
+        keep: set[int] = set()
         multi = [r for r in range(len(requests)) if r not in set(single)]
         for r in multi:
             spans.append((len(rows), len(encoded[r])))
@@ -425,7 +429,10 @@ class TransformersBackend:
         return tuple(out)
 
     def _token_text(self, token: int) -> str:
-        return self.tokenizer.decode([token], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        # One sequence decodes to a str (the stub's list[str] is a batch's result).
+        return self.tokenizer.decode(  # type: ignore[return-value]
+            [token], skip_special_tokens=False, clean_up_tokenization_spaces=False
+        )
 
     def _left_pad(self, seqs: list[list[int]]) -> tuple[Any, Any]:
         return left_pad(seqs, self._pad_id, self.device)
@@ -471,7 +478,10 @@ class TransformersBackend:
         return completions
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        # One sequence decodes to a str (the stub's list[str] is a batch's result).
+        return self.tokenizer.decode(  # type: ignore[return-value]
+            ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
+        )
 
 
 def _choices(request: ChatRequest | TextRequest) -> bool:

@@ -733,7 +733,7 @@ def _label_rounds(
         quality.consistent_by_round[rnd] = int(labels.consistent.sum())
         if rnd == cfg.max_rounds or cfg.mode == "random":
             break
-        refine = [u for u in us if not labels.consistent[u].all()]
+        refine = [int(u) for u in us if not labels.consistent[u].all()]
         if not refine:
             break
         pending[:] = False
