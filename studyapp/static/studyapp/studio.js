@@ -102,7 +102,7 @@
         set(row, "[data-wr=wins]", wr.wins);
         set(row, "[data-wr=n]", wr.n);
         set(row, "[data-wr=rate]", pct(wr.rate));
-        set(row, "[data-wr=ci]", wr.n ? pct(wr.ci_low) + " – " + pct(wr.ci_high) : "—");
+        set(row, "[data-wr=ci]", wr.ci_low !== null ? pct(wr.ci_low) + " – " + pct(wr.ci_high) : "—");
         set(row, "[data-wr=p]", pvalue(wr.p_value));
         var range = row.querySelector("[data-wr=range]");
         var point = row.querySelector("[data-wr=point]");
