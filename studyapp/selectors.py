@@ -246,6 +246,7 @@ def study_dashboard(*, study: Study) -> StudyDashboard:
     durations = [
         (finished - consented).total_seconds()
         for consented, finished in finished_rows.values_list("consented_at", "finished_at")
+        if consented is not None and finished is not None  # the query's filter: narrows the types
     ]
     failed_attention = (
         Rating.objects.filter(
@@ -332,11 +333,11 @@ def job_status_by_id(*, job_id: str) -> dict[str, Any] | None:
 
 
 # How an evaluation job gives each study arm's method (modeling.evaluate.Arm: `:context` and `:cot`).
-EVALUATION_ARM_OPTIONS = {
-    Arm.Method.FSPO: "",
-    Arm.Method.FSPO_COT: ":cot",
-    Arm.Method.FEWSHOT: "",
-    Arm.Method.NO_CONTEXT: ":none",
+EVALUATION_ARM_OPTIONS = {  # keyed by the method's value, as Arm.method holds it
+    Arm.Method.FSPO.value: "",
+    Arm.Method.FSPO_COT.value: ":cot",
+    Arm.Method.FEWSHOT.value: "",
+    Arm.Method.NO_CONTEXT.value: ":none",
 }
 
 

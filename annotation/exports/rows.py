@@ -4,7 +4,7 @@ episodes.py."""
 
 import json
 import statistics
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from django.db.models import QuerySet
@@ -78,9 +78,8 @@ RATING_FIELDS = (
 )
 
 
-def _chosen(choice: str | None, left: int | None, right: int | None) -> int | None:
-    if choice is None:
-        return None
+def _chosen(choice: str, left: int, right: int) -> int:
+    """The side a rating chose (a rating's choice is never null; a repeat's original is checked first)."""
     return left if choice == Side.LEFT else right
 
 
@@ -363,7 +362,7 @@ def pool_pages(study: Study, options: ExportOptions) -> Iterator[list[Row]]:
         yield [(pk, "evaluation", text, topic, src, None, None, None) for pk, text, topic, src in page]
 
 
-PAGES = {
+PAGES: dict[str, Callable[[Study, ExportOptions], Iterator[list[Any]]]] = {
     "judgments": judgment_pages,
     "participants": participant_rows_pages,
     "responses": response_pages,

@@ -63,26 +63,26 @@ def _percent_axis(ax: Any, axis: str = "x") -> None:
 
 
 def win_rates_plot(result: HumanWinRates) -> bytes | None:
-    rows = [r for r in result.rows if r.win_rate is not None]
+    rows = [(r, r.win_rate) for r in result.rows if r.win_rate is not None]
     if not rows:
         return None
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.2, 0.9 + 0.62 * len(rows)))
     rng = np.random.default_rng(0)  # the dots' vertical jitter only
-    for y, r in enumerate(rows):
+    for y, (r, rate) in enumerate(rows):
         dots = [100 * wins / n for _, wins, n in r.per_participant]
         ax.scatter(
             dots, y + rng.uniform(-0.17, 0.17, len(dots)), s=11, color=MUTED, alpha=0.45, lw=0, clip_on=False
         )
-        if r.ci_low is not None:
+        if r.ci_low is not None and r.ci_high is not None:  # an interval has both ends or neither
             ax.plot(
                 [100 * r.ci_low, 100 * r.ci_high], [y, y], color=ACCENT_SOFT, lw=7, solid_capstyle="round"
             )
-        ax.plot(100 * r.win_rate, y, "o", color=ACCENT, ms=8, mec="white", mew=1.5)
-        ax.annotate(f"{100 * r.win_rate:.1f}%", (100 * r.win_rate, y), xytext=(0, 9), textcoords="offset points",
+        ax.plot(100 * rate, y, "o", color=ACCENT, ms=8, mec="white", mew=1.5)
+        ax.annotate(f"{100 * rate:.1f}%", (100 * rate, y), xytext=(0, 9), textcoords="offset points",
                     ha="center", fontsize=8.5, color=INK)  # fmt: skip
     ax.axvline(50, color=MUTED, ls="--", lw=1)
-    ax.set_yticks(range(len(rows)), [f"{r.arm} vs {r.baseline}" for r in rows])
+    ax.set_yticks(range(len(rows)), [f"{r.arm} vs {r.baseline}" for r, _ in rows])
     ax.set_ylim(len(rows) - 0.5, -0.6)
     _percent_axis(ax)
     ax.set_xlabel("win rate (95% bootstrap interval over participants; dots: each participant)")
@@ -90,13 +90,13 @@ def win_rates_plot(result: HumanWinRates) -> bytes | None:
 
 
 def transfer_plot(result: Transfer) -> bytes | None:
-    rows = [r for r in result.rows if r.synthetic_win_rate is not None]
+    rows = [(r, r.synthetic_win_rate) for r in result.rows if r.synthetic_win_rate is not None]
     if not rows:
         return None
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.2, 1.1 + 0.75 * len(rows)))
-    for y, r in enumerate(rows):
-        points = [("synthetic users", r.synthetic_win_rate, r.synthetic_ci, SYNTHETIC, -0.13)]
+    for y, (r, synthetic_rate) in enumerate(rows):
+        points = [("synthetic users", synthetic_rate, r.synthetic_ci, SYNTHETIC, -0.13)]
         if r.real_win_rate is not None:
             points.append(("real participants", r.real_win_rate, r.real_ci, ACCENT, 0.13))
         for label, rate, ci, color, dy in points:
@@ -116,7 +116,7 @@ def transfer_plot(result: Transfer) -> bytes | None:
             ax.annotate(f"gap {100 * r.gap:+.1f} pts".replace("-", "−"), (100, y), xytext=(-4, 0), textcoords="offset points",
                         ha="right", va="center", fontsize=8.5, color=MUTED)  # fmt: skip
     ax.axvline(50, color=MUTED, ls="--", lw=1)
-    ax.set_yticks(range(len(rows)), [f"{r.arm} vs {r.baseline}" for r in rows])
+    ax.set_yticks(range(len(rows)), [f"{r.arm} vs {r.baseline}" for r, _ in rows])
     ax.set_ylim(len(rows) - 0.5, -0.6)
     _percent_axis(ax)
     ax.set_xlabel("win rate against the same baseline (95% intervals)")

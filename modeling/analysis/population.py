@@ -264,7 +264,8 @@ def distribution_shift(
     notes = []
     if unused:
         notes.append(f"Synthetic attributes the survey does not ask about: {', '.join(unused)}.")
-    segments, uncovered, segment_attributes = [], None, sorted(placed)
+    segments: list[Segment] = []
+    uncovered, segment_attributes = None, sorted(placed)
     if len(placed) >= 2:
         segments, uncovered = _missing_segments(personas, placed, segment_attributes)
     elif attributes:
@@ -511,11 +512,12 @@ def _similarity_summary(
     interval (a note in `notes` when one participant leaves no interval)."""
     mean = ci = mean_others = gain = gain_ci = None
     scored = [p for p in pairs if p.similarity is not None]
+    similarities = [p.similarity for p in pairs if p.similarity is not None]  # scored's, as floats
     if scored:
-        mean = float(np.mean([p.similarity for p in scored]))
+        mean = float(np.mean(similarities))
         if len(scored) >= 2:
             ones = np.ones(len(scored))
-            ci = participant_bootstrap([p.similarity for p in scored], ones, seed=seed, resamples=resamples)
+            ci = participant_bootstrap(similarities, ones, seed=seed, resamples=resamples)
             diffs = [p.similarity - p.others_similarity for p in scored]  # type: ignore[operator]
             mean_others = float(np.mean([p.others_similarity for p in scored]))
             gain = float(np.mean(diffs))

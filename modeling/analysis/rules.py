@@ -140,7 +140,8 @@ def select_participants(data: StudyData, rules: ExclusionRules) -> Selection:
             ~p["complete"].fillna(False).astype(bool),
         ),
     ]
-    applied, excluded_by = [], {}
+    applied: list[Rule] = []
+    excluded_by: dict[str, tuple[str, ...]] = {}
     dropped = pd.Series(False, index=p.index)
     for key, text, active, hit in tests:
         hit = hit.fillna(False).astype(bool)

@@ -124,14 +124,16 @@ def krippendorff_alpha_nominal(units: Iterable[Sequence[Hashable]]) -> float | N
     return float(1.0 - disagree_observed / disagree_expected)
 
 
-def _distributions(p: Sequence[float], q: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+def _distributions(
+    p: Sequence[float] | np.ndarray, q: Sequence[float] | np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     pa, qa = np.asarray(p, dtype=np.float64), np.asarray(q, dtype=np.float64)
     if pa.shape != qa.shape or pa.sum() <= 0 or qa.sum() <= 0 or np.any(pa < 0) or np.any(qa < 0):
         raise ValueError("two non-negative weight vectors of the same length, each with a positive sum")
     return pa / pa.sum(), qa / qa.sum()
 
 
-def js_divergence(p: Sequence[float], q: Sequence[float]) -> float:
+def js_divergence(p: Sequence[float] | np.ndarray, q: Sequence[float] | np.ndarray) -> float:
     """Jensen-Shannon divergence in bits (0: the same distribution, 1: disjoint supports) of two
     distributions over the same categories (weights are normalized)."""
     pa, qa = _distributions(p, q)
@@ -144,7 +146,7 @@ def js_divergence(p: Sequence[float], q: Sequence[float]) -> float:
     return max(0.0, (kl(pa) + kl(qa)) / 2)
 
 
-def tv_distance(p: Sequence[float], q: Sequence[float]) -> float:
+def tv_distance(p: Sequence[float] | np.ndarray, q: Sequence[float] | np.ndarray) -> float:
     """Total variation distance (0 to 1): the share of one population that would have to move to
     another category to match the other."""
     pa, qa = _distributions(p, q)
