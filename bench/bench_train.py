@@ -70,6 +70,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -200,7 +201,7 @@ def run_ours(
     }
 
 
-def _pair_tokens(cfg, init: Path) -> list[list[int]]:
+def _pair_tokens(cfg: Any, init: Path) -> list[list[int]]:
     """The real tokens of the pairs each step trained on (recomputed after the run, with train's own
     functions)."""
     from transformers import AutoTokenizer
@@ -293,7 +294,7 @@ def _time_ref_precompute() -> list[float]:
     return pre_seconds
 
 
-def _trl_dataset(cfg, tok, steps: int):
+def _trl_dataset(cfg: Any, tok: Any, steps: int) -> tuple[Any, list[Any]]:
     """TRL's dataset of the episodes ``train`` draws for each step (prompt text with the document BOS,
     chosen, rejected), and ours tokenized by ``tokenize_episode``."""
     from datasets import Dataset
@@ -320,7 +321,7 @@ def _trl_dataset(cfg, tok, steps: int):
     return dataset, ours
 
 
-def _dpo_config(work: Path, shots: int, steps: int, batch: int, precompute: bool, lora: bool):
+def _dpo_config(work: Path, shots: int, steps: int, batch: int, precompute: bool, lora: bool) -> Any:
     from trl import DPOConfig
 
     return DPOConfig(
@@ -350,7 +351,7 @@ def _dpo_config(work: Path, shots: int, steps: int, batch: int, precompute: bool
     )
 
 
-def _assert_same_tokens(ds, ours) -> None:
+def _assert_same_tokens(ds: Any, ours: list[Any]) -> None:
     """TRL tokenized the same ids as ours, pair for pair (and dropped or truncated nothing)."""
     assert len(ds) == len(ours), (len(ds), len(ours))
     for i, ex in enumerate(ours):
@@ -360,7 +361,7 @@ def _assert_same_tokens(ds, ours) -> None:
         assert row["rejected_ids"] == ex.rejected, f"pair {i}: rejected ids differ"
 
 
-def _instrument(trainer) -> tuple[list[int], dict[int, float]]:
+def _instrument(trainer: Any) -> tuple[list[int], dict[int, float]]:
     """Count the model input tokens of each collated batch, and time each step's end."""
     from transformers import TrainerCallback
 

@@ -188,6 +188,17 @@ def _body(shots: Sequence[Pair], question: str, instruction: str) -> str:
 # Episodes from a synthetic dataset
 
 
+def _domain_instruction(ds: Any, instruction: str | None) -> str:
+    """The given instruction, else the dataset's domain's task (or a generic one when a custom domain
+    file has moved: the dataset still works)."""
+    from .synth import load_domain
+
+    try:
+        return instruction or load_domain(ds.manifest.get("domain_source", ds.domain)).spec.task
+    except Exception:  # noqa: BLE001 - a custom domain file may have moved; the dataset still works
+        return instruction or f"Answer in the way this user prefers ({ds.domain})."
+
+
 class EpisodeSource:
     """Samples episodes of one split of a synthetic dataset, on the fly.
 
@@ -205,18 +216,13 @@ class EpisodeSource:
         instruction: str | None = None,
         all_questions: bool = False,
     ) -> None:
-        from .synth import DatasetError, load_dataset, load_domain
+        from .synth import DatasetError, load_dataset
 
         ds = load_dataset(dataset) if not hasattr(dataset, "manifest") else dataset
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', not {split!r}")
         self.domain = ds.domain
-        try:
-            self.instruction = (
-                instruction or load_domain(ds.manifest.get("domain_source", ds.domain)).spec.task
-            )
-        except Exception:  # noqa: BLE001 - a custom domain file may have moved; the dataset still works
-            self.instruction = instruction or f"Answer in the way this user prefers ({ds.domain})."
+        self.instruction = _domain_instruction(ds, instruction)
         prefs = ds.table(
             "preferences",
             ["user_id", "question_id", "chosen_id", "rejected_id", "user_split", "question_split"],
@@ -225,25 +231,7 @@ class EpisodeSource:
         p = p[p.user_split == split]
         if p.empty:
             raise DatasetError(f"{ds.path}: no preference pairs of {split} users")
-        self.questions = ds.table("questions", ["text", "topic"]).to_pandas()
-        resp = ds.table("responses").to_pandas()
-        self.responses = resp.text.tolist()
-        # Every response written for a question: the unlabeled answers the base model learns from.
-        self.answers: dict[int, list[str]] = {
-            int(q): g.tolist() for q, g in resp.groupby("question_id", sort=True).text
-        }
-        # The style each answer was written in (its trait values), where the dataset records them (the
-        # procedural engine does): the base model's consistent-author documents draw on it.
-        traits = [c for c in resp.columns if c.startswith("trait_")]
-        self.styled_answers: dict[int, list[tuple[str, tuple[str, ...]]]] | None = None
-        if traits and not resp[traits].isna().any().any():
-            self.styled_answers = {
-                int(q): list(
-                    zip(g.text, map(tuple, g[traits].itertuples(index=False, name=None)), strict=True)
-                )
-                for q, g in resp.groupby("question_id", sort=True)
-            }
-        self.question_ids = {text: i for i, text in enumerate(self.questions.text)}
+        self._read_texts(ds)
         users = ds.table("users", ["user_id", "description"]).to_pandas().set_index("user_id")
         self.descriptions = users["description"].to_dict()
         self.by_user: dict[int, dict[str, np.ndarray]] = {}
@@ -261,6 +249,28 @@ class EpisodeSource:
         )
         if not len(self.user_ids):
             raise DatasetError(f"{ds.path}: no {split} user has both shot pairs and a target pair")
+
+    def _read_texts(self, ds: Any) -> None:
+        """The questions and every response written for each (the unlabeled answers the base model
+        learns from), with the style each was written in where the dataset records it."""
+        self.questions = ds.table("questions", ["text", "topic"]).to_pandas()
+        resp = ds.table("responses").to_pandas()
+        self.responses = resp.text.tolist()
+        self.answers: dict[int, list[str]] = {
+            int(q): g.tolist() for q, g in resp.groupby("question_id", sort=True).text
+        }
+        # The style each answer was written in (its trait values), where the dataset records them (the
+        # procedural engine does): the base model's consistent-author documents draw on it.
+        traits = [c for c in resp.columns if c.startswith("trait_")]
+        self.styled_answers: dict[int, list[tuple[str, tuple[str, ...]]]] | None = None
+        if traits and not resp[traits].isna().any().any():
+            self.styled_answers = {
+                int(q): list(
+                    zip(g.text, map(tuple, g[traits].itertuples(index=False, name=None)), strict=True)
+                )
+                for q, g in resp.groupby("question_id", sort=True)
+            }
+        self.question_ids = {text: i for i, text in enumerate(self.questions.text)}
 
     def _pair(self, row: np.ndarray) -> Pair:
         q, c, r = (int(x) for x in row)

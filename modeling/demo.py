@@ -33,6 +33,36 @@ from .synth.stats import dataset_stats
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    args.no_embeddings = args.no_embeddings or args.check
+    quiet_library_progress_bars()
+
+    t0 = time.perf_counter()
+    synthesize(
+        args.out, users=args.users, pairs_per_user=args.pairs_per_user, embeddings=not args.no_embeddings
+    )
+    if args.no_train:
+        out.print(f"done in {time.perf_counter() - t0:.1f} s")
+        return 0
+    base_model = None
+    if args.model == "smollm2":
+        from .models import pull
+
+        with progress_bar("SmolLM2-135M-Instruct") as update:
+            base_model = pull("smollm2-135m", progress=update)
+        out.print(f"base model: {base_model}")
+    run_dir = args.out / RUN_DIRS[args.model]
+    train_and_evaluate(args.out / "elix", run_dir, retrain=args.retrain, base_model=base_model)
+    out.print(f"steps 1-2 done in {time.perf_counter() - t0:.1f} s")
+    if args.no_site:
+        return 0
+    status = start_site(args.out, check=args.check, port=args.port, run=run_dir, base_model=base_model)
+    if args.check:
+        out.print(f"done in {time.perf_counter() - t0:.1f} s")
+    return status
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="./run demo")
     p.add_argument("--users", type=int, default=2000)
     p.add_argument("--pairs-per-user", type=int, default=10)
@@ -54,55 +84,37 @@ def main(argv: list[str] | None = None) -> int:
         help="tiny: a decoder pretrained from scratch on the ELIX world (the default); smollm2: LoRA FSPO on "
         "the real SmolLM2-135M-Instruct (fspo models pull smollm2-135m), so participants read real English",
     )
-    args = p.parse_args(argv)
-    args.no_embeddings = args.no_embeddings or args.check
-    quiet_library_progress_bars()
+    return p
 
-    t0 = time.perf_counter()
+
+def synthesize(out_dir: Path, *, users: int, pairs_per_user: int, embeddings: bool) -> None:
+    """Step 1: a procedural dataset per domain and the unstructured ablation of one (under ``out_dir``),
+    with their sizes, self-consistency and diversity side by side."""
     runs = [(d, "structured") for d in BUILTIN_DOMAINS] + [("roleplay", "random")]
     paths = []
     for domain, mode in runs:
-        path = args.out / (domain if mode == "structured" else f"{domain}-random")
+        path = out_dir / (domain if mode == "structured" else f"{domain}-random")
         with progress_bar(f"{domain} ({mode})") as update:
             generate_dataset(
                 out_dir=path,
                 domain=domain,
-                users=args.users,
-                pairs_per_user=args.pairs_per_user,
+                users=users,
+                pairs_per_user=pairs_per_user,
                 seed=0,
                 mode=mode,
                 overwrite=True,
                 progress=update,
             )
         paths.append(path)
-    console.print("measuring diversity (MiniLM embeddings) ..." if not args.no_embeddings else "")
-    stats = [dataset_stats(path, embeddings=not args.no_embeddings) for path in paths]
+    console.print("measuring diversity (MiniLM embeddings) ..." if embeddings else "")
+    stats = [dataset_stats(path, embeddings=embeddings) for path in paths]
     out.print(
         stats_table(
             stats,
-            title=f"Synthetic preference data ({args.users:,} users x {args.pairs_per_user} pairs per domain)",
+            title=f"Synthetic preference data ({users:,} users x {pairs_per_user} pairs per domain)",
         )
     )
-    out.print(f"datasets under {args.out}/ ; inspect one with: ./run fspo synth stats {paths[0]}")
-    if args.no_train:
-        out.print(f"done in {time.perf_counter() - t0:.1f} s")
-        return 0
-    base_model = None
-    if args.model == "smollm2":
-        from .models import pull
-
-        with progress_bar("SmolLM2-135M-Instruct") as update:
-            base_model = pull("smollm2-135m", progress=update)
-        out.print(f"base model: {base_model}")
-    run_dir = args.out / RUN_DIRS[args.model]
-    train_and_evaluate(args.out / "elix", run_dir, retrain=args.retrain, base_model=base_model)
-    out.print(f"steps 1-2 done in {time.perf_counter() - t0:.1f} s")
-    if args.no_site:
-        return 0
-    status = start_site(args.out, check=args.check, port=args.port, run=run_dir, base_model=base_model)
-    if args.check:
-        out.print(f"done in {time.perf_counter() - t0:.1f} s")
-    return status
+    out.print(f"datasets under {out_dir}/ ; inspect one with: ./run fspo synth stats {paths[0]}")
 
 
 # The demo: the tiny world's recipe (PipelineConfig's defaults: base 1,500 steps, Pref-FT 100, IPO 900, the

@@ -18,6 +18,7 @@ themselves take whatever per-sequence numbers they are given.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -462,7 +463,7 @@ def packed_group_logps(
     input_ids, position_ids = packed.input_ids.to(device), packed.position_ids.to(device)
     group, role = packed.group.to(device), packed.role.to(device)
     source, targets, slot = packed.source.to(device), packed.targets.to(device), packed.slot.to(device)
-    dtype = model.get_input_embeddings().weight.dtype
+    dtype = cast(Any, model).get_input_embeddings().weight.dtype
     attention_mask = _packed_attention_mask(group, role, dtype, attn_implementation)
 
     # As in separate_pair_logps: no logits for prefix positions that predict no response token.

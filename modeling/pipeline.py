@@ -25,7 +25,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from .evaluate import Arm, EvalResult, evaluate
 from .train import MANIFEST, TrainConfig, train
@@ -138,7 +138,7 @@ def _stage(
     stage: str,
     *,
     init: str | None,
-    context: str = "fewshot",
+    context: Literal["fewshot", "none", "description"] = "fewshot",
     cot: bool = False,
     dataset: str | None = None,
 ) -> TrainConfig:
@@ -161,7 +161,7 @@ def _stage(
         cot=cot,
         shots=(0, pc.shots[1] if pc.pretrain_shots is None else pc.pretrain_shots)
         if stage == "pretrain"
-        else pc.shots,  # type: ignore[arg-type]
+        else pc.shots,
         steps=steps,
         lr=float(budget(pc.lr)),
         batch_size=pc.batch_size,

@@ -76,14 +76,13 @@ def _help(f: dataclasses.Field[Any], kind: Any) -> str:
     """The field's help, with its default where it has one worth saying (argparse formats help with
     %-style placeholders, so a literal % is doubled)."""
     text = str(f.metadata["help"])
-    default = f.default
-    if kind is not bool and default is not dataclasses.MISSING and default is not None:
-        shown = (
-            " ".join(map(str, default))
-            if isinstance(default, tuple)
-            else f"{default:g}"
-            if isinstance(default, float)
-            else str(default)
-        )
-        text += f" (default {shown})"
+    if kind is not bool and f.default is not dataclasses.MISSING and f.default is not None:
+        text += f" (default {_shown(f.default)})"
     return text.replace("%", "%%")
+
+
+def _shown(value: Any) -> str:
+    """A default as it would be typed: ``1 8`` for a pair, ``0.001`` for a float."""
+    if isinstance(value, tuple):
+        return " ".join(map(str, value))
+    return f"{value:g}" if isinstance(value, float) else str(value)

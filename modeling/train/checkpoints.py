@@ -58,6 +58,7 @@ def load_model(
     # Absolute, so a LoRA adapter trained on it names a base that loads from any working directory.
     path = check_model_dir(path)
     torch_dtype = getattr(torch, dtype)
+    model: Any
     try:
         if (path / "adapter_config.json").is_file():
             from peft import PeftModel

@@ -305,9 +305,17 @@ class TrainConfig:
         """Whether a manifest's saved config is this one. A field added to TrainConfig since it was
         written counts as its default (that is what the run trained with)."""
         defaults = {
-            f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            f.name: _field_default(f)
             for f in dataclasses.fields(self)
             if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
         }
         filled = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
         return json.loads(json.dumps(filled)) == json.loads(json.dumps(self.to_dict()))
+
+
+def _field_default(f: dataclasses.Field[Any]) -> Any:
+    """A field's default value (made by its factory when it has one)."""
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    assert f.default_factory is not dataclasses.MISSING
+    return f.default_factory()

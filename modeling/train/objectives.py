@@ -32,21 +32,22 @@ def _sft_loss(model: Any, examples: list[Example], cfg: TrainConfig, pad_id: int
                 targets.append(t)
         logits, labels, mask, n = response_logits(model, prompts, targets, pad_id=pad_id)
         return sft_loss(logits, labels, mask), n
-    rows, labels = [], []
+    rows: list[list[int]] = []
+    label_rows: list[list[int]] = []
     for ex in examples:
         targets = [ex.chosen] + ([ex.rejected] if cfg.sft_include_rejected else [])
         for t in targets:
             rows.append(ex.prompt + t)
             # pretrain: the whole sequence is text to model; Pref-FT: only the response (prompt masked).
             if cfg.stage == "pretrain":
-                labels.append(ex.prompt + t)
+                label_rows.append(ex.prompt + t)
             else:
-                labels.append((ex.prompt_labels or [-100] * len(ex.prompt)) + t)
+                label_rows.append((ex.prompt_labels or [-100] * len(ex.prompt)) + t)
     width = max(map(len, rows))
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     lab = torch.full((len(rows), width), -100, dtype=torch.long)
     att = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (r, lb) in enumerate(zip(rows, labels, strict=True)):
+    for i, (r, lb) in enumerate(zip(rows, label_rows, strict=True)):
         ids[i, : len(r)] = torch.tensor(r)
         lab[i, : len(lb)] = torch.tensor(lb)
         att[i, : len(r)] = 1
