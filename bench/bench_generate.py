@@ -92,26 +92,11 @@ def build_workload(tmp: Path, args: argparse.Namespace) -> tuple[Path, Path | No
             intermediate_size=1024,
             max_position_embeddings=4096,
         )
-    adapter = random_lora(model_dir, tmp / "lora") if args.lora else None
-    return model_dir, adapter
+    if not args.lora:
+        return model_dir, None
+    from modeling.tinymodel import random_lora_adapter
 
-
-def random_lora(model_dir: Path, out: Path) -> Path:
-    """A LoRA adapter as ``fspo train --lora`` shapes it (r 16, alpha 32, all linear layers) with random
-    B matrices (peft zero-inits them), so merging it changes the weights."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    peft_model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
-    peft_model.save_pretrained(out)
-    return out
+    return model_dir, random_lora_adapter(model_dir, tmp / "lora")
 
 
 def _rss_kb(field: str) -> int:

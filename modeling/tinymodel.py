@@ -173,3 +173,22 @@ def build_tiny_causal_lm(
     tokenizer.model_max_length = max_position_embeddings
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+def random_lora_adapter(model_dir: str | Path, out_dir: str | Path, *, seed: int = 0) -> Path:
+    """Save a LoRA adapter of the model in ``model_dir`` shaped as ``fspo train --lora`` makes them (r 16,
+    alpha 32, every linear layer) whose B matrices are random (scale 0.1; peft zero-inits them), so that
+    it changes the model's outputs, to ``out_dir``. For tests and benches of the adapter paths
+    (merging, serving by name, batching arms) without a training run. Returns ``out_dir``."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    peft_model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+    peft_model.save_pretrained(str(out_dir))
+    return Path(out_dir)

@@ -34,15 +34,15 @@ from ..llm import (
     fspo_prompt_ids,
     model_and_adapter_dirs,
 )
-from .decoding import (
+from .decoding import generate_for_users
+from .fitting import fit_to_context
+from .generation import (
     Generation,
     GenerationStats,
     UserQuestions,
     _check_decoding,
     _regroup,
     finish_generation,
-    fit_to_context,
-    generate_for_users,
     question_seed,
 )
 

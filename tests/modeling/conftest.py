@@ -247,23 +247,11 @@ def smollm2_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_lora_dir(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A LoRA adapter on SmolLM2 shaped as ``fspo train --lora`` makes them (r 16, alpha 32, every
-    linear layer) whose B matrices are random (peft zero-inits them), so it changes greedy outputs
-    while they stay English."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    """A LoRA adapter on SmolLM2 shaped as ``fspo train --lora`` makes them, with random B matrices
+    (tinymodel.random_lora_adapter), so it changes greedy outputs while they stay English."""
+    from modeling.tinymodel import random_lora_adapter
 
-    model = AutoModelForCausalLM.from_pretrained(smollm2_dir)
-    peft_model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
-    out = tmp_path_factory.mktemp("smollm2-lora") / "adapter"
-    peft_model.save_pretrained(out)
-    return out
+    return random_lora_adapter(smollm2_dir, tmp_path_factory.mktemp("smollm2-lora") / "adapter")
 
 
 SMOLLM2_NAME = "smollm2"  # served name of SmolLM2-135M-Instruct
