@@ -81,13 +81,25 @@ def expect_live(
         expect(dashboard.locator(f"[data-step={step}]")).to_have_text(str(count), timeout=timeout)
 
 
-def expect_win_rate(dashboard: Page, *, wins: int, n: int, rate: str, timeout: int = TIMEOUT_MS) -> None:
+def expect_win_rate(dashboard: Page, *, wins: float, n: int, timeout: int = TIMEOUT_MS) -> None:
+    """The dashboard's one comparison shows `wins` (ties as halves) of `n` and their rate."""
     row = dashboard.locator("#win-rates tbody tr")
     expect(row).to_have_count(1)
     expect(row.get_by_role("rowheader")).to_have_text(re.compile(r"^\s*fspo\s+vs\s+base\s*$"))
-    expect(row.locator("[data-wr=wins]")).to_have_text(str(wins), timeout=timeout)
+    expect(row.locator("[data-wr=wins]")).to_have_text(f"{wins:g}", timeout=timeout)
     expect(row.locator("[data-wr=n]")).to_have_text(str(n), timeout=timeout)
+    rate = f"{100 * wins / n:.1f}%" if n else "—"
     expect(row.locator("[data-wr=rate]")).to_have_text(rate, timeout=timeout)
+
+
+def fspo_score(item: RatingItem, chosen: str) -> float:
+    """What a rating of `item` choosing `chosen`'s response adds to FSPO's wins: 1 or 0, or 1/2 when the
+    two responses are the same text (the tiny random model can write the same answer with and without
+    the shots: neither was better, whatever was clicked; modeling.winrate)."""
+    assert item.left is not None and item.right is not None
+    if item.left.text == item.right.text:
+        return 0.5
+    return 1.0 if chosen == "fspo" else 0.0
 
 
 def sticking_out(page: Page) -> list[str]:
@@ -267,7 +279,7 @@ def test_a_coordinator_creates_a_study_and_watches_its_dashboard_follow_particip
     expect(dashboard.locator("#dashboard-live")).to_have_attribute("data-live", "Live")
     expect_live(dashboard, steps=by_step(), participants=0, completed=0, ratings=0)
     expect(dashboard.locator("[data-field=median_completion]")).to_have_text("—")
-    expect_win_rate(dashboard, wins=0, n=0, rate="—")
+    expect_win_rate(dashboard, wins=0, n=0)
     dashboard.evaluate("() => { window.fspoNotReloaded = true; }")
     screenshots.take(dashboard, "dashboard-new")
 
@@ -313,7 +325,7 @@ def test_a_coordinator_creates_a_study_and_watches_its_dashboard_follow_particip
         # attention check as it asks; the repeat counts for neither. The win rate follows each one.
         participant = Participant.objects.get(study=study)
         items = RatingItem.objects.filter(participant=participant).select_related("left__arm", "right__arm")
-        counted = 0
+        counted, wins = 0, 0.0
         for number in range(1, participant.n_ratings + 1):
             at(one, asgi_server, f"/s/{SLUG}/rate/{number}/")
             item = items.get(position=number - 1)
@@ -322,16 +334,17 @@ def test_a_coordinator_creates_a_study_and_watches_its_dashboard_follow_particip
             elif item.is_repeat:
                 side = Side.LEFT
             else:
-                side = arm_side(item, "fspo" if counted == 0 else "base")
-                counted += 1
+                chosen = "fspo" if counted == 0 else "base"
+                side = arm_side(item, chosen)
+                counted, wins = counted + 1, wins + fspo_score(item, chosen)
             one.get_by_role("radio", name=side_label(side), exact=True).check()
             one.get_by_role("radio", name="4", exact=True).check()
             one.get_by_role("button", name="Next").click()
             if counted == 1:
-                expect_win_rate(dashboard, wins=1, n=1, rate="100.0%")
+                expect_win_rate(dashboard, wins=wins, n=1)
                 expect(dashboard.locator("[data-field=ratings]")).to_have_text("1")
         assert counted == N_EVALUATION
-        expect_win_rate(dashboard, wins=1, n=2, rate="50.0%")
+        expect_win_rate(dashboard, wins=wins, n=2)
         # One participant: no interval yet (it resamples participants; modeling.winrate).
         expect(dashboard.locator("#win-rates [data-wr=ci]")).not_to_have_text(re.compile(r"\d"))
         expect_live(dashboard, steps=by_step(survey=1), participants=1, ratings=N_EVALUATION)
