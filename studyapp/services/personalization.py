@@ -13,7 +13,7 @@ that was never queued.
 
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 
 from django.core.exceptions import ValidationError
@@ -61,17 +61,11 @@ def personalize_enqueue(participant_id: int) -> None:
 
 
 def _generation_not_queued(participant_id: int, error: str) -> None:
-    """The participant's queued generation was never enqueued: it failed (a coordinator can retry it)."""
-    with transaction.atomic():
-        participant = participant_for_update(participant_id=participant_id)
-        if participant is None or (participant.state, participant.generation) != (
-            State.WAITING,
-            Generation.QUEUED,
-        ):
-            return
-        participant.generation, participant.generation_error = Generation.FAILED, error
-        participant.save(update_fields=["generation", "generation_error", "updated_at"])
-        notify_participant_changed_on_commit(participant)
+    """The participant's queued generation was never enqueued: it failed (a coordinator can retry it),
+    unless a worker has already moved it on."""
+    _generation_failed(
+        participant_id, error, lambda p: (p.state, p.generation) == (State.WAITING, Generation.QUEUED)
+    )
 
 
 def _awaits_responses(participant: Participant) -> bool:
@@ -95,9 +89,15 @@ def participant_generation_start(*, participant_id: int) -> bool:
 
 def participant_generation_fail(*, participant_id: int, error: str) -> None:
     """Generation failed for good: the participant's page says so, and coordinators see `error`."""
+    _generation_failed(participant_id, error, _awaits_responses)
+
+
+def _generation_failed(participant_id: int, error: str, concerns: Callable[[Participant], bool]) -> None:
+    """Mark the participant's generation failed with `error`, under their lock, if `concerns` them
+    still holds; their page and the dashboards are told on commit."""
     with transaction.atomic():
         participant = participant_for_update(participant_id=participant_id)
-        if participant is None or not _awaits_responses(participant):
+        if participant is None or not concerns(participant):
             return
         participant.generation, participant.generation_error = Generation.FAILED, error
         participant.save(update_fields=["generation", "generation_error", "updated_at"])
