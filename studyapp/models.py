@@ -6,12 +6,14 @@ annotation/models.py.
 
 import secrets
 import uuid
+from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from django.db.models import F, Q
+from django.utils import timezone
 
 
 class Study(models.Model):
@@ -204,6 +206,10 @@ class Participant(models.Model):
     )
     # Finished without completing, judgments kept: the analyses leave their judgments out.
     EXCLUDED_STATES = (State.RETURNED, State.TIMED_OUT)
+    # How long a queued generation may take to reach the broker before it counts as never sent.
+    UNSENT_GRACE = timedelta(seconds=5)
+    # How generation_error starts while their task waits for the broker to come back (then it is sent).
+    NOT_SENT = "Not sent yet (the task queue could not be reached; it is sent once it is back): "
     # Hold no place in the quota: they never started, have left, or have been let go.
     PLACE_FREED_STATES = (State.WITHDRAWN, State.DECLINED, State.SCREENED_OUT, *EXCLUDED_STATES)
 
@@ -223,6 +229,16 @@ class Participant(models.Model):
     consented_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
     updated_at = models.DateTimeField(auto_now=True)
+    # The quota place the participant holds (1..study.quota), taken when they consent and given back
+    # when they leave (services.participants): a unique number per study, so the quota stays exact
+    # without locking the study for every arrival. None: no place (not consented yet, or gone).
+    place = models.PositiveIntegerField(null=True, blank=True, editable=False)
+    # Their generation's last sign of life: set when a worker starts it and every few seconds while it
+    # runs (services.personalization), so a generation whose worker died is found and queued again.
+    generation_heartbeat_at = models.DateTimeField(null=True, blank=True, editable=False)
+    # When their `personalize` task was handed to the broker; None while queued means it never was (the
+    # broker was down, or the web process died first): the stale-work sweeper sends it.
+    generation_sent_at = models.DateTimeField(null=True, blank=True, editable=False)
 
     class Meta:
         constraints = [
@@ -230,6 +246,14 @@ class Participant(models.Model):
                 fields=["study", "recruitment_id_hash"],
                 condition=Q(recruitment_id_hash__isnull=False),
                 name="one_participant_per_recruitment_id",
+            ),
+            models.UniqueConstraint(
+                fields=["study", "place"], condition=Q(place__isnull=False), name="one_participant_per_place"
+            ),
+            models.CheckConstraint(
+                condition=Q(place__isnull=True)
+                | ~Q(state__in=["withdrawn", "declined", "screened_out", "returned", "timed_out"]),
+                name="no_place_once_gone",
             ),
             models.CheckConstraint(condition=Q(picks_done__lte=F("n_picks")), name="picks_done_lte_n"),
             models.CheckConstraint(condition=Q(ratings_done__lte=F("n_ratings")), name="ratings_done_lte_n"),
@@ -267,9 +291,39 @@ class Participant(models.Model):
 
     @property
     def may_retry_generation(self) -> bool:
-        """Whether a coordinator can run the participant's generation again: it failed for good while
-        they wait."""
-        return self.state == self.State.WAITING and self.generation == self.Generation.FAILED
+        """Whether a coordinator can run the participant's generation again: it failed for good, is
+        stuck (generation_is_stuck), or has been queued for longer than settings.STALE_WORK_AFTER_S
+        (its task may be held by a worker that died before starting it; a second task for it is
+        harmless, as only a queued generation starts), while they wait."""
+        if self.state != self.State.WAITING:
+            return False
+        if self.generation == self.Generation.FAILED or self.generation_is_stuck():
+            return True
+        long_ago = timezone.now() - timedelta(seconds=settings.STALE_WORK_AFTER_S)
+        return self.generation == self.Generation.QUEUED and self.updated_at < long_ago
+
+    @property
+    def generation_is_delayed(self) -> bool:
+        """Waiting on a task the broker could not take yet (it is sent once the broker is back)."""
+        return (
+            self.state == self.State.WAITING
+            and self.generation == self.Generation.QUEUED
+            and self.generation_sent_at is None
+            and self.generation_error.startswith(self.NOT_SENT)
+        )
+
+    def generation_is_stuck(self, *, stale: datetime | None = None) -> bool:
+        """Queued but never handed to the broker, or running with no heartbeat since `stale` (by default
+        settings.STALE_WORK_AFTER_S ago): its worker is gone, or its task never left."""
+        now = timezone.now()
+        if self.generation == self.Generation.QUEUED:
+            # One queued a moment ago may still be on its way to the broker (its on_commit callback).
+            unsent = self.generation_sent_at is None
+            return unsent and (self.generation_is_delayed or self.updated_at < now - self.UNSENT_GRACE)
+        if self.generation != self.Generation.RUNNING:
+            return False
+        stale = stale or now - timedelta(seconds=settings.STALE_WORK_AFTER_S)
+        return self.generation_heartbeat_at is None or self.generation_heartbeat_at < stale
 
 
 class Job(models.Model):
@@ -310,6 +364,9 @@ class Job(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
+    # The running job's last sign of life (its progress, or a beat every few seconds): a running job
+    # silent for longer than settings.STALE_WORK_AFTER_S lost its worker and is queued again.
+    heartbeat_at = models.DateTimeField(null=True, blank=True, editable=False)
 
     class Meta:
         ordering = ["-created_at"]

@@ -8,7 +8,9 @@ and records nothing; a POST that tampers with its fields gets a 400 and changes 
 from collections.abc import Callable
 from functools import wraps
 from typing import Any
+from urllib.parse import urlencode
 
+from django.core import signing
 from django.core.exceptions import ValidationError
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
@@ -19,15 +21,20 @@ from django.views.decorators.http import require_GET, require_http_methods
 from annotation.selectors import elicitation_item_at, rating_item_at
 from studyapp.flow import Step, participant_next_step, participant_progress, step_url
 from studyapp.forms import PickForm, RatingForm, SurveyForm
-from studyapp.models import Participant, Study
+from studyapp.models import Participant, Study, new_participant_token
 from studyapp.realtime import live_socket_path
-from studyapp.selectors import participant_by_token, participant_outcome, participant_status
+from studyapp.selectors import (
+    participant_by_recruitment_id,
+    participant_by_token,
+    participant_outcome,
+    participant_status,
+)
 from studyapp.services import (
     StudyClosed,
     elicitation_pick_record,
     item_mark_shown,
     participant_consent,
-    participant_enroll,
+    participant_join,
     participant_start_elicitation,
     participant_withdraw,
     rating_record,
@@ -35,6 +42,9 @@ from studyapp.services import (
 )
 from studyapp.sessions import session_bind, session_token
 
+# A newcomer's consent form is good for this long (then "open the study link again").
+ENROLMENT_SALT = "studyapp.participant-enrolment"
+ENROLMENT_MAX_AGE_S = 24 * 3600
 # Recruitment platforms append these to the entry link (Prolific's names).
 RECRUITMENT_PARAMS = ("PROLIFIC_PID", "STUDY_ID", "SESSION_ID")
 RECRUITMENT_PARAM_MAX_LENGTH = 64
@@ -99,44 +109,108 @@ def _bad_request(request: HttpRequest, message: str) -> HttpResponse:
     return render(request, "participant/error.html", {"message": message}, status=400)
 
 
-@never_cache
-@require_GET
-def entry(request: HttpRequest, slug: str) -> HttpResponse:
-    """/s/<slug>/?PROLIFIC_PID=…&STUDY_ID=…&SESSION_ID=…: the same recruitment id always comes back to
-    the same participant; without one, this browser's participant, or a new one with a generated id."""
-    study = get_object_or_404(Study, slug=slug)
+def _recruitment_params(request: HttpRequest) -> dict[str, str] | HttpResponse:
+    """The link's recruitment parameters (empty when absent), or a 400 page when one is too long."""
     params = {name: request.GET.get(name, "").strip() for name in RECRUITMENT_PARAMS}
     for name, value in params.items():
         if len(value) > RECRUITMENT_PARAM_MAX_LENGTH:
             return _bad_request(
                 request, f"The link's {name} is too long. Please use the link you were given."
             )
-    participant = None if params["PROLIFIC_PID"] else _session_participant(request, slug)
-    if participant is None:
-        try:
-            participant = participant_enroll(
-                study=study,
-                recruitment_id=params["PROLIFIC_PID"] or None,
-                recruitment_study_id=params["STUDY_ID"],
-                recruitment_session_id=params["SESSION_ID"],
-            )
-        except StudyClosed:
-            return render(request, "participant/closed.html", {"study": study})
-        session_bind(request.session, study_slug=slug, token=participant.token)
-    return redirect(step_url(slug, participant_next_step(participant)))
+    return params
 
 
-@participant_page("consent")
-def consent(request: HttpRequest, participant: Participant, step: Step) -> HttpResponse:
+def _known_participant(request: HttpRequest, study: Study, params: dict[str, str]) -> Participant | None:
+    """The link's participant (by PROLIFIC_PID), now bound to this browser; without an id, this browser's."""
+    if not params["PROLIFIC_PID"]:
+        return _session_participant(request, study.slug)
+    participant = participant_by_recruitment_id(study=study, recruitment_id=params["PROLIFIC_PID"])
+    if participant is not None:
+        session_bind(request.session, study_slug=study.slug, token=participant.token)
+    return participant
+
+
+@never_cache
+@require_GET
+def entry(request: HttpRequest, slug: str) -> HttpResponse:
+    """/s/<slug>/?PROLIFIC_PID=…&STUDY_ID=…&SESSION_ID=…: the same recruitment id always comes back to
+    the same participant; without one, this browser's participant. A newcomer goes to the consent page
+    with the link's parameters, and nothing is stored yet: a link fetched by a bot or a prefetcher
+    creates no participant and takes no place."""
+    study = get_object_or_404(Study, slug=slug)
+    params = _recruitment_params(request)
+    if isinstance(params, HttpResponse):
+        return params
+    participant = _known_participant(request, study, params)
+    if participant is not None:
+        return redirect(step_url(slug, participant_next_step(participant)))
+    if not study.is_open:
+        return render(request, "participant/closed.html", {"study": study})
+    query = urlencode({k: v for k, v in params.items() if v})
+    return redirect(reverse("participant-consent", kwargs={"slug": slug}) + (f"?{query}" if query else ""))
+
+
+@never_cache
+@require_http_methods(["GET", "POST"])
+def consent(request: HttpRequest, slug: str) -> HttpResponse:
+    """The consent page, of a newcomer (no participant yet: agreeing or declining makes one, and
+    agreeing takes a quota place) or of a participant who has not decided. The newcomer's form carries
+    a signed token, so a double-click makes one participant and a forged form none."""
+    study = get_object_or_404(Study, slug=slug)
+    params = _recruitment_params(request)
+    if isinstance(params, HttpResponse):
+        return params
+    participant = _known_participant(request, study, params)
+    if participant is not None and participant_next_step(participant) != Step("consent"):
+        return redirect(step_url(slug, participant_next_step(participant)))
+    if participant is None and not study.is_open:
+        return render(request, "participant/closed.html", {"study": study})
     if request.method == "POST":
-        decision = request.POST.get("decision")
-        if decision not in ("agree", "decline"):
-            return _page(
-                request, participant, step, "consent.html", {"error": "Choose to take part or not."}, 400
-            )
+        return _consent_decided(request, study, participant, params)
+    return _consent_page(request, study, participant)
+
+
+def _consent_page(
+    request: HttpRequest, study: Study, participant: Participant | None, error: str = ""
+) -> HttpResponse:
+    context = {
+        "study": study,
+        "participant": participant,
+        "progress": participant_progress(participant, Step("consent")),
+        "enrolment": "" if participant else signing.dumps(new_participant_token(), salt=ENROLMENT_SALT),
+        "error": error,
+    }
+    return render(request, "participant/consent.html", context, status=400 if error else 200)
+
+
+def _consent_decided(
+    request: HttpRequest, study: Study, participant: Participant | None, params: dict[str, str]
+) -> HttpResponse:
+    decision = request.POST.get("decision")
+    if decision not in ("agree", "decline"):
+        return _consent_page(request, study, participant, "Choose to take part or not.")
+    if participant is not None:
         participant_consent(participant=participant, agreed=decision == "agree")
         return _to_current_step(participant)
-    return _page(request, participant, step, "consent.html")
+    try:
+        token = signing.loads(
+            request.POST.get("enrolment", ""), salt=ENROLMENT_SALT, max_age=ENROLMENT_MAX_AGE_S
+        )
+    except signing.BadSignature:
+        return _bad_request(request, "This page has expired. Please open the study link again.")
+    try:
+        participant = participant_join(
+            study=study,
+            agreed=decision == "agree",
+            token=token,
+            recruitment_id=params["PROLIFIC_PID"] or None,
+            recruitment_study_id=params["STUDY_ID"],
+            recruitment_session_id=params["SESSION_ID"],
+        )
+    except StudyClosed:
+        return render(request, "participant/closed.html", {"study": study})
+    session_bind(request.session, study_slug=study.slug, token=participant.token)
+    return redirect(step_url(study.slug, participant_next_step(participant)))
 
 
 @participant_page("instructions")

@@ -15,6 +15,7 @@ SYNTH_GENERATE = f"{TASKS_MODULE}.synth_generate"
 TRAIN_CHECKPOINT = f"{TASKS_MODULE}.train_checkpoint"
 EVALUATE_ARMS = f"{TASKS_MODULE}.evaluate_arms"
 EXPIRE_PARTICIPANTS = f"{TASKS_MODULE}.expire_participants"
+SWEEP_STALE_WORK = f"{TASKS_MODULE}.sweep_stale_work"
 
 GPU, CPU = "gpu", "cpu"
 # Model work runs on `gpu` (one worker per GPU, concurrency 1), everything else on `cpu`.
@@ -24,6 +25,7 @@ TASK_QUEUES: dict[str, str] = {
     EVALUATE_ARMS: GPU,
     SYNTH_GENERATE: CPU,
     EXPIRE_PARTICIPANTS: CPU,
+    SWEEP_STALE_WORK: CPU,
 }
 # A model task added later under one of these families' names (worker.tasks.train_fspo, say) goes to
 # `gpu` without a route of its own; any other task goes to the default queue, `cpu`.

@@ -232,7 +232,8 @@ class ScriptedParticipant:
     async def _enter(self) -> httpx.Response:
         r = await self.follow(await self.send("GET entry", "GET", self.root, params=self.entry))
         self.expect(r, "consent/", "the consent page")
-        r = await self.follow(await self.post("POST consent", r, {"decision": "agree"}))
+        consent = {"decision": "agree", "enrolment": form_field(r.text, "enrolment")}
+        r = await self.follow(await self.post("POST consent", r, consent))
         self.expect(r, "instructions/", "the instructions")
         self.say(f"  entry link (PROLIFIC_PID={self.recruitment_id}), consent, instructions: ok")
         return await self.follow(await self.post("POST instructions", r, {}))
@@ -368,10 +369,12 @@ class ScriptedParticipant:
             )
 
     async def post(self, kind: str, page: httpx.Response, data: dict[str, str]) -> httpx.Response:
-        """POST the page's form (to the page's own address) with its CSRF token, not following the
-        redirect."""
+        """POST the page's form (to the page's own address, its query included) with its CSRF token, not
+        following the redirect."""
         token = form_field(page.text, "csrfmiddlewaretoken")
-        return await self.send(kind, "POST", page.url.path, {"csrfmiddlewaretoken": token, **data})
+        return await self.send(
+            kind, "POST", page.url.raw_path.decode(), {"csrfmiddlewaretoken": token, **data}
+        )
 
     async def submit(
         self,

@@ -25,6 +25,14 @@ def participant_by_token(*, study_slug: str, token: str | None) -> Participant |
     return Participant.objects.select_related("study").filter(study__slug=study_slug, token=token).first()
 
 
+def participant_by_recruitment_id(*, study: Study, recruitment_id: str) -> Participant | None:
+    """The study's participant with this recruitment id (PROLIFIC_PID; stored only as its keyed hash)."""
+    id_hash = recruitment_id_hash(recruitment_id)
+    return (
+        Participant.objects.select_related("study").filter(study=study, recruitment_id_hash=id_hash).first()
+    )
+
+
 def participant_for_update(*, participant_id: int) -> Participant | None:
     """The participant (with its study), locked until the end of the current transaction: every change
     to a participant goes through this, so two tabs or a double-click never both move them."""
@@ -33,19 +41,32 @@ def participant_for_update(*, participant_id: int) -> Participant | None:
 
 def participant_status(*, participant: Participant) -> dict[str, Any]:
     """What the waiting page needs to know (the socket and the polling endpoint send exactly this).
-    Never the generation error: that is for coordinators."""
-    return {"state": participant.state, "generation": participant.generation}
+    Never the generation error: that is for coordinators. `delayed`: their generation is queued but the
+    broker has not taken it yet (it is sent once the broker is back)."""
+    return {
+        "state": participant.state,
+        "generation": participant.generation,
+        "delayed": participant.generation_is_delayed,
+    }
 
 
 def participant_status_by_token(*, token: str) -> dict[str, Any] | None:
-    participant = Participant.objects.filter(token=token).only("state", "generation").first()
+    fields = ("state", "generation", "generation_sent_at", "generation_error")
+    participant = Participant.objects.filter(token=token).only(*fields).first()
     return None if participant is None else participant_status(participant=participant)
 
 
+def study_places_held(*, study: Study) -> set[int]:
+    """The quota places (numbers in 1..quota, Participant.place) that the study's participants hold."""
+    places = Participant.objects.filter(study=study, place__isnull=False).values_list("place", flat=True)
+    return {place for place in places if place is not None}
+
+
 def study_places_taken(*, study: Study) -> int:
-    """Participants who are taking the study or have completed it (what the quota counts): withdrawn,
-    declined, screened-out, returned and timed-out participants hold no place."""
-    return Participant.objects.filter(study=study).exclude(state__in=Participant.PLACE_FREED_STATES).count()
+    """Participants who hold a place (what the quota counts): they consented and are taking the study or
+    have completed it. Not yet consented, withdrawn, declined, screened-out, returned and timed-out
+    participants hold none."""
+    return Participant.objects.filter(study=study, place__isnull=False).count()
 
 
 def participant_attention_failures(*, participant: Participant) -> int:

@@ -13,7 +13,7 @@ import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 from kombu import Exchange, Queue
 
-from studyapp.queue import CPU, EXPIRE_PARTICIPANTS, GPU, task_routes
+from studyapp.queue import CPU, EXPIRE_PARTICIPANTS, GPU, SWEEP_STALE_WORK, task_routes
 
 
 def env_str(name: str, default: str) -> str:
@@ -213,11 +213,24 @@ CELERY_ACCEPT_CONTENT = ["json"]
 
 # Celery beat (`celery -A studyapp beat`): time out participants inactive past their study's time limit
 # every PARTICIPANT_EXPIRY_INTERVAL_S seconds (worker.tasks.expire_participants, on the cpu queue).
+# Work whose worker died (SIGKILL, a lost host) or whose task never reached the broker is found by the
+# stale-work sweeper (worker.tasks.sweep_stale_work), run by beat every STALE_WORK_SWEEP_S and by each
+# worker as it starts: a worker beats every HEARTBEAT_INTERVAL_S while it runs a generation or a job,
+# and one silent for STALE_WORK_AFTER_S is queued again (a job resumes from its checkpoint); a
+# generation queued but never handed to the broker is sent. (The broker's own redelivery of an
+# unacknowledged task waits for CELERY_VISIBILITY_TIMEOUT, sized for the longest training run.)
+HEARTBEAT_INTERVAL_S = env_int("HEARTBEAT_INTERVAL_S", 5)
+STALE_WORK_AFTER_S = env_int("STALE_WORK_AFTER_S", 30)
+STALE_WORK_SWEEP_S = env_int("STALE_WORK_SWEEP_S", 15)
+if STALE_WORK_AFTER_S <= 2 * HEARTBEAT_INTERVAL_S:
+    raise ImproperlyConfigured("STALE_WORK_AFTER_S must be more than twice HEARTBEAT_INTERVAL_S")
+
 CELERY_BEAT_SCHEDULE = {
     "expire-participants": {
         "task": EXPIRE_PARTICIPANTS,
         "schedule": env_int("PARTICIPANT_EXPIRY_INTERVAL_S", 300),
     },
+    "sweep-stale-work": {"task": SWEEP_STALE_WORK, "schedule": STALE_WORK_SWEEP_S},
 }
 
 # personalize(participant_id) on the gpu queue: retried with exponential back-off from

@@ -8,30 +8,70 @@ import only modeling.data, the light episode schema).
 
 import functools
 import json
+import logging
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from celery import Task, shared_task
+from celery.signals import worker_ready
 from django.conf import settings
+from django.db import connection
 
 from annotation.selectors import ArmEpisodes, PersonalizationRequest, personalization_request
 from studyapp import queue
 from studyapp.models import Job
 from studyapp.services import (
     NewResponse,
+    generations_recover,
     job_fail,
+    job_heartbeat,
     job_log_append,
     job_progress_record,
     job_start,
     job_succeed,
+    jobs_recover,
     participant_generation_fail,
+    participant_generation_heartbeat,
+    participant_generation_retry_later,
+    participant_generation_sent,
     participant_generation_start,
     participants_expire,
     responses_store,
 )
 
 ProgressCallback = Callable[[int, int, str], None]
+logger = logging.getLogger(__name__)
+
+
+@contextmanager
+def heartbeat(beat: Callable[[], None], *, every_s: float | None = None) -> Iterator[None]:
+    """Call `beat` every `every_s` seconds (settings.HEARTBEAT_INTERVAL_S) from a thread of its own while
+    the block runs: the sign of life by which the stale-work sweeper tells a busy worker from a dead one
+    (a model call can hold the task's own thread for minutes). A beat that fails is logged; the thread's
+    database connection is closed when the block ends."""
+    interval = settings.HEARTBEAT_INTERVAL_S if every_s is None else every_s
+    stop = threading.Event()
+
+    def run() -> None:
+        try:
+            while not stop.wait(interval):
+                try:
+                    beat()
+                except Exception:
+                    logger.warning("heartbeat failed", exc_info=True)
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=run, name="heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=interval + 5)
 
 
 def throttled(
@@ -87,7 +127,8 @@ def run_job(task: Task, job_id: str, work: JobWork) -> dict[str, Any]:
     if job is None:
         return {"job_id": job_id, "skipped": True}
     try:
-        result = json.loads(json.dumps(work(job, progress_reporter(task, job_id)), default=_plain))
+        with heartbeat(functools.partial(job_heartbeat, job_id=job_id)):
+            result = json.loads(json.dumps(work(job, progress_reporter(task, job_id)), default=_plain))
     except Exception as exc:
         job_fail(job_id=job_id, error=f"{type(exc).__name__}: {exc}")
         raise
@@ -96,7 +137,8 @@ def run_job(task: Task, job_id: str, work: JobWork) -> dict[str, Any]:
 
 
 # Jobs are not retried: a failed job says why on its page, and the coordinator launches another. A job
-# whose worker died is redelivered (acks_late) and starts again; training resumes from its checkpoint.
+# whose worker died is queued again by the stale-work sweeper (or redelivered, acks_late) and starts
+# again; training resumes from its checkpoint-last, and its log says from which step.
 @shared_task(name=queue.SYNTH_GENERATE, bind=True, acks_late=True)
 def synth_generate(self: Task, job_id: str) -> dict[str, Any]:
     """Generate the job's synthetic dataset (modeling.synth.generate_dataset) into its output folder;
@@ -235,14 +277,19 @@ def personalize(self: Task, participant_id: int) -> dict[str, Any]:
     if request is None or not participant_generation_start(participant_id=participant_id):
         return {"participant_id": participant_id, "stored": 0, "skipped": True}
     try:
-        responses = generate_responses(request)
+        with heartbeat(functools.partial(participant_generation_heartbeat, participant_id=participant_id)):
+            responses = generate_responses(request)
         stored = responses_store(participant_id=participant_id, responses=responses)
     except Exception as exc:
+        error = f"{type(exc).__name__}: {exc}"
         if self.request.retries >= self.max_retries:
-            participant_generation_fail(participant_id=participant_id, error=f"{type(exc).__name__}: {exc}")
+            participant_generation_fail(participant_id=participant_id, error=error)
             raise
         delay = settings.PERSONALIZE_RETRY_DELAY_S * 2**self.request.retries
-        raise self.retry(exc=exc, countdown=delay) from exc
+        participant_generation_retry_later(participant_id=participant_id, error=error)  # queued again
+        retry = self.retry(exc=exc, countdown=delay)  # sends the retry; raised below
+        participant_generation_sent(participant_id=participant_id)
+        raise retry from exc
     return {
         "participant_id": participant_id,
         "stored": len(responses) if stored else 0,
@@ -256,3 +303,23 @@ def expire_participants() -> dict[str, int]:
     (services.participants_expire). Run every few minutes by Celery beat (CELERY_BEAT_SCHEDULE); safe to
     run again at any time."""
     return {"timed_out": participants_expire()}
+
+
+@shared_task(name=queue.SWEEP_STALE_WORK)
+def sweep_stale_work() -> dict[str, int]:
+    """Queue again what lost its worker, and send what never reached the broker
+    (services.generations_recover, services.jobs_recover). Run by Celery beat every
+    settings.STALE_WORK_SWEEP_S and by every worker as it starts; safe to run at any time, anywhere."""
+    return {**generations_recover(), "jobs_requeued": jobs_recover()}
+
+
+@worker_ready.connect
+def _sweep_on_start(**_: Any) -> None:
+    """A worker that starts (after a crash, say) looks for stale work at once rather than at the next
+    beat."""
+    try:
+        logger.info("stale work at start: %s", sweep_stale_work())
+    except Exception:
+        logger.warning("the stale-work sweep at start failed", exc_info=True)
+    finally:
+        connection.close()

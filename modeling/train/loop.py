@@ -38,6 +38,8 @@ def train(
     run = setup_run(cfg, device or default_device(), progress)
     if not run.history:
         run.history.append({"step": 0, **run.evaluate()})
+    elif log:  # a killed run going on: the log says from where
+        log({"step": run.start_step, "resumed_from": RESUME_DIR})
     tokens, t0 = 0, time.perf_counter()
     for step in range(run.start_step, cfg.steps):
         examples = _examples(run.src, run.tok, cfg, step, limit=run.limit)

@@ -10,19 +10,23 @@ change the state, notify on commit (studyapp.realtime).
   the journey (returned, timed out);
 - journey.py: the judgments: picks, ratings, survey;
 - personalization.py: the generation of a participant's responses: enqueued on commit (studyapp.queue),
-  started, failed, retried by a coordinator, stored with the A/B items;
+  started, kept alive by heartbeats, recovered when its worker or its broker failed (generations_recover),
+  failed, retried by a coordinator, stored with the A/B items;
 - studies.py: creating and editing studies (settings, arms, comparisons, question pool);
-- jobs.py: coordinators' background jobs and their progress.
+- jobs.py: coordinators' background jobs, their progress and heartbeats, and their recovery when their
+  worker was lost (jobs_recover).
 """
 
 from .jobs import (
     job_enqueue,
     job_fail,
+    job_heartbeat,
     job_launch,
     job_log_append,
     job_progress_record,
     job_start,
     job_succeed,
+    jobs_recover,
 )
 from .journey import (
     REASON_MAX_LENGTH,
@@ -36,6 +40,7 @@ from .participants import (
     StudyClosed,
     participant_consent,
     participant_enroll,
+    participant_join,
     participant_mark_returned,
     participant_start_elicitation,
     participant_withdraw,
@@ -44,9 +49,13 @@ from .participants import (
 )
 from .personalization import (
     NewResponse,
+    generations_recover,
     participant_generation_fail,
+    participant_generation_heartbeat,
     participant_generation_queue,
     participant_generation_retry,
+    participant_generation_retry_later,
+    participant_generation_sent,
     participant_generation_start,
     personalize_enqueue,
     responses_store,
@@ -61,19 +70,26 @@ __all__ = [
     "NewResponse",
     "StudyClosed",
     "elicitation_pick_record",
+    "generations_recover",
     "item_mark_shown",
     "job_enqueue",
     "job_fail",
+    "job_heartbeat",
     "job_launch",
     "job_log_append",
     "job_progress_record",
     "job_start",
     "job_succeed",
+    "jobs_recover",
     "participant_consent",
     "participant_enroll",
+    "participant_join",
     "participant_generation_fail",
+    "participant_generation_heartbeat",
     "participant_generation_queue",
     "participant_generation_retry",
+    "participant_generation_retry_later",
+    "participant_generation_sent",
     "participant_generation_start",
     "participant_mark_returned",
     "participant_start_elicitation",

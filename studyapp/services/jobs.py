@@ -6,10 +6,12 @@ import json
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import asdict
+from datetime import datetime, timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.validators import validate_slug
 from django.db import transaction
@@ -222,18 +224,50 @@ def _job_save(job: Job, log: str = "") -> None:
 
 
 def job_start(*, job_id: str, celery_task_id: str = "") -> Job | None:
-    """A worker has picked the job up: it is running. None when there is nothing to run: the job is gone
-    or has finished (a redelivered message). A job found running was lost with its worker and starts again
-    (training resumes from its last checkpoint)."""
+    """A worker has picked the job up: it is running. None when there is nothing to run: the job is gone,
+    has finished, or is running on a live worker (a duplicate or redelivered message). A job found running
+    with no heartbeat for settings.STALE_WORK_AFTER_S was lost with its worker and starts again (training
+    resumes from its last checkpoint)."""
     with transaction.atomic():
         job = _job_change(job_id)
-        if job is None or job.is_finished:
+        if job is None or job.is_finished or (job.status == Job.Status.RUNNING and not _job_is_lost(job)):
             return None
-        again = job.status == Job.Status.RUNNING
-        job.status, job.started_at, job.error = Job.Status.RUNNING, timezone.now(), ""
+        again = job.status == Job.Status.RUNNING or job.started_at is not None
+        now = timezone.now()
+        job.status, job.started_at, job.heartbeat_at, job.error = Job.Status.RUNNING, now, now, ""
         job.celery_task_id = celery_task_id or job.celery_task_id
-        _job_save(job, "restarted (its worker was lost)" if again else "started")
+        _job_save(job, "started again (its worker was lost)" if again else "started")
         return job
+
+
+def _job_is_lost(job: Job, stale: datetime | None = None) -> bool:
+    stale = stale or timezone.now() - timedelta(seconds=settings.STALE_WORK_AFTER_S)
+    return job.heartbeat_at is None or job.heartbeat_at < stale
+
+
+def job_heartbeat(*, job_id: str) -> None:
+    """The worker running the job is alive (every settings.HEARTBEAT_INTERVAL_S)."""
+    Job.objects.filter(pk=job_id, status=Job.Status.RUNNING).update(heartbeat_at=timezone.now())
+
+
+def jobs_recover(*, now: datetime | None = None) -> int:
+    """The stale-work sweeper's part for jobs: a running job with no heartbeat for
+    settings.STALE_WORK_AFTER_S lost its worker; it is queued again (its page says so) and the next
+    worker starts it again, a training run resuming from its checkpoint-last. Returns how many."""
+    stale = (now or timezone.now()) - timedelta(seconds=settings.STALE_WORK_AFTER_S)
+    lost = Job.objects.filter(status=Job.Status.RUNNING, heartbeat_at__lt=stale).values_list("pk", flat=True)
+    requeued = 0
+    for job_id in lost:
+        with transaction.atomic():
+            job = _job_change(str(job_id))
+            if job is None or job.status != Job.Status.RUNNING or not _job_is_lost(job, stale):
+                continue
+            job.status, job.celery_task_id = Job.Status.QUEUED, str(uuid.uuid4())
+            quiet = int((timezone.now() - job.heartbeat_at).total_seconds()) if job.heartbeat_at else 0
+            _job_save(job, f"its worker was lost (no sign of life for {quiet} s): queued again")
+            transaction.on_commit(partial(job_enqueue, JOB_TASKS[job.kind], str(job.pk), job.celery_task_id))
+            requeued += 1
+    return requeued
 
 
 def job_progress_record(*, job_id: str, done: int, total: int, stage: str, log_line: str = "") -> None:
@@ -243,6 +277,7 @@ def job_progress_record(*, job_id: str, done: int, total: int, stage: str, log_l
         if job is None or job.status != Job.Status.RUNNING:
             return
         job.progress_done, job.progress_total, job.stage = max(done, 0), max(total, 0), stage[:200]
+        job.heartbeat_at = timezone.now()
         _job_save(job, log_line)
 
 

@@ -1,5 +1,6 @@
-"""Changes to participants outside their judgments and their personalization: enrolment, consent, the
-start of the picks, withdrawal, and the ends set from outside the journey (returned, timed out).
+"""Changes to participants outside their judgments and their personalization: enrolment, consent (and
+the quota place it takes), the start of the picks, withdrawal, and the ends set from outside the journey
+(returned, timed out), which give the place back.
 
 A participant row is locked (selectors.participant_for_update) by every change to it, so two tabs or a
 double-click can never both move it; every change of state tells the participant's open pages and the
@@ -9,14 +10,14 @@ import random
 from datetime import datetime, timedelta
 
 from django.core.exceptions import ValidationError
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from annotation.writers import elicitation_items_assign, participant_data_delete
 from studyapp.models import Participant, Study
 from studyapp.pseudonyms import recruitment_id_hash
 from studyapp.realtime import notify_participant_changed_on_commit, notify_study_on_commit
-from studyapp.selectors import participant_for_update, study_places_taken
+from studyapp.selectors import participant_for_update, study_places_held
 
 State = Participant.State
 Generation = Participant.Generation
@@ -41,51 +42,120 @@ def participant_enroll(
     recruitment_id: str | None = None,
     recruitment_study_id: str = "",
     recruitment_session_id: str = "",
+    token: str | None = None,
 ) -> Participant:
-    """The participant for this recruitment id, or a new one (a generated pseudonym when there is no id).
+    """The participant for this recruitment id (or this `token`), or a new one, at the consent step
+    with no place yet: a place is taken only by consenting (participant_consent).
 
-    The same recruitment id always gives back the same participant, whatever state they are in. A
-    newcomer is refused with StudyClosed when the study is not open, and is screened out (a participant in
-    state screened_out, who gets that code) when the quota is full."""
-    with transaction.atomic():
-        # Serialises enrolments in the study: the quota count and the one-row-per-id check stay true.
-        study = Study.objects.select_for_update().get(pk=study.pk)
-        id_hash = recruitment_id_hash(recruitment_id) if recruitment_id else None
-        if id_hash is not None:
-            existing = Participant.objects.select_related("study").filter(
-                study=study, recruitment_id_hash=id_hash
+    The same recruitment id always gives back the same participant, whatever state they are in, and so
+    does the same `token` (the consent page's, so a double-click makes one participant). A newcomer is
+    refused with StudyClosed when the study is not open. Nothing is locked: two arrivals with the same id
+    at once meet on the unique constraint, and the second gets the first's row."""
+    id_hash = recruitment_id_hash(recruitment_id) if recruitment_id else None
+    if existing := _participant_known(study, id_hash, token):
+        return existing
+    if not study.is_open:
+        raise StudyClosed(study.slug)
+    fields = {"token": token} if token else {}
+    try:
+        with transaction.atomic():
+            participant = Participant.objects.create(
+                study=study,
+                recruitment_id_hash=id_hash,
+                recruitment_study_id=recruitment_study_id[:64],
+                recruitment_session_id=recruitment_session_id[:64],
+                **fields,
             )
-            if participant := existing.first():
-                return participant
-        if not study.is_open:
-            raise StudyClosed(study.slug)
-        full = study_places_taken(study=study) >= study.quota
-        notify_study_on_commit(study.pk)
-        return Participant.objects.create(
+    except IntegrityError:
+        if existing := _participant_known(study, id_hash, token):
+            return existing
+        raise
+    notify_study_on_commit(study.pk)
+    return participant
+
+
+def _participant_known(study: Study, id_hash: str | None, token: str | None) -> Participant | None:
+    """The study's participant with this recruitment id hash, else with this token."""
+    participants = Participant.objects.select_related("study").filter(study=study)
+    if id_hash is not None and (found := participants.filter(recruitment_id_hash=id_hash).first()):
+        return found
+    return participants.filter(token=token).first() if token else None
+
+
+def participant_join(
+    *,
+    study: Study,
+    agreed: bool,
+    token: str,
+    recruitment_id: str | None = None,
+    recruitment_study_id: str = "",
+    recruitment_session_id: str = "",
+) -> Participant:
+    """A newcomer's decision on the consent page: their participant (participant_enroll) and their
+    consent (participant_consent), in one transaction."""
+    with transaction.atomic():
+        participant = participant_enroll(
             study=study,
-            recruitment_id_hash=id_hash,
-            recruitment_study_id=recruitment_study_id[:64],
-            recruitment_session_id=recruitment_session_id[:64],
-            state=State.SCREENED_OUT if full else State.CONSENT,
-            finished_at=timezone.now() if full else None,
+            recruitment_id=recruitment_id,
+            recruitment_study_id=recruitment_study_id,
+            recruitment_session_id=recruitment_session_id,
+            token=token,
         )
+        return participant_consent(participant=participant, agreed=agreed)
 
 
 def participant_consent(*, participant: Participant, agreed: bool) -> Participant:
-    """Consent given (on to the instructions) or declined (the study ends with the declined code).
-    A replay once the participant has moved on changes nothing."""
+    """Consent given (a quota place is taken, and on to the instructions; or, with every place taken,
+    screened out) or declined (the study ends with the declined code). A replay once the participant has
+    moved on changes nothing."""
     with transaction.atomic():
         participant = participant_locked(participant)
         if participant.state != State.CONSENT:
             return participant
         now = timezone.now()
-        if agreed:
+        if not agreed:
+            participant.state, participant.finished_at = State.DECLINED, now
+        elif place_claim(participant):
             participant.state, participant.consented_at = State.INSTRUCTIONS, now
         else:
-            participant.state, participant.finished_at = State.DECLINED, now
-        participant.save(update_fields=["state", "consented_at", "finished_at", "updated_at"])
+            participant.state, participant.finished_at = State.SCREENED_OUT, now
+        participant.save(update_fields=["state", "consented_at", "finished_at", "place", "updated_at"])
         notify_study_on_commit(participant.study_id)
         return participant
+
+
+def place_claim(participant: Participant) -> bool:
+    """Give the (locked) participant a free quota place, a number in 1..quota no one in the study holds;
+    False when every one is taken.
+
+    Exact without a lock on the study: the numbers are unique per study (a constraint), so two arrivals
+    that pick the same free number meet there and the second picks again. Each picks at random among the
+    free ones, so arrivals at once seldom meet."""
+    study = participant.study
+    for _ in range(study.quota + 1):
+        free = sorted(set(range(1, study.quota + 1)) - study_places_held(study=study))
+        if not free:
+            return False
+        number = random.choice(free)
+        try:
+            with transaction.atomic():
+                Participant.objects.filter(pk=participant.pk).update(place=number)
+        except IntegrityError:
+            continue  # someone took it meanwhile
+        participant.place = number
+        return True
+    return False
+
+
+def places_compact(*, study: Study) -> None:
+    """After the quota is lowered: the places held above it move to free numbers within it, so that a
+    newcomer is given a place only while fewer than `quota` are held (the places held stay held)."""
+    for participant in Participant.objects.filter(study=study, place__gt=study.quota).order_by("place"):
+        free = sorted(set(range(1, study.quota + 1)) - study_places_held(study=study))
+        if not free:
+            return
+        with transaction.atomic():
+            Participant.objects.filter(pk=participant.pk).update(place=free[0])
 
 
 def participant_start_elicitation(*, participant: Participant) -> Participant:
@@ -121,7 +191,7 @@ def participant_withdraw(*, participant: Participant) -> Participant:
         participant.state = State.WITHDRAWN
         participant.n_picks = participant.picks_done = participant.n_ratings = participant.ratings_done = 0
         participant.generation, participant.generation_error = Generation.NOT_STARTED, ""
-        participant.finished_at = timezone.now()
+        participant.finished_at, participant.place = timezone.now(), None
         participant.save()
         notify_participant_changed_on_commit(participant)
         return participant
@@ -130,8 +200,8 @@ def participant_withdraw(*, participant: Participant) -> Participant:
 def _finish_from_outside(participant: Participant, state: str, now: datetime) -> None:
     """End the participant's study without their say (returned, timed out): their judgments stay, flagged
     by the state for exclusion; their place is freed; their open pages move to the last page."""
-    participant.state, participant.finished_at = state, now
-    participant.save(update_fields=["state", "finished_at", "updated_at"])
+    participant.state, participant.finished_at, participant.place = state, now, None
+    participant.save(update_fields=["state", "finished_at", "place", "updated_at"])
     notify_participant_changed_on_commit(participant)
 
 

@@ -5,19 +5,31 @@ Every change locks the participant (selectors.participant_for_update), checks th
 concerns them (they wait, their responses are not stored), changes their generation status and tells
 their open pages and the study's dashboards once the transaction commits.
 
-The queue is written to only after the commit (queue.enqueue from an on_commit callback). A broker that
-cannot take the task marks the generation failed, with the broker's error: the participant's page says
-so, and a coordinator's retry enqueues it again once the broker is back. No participant waits on a task
-that was never queued.
+The queue is written to only after the commit (queue.enqueue from an on_commit callback), and a
+generation is marked sent (`generation_sent_at`) once the broker has taken its task. No participant is
+left waiting on work that is not happening:
+- the broker could not take the task (down, or the web process died before sending): the generation
+  stays queued but unsent, their page says it is delayed, and the stale-work sweeper (generations_recover,
+  run by beat) sends it once the broker is back;
+- the worker died while generating (SIGKILL, a lost host): a running generation beats every few seconds
+  (participant_generation_heartbeat); one silent for settings.STALE_WORK_AFTER_S is queued again by the
+  sweeper, and the next free worker takes it;
+- either way a coordinator can also retry it at once (Participant.may_retry_generation).
+Only a queued generation is started (participant_generation_start), and responses are stored once
+(responses_store), so a redelivered or duplicate task never writes a second set.
 """
 
 import logging
 import random
 from collections.abc import Callable, Sequence
+from datetime import datetime, timedelta
 from functools import partial
 
+from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import transaction
+from django.db.models import Case, F, Q, TextField, Value, When
+from django.utils import timezone
 
 from annotation.plan import comparison_pairs, rating_items_plan
 from annotation.writers import NewResponse, generated_responses_create, rating_items_create
@@ -34,9 +46,13 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "NewResponse",
+    "generations_recover",
     "participant_generation_fail",
+    "participant_generation_heartbeat",
     "participant_generation_queue",
     "participant_generation_retry",
+    "participant_generation_retry_later",
+    "participant_generation_sent",
     "participant_generation_start",
     "personalize_enqueue",
     "responses_store",
@@ -45,26 +61,44 @@ __all__ = [
 
 def participant_generation_queue(participant: Participant) -> None:
     """Queue the (locked) participant's generation: `personalize` is enqueued once the transaction
-    commits. The caller saves `generation` with its own changes."""
+    commits. The caller saves `generation` (and the fields below) with its own changes."""
     participant.generation = Generation.QUEUED
+    participant.generation_sent_at = participant.generation_heartbeat_at = None
     transaction.on_commit(partial(personalize_enqueue, participant.pk))
 
 
+GENERATION_QUEUE_FIELDS = ["generation", "generation_sent_at", "generation_heartbeat_at"]
+
+
 def personalize_enqueue(participant_id: int) -> None:
-    """Send `personalize` for the participant (an on_commit callback). When the broker cannot take it,
-    their generation is marked failed with the broker's error instead of leaving them queued."""
+    """Send `personalize` for the participant (an on_commit callback) and mark their generation sent.
+    When the broker cannot take it, the generation stays queued and unsent, with the broker's error
+    (Participant.NOT_SENT...): their page says it is delayed, and generations_recover sends it once the
+    broker is back."""
+    queued = Participant.objects.filter(pk=participant_id, generation=Generation.QUEUED)
     try:
         queue.enqueue(queue.PERSONALIZE, participant_id)
     except queue.QueueUnavailable as exc:
-        logger.error("personalize(%s) was not enqueued: %s", participant_id, exc)
-        _generation_not_queued(participant_id, str(exc))
+        logger.error(
+            "personalize(%s) was not enqueued (it will be once the broker is back): %s", participant_id, exc
+        )
+        queued.filter(generation_sent_at__isnull=True).update(generation_error=f"{Participant.NOT_SENT}{exc}")
+        if participant := Participant.objects.filter(pk=participant_id).first():
+            notify_participant_changed_on_commit(participant)  # their page says it is delayed
+        return
+    participant_generation_sent(participant_id=participant_id)
 
 
-def _generation_not_queued(participant_id: int, error: str) -> None:
-    """The participant's queued generation was never enqueued: it failed (a coordinator can retry it),
-    unless a worker has already moved it on."""
-    _generation_failed(
-        participant_id, error, lambda p: (p.state, p.generation) == (State.WAITING, Generation.QUEUED)
+def participant_generation_sent(*, participant_id: int) -> None:
+    """The broker has taken the participant's task (personalize_enqueue, or a worker's retry): their
+    queued generation is marked sent, and a not-sent error cleared. A generation that has moved on (a
+    worker already started it) is left as it is."""
+    not_sent_error = Q(generation_error__startswith=Participant.NOT_SENT)
+    Participant.objects.filter(pk=participant_id, generation=Generation.QUEUED).update(
+        generation_sent_at=timezone.now(),
+        generation_error=Case(
+            When(not_sent_error, then=Value("")), default=F("generation_error"), output_field=TextField()
+        ),
     )
 
 
@@ -75,16 +109,79 @@ def _awaits_responses(participant: Participant) -> bool:
 
 
 def participant_generation_start(*, participant_id: int) -> bool:
-    """A worker has started on the participant's responses; False when there is nothing to do for them
-    (gone, withdrawn, or their responses are already stored)."""
+    """A worker has started on the participant's responses; False when there is nothing to do for them:
+    gone, withdrawn, their responses are stored, or another worker is writing them (only a queued
+    generation starts: a duplicate or redelivered task finds it running or ready)."""
     with transaction.atomic():
         participant = participant_for_update(participant_id=participant_id)
-        if participant is None or not _awaits_responses(participant):
+        if (
+            participant is None
+            or participant.state != State.WAITING
+            or participant.generation != Generation.QUEUED
+        ):
             return False
-        participant.generation = Generation.RUNNING
-        participant.save(update_fields=["generation", "updated_at"])
+        participant.generation, participant.generation_heartbeat_at = Generation.RUNNING, timezone.now()
+        participant.save(update_fields=["generation", "generation_heartbeat_at", "updated_at"])
         notify_participant_changed_on_commit(participant)
         return True
+
+
+def participant_generation_heartbeat(*, participant_id: int) -> None:
+    """The worker writing the participant's responses is alive (every settings.HEARTBEAT_INTERVAL_S)."""
+    Participant.objects.filter(pk=participant_id, generation=Generation.RUNNING).update(
+        generation_heartbeat_at=timezone.now()
+    )
+
+
+def participant_generation_retry_later(*, participant_id: int, error: str) -> None:
+    """An attempt failed and its task is about to be retried: queued again (not yet sent), before the
+    worker sends the retry, so the retried task finds it queued however soon it runs; the worker then
+    marks it sent (participant_generation_sent). Should the retry never reach the broker, the sweeper
+    sends it (generations_recover)."""
+    with transaction.atomic():
+        participant = participant_for_update(participant_id=participant_id)
+        if participant is None or participant.generation != Generation.RUNNING:
+            return
+        participant.generation, participant.generation_error = Generation.QUEUED, f"retrying after: {error}"
+        participant.generation_sent_at = participant.generation_heartbeat_at = None
+        participant.save(update_fields=[*GENERATION_QUEUE_FIELDS, "generation_error", "updated_at"])
+        notify_participant_changed_on_commit(participant)
+
+
+def generations_recover(*, now: datetime | None = None) -> dict[str, int]:
+    """The stale-work sweeper's part for generations (run by beat, and when a worker starts): a running
+    generation with no heartbeat for settings.STALE_WORK_AFTER_S lost its worker and is queued again;
+    a queued one never handed to the broker (for longer than a few seconds) is sent. Each participant is
+    checked again under their lock. Returns how many of each."""
+    now = now or timezone.now()
+    stale = now - timedelta(seconds=settings.STALE_WORK_AFTER_S)
+    waiting = Participant.objects.filter(state=State.WAITING)
+    lost = waiting.filter(generation=Generation.RUNNING, generation_heartbeat_at__lt=stale)
+    unsent = waiting.filter(
+        generation=Generation.QUEUED,
+        generation_sent_at__isnull=True,
+        updated_at__lt=now - Participant.UNSENT_GRACE,
+    )
+    counts = {"requeued": 0, "sent": 0}
+    for participant_id in lost.values_list("pk", flat=True):
+        counts["requeued"] += _generation_requeue(participant_id, stale, "its worker was lost")
+    for participant_id in unsent.values_list("pk", flat=True):
+        personalize_enqueue(participant_id)
+        counts["sent"] += 1
+    return counts
+
+
+def _generation_requeue(participant_id: int, stale: datetime, why: str) -> int:
+    with transaction.atomic():
+        participant = participant_for_update(participant_id=participant_id)
+        if participant is None or not participant.generation_is_stuck(stale=stale):
+            return 0
+        logger.warning("participant %s: generation queued again (%s)", participant_id, why)
+        participant_generation_queue(participant)
+        participant.generation_error = f"queued again: {why}"
+        participant.save(update_fields=[*GENERATION_QUEUE_FIELDS, "generation_error", "updated_at"])
+        notify_participant_changed_on_commit(participant)
+        return 1
 
 
 def participant_generation_fail(*, participant_id: int, error: str) -> None:
@@ -105,23 +202,24 @@ def _generation_failed(participant_id: int, error: str, concerns: Callable[[Part
 
 
 def participant_generation_retry(*, participant: Participant) -> Participant:
-    """Run a participant's generation again after it failed for good (a coordinator's retry, e.g. once
-    the model's problem is fixed, or the broker is back): back to queued, `personalize` enqueued once the
-    transaction commits, and their waiting page told, so it moves on by itself when the responses are
-    ready.
+    """Run a participant's generation again after it failed for good, or when it is stuck (queued but
+    never sent, or running with no sign of life: Participant.generation_is_stuck): a coordinator's retry,
+    e.g. once the model's problem is fixed, or the broker is back. Back to queued, `personalize` enqueued
+    once the transaction commits, and their waiting page told, so it moves on by itself when the
+    responses are ready.
 
-    Only from a failed generation (Participant.may_retry_generation), so a second click while the first
-    retry is queued or running is refused with ValidationError and enqueues nothing."""
+    Only then (Participant.may_retry_generation), so a second click while the first retry is queued
+    or running is refused with ValidationError and enqueues nothing."""
     with transaction.atomic():
         participant = participant_locked(participant)
         if not participant.may_retry_generation:
             raise ValidationError(
-                "Only a generation that has failed can be retried; this participant's is "
+                "Only a generation that has failed or is stuck can be retried; this participant's is "
                 f"{participant.generation} (state {participant.state})."
             )
         participant_generation_queue(participant)
         participant.generation_error = ""
-        participant.save(update_fields=["generation", "generation_error", "updated_at"])
+        participant.save(update_fields=[*GENERATION_QUEUE_FIELDS, "generation_error", "updated_at"])
         notify_participant_changed_on_commit(participant)
         return participant
 

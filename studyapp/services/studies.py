@@ -14,6 +14,8 @@ from annotation.writers import question_pool_import
 from studyapp.models import Arm, Comparison, Study
 from studyapp.study_fields import STUDY_FIELDS
 
+from .participants import places_compact
+
 
 @dataclass(frozen=True)
 class ArmSpec:
@@ -65,8 +67,11 @@ def study_update(
     pool that participants have seen cannot be replaced: each raises ValidationError."""
     with transaction.atomic():
         study = Study.objects.select_for_update().get(pk=study.pk)
+        quota_before = study.quota
         _study_set_fields(study, fields, pool)
         study.save()
+        if study.quota < quota_before:
+            places_compact(study=study)
         _arms_sync(study, arms)
         _comparisons_set(study, comparisons)
         if pool is not None:

@@ -297,12 +297,11 @@ def test_a_coordinator_creates_a_study_and_watches_its_dashboard_follow_particip
     try:
         one = people.new_page()
         one.goto(link_for("pw-coord-1"))
-        at(one, asgi_server, f"/s/{SLUG}/consent/")
-        expect_live(dashboard, steps=by_step(consent=1), participants=1, places_taken=1)
+        at(one, asgi_server, f"/s/{SLUG}/consent/")  # only opening the link stores nothing, takes no place
 
         one.get_by_role("button", name="I agree to take part").click()
         at(one, asgi_server, f"/s/{SLUG}/instructions/")
-        expect_live(dashboard, steps=by_step(instructions=1), participants=1)
+        expect_live(dashboard, steps=by_step(instructions=1), participants=1, places_taken=1)
 
         one.get_by_role("button", name="Start").click()
         at(one, asgi_server, f"/s/{SLUG}/pick/1/")
@@ -395,10 +394,11 @@ def test_a_coordinator_creates_a_study_and_watches_its_dashboard_follow_particip
             expect_live(small, steps=by_step(elicitation=1, done=2), participants=3, completed=1)
             four = people.new_page()
             four.goto(link_for("pw-coord-4"))
-            at(four, asgi_server, f"/s/{SLUG}/consent/")
+            four.get_by_role("button", name="I agree to take part").click()
+            at(four, asgi_server, f"/s/{SLUG}/instructions/")
             expect_live(
                 small,
-                steps=by_step(consent=1, elicitation=1, done=2),
+                steps=by_step(instructions=1, elicitation=1, done=2),
                 participants=4,
                 places_taken=3,
                 timeout=POLL_TIMEOUT_MS,
@@ -418,7 +418,7 @@ def test_a_coordinator_creates_a_study_and_watches_its_dashboard_follow_particip
     assert GeneratedResponse.objects.filter(participant=participant).count() == 2 * N_EVALUATION
     assert Rating.objects.filter(item__participant=participant).count() == participant.n_ratings
     assert sorted(Participant.objects.filter(study=study).values_list("state", flat=True)) == sorted(
-        ["completed", "declined", "elicitation", "consent"]
+        ["completed", "declined", "elicitation", "instructions"]
     )
     # The analyses count what the dashboard showed (fspo chosen in 1 of the 2 counted pairs; a pair
     # whose two texts are the same, which the tiny model can write, is a tie, half a win), from the

@@ -109,8 +109,8 @@ def context(chromium: Browser, device: str) -> Iterator[BrowserContext]:
 
 
 def at(page: Page, server: LiveServer, path: str) -> None:
-    """Wait until the page is at `path` (the server's redirects have landed)."""
-    page.wait_for_url(f"{server.url}{path}")
+    """Wait until the page is at `path`, whatever its query (the server's redirects have landed)."""
+    page.wait_for_url(lambda url: url.split("?", 1)[0] == f"{server.url}{path}")
 
 
 def focus_by_tab(page: Page, selector: str, *, max_presses: int = 10) -> int:

@@ -52,7 +52,7 @@ def test_it_sends_the_participant_their_status_as_soon_as_they_connect() -> None
         await communicator.disconnect()
         return first
 
-    assert run_async(scenario()) == {"state": "elicitation", "generation": "not_started"}
+    assert run_async(scenario()) == {"state": "elicitation", "generation": "not_started", "delayed": False}
 
 
 def test_it_forwards_updates_to_the_participants_socket() -> None:

@@ -43,21 +43,44 @@ def post_rating(client: Client, participant: Participant, position: int, **field
     return client.post(url(participant.study, f"rate/{position + 1}/"), data)
 
 
-def test_it_enrolls_a_prolific_participant_and_sends_them_to_consent(client: Client) -> None:
+def join(client: Client, study: Study, params: dict[str, str] | None = None, decision: str = "agree"):
+    """Open the study link, then decide on the consent page it leads to (the form's own fields)."""
+    page = client.get(url(study), params or {}, follow=True)
+    enrolment = re.search(r'name="enrolment" value="([^"]+)"', page.content.decode())
+    assert enrolment, page.content.decode()[:500]
+    return client.post(
+        page.request["PATH_INFO"] + "?" + page.request["QUERY_STRING"],
+        {"decision": decision, "enrolment": enrolment.group(1)},
+    )
+
+
+def test_it_sends_a_newcomer_to_consent_with_the_links_parameters_and_stores_nothing(client: Client) -> None:
     study = make_study()
 
     response = client.get(url(study), {"PROLIFIC_PID": "5f1a2b", "STUDY_ID": "st-1", "SESSION_ID": "se-1"})
 
     assert response.status_code == 302
-    assert response.url == url(study, "consent/")
+    assert response.url == url(study, "consent/?PROLIFIC_PID=5f1a2b&STUDY_ID=st-1&SESSION_ID=se-1")
+    assert client.get(response.url).status_code == 200
+    assert not Participant.objects.filter(study=study).exists()
+
+
+def test_it_enrolls_a_prolific_participant_when_they_consent(client: Client) -> None:
+    study = make_study()
+
+    response = join(client, study, {"PROLIFIC_PID": "5f1a2b", "STUDY_ID": "st-1", "SESSION_ID": "se-1"})
+
+    assert response.url == url(study, "instructions/")
     participant = Participant.objects.get(study=study)
     assert (participant.recruitment_study_id, participant.recruitment_session_id) == ("st-1", "se-1")
+    assert participant.state == State.INSTRUCTIONS
+    assert 1 <= participant.place <= study.quota
 
 
 def test_it_stores_only_a_keyed_hash_of_the_prolific_pid(client: Client) -> None:
     study = make_study()
 
-    client.get(url(study), {"PROLIFIC_PID": "5f1a2b"})
+    join(client, study, {"PROLIFIC_PID": "5f1a2b"})
 
     participant = Participant.objects.get(study=study)
     assert participant.recruitment_id_hash == recruitment_id_hash("5f1a2b")
@@ -68,33 +91,88 @@ def test_it_stores_only_a_keyed_hash_of_the_prolific_pid(client: Client) -> None
 def test_it_maps_the_same_prolific_pid_to_the_same_participant() -> None:
     study = make_study()
 
-    Client().get(url(study), {"PROLIFIC_PID": "5f1a2b"})
-    Client().get(url(study), {"PROLIFIC_PID": "5f1a2b"})
+    join(Client(), study, {"PROLIFIC_PID": "5f1a2b"})
+    response = Client().get(url(study), {"PROLIFIC_PID": "5f1a2b"})
 
+    assert response.url == url(study, "instructions/")
     assert Participant.objects.filter(study=study).count() == 1
 
 
 def test_it_gives_a_generated_id_to_a_participant_without_a_recruitment_id(client: Client) -> None:
     study = make_study()
 
-    client.get(url(study))
-    client.get(url(study))
+    join(client, study)
+    response = client.get(url(study))
 
+    assert response.url == url(study, "instructions/")
     participant = Participant.objects.get(study=study)
     assert participant.recruitment_id_hash is None
     assert len(participant.token) == 32
 
 
-def test_it_screens_out_newcomers_once_the_quota_is_full(client: Client) -> None:
+def test_a_double_click_on_agree_makes_one_participant_with_one_place(client: Client) -> None:
+    study = make_study()
+    page = client.get(url(study), follow=True)
+    enrolment = re.search(r'name="enrolment" value="([^"]+)"', page.content.decode()).group(1)
+
+    first = client.post(url(study, "consent/"), {"decision": "agree", "enrolment": enrolment})
+    second = Client().post(url(study, "consent/"), {"decision": "agree", "enrolment": enrolment})
+
+    assert (first.url, second.url) == (url(study, "instructions/"), url(study, "instructions/"))
+    assert Participant.objects.filter(study=study).count() == 1
+    assert Participant.objects.get(study=study).place is not None
+
+
+def test_it_refuses_a_consent_form_it_did_not_issue(client: Client) -> None:
+    study = make_study()
+    forged = make_participant(study).token
+
+    for enrolment in ("", forged, "x" * 40):
+        response = client.post(url(study, "consent/"), {"decision": "agree", "enrolment": enrolment})
+        assert response.status_code == 400
+        assert "open the study link again" in response.content.decode()
+    assert Participant.objects.filter(study=study).count() == 1
+
+
+def test_cookie_less_fetches_of_the_link_take_no_place_and_screen_no_one_out() -> None:
+    study = make_study(quota=2)
+
+    for _ in range(20):  # a link-preview bot, a prefetcher: no cookies kept, redirects followed
+        assert Client().get(url(study), {"PROLIFIC_PID": "bot"}, follow=True).status_code == 200
+        assert Client().get(url(study), follow=True).status_code == 200
+    response = join(Client(), study, {"PROLIFIC_PID": "a-real-person"})
+
+    assert response.url == url(study, "instructions/")
+    assert list(Participant.objects.values_list("state", flat=True)) == [State.INSTRUCTIONS]
+
+
+def test_it_screens_out_newcomers_who_consent_once_the_quota_is_full(client: Client) -> None:
     study = make_study(quota=1)
-    make_participant(study, recruitment_id="first")
+    undecided = make_participant(study, recruitment_id="undecided")  # holds no place
+    join(Client(), study, {"PROLIFIC_PID": "first"})
 
-    response = client.get(url(study), {"PROLIFIC_PID": "second"}, follow=True)
+    response = join(client, study, {"PROLIFIC_PID": "second"})
 
-    assert (
-        Participant.objects.get(recruitment_id_hash=recruitment_id_hash("second")).state == State.SCREENED_OUT
+    states = dict(Participant.objects.values_list("recruitment_id_hash", "state"))
+    assert states[recruitment_id_hash("first")] == State.INSTRUCTIONS
+    assert states[recruitment_id_hash("second")] == State.SCREENED_OUT
+    assert "FULL123" in client.get(response.url).content.decode()
+    assert browser_of(undecided).post(url(study, "consent/"), {"decision": "agree"}).url == url(
+        study, "done/"
     )
-    assert "FULL123" in response.content.decode()
+
+
+def test_a_place_given_back_goes_to_the_next_newcomer() -> None:
+    study = make_study(quota=1)
+    first = participant_at_elicitation(study, recruitment_id="first")
+    participant_mark_returned(participant=first)
+
+    response = join(Client(), study, {"PROLIFIC_PID": "next"})
+
+    assert response.url == url(study, "instructions/")
+    first.refresh_from_db()
+    assert first.place is None
+    assert Participant.objects.get(recruitment_id_hash=recruitment_id_hash("next")).place == 1
 
 
 def test_it_turns_newcomers_away_from_a_closed_study(client: Client) -> None:
@@ -257,7 +335,7 @@ def test_it_reports_the_generation_status_as_json_for_polling() -> None:
 
     response = browser_of(participant).get(url(participant.study, "status/"))
 
-    assert response.json() == {"state": "waiting", "generation": "queued"}
+    assert response.json() == {"state": "waiting", "generation": "queued", "delayed": False}
 
 
 def test_it_has_the_waiting_page_poll_when_the_channel_layer_cannot_carry_the_workers_events(
@@ -467,17 +545,18 @@ def test_it_sends_a_timed_out_participants_waiting_page_to_the_timed_out_page() 
     status = client.get(url(participant.study, "status/")).json()
     waiting = client.get(url(participant.study, "waiting/"))
 
-    assert status == {"state": "timed_out", "generation": "queued"}
+    assert status == {"state": "timed_out", "generation": "queued", "delayed": False}
     assert waiting.url == url(participant.study, "done/")
 
 
 def test_it_gives_a_timed_out_participants_place_to_a_newcomer(client: Client) -> None:
     study = make_study(quota=1)
-    time_out(make_participant(study, recruitment_id="first"))
+    time_out(participant_at_elicitation(study, recruitment_id="first"))
 
-    client.get(url(study), {"PROLIFIC_PID": "second"})
+    join(client, study, {"PROLIFIC_PID": "second"})
 
-    assert Participant.objects.get(recruitment_id_hash=recruitment_id_hash("second")).state == State.CONSENT
+    second = Participant.objects.get(recruitment_id_hash=recruitment_id_hash("second"))
+    assert (second.state, second.place) == (State.INSTRUCTIONS, 1)
 
 
 def test_it_tells_a_returned_participant_that_the_study_has_ended_for_them() -> None:

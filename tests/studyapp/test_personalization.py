@@ -1,19 +1,22 @@
 import logging
+from datetime import timedelta
 from typing import Any
 
 import pytest
 from celery import Celery
 from django.http import HttpResponse
 from django.test import Client, override_settings
+from django.utils import timezone
 
 from annotation.models import ElicitationPick, GeneratedResponse, RatingItem
 from studyapp.models import Participant
 from studyapp.services import (
+    generations_recover,
     participant_generation_retry,
     participant_withdraw,
     responses_store,
 )
-from tests.conftest import closed_port
+from tests.conftest import closed_port, tasks_sent_through, unreachable_broker_app
 from tests.factories import (
     fake_responses,
     make_coordinator,
@@ -99,21 +102,44 @@ def test_it_refuses_responses_missing_an_arm_and_stores_none_of_them() -> None:
 
 
 @pytest.mark.django_db(transaction=True)
-def test_a_last_pick_the_broker_cannot_take_fails_the_generation_with_the_brokers_error(
+def test_a_last_pick_the_broker_cannot_take_stays_queued_unsent_with_the_brokers_error(
     broker_unreachable: Celery,
 ) -> None:
     participant = participant_at_elicitation(make_study())
 
     last_pick(participant)
 
-    assert (participant.state, participant.generation) == (State.WAITING, Generation.FAILED)
-    assert participant.generation_error.startswith("The task queue could not be reached: ")
+    assert (participant.state, participant.generation) == (State.WAITING, Generation.QUEUED)
+    assert participant.generation_sent_at is None
+    assert participant.generation_error.startswith(Participant.NOT_SENT)
     assert "Connection refused" in participant.generation_error
+    assert participant.generation_is_delayed
     assert participant.may_retry_generation
 
 
 @pytest.mark.django_db(transaction=True)
-def test_the_waiting_page_of_a_pick_the_broker_could_not_take_says_it_failed(
+def test_the_sweeper_sends_an_unsent_generation_once_the_broker_is_back() -> None:
+    participant = participant_at_elicitation(make_study())
+    with tasks_sent_through(unreachable_broker_app()):
+        last_pick(participant)
+        assert generations_recover(now=timezone.now() + timedelta(seconds=10)) == {"requeued": 0, "sent": 1}
+    participant.refresh_from_db()
+    assert participant.generation_sent_at is None  # still down: still unsent, still delayed
+    assert participant.generation_is_delayed
+
+    swept = generations_recover(now=timezone.now() + timedelta(seconds=10))  # the broker is back
+
+    participant.refresh_from_db()
+    assert swept == {"requeued": 0, "sent": 1}
+    assert (participant.generation, participant.generation_error) == (Generation.QUEUED, "")
+    assert participant.generation_sent_at is not None
+    assert not participant.generation_is_delayed
+    assert not participant.may_retry_generation  # sent a moment ago: a worker will take it
+    assert generations_recover(now=timezone.now() + timedelta(seconds=10)) == {"requeued": 0, "sent": 0}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_waiting_page_of_a_pick_the_broker_could_not_take_says_it_is_delayed(
     broker_unreachable: Celery,
 ) -> None:
     participant = participant_at_elicitation(make_study(n_pairs=1))
@@ -122,15 +148,16 @@ def test_the_waiting_page_of_a_pick_the_broker_could_not_take_says_it_failed(
     page = post_only_pick(client, participant, follow=True)
 
     assert page.redirect_chain == [(url(participant, "waiting/"), 302)]
-    assert '<section id="waiting-busy" class="panel waiting" hidden>' in page.content.decode()
+    assert "Our servers are catching up" in page.content.decode()
     assert client.get(url(participant, "status/")).json() == {
         "state": State.WAITING,
-        "generation": Generation.FAILED,
+        "generation": Generation.QUEUED,
+        "delayed": True,
     }
 
 
 @pytest.mark.django_db(transaction=True)
-def test_a_retry_while_the_broker_is_still_down_fails_again_and_can_be_retried_later(
+def test_a_retry_while_the_broker_is_still_down_stays_unsent_and_can_be_retried_later(
     broker_unreachable: Celery,
 ) -> None:
     participant = participant_at_elicitation(make_study())
@@ -139,7 +166,8 @@ def test_a_retry_while_the_broker_is_still_down_fails_again_and_can_be_retried_l
     participant_generation_retry(participant=participant)
 
     participant.refresh_from_db()
-    assert (participant.generation, participant.may_retry_generation) == (Generation.FAILED, True)
+    assert (participant.generation, participant.may_retry_generation) == (Generation.QUEUED, True)
+    assert participant.generation_sent_at is None
     assert "Connection refused" in participant.generation_error
 
 
@@ -161,7 +189,7 @@ def test_a_channel_layer_outage_never_fails_a_change_already_stored(caplog: pyte
 
 
 @pytest.mark.django_db(transaction=True)
-def test_a_last_pick_in_a_broker_and_channel_layer_outage_is_stored_and_says_it_failed(
+def test_a_last_pick_in_a_broker_and_channel_layer_outage_is_stored_and_says_it_is_delayed(
     broker_unreachable: Celery,
 ) -> None:
     participant = participant_at_elicitation(make_study(n_pairs=1))
@@ -173,7 +201,8 @@ def test_a_last_pick_in_a_broker_and_channel_layer_outage_is_stored_and_says_it_
     participant.refresh_from_db()
     assert response.status_code == 302
     assert ElicitationPick.objects.get(item__participant=participant).choice == "left"
-    assert (participant.state, participant.generation) == (State.WAITING, Generation.FAILED)
+    assert (participant.state, participant.generation) == (State.WAITING, Generation.QUEUED)
+    assert participant.generation_is_delayed
 
 
 @pytest.mark.django_db(transaction=True)
@@ -188,4 +217,5 @@ def test_a_coordinators_retry_in_a_channel_layer_outage_is_recorded(broker_unrea
 
     participant.refresh_from_db()
     assert response.status_code == 302
-    assert participant.generation == Generation.FAILED  # queued again, and the broker is still down
+    assert participant.generation == Generation.QUEUED  # queued again, and the broker is still down
+    assert participant.generation_is_delayed

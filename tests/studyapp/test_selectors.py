@@ -131,7 +131,7 @@ def test_it_counts_participants_by_step_and_state_and_the_median_time_to_complet
         "done": 4,
     }
     assert (dashboard.by_state["completed"], dashboard.by_state["withdrawn"]) == (3, 1)
-    assert (dashboard.participants, dashboard.completed, dashboard.places_taken) == (6, 3, 5)
+    assert (dashboard.participants, dashboard.completed, dashboard.places_taken) == (6, 3, 4)
     assert dashboard.median_completion_s == 20 * 60
     assert dashboard.to_json()["median_completion"] == "20 min 0 s"
 
@@ -153,7 +153,7 @@ def test_it_counts_returned_and_timed_out_participants_on_the_last_step_without_
     steps = {row.step: row.count for row in dashboard.by_step}
     assert (steps["consent"], steps["elicitation"], steps["rating"], steps["done"]) == (1, 0, 0, 3)
     assert (dashboard.by_state["timed_out"], dashboard.by_state["returned"]) == (1, 1)
-    assert (dashboard.participants, dashboard.completed, dashboard.places_taken) == (4, 1, 2)
+    assert (dashboard.participants, dashboard.completed, dashboard.places_taken) == (4, 1, 1)
     assert dashboard.excluded == 2
     assert dashboard.to_json()["by_state"]["timed_out"] == 1
 

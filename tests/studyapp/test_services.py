@@ -1,25 +1,36 @@
 import hashlib
 import hmac
 from datetime import UTC, datetime, timedelta
+from functools import partial
 
 import pytest
 from django.core.exceptions import ValidationError
+from django.utils import timezone
 
 from annotation.models import ElicitationPick, GeneratedResponse, Rating, SurveyResponse
-from studyapp.models import Participant
+from studyapp.models import Job, Participant
 from studyapp.services import (
+    ArmSpec,
     elicitation_pick_record,
+    generations_recover,
+    job_enqueue,
+    job_start,
+    jobs_recover,
     participant_consent,
     participant_generation_fail,
+    participant_generation_heartbeat,
     participant_generation_retry,
+    participant_generation_start,
     participant_mark_returned,
     participant_withdraw,
     participants_expire,
     personalize_enqueue,
     recruitment_id_hash,
+    study_update,
     survey_record,
 )
 from tests.factories import (
+    make_job,
     make_participant,
     make_study,
     participant_at_elicitation,
@@ -173,14 +184,63 @@ def test_a_timed_out_participant_cannot_withdraw_from_their_pages() -> None:
 @pytest.mark.django_db
 def test_it_frees_the_place_of_a_timed_out_or_returned_participant() -> None:
     study = make_study(quota=2, time_limit_minutes=5)
-    last_active(make_participant(study), 6)
-    returned = make_participant(study)
+    timed_out, returned = consented(make_participant(study)), consented(make_participant(study))
+    last_active(timed_out, 6)
     participants_expire(now=NOW)
     participant_mark_returned(participant=returned)
 
-    newcomers = [make_participant(study), make_participant(study), make_participant(study)]
+    newcomers = [consented(make_participant(study)) for _ in range(3)]
 
-    assert [p.state for p in newcomers] == [State.CONSENT, State.CONSENT, State.SCREENED_OUT]
+    assert [p.state for p in newcomers] == [State.INSTRUCTIONS, State.INSTRUCTIONS, State.SCREENED_OUT]
+    assert sorted(p.place for p in newcomers[:2]) == [1, 2]
+    assert Participant.objects.filter(pk__in=[timed_out.pk, returned.pk], place__isnull=False).count() == 0
+
+
+def consented(participant: Participant) -> Participant:
+    return participant_consent(participant=participant, agreed=True)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_it_never_gives_more_places_than_the_quota_to_arrivals_at_once() -> None:
+    """Places are claimed without a lock on the study: arrivals that pick the same number meet on its
+    unique constraint and pick again (here every arrival is a thread of its own, on PostgreSQL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from django.db import connection
+
+    study = make_study(quota=5)
+    arrivals = [make_participant(study) for _ in range(12)]
+
+    def consent(participant: Participant) -> str:
+        try:
+            return consented(participant).state
+        finally:
+            connection.close()
+
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        states = list(pool.map(consent, arrivals))
+
+    assert states.count(State.INSTRUCTIONS) == 5
+    assert states.count(State.SCREENED_OUT) == 7
+    places = Participant.objects.filter(study=study, place__isnull=False).values_list("place", flat=True)
+    assert sorted(places) == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.django_db
+def test_lowering_the_quota_keeps_the_places_held_within_it() -> None:
+    study = make_study(quota=6)
+    holders = sorted((consented(make_participant(study)) for _ in range(6)), key=lambda p: p.place)
+    for participant in holders[:4]:  # places 1-4 given back: 5 and 6 are held, above the new quota
+        participant_mark_returned(participant=participant)
+
+    arms = [ArmSpec(a.name, a.method, a.checkpoint) for a in study.arms.all()]
+    pairs = [(c.arm.name, c.baseline.name) for c in study.comparisons.all()]
+    study_update(study=study, fields={"quota": 3}, arms=arms, comparisons=pairs)
+
+    places = set(Participant.objects.filter(study=study, place__isnull=False).values_list("place", flat=True))
+    assert len(places) == 2 and places <= {1, 2, 3}
+    assert consented(make_participant(study)).place == ({1, 2, 3} - places).pop()
+    assert consented(make_participant(study)).state == State.SCREENED_OUT
 
 
 @pytest.mark.django_db
@@ -276,3 +336,92 @@ def test_it_retries_nothing_but_a_failed_generation(django_capture_on_commit_cal
 
     timed_out.refresh_from_db()
     assert (timed_out.state, timed_out.generation) == (State.TIMED_OUT, Generation.FAILED)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The stale-work sweeper: generations and jobs whose worker was lost are queued again, once
+
+
+def running_generation(beat_seconds_ago: float) -> Participant:
+    """A participant whose generation a worker started, its last heartbeat `beat_seconds_ago`."""
+    participant = participant_waiting(make_study())
+    assert participant_generation_start(participant_id=participant.pk)
+    beat = timezone.now() - timedelta(seconds=beat_seconds_ago)
+    Participant.objects.filter(pk=participant.pk).update(generation_heartbeat_at=beat)
+    participant.refresh_from_db()
+    return participant
+
+
+@pytest.mark.django_db
+def test_the_sweeper_queues_again_a_generation_whose_worker_went_silent_and_no_other(
+    settings, django_capture_on_commit_callbacks
+) -> None:
+    settings.STALE_WORK_AFTER_S = 30
+    lost, alive = running_generation(beat_seconds_ago=31), running_generation(beat_seconds_ago=2)
+
+    with django_capture_on_commit_callbacks() as first:
+        assert generations_recover() == {"requeued": 1, "sent": 0}
+    with django_capture_on_commit_callbacks() as second:
+        assert generations_recover() == {"requeued": 0, "sent": 0}
+
+    lost.refresh_from_db(), alive.refresh_from_db()
+    assert (lost.generation, lost.generation_error) == (
+        Generation.QUEUED,
+        "queued again: its worker was lost",
+    )
+    assert alive.generation == Generation.RUNNING
+    assert enqueued(first) == [(lost.pk,)]
+    assert enqueued(second) == []
+    assert participant_generation_start(participant_id=lost.pk)  # the next worker takes it
+    assert not participant_generation_start(participant_id=lost.pk)  # and only that one
+
+
+@pytest.mark.django_db
+def test_a_coordinator_can_retry_a_stuck_generation_but_not_a_live_one(
+    settings, django_capture_on_commit_callbacks
+) -> None:
+    settings.STALE_WORK_AFTER_S = 30
+    stuck, alive = running_generation(beat_seconds_ago=45), running_generation(beat_seconds_ago=2)
+
+    with django_capture_on_commit_callbacks() as callbacks:
+        participant_generation_retry(participant=stuck)
+    with pytest.raises(ValidationError, match="failed or is stuck"):
+        participant_generation_retry(participant=alive)
+
+    stuck.refresh_from_db()
+    assert stuck.generation == Generation.QUEUED
+    assert enqueued(callbacks) == [(stuck.pk,)]
+
+
+@pytest.mark.django_db
+def test_a_heartbeat_keeps_a_running_generation_from_the_sweeper(settings) -> None:
+    settings.STALE_WORK_AFTER_S = 30
+    participant = running_generation(beat_seconds_ago=31)
+
+    participant_generation_heartbeat(participant_id=participant.pk)
+
+    assert generations_recover() == {"requeued": 0, "sent": 0}
+    participant.refresh_from_db()
+    assert participant.generation == Generation.RUNNING
+
+
+@pytest.mark.django_db
+def test_the_sweeper_queues_again_a_job_whose_worker_went_silent_and_it_starts_once(
+    settings, django_capture_on_commit_callbacks
+) -> None:
+    settings.STALE_WORK_AFTER_S = 30
+    job = make_job(kind=Job.Kind.TRAIN)
+    assert job_start(job_id=str(job.pk)) is not None
+    assert job_start(job_id=str(job.pk)) is None  # a duplicate message while it runs on a live worker
+    Job.objects.filter(pk=job.pk).update(heartbeat_at=timezone.now() - timedelta(seconds=40))
+
+    with django_capture_on_commit_callbacks() as callbacks:
+        assert jobs_recover() == 1
+    assert jobs_recover() == 0
+
+    job.refresh_from_db()
+    assert job.status == Job.Status.QUEUED
+    assert "its worker was lost (no sign of life for 40 s): queued again" in job.log
+    assert [c.func for c in callbacks if isinstance(c, partial)] == [job_enqueue]
+    again = job_start(job_id=str(job.pk))
+    assert again is not None and "started again (its worker was lost)" in again.log

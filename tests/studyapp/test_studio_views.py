@@ -589,7 +589,7 @@ def test_it_retries_a_failed_generation_once_for_two_clicks(
     assert (participant.generation, participant.generation_error) == (Participant.Generation.QUEUED, "")
     assert [c.args for c in first if getattr(c, "func", None) is personalize_enqueue] == [(participant.pk,)]
     assert [c for c in second if getattr(c, "func", None) is personalize_enqueue] == []
-    assert "Only a generation that has failed can be retried" in again.content.decode()
+    assert "Only a generation that has failed or is stuck can be retried" in again.content.decode()
 
 
 def test_it_retries_no_generation_that_has_not_failed(

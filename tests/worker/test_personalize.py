@@ -1,15 +1,18 @@
 import asyncio
 import time
 from collections.abc import Callable
+from datetime import timedelta
 
 import pytest
 import redis
 from asgiref.sync import sync_to_async
 from channels_redis.core import RedisChannelLayer
+from django.utils import timezone
 
 from annotation.models import GeneratedResponse, RatingItem
-from studyapp.models import Arm, Participant
+from studyapp.models import Arm, Participant, Study
 from studyapp.realtime import participant_group
+from studyapp.services import generations_recover
 from tests.conftest import RunningWorker, tasks_sent_through, unreachable_broker_app
 from tests.factories import (
     make_coordinator,
@@ -92,8 +95,8 @@ def test_it_tells_the_participants_group_when_their_responses_are_ready(
     updates = run_async(watch())
 
     assert updates == [
-        {"state": "waiting", "generation": "running"},
-        {"state": "rating", "generation": "ready"},
+        {"state": "waiting", "generation": "running", "delayed": False},
+        {"state": "rating", "generation": "ready", "delayed": False},
     ]
 
 
@@ -157,9 +160,9 @@ def test_a_coordinators_retry_after_a_failure_generates_the_responses_once(
 
     # What the participant's waiting page hears: waiting again, then on to the ratings.
     assert updates == [
-        {"state": "waiting", "generation": "queued"},
-        {"state": "waiting", "generation": "running"},
-        {"state": "rating", "generation": "ready"},
+        {"state": "waiting", "generation": "queued", "delayed": False},
+        {"state": "waiting", "generation": "running", "delayed": False},
+        {"state": "rating", "generation": "ready", "delayed": False},
     ]
     participant.refresh_from_db()
     assert (participant.state, participant.generation_error) == (State.RATING, "")
@@ -168,18 +171,46 @@ def test_a_coordinators_retry_after_a_failure_generates_the_responses_once(
     assert browser_of(participant).get(f"/s/{study.slug}/waiting/").url == f"/s/{study.slug}/rate/1/"
 
 
-def test_a_pick_made_while_the_broker_was_down_is_generated_once_the_coordinator_retries(
-    tasks_go_to_the_worker: RunningWorker, tiny_checkpoint
-) -> None:
-    study = make_study(checkpoint=str(tiny_checkpoint))
+def picked_while_the_broker_was_down(study: Study) -> Participant:
+    """A participant of `study` whose picks, the last one included, were made while the broker refused
+    every connection."""
     participant = participant_at_elicitation(study)
     with tasks_sent_through(unreachable_broker_app()):
         for position in range(participant.n_picks):
             pick(participant, position)
     participant.refresh_from_db()
-    assert (participant.state, participant.generation) == (State.WAITING, Generation.FAILED)
+    return participant
 
-    # The broker is back: the coordinator's retry enqueues the task, and the worker writes the answers.
+
+def test_a_pick_made_while_the_broker_was_down_is_sent_by_the_sweeper_once_it_is_back(
+    tasks_go_to_the_worker: RunningWorker, tiny_checkpoint
+) -> None:
+    study = make_study(checkpoint=str(tiny_checkpoint))
+    participant = picked_while_the_broker_was_down(study)
+    # Not failed, not lost: queued, not sent, and their page says it is delayed.
+    assert (participant.state, participant.generation) == (State.WAITING, Generation.QUEUED)
+    assert participant.generation_sent_at is None
+    assert participant.generation_error.startswith(Participant.NOT_SENT)
+    status = browser_of(participant).get(f"/s/{study.slug}/status/").json()
+    assert status == {"state": "waiting", "generation": "queued", "delayed": True}
+
+    # The broker is back: the sweeper's next run (beat's, a few seconds on) sends it, once.
+    later = timezone.now() + timedelta(seconds=10)
+    assert generations_recover(now=later) == {"requeued": 0, "sent": 1}
+    assert generations_recover(now=later) == {"requeued": 0, "sent": 0}
+
+    participant = wait_for(tasks_go_to_the_worker, participant, lambda p: p.state == State.RATING)
+    assert (participant.generation, participant.generation_error) == (Generation.READY, "")
+    assert GeneratedResponse.objects.filter(participant=participant).count() == 2 * 2
+
+
+def test_a_coordinator_can_retry_a_generation_the_broker_never_took(
+    tasks_go_to_the_worker: RunningWorker, tiny_checkpoint
+) -> None:
+    study = make_study(checkpoint=str(tiny_checkpoint))
+    participant = picked_while_the_broker_was_down(study)
+    assert participant.may_retry_generation
+
     coordinator = coordinator_browser(make_coordinator())
     coordinator.post(f"/studio/studies/{study.slug}/participants/{participant.token}/retry-generation/")
 

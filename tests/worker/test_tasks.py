@@ -197,7 +197,7 @@ def test_the_expiry_task_times_out_stale_participants_in_the_worker_and_tells_th
     result, told = run_async(run_and_watch())
 
     assert result == {"timed_out": 1}
-    assert told == {"state": "timed_out", "generation": Participant.Generation.NOT_STARTED}
+    assert told == {"state": "timed_out", "generation": Participant.Generation.NOT_STARTED, "delayed": False}
     stale.refresh_from_db()
     active.refresh_from_db()
     assert (stale.state, active.state) == (Participant.State.TIMED_OUT, Participant.State.ELICITATION)

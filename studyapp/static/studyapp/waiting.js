@@ -8,19 +8,23 @@
   var root = document.getElementById("waiting");
   if (!root) return;
   var POLL_MS = 3000;
+  // templates/participant/waiting.html renders the same words for the first status.
+  var DELAYED_TEXT = "Our servers are catching up, so your answers will take a little longer. Your choices are saved: keep this page open, it moves on by itself.";
   var pollTimer = null;
   var finished = false;
 
   // What the status line says while the participant waits (the server renders the first one).
   var WAITING_TEXT = {
     queued: "Your answers are next in line.",
-    running: "Writing your answers now."
+    running: "Writing your answers now.",
+    delayed: DELAYED_TEXT
   };
   var statusLine = document.getElementById("waiting-status");
 
   function handle(status) {
     if (finished || !status) return;
-    if (statusLine && WAITING_TEXT[status.generation]) statusLine.textContent = WAITING_TEXT[status.generation];
+    var key = status.delayed ? "delayed" : status.generation;
+    if (statusLine && WAITING_TEXT[key]) statusLine.textContent = WAITING_TEXT[key];
     if (status.generation === "ready" || status.state !== "waiting") {
       finished = true;
       window.location.reload();
