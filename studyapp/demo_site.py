@@ -204,9 +204,9 @@ def _port_free(host: str, port: int) -> bool:
 
 
 def server_start(log_dir: Path, *, host: str, port: int) -> Child:
-    """daphne serving the site (HTTP, WebSocket, static files) on `host`:`port` (0: any free port)."""
+    """daphne serving the site (HTTP, WebSocket; WhiteNoise the static files) on `host`:`port` (0: any free port)."""
     argv = [sys.executable, "-m", "daphne", "-e", f"tcp:port={port}:interface={host}"]
-    argv += ["studyapp.asgi_static:application"]
+    argv += ["studyapp.asgi:application"]
     return _spawn("server", argv, log_dir / "server.log")
 
 
