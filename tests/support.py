@@ -16,9 +16,10 @@ from studyapp.models import Participant
 from studyapp.sessions import session_bind
 
 
-def browser_of(participant: Participant) -> Client:
-    """A test client whose session is this participant (as after following their entry link)."""
-    client = Client()
+def browser_of(participant: Participant, *, enforce_csrf_checks: bool = False) -> Client:
+    """A test client whose session is this participant (as after following their entry link); with
+    `enforce_csrf_checks`, its posts are checked for a CSRF token and origin as a browser's are."""
+    client = Client(enforce_csrf_checks=enforce_csrf_checks)
     session = client.session
     session_bind(session, study_slug=participant.study.slug, token=participant.token)
     session.save()
