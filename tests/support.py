@@ -3,6 +3,7 @@ participant or a signed-in coordinator, socket headers carrying a session, and a
 code against the test database."""
 
 import asyncio
+import os
 from collections.abc import Coroutine
 from typing import Any
 
@@ -53,3 +54,12 @@ def socket_headers(client: Client | None = None) -> list[tuple[bytes, bytes]]:
         cookie = f"{settings.SESSION_COOKIE_NAME}={client.cookies[settings.SESSION_COOKIE_NAME].value}"
         headers.append((b"cookie", cookie.encode()))
     return headers
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id still exists (a zombie not yet reaped by its parent counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

@@ -15,6 +15,7 @@ from annotation.models import CandidatePair, Question
 from studyapp.demo_site import DemoStudy, demo_coordinator_ensure, demo_study_ensure
 from studyapp.models import Arm
 from tests.conftest import REPO
+from tests.support import process_alive
 from tests.worker.conftest import tiny_checkpoint  # noqa: F401  (the same tiny real model as the worker tests)
 
 SERVICE_KNOBS = ("DATABASE_URL", "REDIS_URL", "CELERY_BROKER_URL", "CELERY_RESULT_BACKEND", "STUDIO_DATA_DIR")
@@ -59,14 +60,6 @@ def test_it_keeps_the_demo_coordinators_password_across_runs(tmp_path: Path) -> 
     assert password_file.stat().st_mode & 0o077 == 0
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 @pytest.mark.slow
 def test_its_check_walks_a_participant_through_the_whole_platform_in_real_processes(
     small_elix: Path,
@@ -101,5 +94,5 @@ def test_its_check_walks_a_participant_through_the_whole_platform_in_real_proces
     assert re.search(r"from the last pick to responses ready: [\d.]+ s", output)
     # The server and the worker were stopped, not left behind.
     pids = re.search(r"server pid (\d+), worker pid (\d+)", output)
-    assert pids and not any(_alive(int(pid)) for pid in pids.groups()), output
+    assert pids and not any(process_alive(int(pid)) for pid in pids.groups()), output
     assert "Server and worker stopped (worker exit 0, server exit 0)" in output
