@@ -30,10 +30,9 @@ What it starts: a PostgreSQL database of its own (`--database-url`, created at t
 the end; its name must contain "bench"), a Redis database of its own (`--redis-url`, flushed), migrations,
 two studies seeded through the project's services with a question pool from a procedural ELIX dataset,
 `--workers` Celery workers as a GPU host runs one (queues gpu,cpu, solo pool, concurrency 1, prefetch 1;
-`--torch-threads` each), and one daphne process serving `studyapp.asgi_static:application` on a free
-loopback port, with DEBUG off. daphne, not uvicorn: it is what the project serves with (`manage.py
-runserver`, the demo site, the browser tests) and it speaks WebSocket, which the waiting page uses first;
-this environment's uvicorn has no WebSocket library. The model is a random Llama of the demo's shape (4
+`--torch-threads` each), and one daphne process serving `studyapp.asgi:application` on a free
+loopback port, with DEBUG off: one process, as the demo site and the browser tests serve (a real study
+runs `./run serve`, gunicorn with several uvicorn worker processes; this bench does not measure it). The model is a random Llama of the demo's shape (4
 layers, hidden 128) with a BPE tokenizer trained on the dataset, built at the start, for both arms (so it
 writes exactly `--max-new-tokens` tokens each time); `--fspo`/`--base` take trained checkpoints instead.
 
@@ -209,7 +208,7 @@ def setup_described(
 ) -> dict[str, str]:
     """What the site runs on, as the report's first table says it."""
     return {
-        "server": "daphne (1 process) serving studyapp.asgi_static:application, DEBUG off",
+        "server": "daphne (1 process) serving studyapp.asgi:application, DEBUG off",
         "database": f"PostgreSQL {args.database_url.rsplit('@', 1)[-1]}",
         "broker and channel layer": f"Redis {args.redis_url.rsplit('@', 1)[-1]}",
         "workers": f"{args.workers} x celery worker --queues gpu,cpu --pool solo --concurrency 1 "

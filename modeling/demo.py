@@ -21,10 +21,12 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from .cli import console, out, progress_bar, quiet_library_progress_bars, stats_table
@@ -188,8 +190,8 @@ def start_site(
     out_dir: Path, *, check: bool, port: int, run: Path | None = None, base_model: Path | None = None
 ) -> int:
     """Step 3: ``manage.py demo_site`` on the embedded defaults, with the database, the broker and the
-    logs under ``<out_dir>/site/``; its exit status. Ctrl-C reaches it too: it then stops its server and
-    worker, and this waits for it."""
+    logs under ``<out_dir>/site/``; its exit status. Ctrl-C, SIGTERM and SIGHUP stop it: it then stops its
+    server and worker, and this waits for it."""
     out_dir = out_dir.resolve()
     site = out_dir / "site"
     site.mkdir(parents=True, exist_ok=True)
@@ -213,12 +215,30 @@ def start_site(
         # Its own study (a rerun of the tiny demo keeps its own), 2 picks as in training, shorter answers,
         # and the minutes a 135M model needs on two CPU cores to write them.
         argv += ["--slug", "elix-smollm2", "--picks", "2", "--max-new-tokens", "64", "--check-timeout", "900"]
-    proc = subprocess.Popen(argv, cwd=REPO, env=env)
-    while True:
-        try:
-            return proc.wait()
-        except KeyboardInterrupt:
-            continue  # the site got the same Ctrl-C and is stopping its server and worker
+    return _wait_passing_on_stops(subprocess.Popen(argv, cwd=REPO, env=env))
+
+
+def _wait_passing_on_stops(site: subprocess.Popen[bytes]) -> int:
+    """Wait for the site to exit; its exit status. Ctrl-C reaches the site itself (the terminal sends it
+    to the whole foreground group). A SIGTERM (a process manager, `kill`) or SIGHUP (a closed terminal)
+    reaches only this process, whose default would be to die at once, leaving the site, its server and
+    its worker running: it is passed on as SIGTERM instead, and the site stops them before it exits."""
+
+    def pass_on(signum: int, frame: FrameType | None) -> None:
+        if site.poll() is None:
+            site.send_signal(signal.SIGTERM)
+
+    stops = (signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, pass_on) for sig in stops}
+    try:
+        while True:
+            try:
+                return site.wait()
+            except KeyboardInterrupt:
+                continue  # the site got the same Ctrl-C and is stopping its server and worker
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

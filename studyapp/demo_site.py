@@ -204,19 +204,24 @@ def _port_free(host: str, port: int) -> bool:
 
 
 def server_start(log_dir: Path, *, host: str, port: int) -> Child:
-    """daphne serving the site (HTTP, WebSocket, static files) on `host`:`port` (0: any free port)."""
+    """daphne serving the site (HTTP, WebSocket; WhiteNoise the static files) on `host`:`port` (0: any free port)."""
     argv = [sys.executable, "-m", "daphne", "-e", f"tcp:port={port}:interface={host}"]
-    argv += ["studyapp.asgi_static:application"]
+    argv += ["studyapp.asgi:application"]
     return _spawn("server", argv, log_dir / "server.log")
 
 
 class Interrupted(BaseException):  # like KeyboardInterrupt: no `except Exception` may swallow it
-    """Ctrl-C or SIGTERM: stop the site."""
+    """Ctrl-C, SIGTERM or SIGHUP: stop the site."""
+
+
+# Ctrl-C; a process manager's or `kill`'s stop; a closed terminal (whose hang-up would otherwise end this
+# process at once and leave the server and the worker, in process groups of their own, running).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 @contextmanager
 def interruptible() -> Iterator[None]:
-    """SIGINT and SIGTERM raise Interrupted inside the block (so `kill` stops the site as Ctrl-C does)."""
+    """The stop signals raise Interrupted inside the block (so `kill` stops the site as Ctrl-C does)."""
 
     def interrupt(signum: int, frame: FrameType | None) -> None:
         raise Interrupted(signal.Signals(signum).name)
@@ -227,14 +232,14 @@ def interruptible() -> Iterator[None]:
 
 @contextmanager
 def signals_ignored() -> Iterator[None]:
-    """SIGINT and SIGTERM are ignored inside the block."""
+    """The stop signals are ignored inside the block."""
     with _signals_handled_by(signal.SIG_IGN):
         yield
 
 
 @contextmanager
 def _signals_handled_by(handler: Any) -> Iterator[None]:
-    saved = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    saved = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
     try:
         yield
     finally:

@@ -5,7 +5,6 @@ SQLite under var/, an embedded Celery broker (no server), an in-memory channel l
 Production and CI set DATABASE_URL (PostgreSQL) and REDIS_URL (Celery broker + results, channel layer).
 """
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -13,34 +12,8 @@ import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 from kombu import Exchange, Queue
 
+from studyapp.env import env_bool, env_int, env_list, env_secret, env_str
 from studyapp.queue import CPU, EXPIRE_PARTICIPANTS, GPU, SWEEP_STALE_WORK, task_routes
-
-
-def env_str(name: str, default: str) -> str:
-    return os.environ.get(name, default)
-
-
-def env_bool(name: str, default: bool) -> bool:
-    raw = os.environ.get(name)
-    if raw is None:
-        return default
-    value = raw.strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off", ""):
-        return False
-    raise ImproperlyConfigured(f"{name}={raw!r} is not a boolean (use true/false)")
-
-
-def env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name)
-    if raw is None:
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise ImproperlyConfigured(f"{name}={raw!r} is not an integer") from None
-
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 # Local state of the embedded defaults: the SQLite database, the serverless Celery broker and results.
@@ -52,8 +25,8 @@ VAR_DIR.mkdir(exist_ok=True)
 DEBUG = env_bool("DEBUG", False)
 
 # The fallback key is for development only (DEBUG=true): it is public, so anyone could forge sessions
-# with it. A deployment (DEBUG off) must set SECRET_KEY, and refuses to start without it.
-SECRET_KEY = env_str("SECRET_KEY", "")
+# with it. A deployment (DEBUG off) must set SECRET_KEY (or SECRET_KEY_FILE), and refuses to start without it.
+SECRET_KEY = env_secret("SECRET_KEY")
 if not SECRET_KEY:
     if not DEBUG:
         raise ImproperlyConfigured("SECRET_KEY must be set when DEBUG is false")
@@ -62,16 +35,42 @@ if not SECRET_KEY:
 # Participants' recruitment ids (PROLIFIC_PID) are stored only as an HMAC under this key, so the same id
 # maps back to the same participant while the table never holds the id itself. It is separate from
 # SECRET_KEY so that rotating the session key does not orphan every participant; keep it stable and
-# secret for the life of the studies (like SECRET_KEY, a deployment must set it).
-PARTICIPANT_ID_KEY = env_str("PARTICIPANT_ID_KEY", "")
+# secret for the life of the studies (like SECRET_KEY, a deployment must set it, or PARTICIPANT_ID_KEY_FILE).
+PARTICIPANT_ID_KEY = env_secret("PARTICIPANT_ID_KEY")
 if not PARTICIPANT_ID_KEY:
     if not DEBUG:
         raise ImproperlyConfigured("PARTICIPANT_ID_KEY must be set when DEBUG is false")
     PARTICIPANT_ID_KEY = "dev-only-participant-id-key"
 
-ALLOWED_HOSTS = [
-    h.strip() for h in env_str("ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]").split(",") if h.strip()
-]
+
+ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]")
+
+# ---------------------------------------------------------------------------------------------------
+# HTTPS. A real study is served over HTTPS by a TLS-terminating proxy (nginx, Caddy) in front of
+# `./run serve` (docs/coordinator-guide.md, "Deploying for a real study"). HTTPS=true turns on every
+# secure default below; each can still be set on its own. Off by default: the demo and the tests are
+# plain HTTP on this machine.
+HTTPS = env_bool("HTTPS", False)
+SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", HTTPS)
+SESSION_COOKIE_SECURE = env_bool("SESSION_COOKIE_SECURE", HTTPS)
+CSRF_COOKIE_SECURE = env_bool("CSRF_COOKIE_SECURE", HTTPS)
+# Browsers that saw the header refuse plain HTTP for this long: a year, as the preload list asks.
+SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 365 * 24 * 3600 if HTTPS else 0)
+# Both widen HSTS past this host name (to its subdomains; into browsers' built-in lists once submitted):
+# asked for, never implied by HTTPS.
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", False)
+SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD", False)
+# The server (uvicorn) already takes X-Forwarded-Proto and X-Forwarded-For from a proxy at an address in
+# FORWARDED_ALLOW_IPS (default 127.0.0.1: a proxy on the same host). Django trusts the header itself only
+# when told the proxy always sets it (PROXY_SETS_X_FORWARDED_PROTO=true): a client reaching the server
+# directly could otherwise claim HTTPS.
+if env_bool("PROXY_SETS_X_FORWARDED_PROTO", False):
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+# The host name the browser used, from a proxy that passes it in X-Forwarded-Host instead of Host.
+USE_X_FORWARDED_HOST = env_bool("USE_X_FORWARDED_HOST", False)
+# Origins (https://study.example.org) whose form posts are accepted when the site does not see the
+# browser's own scheme and host (a proxy that rewrites them).
+CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", "")
 
 INSTALLED_APPS = [
     "daphne",  # first, so that `manage.py runserver` serves ASGI (HTTP + WebSocket)
@@ -88,6 +87,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",  # static files (STATIC_COLLECTED below)
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -175,8 +175,25 @@ STUDIO_DATA_DIR = env_str("STUDIO_DATA_DIR", str(VAR_DIR / "studio"))
 # The largest question-pool file a coordinator may upload.
 POOL_UPLOAD_MAX_BYTES = env_int("POOL_UPLOAD_MAX_BYTES", 10 * 1024 * 1024)
 
+# Static files: WhiteNoise (in MIDDLEWARE) answers them in every web process, before the session and the
+# views, so no separate file server is needed. STATIC_COLLECTED=true (`./run serve` sets it, after
+# `manage.py collectstatic` into STATIC_ROOT): from STATIC_ROOT, under content-hashed names that browsers
+# cache for a year, gzip- and Brotli-compressed ahead of time. Off (the default, so that a page renders
+# without collectstatic: the demo, the tests): from the apps' static/ folders, under their own names.
 STATIC_URL = env_str("STATIC_URL", "static/")
 STATIC_ROOT = env_str("STATIC_ROOT", str(VAR_DIR / "static"))
+STATIC_COLLECTED = env_bool("STATIC_COLLECTED", False)
+WHITENOISE_USE_FINDERS = not STATIC_COLLECTED
+if not STATIC_COLLECTED:
+    Path(STATIC_ROOT).mkdir(parents=True, exist_ok=True)  # WhiteNoise looks there too, and warns if absent
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {
+        "BACKEND": "whitenoise.storage.CompressedManifestStaticFilesStorage"
+        if STATIC_COLLECTED
+        else "django.contrib.staticfiles.storage.StaticFilesStorage"
+    },
+}
 
 REDIS_URL = env_str("REDIS_URL", "")
 

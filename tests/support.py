@@ -3,6 +3,7 @@ participant or a signed-in coordinator, socket headers carrying a session, and a
 code against the test database."""
 
 import asyncio
+import os
 from collections.abc import Coroutine
 from typing import Any
 
@@ -16,9 +17,10 @@ from studyapp.models import Participant
 from studyapp.sessions import session_bind
 
 
-def browser_of(participant: Participant) -> Client:
-    """A test client whose session is this participant (as after following their entry link)."""
-    client = Client()
+def browser_of(participant: Participant, *, enforce_csrf_checks: bool = False) -> Client:
+    """A test client whose session is this participant (as after following their entry link); with
+    `enforce_csrf_checks`, its posts are checked for a CSRF token and origin as a browser's are."""
+    client = Client(enforce_csrf_checks=enforce_csrf_checks)
     session = client.session
     session_bind(session, study_slug=participant.study.slug, token=participant.token)
     session.save()
@@ -52,3 +54,12 @@ def socket_headers(client: Client | None = None) -> list[tuple[bytes, bytes]]:
         cookie = f"{settings.SESSION_COOKIE_NAME}={client.cookies[settings.SESSION_COOKIE_NAME].value}"
         headers.append((b"cookie", cookie.encode()))
     return headers
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id still exists (a zombie not yet reaped by its parent counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

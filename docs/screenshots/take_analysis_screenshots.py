@@ -182,7 +182,7 @@ def serve(env: dict[str, str], port: int, log: Path) -> subprocess.Popen:
         "127.0.0.1",
         "-p",
         str(port),
-        "studyapp.asgi_static:application",
+        "studyapp.asgi:application",
     ]
     proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 60

@@ -75,7 +75,7 @@ def asgi_server(
     log = tmp_path_factory.mktemp("daphne") / "server.log"
     with log.open("wb") as out:
         argv = [sys.executable, "-m", "daphne", "-e", "tcp:port=0:interface=127.0.0.1"]
-        argv += ["studyapp.asgi_static:application"]
+        argv += ["studyapp.asgi:application"]
         proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
     server = LiveServer(url="", log=log)
     try:

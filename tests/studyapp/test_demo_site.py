@@ -4,17 +4,20 @@ tiny real model, which is what `./run demo --check` does after training."""
 
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from django.contrib.auth import authenticate
 
 from annotation.models import CandidatePair, Question
-from studyapp.demo_site import DemoStudy, demo_coordinator_ensure, demo_study_ensure
+from studyapp.demo_site import DemoStudy, _port_free, demo_coordinator_ensure, demo_study_ensure
 from studyapp.models import Arm
-from tests.conftest import REPO
+from tests.conftest import REPO, stop_process
+from tests.support import process_alive
 from tests.worker.conftest import tiny_checkpoint  # noqa: F401  (the same tiny real model as the worker tests)
 
 SERVICE_KNOBS = ("DATABASE_URL", "REDIS_URL", "CELERY_BROKER_URL", "CELERY_RESULT_BACKEND", "STUDIO_DATA_DIR")
@@ -59,14 +62,6 @@ def test_it_keeps_the_demo_coordinators_password_across_runs(tmp_path: Path) -> 
     assert password_file.stat().st_mode & 0o077 == 0
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 @pytest.mark.slow
 def test_its_check_walks_a_participant_through_the_whole_platform_in_real_processes(
     small_elix: Path,
@@ -101,5 +96,48 @@ def test_its_check_walks_a_participant_through_the_whole_platform_in_real_proces
     assert re.search(r"from the last pick to responses ready: [\d.]+ s", output)
     # The server and the worker were stopped, not left behind.
     pids = re.search(r"server pid (\d+), worker pid (\d+)", output)
-    assert pids and not any(_alive(int(pid)) for pid in pids.groups()), output
+    assert pids and not any(process_alive(int(pid)) for pid in pids.groups()), output
     assert "Server and worker stopped (worker exit 0, server exit 0)" in output
+
+
+def _children(pid: int) -> list[int]:
+    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+@pytest.mark.slow
+def test_the_demo_stopped_with_sigterm_leaves_no_process_behind_and_frees_its_port(
+    small_elix: Path,
+    tiny_checkpoint: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    # `./run demo`'s last step (modeling.demo.start_site) on the demo's folder layout, already trained.
+    (tmp_path / "elix").symlink_to(small_elix)
+    (tmp_path / "fspo-elix").mkdir()
+    for arm in ("fspo", "base"):
+        (tmp_path / "fspo-elix" / arm).symlink_to(tiny_checkpoint)
+    start = f"from pathlib import Path; from modeling.demo import start_site; raise SystemExit(start_site(Path({str(tmp_path)!r}), check=False, port=0))"
+    env = {k: v for k, v in os.environ.items() if k not in SERVICE_KNOBS}
+    output = tmp_path / "demo.out"
+    with output.open("wb") as out:
+        demo = subprocess.Popen([sys.executable, "-c", start], cwd=REPO, env=env, stdout=out, stderr=out)
+    try:
+        deadline = time.monotonic() + 120
+        while "Serving until Ctrl-C." not in output.read_text():
+            assert demo.poll() is None and time.monotonic() < deadline, output.read_text()
+            time.sleep(0.2)
+        text = output.read_text()
+        pids = re.search(r"server pid (\d+), worker pid (\d+)", text)
+        port = re.search(r"participant +http://127\.0\.0\.1:(\d+)/", text)
+        assert pids and port, text
+        everyone = [
+            *_children(demo.pid),
+            *(int(pid) for pid in pids.groups()),
+        ]  # the site, its server and worker
+
+        demo.send_signal(signal.SIGTERM)
+        assert demo.wait(timeout=60) == 0, output.read_text()
+    finally:
+        stop_process(demo)
+    assert len(everyone) == 3 and not any(process_alive(pid) for pid in everyone), output.read_text()
+    assert "Server and worker stopped" in output.read_text()
+    assert _port_free("127.0.0.1", int(port[1]))
