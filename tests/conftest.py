@@ -11,6 +11,7 @@ test run its own.
 """
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -62,41 +63,68 @@ def worker_database_url() -> str | None:
     return urlsplit(base)._replace(path=f"/{connection.settings_dict['NAME']}").geturl()
 
 
-@pytest.fixture(scope="session")
-def celery_worker(tmp_path_factory: pytest.TempPathFactory, django_db_setup: None) -> Iterator[RunningWorker]:
+def worker_redis_url(db: int) -> str:
+    """REDIS_URL's server, database `db`: a worker's broker, results and channel layer."""
     redis_url = os.environ.get("REDIS_URL")
     if not redis_url:
         pytest.fail("the Celery worker tests need Redis: run them with ./run test (it sets REDIS_URL)")
-    url = urlsplit(redis_url)._replace(path=f"/{WORKER_REDIS_DB}").geturl()
-    redis.Redis.from_url(url).flushdb()
+    return urlsplit(redis_url)._replace(path=f"/{db}").geturl()
 
+
+def worker_client(redis_url: str) -> Celery:
+    """A Celery app configured as the site's, on `redis_url` (broker and result backend)."""
     client = Celery("fspo-tests", set_as_current=False)
     client.config_from_object("django.conf:settings", namespace="CELERY")
-    client.conf.update(broker_url=url, result_backend=url)
+    client.conf.update(broker_url=redis_url, result_backend=redis_url)
+    return client
 
-    env = {k: v for k, v in os.environ.items() if k not in ("CELERY_BROKER_URL", "CELERY_RESULT_BACKEND")}
-    env["REDIS_URL"] = url
+
+def start_celery_worker(
+    client: Celery, redis_url: str, log: Path, *, env: dict[str, str] | None = None, beat: bool = False
+) -> subprocess.Popen:
+    """A real `celery worker` process (queues cpu and gpu, solo pool, concurrency 1, as a GPU host runs
+    one) on `redis_url` and the test database, with `env` added to its environment and, with `beat`,
+    Celery beat embedded (-B: the expiry and stale-work sweeps); returned once it says it is ready."""
+    worker_env = {
+        k: v for k, v in os.environ.items() if k not in ("CELERY_BROKER_URL", "CELERY_RESULT_BACKEND")
+    }
+    worker_env["REDIS_URL"] = redis_url
     if database_url := worker_database_url():
-        env["DATABASE_URL"] = database_url
+        worker_env["DATABASE_URL"] = database_url
     # No connection outlives its task (so the test database can be dropped at the end), and a failed task
     # is retried at once instead of after the production back-off.
-    env.update(DB_CONN_MAX_AGE="0", PERSONALIZE_RETRY_DELAY_S="0")
+    worker_env.update(DB_CONN_MAX_AGE="0", PERSONALIZE_RETRY_DELAY_S="0", **(env or {}))
     hostname = f"pytest-{uuid.uuid4().hex[:8]}@%h"
     celery = Path(sys.executable).with_name("celery")
-    log = tmp_path_factory.mktemp("celery") / "worker.log"
+    options = ["--queues", "cpu,gpu", "--concurrency", "1", "--pool", "solo", "--loglevel", "info"]
+    if beat:
+        options += ["--beat", "--schedule", str(log.with_suffix(".beat-schedule"))]
     with log.open("wb") as out:
-        options = ["--queues", "cpu,gpu", "--concurrency", "1", "--pool", "solo", "--loglevel", "info"]
         argv = [str(celery), "-A", "studyapp", "worker", *options, "--hostname", hostname]
-        proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-    worker = RunningWorker(app=client, redis_url=url, log=log)
+        proc = subprocess.Popen(argv, cwd=REPO, env=worker_env, stdout=out, stderr=subprocess.STDOUT)
+    worker = RunningWorker(app=client, redis_url=redis_url, log=log)
+    name = hostname.removesuffix("@%h")
+    # Its "ready" line, not a ping: a solo worker busy with a long task at once answers no ping.
+    deadline = time.monotonic() + 60
+    while not re.search(rf"{name}@\S+ ready\.", log.read_text(errors="replace")):
+        if proc.poll() is not None:
+            pytest.fail(f"the celery worker exited with {proc.returncode}:\n{worker.log_tail()}")
+        if time.monotonic() > deadline:
+            stop_process(proc)
+            pytest.fail(f"the celery worker was not ready within 60 s:\n{worker.log_tail()}")
+        time.sleep(0.1)
+    return proc
+
+
+@pytest.fixture(scope="session")
+def celery_worker(tmp_path_factory: pytest.TempPathFactory, django_db_setup: None) -> Iterator[RunningWorker]:
+    url = worker_redis_url(WORKER_REDIS_DB)
+    redis.Redis.from_url(url).flushdb()
+    client = worker_client(url)
+    log = tmp_path_factory.mktemp("celery") / "worker.log"
+    proc = start_celery_worker(client, url, log)
     try:
-        deadline = time.monotonic() + 30
-        while not client.control.ping(timeout=0.5):
-            if proc.poll() is not None:
-                pytest.fail(f"the celery worker exited with {proc.returncode}:\n{worker.log_tail()}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"the celery worker did not answer a ping within 30 s:\n{worker.log_tail()}")
-        yield worker
+        yield RunningWorker(app=client, redis_url=url, log=log)
     finally:
         stop_process(proc, timeout=15)
         client.close()
@@ -126,11 +154,7 @@ def tasks_sent_through(app: Celery) -> Iterator[Celery]:
 def unreachable_broker_app() -> Celery:
     """A Celery app configured as the site's, on a broker (and result backend) that refuses every
     connection."""
-    client = Celery("fspo-unreachable", set_as_current=False)
-    client.config_from_object("django.conf:settings", namespace="CELERY")
-    url = f"redis://127.0.0.1:{closed_port()}/0"
-    client.conf.update(broker_url=url, result_backend=url)
-    return client
+    return worker_client(f"redis://127.0.0.1:{closed_port()}/0")
 
 
 @pytest.fixture
