@@ -210,7 +210,23 @@ if CELERY_BROKER_URL.startswith(("redis://", "rediss://")):
     # With acks_late Redis re-delivers a task still unacknowledged after this many seconds, so it must
     # outlast the longest job (training runs for hours). (The SQLAlchemy transport takes no such option:
     # it hands its transport options to create_engine.)
-    CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": env_int("CELERY_VISIBILITY_TIMEOUT", 12 * 3600)}
+    # A redelivered job or generation that is still running on a live worker is skipped (its heartbeat
+    # is fresh), and one whose worker died is queued again by the stale-work sweeper long before this.
+    # A broker host that drops packets fails a connection after socket_connect_timeout seconds rather
+    # than the system's TCP time-out: the web request that sends a task (the last pick) never hangs on it.
+    CELERY_BROKER_TRANSPORT_OPTIONS = {
+        "visibility_timeout": env_int("CELERY_VISIBILITY_TIMEOUT", 12 * 3600),
+        "socket_connect_timeout": env_int("CELERY_BROKER_CONNECT_TIMEOUT_S", 2),
+    }
+# Sending a task retries once, then gives up: a pick the broker cannot take stays queued, unsent, and the
+# stale-work sweeper sends it once the broker is back (services.personalization), so the participant's
+# request answers at once instead of waiting on Celery's longer default retries.
+CELERY_TASK_PUBLISH_RETRY_POLICY = {
+    "max_retries": 1,
+    "interval_start": 0,
+    "interval_step": 0.2,
+    "interval_max": 0.2,
+}
 # Two queues: `gpu` (one worker per GPU, concurrency 1) for model work, `cpu` for everything else.
 # Each queue has its own exchange and routing key: a bare Queue("gpu") would be bound to the default
 # exchange with the default queue's key and receive a copy of every `cpu` message.
