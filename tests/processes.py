@@ -85,18 +85,16 @@ class RedisServer:
         argv += ["--save", "", "--appendonly", "no"]
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
-        client = redis.Redis.from_url(self.url)
         deadline = time.monotonic() + 20
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"redis-server did not start:\n{self.log.read_text()}") from None
-                time.sleep(0.05)
-            finally:
-                client.close()
+        with redis.Redis.from_url(self.url) as client:
+            while True:
+                try:
+                    client.ping()
+                    return
+                except redis.ConnectionError:
+                    if self.proc.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError(f"redis-server did not start:\n{self.log.read_text()}") from None
+                    time.sleep(0.05)
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -9,6 +9,8 @@ is stored once or not at all."""
 
 import asyncio
 import json
+import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -46,6 +48,8 @@ COORDINATOR_PASSWORD = "a-long-test-password"  # tests.factories.make_coordinato
 
 @pytest.fixture
 def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    if shutil.which("redis-server") is None:
+        pytest.fail("the fault tests start a Redis of their own: apt-get install redis-server")
     server = RedisServer(tmp_path / "redis.log")
     server.start()
     try:
@@ -307,6 +311,8 @@ async def _redis_down(site: Site, redis_server: RedisServer, study: Study, usern
 
 @pytest.fixture
 def private_postgres() -> Iterator[PostgresCluster]:
+    if os.geteuid() != 0:
+        pytest.fail("the PostgreSQL fault test needs root: it runs initdb and pg_ctl as the postgres user")
     cluster = PostgresCluster()
     try:
         cluster.start()
