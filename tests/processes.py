@@ -27,7 +27,8 @@ def site_env(*, database_url: str, redis_url: str, **extra: str) -> dict[str, st
         for k, v in os.environ.items()
         if k not in ("CELERY_BROKER_URL", "CELERY_RESULT_BACKEND", "DJANGO_ALLOW_ASYNC_UNSAFE")
     }
-    # No connection outlives its request, so the test database can be flushed and dropped.
+    # Without the pool (DB_POOL_MAX_SIZE=0) no connection outlives its request; the pool's end with the
+    # process, which a test stops before its database is flushed or dropped.
     env.update(DATABASE_URL=database_url, REDIS_URL=redis_url, DB_CONN_MAX_AGE="0", **extra)
     return env
 
