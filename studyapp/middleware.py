@@ -1,6 +1,10 @@
 """A database that is down (restarting, failed over, or out of pooled connections) answers every page
 with a short "briefly unavailable" page and HTTP 503, not a 500: the failure is temporary and nothing was
-half-stored (each write runs in one transaction), so retrying in a minute is the right thing to do."""
+half-stored (each write runs in one transaction), so retrying in a minute is the right thing to do.
+
+It sees what a view raises (reading the session or the user happens there too). What another
+middleware raises after the view, e.g. the session saved as the response leaves, is Django's 500: only a
+database lost in the moment between the view's last query and that save reaches it."""
 
 import logging
 from collections.abc import Callable
