@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,8 +172,8 @@ class Child:
                 self.proc.wait()
 
 
-def _spawn(name: str, argv: list[str], log: Path) -> Child:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def _spawn(name: str, argv: list[str], log: Path, env: Mapping[str, str] | None = None) -> Child:
+    env = {**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"}
     with log.open("wb") as out:
         # A process group of its own: Ctrl-C reaches only the demo, which then stops its children in order.
         proc = subprocess.Popen(
@@ -203,11 +203,12 @@ def _port_free(host: str, port: int) -> bool:
     return True
 
 
-def server_start(log_dir: Path, *, host: str, port: int) -> Child:
-    """daphne serving the site (HTTP, WebSocket; WhiteNoise the static files) on `host`:`port` (0: any free port)."""
+def server_start(log_dir: Path, *, host: str, port: int, env: Mapping[str, str] | None = None) -> Child:
+    """daphne serving the site (HTTP, WebSocket; WhiteNoise the static files) on `host`:`port` (0: any free port), in
+    `env` (by default this process's environment)."""
     argv = [sys.executable, "-m", "daphne", "-e", f"tcp:port={port}:interface={host}"]
     argv += ["studyapp.asgi:application"]
-    return _spawn("server", argv, log_dir / "server.log")
+    return _spawn("server", argv, log_dir / "server.log", env)
 
 
 class Interrupted(BaseException):  # like KeyboardInterrupt: no `except Exception` may swallow it

@@ -94,6 +94,8 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # A database that is down answers "briefly unavailable" (503), not a server error (500).
+    "studyapp.middleware.DatabaseUnavailableMiddleware",
 ]
 
 ROOT_URLCONF = "studyapp.urls"
@@ -131,7 +133,10 @@ if DATABASE_URL:
             dj_database_url.parse(
                 DATABASE_URL,
                 conn_max_age=0 if DB_POOL_MAX_SIZE else env_int("DB_CONN_MAX_AGE", 0),
-                conn_health_checks=not DB_POOL_MAX_SIZE,
+                # With the pool, this checks each connection as the pool lends it (Django gives the pool
+                # ConnectionPool.check_connection): after PostgreSQL restarts the pool's idle
+                # connections are dead, and each would otherwise fail one request before it was replaced.
+                conn_health_checks=True,
             )
         )
     }

@@ -10,10 +10,6 @@ worker's own Redis database, which is also the channel layer the worker's `ready
 import os
 import re
 import shutil
-import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, RunningWorker, stop_process, worker_database_url
+from tests.conftest import REPO, RunningWorker, worker_database_url
+from tests.processes import site_env, site_server_start
 from tests.worker.conftest import tiny_checkpoint  # noqa: F401  (the same tiny real model as the worker tests)
 
 CHROMIUM_ARGS = [
@@ -68,34 +65,12 @@ def asgi_server(
     database_url = worker_database_url()
     if database_url is None:
         pytest.fail("the browser tests need PostgreSQL: run them with ./run test (it sets DATABASE_URL)")
-    env = {k: v for k, v in os.environ.items() if k not in ("CELERY_BROKER_URL", "CELERY_RESULT_BACKEND")}
-    # No connection outlives its request, so the test database can be flushed and dropped.
-    env.update(DATABASE_URL=database_url, REDIS_URL=celery_worker.redis_url, DB_CONN_MAX_AGE="0")
-    env.pop("DJANGO_ALLOW_ASYNC_UNSAFE", None)
-    log = tmp_path_factory.mktemp("daphne") / "server.log"
-    with log.open("wb") as out:
-        argv = [sys.executable, "-m", "daphne", "-e", "tcp:port=0:interface=127.0.0.1"]
-        argv += ["studyapp.asgi:application"]
-        proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-    server = LiveServer(url="", log=log)
+    env = site_env(database_url=database_url, redis_url=celery_worker.redis_url)
+    site = site_server_start(tmp_path_factory.mktemp("daphne"), env=env)
     try:
-        deadline = time.monotonic() + 60
-        while not server.url:
-            if match := re.search(
-                r"Listening on TCP address (127\.0\.0\.1:\d+)", log.read_text(errors="replace")
-            ):
-                server.url = f"http://{match[1]}"
-            elif proc.poll() is not None:
-                pytest.fail(f"daphne exited with {proc.returncode}:\n{server.log_tail()}")
-            elif time.monotonic() > deadline:
-                pytest.fail(f"daphne did not listen within 60 s:\n{server.log_tail()}")
-            else:
-                time.sleep(0.1)
-        with urllib.request.urlopen(f"{server.url}/healthz", timeout=30) as response:
-            assert response.status == 200, server.log_tail()
-        yield server
+        yield LiveServer(url=site.url, log=site.log)
     finally:
-        stop_process(proc)
+        site.stop()
 
 
 @contextmanager
