@@ -17,7 +17,7 @@ from annotation.writers import elicitation_items_assign, participant_data_delete
 from studyapp.models import Participant, Study
 from studyapp.pseudonyms import recruitment_id_hash
 from studyapp.realtime import notify_participant_changed_on_commit, notify_study_on_commit
-from studyapp.selectors import participant_for_update, study_places_held
+from studyapp.selectors import participant_for_update, study_places_held, study_places_taken
 
 State = Participant.State
 Generation = Participant.Generation
@@ -129,22 +129,30 @@ def place_claim(participant: Participant) -> bool:
     False when every one is taken.
 
     Exact without a lock on the study: the numbers are unique per study (a constraint), so two arrivals
-    that pick the same free number meet there and the second picks again. Each picks at random among the
-    free ones, so arrivals at once seldom meet."""
+    that pick the same free number meet there and the second picks again. Each picks at random, so
+    arrivals at once seldom meet: while at most half the places are held, a number drawn from 1..quota
+    (one count, no list of the places); past that, from the free numbers themselves."""
     study = participant.study
-    for _ in range(study.quota + 1):
-        free = sorted(set(range(1, study.quota + 1)) - study_places_held(study=study))
-        if not free:
+    for _ in range(study.quota + PLACE_DRAWS):
+        held = study_places_taken(study=study)
+        if held >= study.quota:
             return False
-        number = random.choice(free)
+        if 2 * held <= study.quota:
+            number = random.randint(1, study.quota)
+        else:
+            number = random.choice(sorted(set(range(1, study.quota + 1)) - study_places_held(study=study)))
         try:
             with transaction.atomic():
                 Participant.objects.filter(pk=participant.pk).update(place=number)
         except IntegrityError:
-            continue  # someone took it meanwhile
+            continue  # held already, or someone took it meanwhile
         participant.place = number
         return True
     return False
+
+
+# Draws from 1..quota that may meet a held place before place_claim gives up (beyond one per place).
+PLACE_DRAWS = 64
 
 
 def places_compact(*, study: Study) -> None:
