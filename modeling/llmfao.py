@@ -103,6 +103,8 @@ class ImportReport:
     repeats: list[dict[str, int]] = field(default_factory=list)  # judgment, repeat_of, worker, agree
     skipped: list[Skip] = field(default_factory=list)
     unjudged_prompts: int = 0  # prompts (and their responses) no crowd judgment uses: not imported
+    empty_responses: int = 0  # imported responses whose text is blank (a model that answered nothing): kept
+    judgments_of_empty: int = 0  # crowd judgments with a blank response on one side
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -413,6 +415,17 @@ def _tables(
     report.models = len({m for r in crowd for m in (r.left, r.right)})
     report.ties = sum(r.winner == "tie" for r in crowd)
     report.unjudged_prompts = len(ref.prompts) - report.prompts
+    texts = tables["responses"].to_pandas()
+    blank = set(texts.loc[texts["text"].str.strip() == "", "response_id"])
+    report.empty_responses = len(blank)
+    report.judgments_of_empty = sum(
+        int(left in blank or right in blank)
+        for left, right in zip(
+            tables["preferences"]["left_id"].to_pylist(),
+            tables["preferences"]["right_id"].to_pylist(),
+            strict=True,
+        )
+    )
     return tables
 
 

@@ -317,9 +317,9 @@ class Ranking:
     crowd: list[float]
     crowd_low: list[float]
     crowd_high: list[float]
-    judges: dict[str, list[float]]  # judge -> scores in the order of `models`
-    spearman: dict[str, float]  # judge -> Spearman's rho between its scores and the crowd's
-    spearman_p: dict[str, float]
+    judges: dict[str, list[float]]  # judge -> scores in the order of `models` (NaN: the judge never saw it)
+    spearman: dict[str, float | None]  # judge -> Spearman's rho with the crowd's (None: a constant side)
+    spearman_p: dict[str, float | None]
     judgments: int
 
 
@@ -345,11 +345,16 @@ def rankings(data: CrowdData, *, seed: int = SEED, resamples: int = RESAMPLES) -
     )  # fmt: skip
     scores = evalica.bradley_terry(xs, ys, ws, index=index).scores.sort_values(ascending=False)
     order = list(scores.index)
-    judges, rho, rho_p = {}, {}, {}
+    judges: dict[str, list[float]] = {}
+    rho: dict[str, float | None] = {}
+    rho_p: dict[str, float | None] = {}
     for judge, rows in data.judges.groupby("judge", sort=False):
         jx, jy, jw = _bt_inputs(rows, data.models)
         judged = evalica.bradley_terry(jx, jy, jw, index=index).scores.reindex(order)
         judges[str(judge)] = [float(v) for v in judged]
+        if scores.nunique() < 2 or judged.nunique() < 2:  # Spearman's rho is undefined on a constant side
+            rho[str(judge)] = rho_p[str(judge)] = None
+            continue
         r = stats.spearmanr(scores.to_numpy(), judged.to_numpy())
         rho[str(judge)], rho_p[str(judge)] = float(r.statistic), float(r.pvalue)
     return Ranking(

@@ -30,6 +30,10 @@ def _pct(v: float | None, ci: tuple[float, float] | None = None) -> str:
     return f"{100 * v:.1f}%" + ("" if ci is None else f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]")
 
 
+def _rho(rho: float | None, p: float | None) -> str:
+    return "undefined (one side constant)" if rho is None or p is None else f"{rho:.3f} (p = {p:.1e})"
+
+
 def _agreement_lines(a: CrowdAnalysis) -> list[str]:
     g = a.agreement
     return [
@@ -92,7 +96,7 @@ def _ranking_lines(a: CrowdAnalysis) -> list[str]:
         f"judgments of {len(r.models)} models, with percentile bootstrap intervals resampling judgments "
         f"({a.resamples:,} resamples, seed {a.seed}); each judge's scores from its own judgments of the same "
         "pairs. Spearman's rho between the crowd's scores and "
-        + ", ".join(f"{j}'s: {r.spearman[j]:.3f} (p = {r.spearman_p[j]:.1e})" for j in judges)
+        + ", ".join(f"{j}'s: {_rho(r.spearman[j], r.spearman_p[j])}" for j in judges)
         + ".",
         "",
         "| crowd rank | model | crowd score [95% CI] | " + " | ".join(f"{j} rank" for j in judges) + " |",

@@ -282,7 +282,8 @@ def crowd_ranking_plot(result: Ranking) -> bytes | None:
     left.set_title("Models ranked by the crowd")
     for (judge, scores), color in zip(result.judges.items(), (SYNTHETIC, OK, *SERIES), strict=False):
         rho = result.spearman[judge]
-        right.scatter(crowd, scores, s=12, color=color, label=f"{judge} (Spearman {rho:.2f})")
+        label = f"{judge} (Spearman {'undefined' if rho is None else f'{rho:.2f}'})"
+        right.scatter(crowd, scores, s=12, color=color, label=label)
     # Log axes: a judge that almost never ties gives a few always-winning models very large scores.
     right.set_xscale("log")
     right.set_yscale("log")

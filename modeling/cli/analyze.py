@@ -227,7 +227,7 @@ def cmd_analyze_crowd(argv: list[str]) -> int:
     for j in analysis.judges:
         table.add_row(f"crowd vs {j.judge}: kappa, agreement", f"{_num(j.kappa)}, {_pct(j.agreement)}")
     for judge, rho in analysis.ranking.spearman.items():
-        table.add_row(f"Bradley-Terry: Spearman crowd vs {judge}", f"{rho:.3f}")
+        table.add_row(f"Bradley-Terry: Spearman crowd vs {judge}", _num(rho))
     out.print(table)
     out.print(f"wrote {args.out}: {', '.join(path.name for path in written)}")
     return 0

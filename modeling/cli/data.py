@@ -49,6 +49,8 @@ def cmd_data(argv: list[str]) -> int:
         ("consistency repeats (kept)", len(report.repeats)),
         ("broken rows skipped", len(report.skipped)),
         ("prompts no judgment uses (not imported)", report.unjudged_prompts),
+        ("blank responses (a model answered nothing; kept)", report.empty_responses),
+        ("judgments with a blank response on one side", report.judgments_of_empty),
     ]
     for what, n in rows:
         table.add_row(what, f"{n:,}")
