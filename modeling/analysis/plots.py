@@ -239,19 +239,19 @@ def crowd_agreement_plot(result: CrowdAnalysis) -> bytes | None:
     rows: list[tuple[str, float, tuple[float, float] | None, str]] = []
     a = result.agreement
     for label, value in (
-        ("workers: Krippendorff's alpha, ties a category", a.alpha_with_ties),
-        ("workers: Krippendorff's alpha, ties dropped", a.alpha_ties_dropped),
-        (f"workers: mean Cohen's kappa ({a.kappa_pairs} worker pairs)", a.kappa_mean),
+        ("workers: alpha, ties a category", a.alpha_with_ties),
+        ("workers: alpha, ties dropped", a.alpha_ties_dropped),
+        (f"workers: mean kappa ({a.kappa_pairs} pairs)", a.kappa_mean),
     ):
         if value is not None:
             rows.append((label, value, None, ACCENT))
     for j in result.judges:
         if j.kappa is not None:
-            rows.append((f"crowd majority vs {j.judge}: Cohen's kappa", j.kappa, j.kappa_ci, SYNTHETIC))
+            rows.append((f"crowd vs {j.judge}: kappa", j.kappa, j.kappa_ci, SYNTHETIC))
     if not rows:
         return None
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8.4, 0.45 * len(rows) + 1.1))
+    fig, ax = plt.subplots(figsize=(7.6, 0.45 * len(rows) + 1.1))
     for i, (_, value, ci, color) in enumerate(rows):
         ax.barh(i, value, color=color, alpha=0.35, edgecolor=color)
         if ci is not None:
@@ -260,7 +260,7 @@ def crowd_agreement_plot(result: CrowdAnalysis) -> bytes | None:
     ax.set_yticks(range(len(rows)), [r[0] for r in rows])
     ax.set_ylim(len(rows) - 0.5, -0.6)
     ax.set_xlim(min(0.0, min(r[1] for r in rows)), 1.0)
-    ax.set_xlabel("agreement beyond chance (0 chance, 1 perfect); bars: 95% bootstrap over pairs")
+    ax.set_xlabel("Krippendorff's alpha / Cohen's kappa (0 chance, 1 perfect; 95% CI over pairs)")
     return _png(fig)
 
 
