@@ -10,6 +10,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     from .agreement import Consistency
+    from .crowd import CrowdAnalysis, Ranking
     from .population import DescriptionQuality, DistributionShift
     from .winrates import HumanWinRates, ShotSensitivity, Transfer
 
@@ -230,4 +231,64 @@ def descriptions_plot(result: DescriptionQuality) -> bytes | None:
     ax.set_ylabel("similarity to others' self-descriptions")
     ax.text(high, low, "below the line: fits this participant\nbetter than the others ", ha="right",
             va="bottom", fontsize=8, color=MUTED)  # fmt: skip
+    return _png(fig)
+
+
+def crowd_agreement_plot(result: CrowdAnalysis) -> bytes | None:
+    """Kappa and alpha between workers and between the crowd and each judge, with 95% intervals."""
+    rows: list[tuple[str, float, tuple[float, float] | None, str]] = []
+    a = result.agreement
+    for label, value in (
+        ("workers: alpha, ties a category", a.alpha_with_ties),
+        ("workers: alpha, ties dropped", a.alpha_ties_dropped),
+        (f"workers: mean kappa ({a.kappa_pairs} pairs)", a.kappa_mean),
+    ):
+        if value is not None:
+            rows.append((label, value, None, ACCENT))
+    for j in result.judges:
+        if j.kappa is not None:
+            rows.append((f"crowd vs {j.judge}: kappa", j.kappa, j.kappa_ci, SYNTHETIC))
+    if not rows:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.6, 0.45 * len(rows) + 1.1))
+    for i, (_, value, ci, color) in enumerate(rows):
+        ax.barh(i, value, color=color, alpha=0.35, edgecolor=color)
+        if ci is not None:
+            ax.errorbar(value, i, xerr=[[value - ci[0]], [ci[1] - value]], color=color, capsize=3, lw=1.2)
+        ax.text(max(value, ci[1] if ci else value) + 0.015, i, f"{value:.2f}", va="center", fontsize=8.5)
+    ax.set_yticks(range(len(rows)), [r[0] for r in rows])
+    ax.set_ylim(len(rows) - 0.5, -0.6)
+    ax.set_xlim(min(0.0, min(r[1] for r in rows)), 1.0)
+    ax.set_xlabel("Krippendorff's alpha / Cohen's kappa (0 chance, 1 perfect; 95% CI over pairs)")
+    return _png(fig)
+
+
+def crowd_ranking_plot(result: Ranking) -> bytes | None:
+    """The crowd's Bradley-Terry scores with bootstrap intervals, and the crowd's against each judge's."""
+    if not result.models:
+        return None
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(
+        1, 2, figsize=(10.5, 0.17 * len(result.models) + 1.5), gridspec_kw={"width_ratios": [1.4, 1]}
+    )
+    y = np.arange(len(result.models))
+    crowd = np.array(result.crowd)
+    err = [crowd - np.array(result.crowd_low), np.array(result.crowd_high) - crowd]
+    left.errorbar(crowd, y, xerr=err, fmt="o", ms=3, color=ACCENT, ecolor=ACCENT_SOFT, lw=1)
+    left.set_yticks(y, result.models, fontsize=6.5)
+    left.set_ylim(len(y) - 0.5, -0.5)
+    left.set_xlabel("crowd Bradley-Terry score (95% bootstrap interval)")
+    left.set_title("Models ranked by the crowd")
+    for (judge, scores), color in zip(result.judges.items(), (SYNTHETIC, OK, *SERIES), strict=False):
+        rho = result.spearman[judge]
+        label = f"{judge} (Spearman {'undefined' if rho is None else f'{rho:.2f}'})"
+        right.scatter(crowd, scores, s=12, color=color, label=label)
+    # Log axes: a judge that almost never ties gives a few always-winning models very large scores.
+    right.set_xscale("log")
+    right.set_yscale("log")
+    right.set_xlabel("crowd score (log)")
+    right.set_ylabel("judge's Bradley-Terry score (log)")
+    right.set_title("Crowd vs the GPT judges")
+    right.legend(loc="upper left", fontsize=8)
     return _png(fig)

@@ -476,12 +476,17 @@ def report_files(analysis: StudyAnalysis) -> dict[str, bytes]:
     }
 
 
-def write_report(analysis: StudyAnalysis, out_dir: str | Path) -> list[Path]:
-    """Write report.md, analysis.json and the PNG plots into `out_dir` (created if needed)."""
+def write_files(files: dict[str, bytes], out_dir: str | Path) -> list[Path]:
+    """Write each named file into `out_dir` (created if needed); the paths written."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, content in report_files(analysis).items():
+    for name, content in files.items():
         (out / name).write_bytes(content)
         written.append(out / name)
     return written
+
+
+def write_report(analysis: StudyAnalysis, out_dir: str | Path) -> list[Path]:
+    """Write report.md, analysis.json and the PNG plots into `out_dir` (created if needed)."""
+    return write_files(report_files(analysis), out_dir)

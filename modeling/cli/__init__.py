@@ -6,7 +6,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from .analyze import _analysis_table, cmd_analyze
+from .analyze import _analysis_table, cmd_analyze, cmd_analyze_crowd
+from .data import cmd_data
 from .evaluate import _print_eval, cmd_eval, cmd_probe
 from .models import cmd_models
 from .synth import _stats_parser, _synth_parser, cmd_stats, cmd_synth, stats_table
@@ -16,6 +17,8 @@ from .ui import console, out, progress_bar, quiet_library_progress_bars
 __all__ = [
     "USAGE",
     "cmd_analyze",
+    "cmd_analyze_crowd",
+    "cmd_data",
     "cmd_eval",
     "cmd_models",
     "cmd_paper_table",
@@ -48,6 +51,8 @@ commands:
   paper-table   train every arm of the paper's comparison, then evaluate them
   probe         does a checkpoint read the user's shots? (own vs another user's vs no shots)
   analyze       analyses of a human study from its export: win rates, transfer, consistency, ...
+  analyze crowd agreement, judges and rankings of an imported crowd (fspo analyze crowd --help)
+  data import   import real annotators' judgments: fspo data import llmfao SOURCE --out DIR
 """
 
 
@@ -84,6 +89,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_probe(argv[1:])
         if argv[:1] == ["paper-table"]:
             return cmd_paper_table(argv[1:])
+        if argv[:1] == ["data"]:
+            return cmd_data(argv[1:])
+        if argv[:2] == ["analyze", "crowd"]:
+            return cmd_analyze_crowd(argv[2:])
         if argv[:1] == ["analyze"]:
             return cmd_analyze(argv[1:])
         if argv[:1] == ["serve-model"]:

@@ -15,6 +15,10 @@ def _pct(v: float | None) -> str:
     return "—" if v is None else f"{100 * v:.1f}%"
 
 
+def _num(v: float | None) -> str:
+    return "—" if v is None else f"{v:.3f}"
+
+
 def _ci(low: float | None, high: float | None) -> str:
     return "" if low is None or high is None else f" [{100 * low:.1f}–{100 * high:.1f}]"
 
@@ -175,4 +179,55 @@ def cmd_analyze(argv: list[str]) -> int:
     written = write_report(analysis, out_dir)
     out.print(_analysis_table(analysis))
     out.print(f"wrote {out_dir}: {', '.join(path.name for path in written)}")
+    return 0
+
+
+def analyze_crowd_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fspo analyze crowd",
+        description="Analyses of an imported crowd (fspo data import llmfao): agreement between workers "
+        "(Krippendorff's alpha, Cohen's kappa), self-consistency on repeated pairs, the crowd's majority "
+        "against the GPT judges (kappa and agreement with bootstrap intervals), and the models' "
+        "Bradley-Terry ranking from the crowd beside the judges'. Writes report.md, crowd.json and PNG plots.",
+    )
+    p.add_argument("dataset", type=Path, help="an imported crowd dataset folder")
+    p.add_argument("--out", type=Path, required=True, help="where to write the report")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
+    p.add_argument(
+        "--no-baselines", action="store_true", help="skip the few-shot prediction baselines (no LLM)"
+    )
+    return p
+
+
+def cmd_analyze_crowd(argv: list[str]) -> int:
+    from ..analysis.crowd import analyze_crowd, load_crowd
+    from ..analysis.crowd_report import write_crowd_report
+
+    args = analyze_crowd_parser().parse_args(argv)
+    data = load_crowd(args.dataset)
+    analysis = analyze_crowd(data, seed=args.seed, resamples=args.resamples)
+    if not args.no_baselines:
+        from ..analysis.crowd_baselines import few_shot_baselines
+
+        analysis.baselines = few_shot_baselines(data, seed=args.seed, resamples=args.resamples)
+    written = write_crowd_report(analysis, args.out)
+    table = Table(title=f"The crowd in {args.dataset}", title_justify="left")
+    for col in ("analysis", "result"):
+        table.add_column(col)
+    g = analysis.agreement
+    table.add_row(
+        "Krippendorff's alpha (ties a category / dropped)",
+        f"{_num(g.alpha_with_ties)} / {_num(g.alpha_ties_dropped)}",
+    )
+    table.add_row(f"mean Cohen's kappa ({g.kappa_pairs} worker pairs)", _num(g.kappa_mean))
+    table.add_row(
+        "self-consistency", analysis.consistency.message or f"{_pct(analysis.consistency.agreement)}"
+    )
+    for j in analysis.judges:
+        table.add_row(f"crowd vs {j.judge}: kappa, agreement", f"{_num(j.kappa)}, {_pct(j.agreement)}")
+    for judge, rho in analysis.ranking.spearman.items():
+        table.add_row(f"Bradley-Terry: Spearman crowd vs {judge}", _num(rho))
+    out.print(table)
+    out.print(f"wrote {args.out}: {', '.join(path.name for path in written)}")
     return 0
