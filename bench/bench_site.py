@@ -91,7 +91,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from site_load import Phase, measure_burst, measure_human, measure_stress
-from site_report import server_exceptions, slowest_page, summarize
+from site_report import database_check, server_exceptions, slowest_page, summarize
 from site_setup import (
     SERVERS,
     StudySettings,
@@ -108,6 +108,8 @@ from site_setup import (
 )
 from site_tables import print_report
 
+from studyapp.scripted_participant import Walk
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -116,6 +118,7 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/8"
 PAGE_POLL_S = 3.0  # studyapp/static/studyapp/waiting.js: POLL_MS
 START_TIMEOUT_S = 120
 STRESS_LEVELS = "5,10,20,40,80,160"
+PROFILE_SLUG = "bench-profile"
 # Settings of the site that change how it behaves under load; the report says which were set.
 SITE_KNOBS = ("DB_CONN_MAX_AGE", "DB_POOL_MAX_SIZE", "CELERY_VISIBILITY_TIMEOUT")
 Measure = Callable[
@@ -276,6 +279,7 @@ def run(
     redis.Redis.from_url(args.redis_url).flushdb()
     call_command("migrate", interactive=False, verbosity=0)
     slugs = [first_slug] + [f"{measured_slug}-{kind}" for kind in args.servers]
+    slugs += [PROFILE_SLUG] if args.mode == "stress" and args.profile_participants else []
     studies = {slug: study_seed(slug, settings, dataset=dataset, fspo=fspo, base=base) for slug in slugs}
     connection.close()  # the bench's own queries come back only after the run
 
@@ -289,7 +293,7 @@ def run(
     setup = setup_described(args, settings, fspo, base, core)
     by_server: dict[str, dict[str, Phase]] = {}
     exceptions: dict[str, dict[str, int]] = {}
-    profile: dict[str, Any] | None = None
+    profile: tuple[dict[str, Any], list[Walk]] | None = None
     try:
         for worker in workers:
             worker.wait_for(WORKER_READY, START_TIMEOUT_S)
@@ -314,7 +318,7 @@ def run(
                 server.stop()
             exceptions[kind] = server_exceptions(server.log)
         if args.mode == "stress" and args.profile_participants:
-            profile = profile_slowest(args, by_server, f"{measured_slug}-{args.servers[0]}", log_dir)
+            profile = profile_slowest(args, by_server[args.servers[0]]["stress"], log_dir)
     finally:
         for worker in workers:
             worker.stop()
@@ -324,21 +328,26 @@ def run(
     )
     summary["server_log_exceptions"] = exceptions
     if profile is not None:
-        summary["profile"] = profile
+        summary["profile"], walked = profile
+        summary["database"]["profile"] = check = database_check(studies[PROFILE_SLUG], walked, settings)
+        summary["ok"] = summary["ok"] and check["ok"] and not profile[0]["errors"]
     return summary
 
 
 def profile_slowest(
-    args: argparse.Namespace, by_server: dict[str, dict[str, Phase]], slug: str, log_dir: Path
-) -> dict[str, Any]:
-    """The first server's slowest page at its capacity, profiled in this process (bench/site_profile.py)."""
+    args: argparse.Namespace, stress: Phase, log_dir: Path
+) -> tuple[dict[str, Any], list[Walk]]:
+    """The first server's slowest page at its capacity, profiled in this process (bench/site_profile.py)
+    on a study of its own, in the same database."""
     from site_profile import page_profile
 
-    kind = slowest_page(by_server[args.servers[0]]["stress"])
+    kind = slowest_page(stress)
     print(f"profiling {kind!r}: {args.profile_participants} participants in this process")
     tree = (args.out.with_suffix(".profile.txt") if args.out else log_dir / "profile.txt").resolve()
     return asyncio.run(
-        page_profile(slug, kind, participants=args.profile_participants, timeout_s=args.timeout, tree=tree)
+        page_profile(
+            PROFILE_SLUG, kind, participants=args.profile_participants, timeout_s=args.timeout, tree=tree
+        )
     )
 
 

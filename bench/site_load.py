@@ -297,10 +297,11 @@ class Phases:
         return record
 
     async def warm_up(self, slug: str) -> None:
-        """Every worker loads the model with its first task: one participant per worker first, not timed."""
-        await self.run(
-            "warm-up", slug, self.args.workers, starts=[0.0] * self.args.workers, poll_s=READY_POLL_S
-        )
+        """Every worker loads the model with its first task, and each web server process answers its first
+        requests (slower: imports, templates): one participant per worker or web process first, not
+        timed."""
+        count = max(self.args.workers, self.args.web_workers)
+        await self.run("warm-up", slug, count, starts=[0.0] * count, poll_s=READY_POLL_S)
 
 
 async def measure_burst(

@@ -20,6 +20,8 @@ import httpx
 from site_load import PacedParticipant, RandomChoices, walk_recorded
 from site_setup import COMPLETION_CODE
 
+from studyapp.scripted_participant import Walk
+
 KIND_HEADER = "X-Bench-Kind"  # the request's kind ("POST pick", ...), so the transport knows what to profile
 TOP_FRAMES = 12
 # Where a frame's file lies, the first match naming its area.
@@ -79,10 +81,11 @@ class InProcessParticipant(PacedParticipant):
 
 async def page_profile(
     slug: str, kind: str, *, participants: int, timeout_s: float, tree: Path
-) -> dict[str, Any]:
-    """Profile the page `kind` over `participants` walked one after another through `slug`; the whole
-    call tree is written to `tree`. Returns the requests profiled, their times, the top frames by self
-    time and the time by area."""
+) -> tuple[dict[str, Any], list[Walk]]:
+    """Profile the page `kind` over `participants` walked one after another through `slug` (after one
+    more, unprofiled); the whole call tree is written to `tree`. Returns the requests profiled, their
+    times, the top frames by self time and the time by area; and what each participant did (for the
+    database's count)."""
     from django.db import connection
     from pyinstrument import Profiler
     from pyinstrument.renderers import ConsoleRenderer
@@ -93,8 +96,12 @@ async def page_profile(
     # The views run in this thread, which has an event loop: Django's guard against that is for code that
     # would block other requests, and here there are none.
     os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"
+    walked: list[Walk] = []
     try:
-        for i in range(participants):
+        # The first participant warms this process up (its first requests import, compile templates and
+        # open connections), unprofiled.
+        for i in range(participants + 1):
+            transport.kind = kind if i else ""
             participant = InProcessParticipant(
                 "http://127.0.0.1",
                 slug,
@@ -110,14 +117,14 @@ async def page_profile(
                 wait_timeout_s=timeout_s,
                 completion_code=COMPLETION_CODE,
             )
-            await walk_recorded(participant)
+            walked.append(await walk_recorded(participant))
             errors.update(participant.rec.errors)
     finally:
+        connection.close()  # the next of the bench's queries opens its own
         os.environ.pop("DJANGO_ALLOW_ASYNC_UNSAFE", None)
-        connection.close()
     session = profiler.last_session
     if session is None:
-        return {"page": kind, "requests": 0, "errors": dict(errors)}
+        return {"page": kind, "requests": 0, "errors": dict(errors)}, walked
     tree.write_text(ConsoleRenderer(unicode=False, color=False, short_mode=True).render(session))
     frames, areas = _self_times(session.root_frame())
     total = sum(areas.values()) or 1.0
@@ -133,7 +140,7 @@ async def page_profile(
         ],
         "by_area": {area: s / total for area, s in areas.most_common()},
         "tree": str(tree),
-    }
+    }, walked
 
 
 def _self_times(root: Any) -> tuple[Counter[str], Counter[str]]:

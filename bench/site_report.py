@@ -288,7 +288,8 @@ def _level(rec: Recorder, concurrency: int, start: float, end: float) -> dict[st
     sent = samples_sent_between(rec, start, end)
     pages = [s.seconds for s in sent if s.kind != STATUS_POLL]
     by_kind = {row["kind"]: row for row in latency_table(sent)}
-    page_kinds = [k for k in by_kind if k not in ("all requests", ALL_PAGES, STATUS_POLL)]
+    # A page's own request, not its replays (a double-click's second POST, a stale one: the same view).
+    page_kinds = [k for k in by_kind if k not in ("all requests", ALL_PAGES, STATUS_POLL) and ")" not in k]
     slowest = max(page_kinds, key=lambda k: by_kind[k]["p95_ms"], default="")
     return {
         "participants_at_once": concurrency,
