@@ -198,8 +198,6 @@ def parse_args() -> argparse.Namespace:
         parser.error(f"--server: {', '.join(sorted(unknown))} (choose from {', '.join(SERVERS)})")
     if len(args.servers) > 1 and args.mode != "stress":
         parser.error("--servers: several only in --mode stress")
-    if isinstance(args.levels, str):
-        args.levels = [int(n) for n in args.levels.split(",")]
     return args
 
 
