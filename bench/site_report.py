@@ -1,5 +1,6 @@
 """What the site bench found: the database counted against what the participants were acknowledged,
-latency tables, the workers' task times, as JSON-ready data (what --out writes) and as the printed report."""
+latency tables, stress levels and capacity, the workers' task times, as JSON-ready data (what --out
+writes; site_tables.py prints it)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,22 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from site_load import READY_POLL_S, Phase
+from site_load import (
+    READY_POLL_S,
+    STATUS_POLL,
+    STRESS_P95_LIMIT_S,
+    Phase,
+    human_pacing,
+    percentile,
+    samples_sent_between,
+)
 from site_setup import StudySettings, TaskRun
 
-from studyapp.scripted_participant import Recorder, Walk
+from studyapp.scripted_participant import Recorder, Sample, Walk
+
+ALL_PAGES = "all pages (not the status polls)"
+# The human mode's goal for the pages (every request but the status polls).
+GOAL = {"page_p95_ms": 150.0, "page_p99_ms": 400.0, "errors": 0}
 
 # Counting
 
@@ -28,19 +41,15 @@ def server_exceptions(log: Path) -> dict[str, int]:
     return dict(Counter(re.sub(r"port \d+", "port N", line)[:200] for line in lines).most_common(5))
 
 
-def percentile(values: list[float], q: float) -> float:
-    import numpy as np
-
-    return float(np.percentile(values, q)) if values else float("nan")
-
-
-def latency_table(rec: Recorder) -> list[dict[str, Any]]:
-    """Latency by request kind (and over all requests), in milliseconds."""
+def latency_table(samples: list[Sample]) -> list[dict[str, Any]]:
+    """Latency by request kind, over all requests and over all pages (every request but the status
+    polls), in milliseconds."""
     by_kind: dict[str, list[float]] = defaultdict(list)
-    for sample in rec.samples:
+    for sample in samples:
         by_kind[sample.kind].append(sample.seconds)
     kinds = sorted(by_kind, key=lambda k: (_step_order(k), k))
-    by_kind["all requests"] = [sample.seconds for sample in rec.samples]
+    by_kind["all requests"] = [sample.seconds for sample in samples]
+    by_kind[ALL_PAGES] = [sample.seconds for sample in samples if sample.kind != STATUS_POLL]
     return [
         {
             "kind": kind,
@@ -48,7 +57,7 @@ def latency_table(rec: Recorder) -> list[dict[str, Any]]:
             **{f"p{q}_ms": 1000 * percentile(values, q) for q in (50, 95, 99)},
             "max_ms": 1000 * max(values, default=float("nan")),
         }
-        for kind in ["all requests", *kinds]
+        for kind in ["all requests", ALL_PAGES, *kinds]
         for values in [by_kind[kind]]
     ]
 
@@ -144,36 +153,48 @@ def summarize(
     args: argparse.Namespace,
     setup: dict[str, str],
     settings: StudySettings,
-    phases: dict[str, Phase],
-    studies: tuple[Any, Any],
+    by_server: dict[str, dict[str, Phase]],
+    studies: tuple[Any, dict[str, Any]],
     runs: list[TaskRun],
 ) -> dict[str, Any]:
     """Everything measured, as JSON-ready data (what --out writes and the report prints): the phases of
-    `measure` on the studies (sequential, load test), the workers' task runs, the database counted."""
-    warm, seq, load = phases["warm-up"], phases["sequential"], phases["load test"]
-    seq_study, load_study = studies
-    tasks = _task_times(runs, load_study)
-    checks = {
-        "sequential (incl. warm-up)": database_check(seq_study, warm.walked + seq.walked, settings),
-        "load test": database_check(load_study, load.walked, settings),
-    }
-    other_errors = sum(warm.recorder.errors.values()) + sum(seq.recorder.errors.values())
-    summary = {
+    the mode on each server (`by_server`), on the first study (warm-up, burst's sequential) and each
+    server's measured one (`studies`), the workers' task runs, the database counted."""
+    first_study, measured = studies
+    first_walked = [
+        w for phases in by_server.values() for n, p in phases.items() if n in FIRST for w in p.walked
+    ]
+    checks = {"warm-up and sequential": database_check(first_study, first_walked, settings)}
+    errors = sum(sum(p.recorder.errors.values()) for phases in by_server.values() for p in phases.values())
+    summary: dict[str, Any] = {
+        "mode": args.mode,
         "machine": {"cpu_count": os.cpu_count(), "load_average_at_end": os.getloadavg()[0]},
         "setup": setup,
         "settings": asdict(settings) | {"ratings": settings.ratings, "workers": args.workers},
-        "ready_latency_s": _ready_latency(seq, other_errors),
-        "load": _load_summary(load, args.participants, args.poll_interval),
-        "personalize_tasks_s": tasks,
-        "database": checks,
     }
-    errors = summary["load"]["errors"]
-    summary["ok"] = errors == 0 and other_errors == 0 and all(c["ok"] for c in checks.values())
+    for kind, phases in by_server.items():
+        name, phase = next((n, p) for n, p in phases.items() if n not in FIRST)
+        label = name if len(by_server) == 1 else f"{name} ({kind})"
+        checks[label] = database_check(measured[kind], phase.walked, settings)
+        if args.mode == "burst":
+            summary["ready_latency_s"] = _ready_latency(phases["sequential"], phases["warm-up"])
+            summary["load"] = _load_summary(phase, args.participants, args.poll_interval)
+        elif args.mode == "human":
+            summary["human"] = _human_summary(args, phase)
+        else:
+            summary.setdefault("stress", {})[kind] = _stress_summary(phase)
+    summary["personalize_tasks_s"] = _task_times(runs, list(measured.values()))
+    summary["database"] = checks
+    summary["errors"] = errors
+    summary["ok"] = errors == 0 and all(c["ok"] for c in checks.values())
     return summary
 
 
-def _ready_latency(seq: Phase, errors: int) -> dict[str, Any]:
-    """(a): the sequential participants' wait from their last pick to their responses."""
+FIRST = ("warm-up", "sequential")  # the phases on the first study
+
+
+def _ready_latency(seq: Phase, warm: Phase) -> dict[str, Any]:
+    """Burst's (a): the sequential participants' wait from their last pick to their responses."""
     return {
         "participants": len(seq.walked),
         f"status endpoint (polled every {READY_POLL_S * 1000:.0f} ms)": _stats(
@@ -182,111 +203,136 @@ def _ready_latency(seq: Phase, errors: int) -> dict[str, Any]:
         "database clock (last pick `answered_at` -> responses `created_at`)": _stats(
             ready_on_database_clock(seq.walked)
         ),
-        "errors": errors,
+        "errors": sum(seq.recorder.errors.values()) + sum(warm.recorder.errors.values()),
+    }
+
+
+def _requests(phase: Phase) -> dict[str, Any]:
+    """A phase's participants, requests, errors and latencies (by kind, over all, over the pages)."""
+    rec = phase.recorder
+    return {
+        "completed": sum(w.completed for w in phase.walked),
+        "seconds": phase.seconds,
+        "requests": len(rec.samples),
+        "requests_per_s": len(rec.samples) / phase.seconds if rec.samples else 0.0,
+        "errors": sum(rec.errors.values()),
+        "errors_by_category": dict(rec.errors),
+        "error_examples": rec.examples,
+        "latency_ms": latency_table(rec.samples),
+        "cpu_s": phase.cpu_s,
     }
 
 
 def _load_summary(load: Phase, participants: int, poll_interval_s: float) -> dict[str, Any]:
-    """(b): the load test's requests, errors and latencies (`participants` at once)."""
-    rec = load.recorder
+    """Burst's (b): the load test's requests, errors and latencies (`participants` at once)."""
     return {
         "participants": participants,
-        "completed": sum(w.completed for w in load.walked),
-        "seconds": load.seconds,
-        "requests": len(rec.samples),
-        "requests_per_s": len(rec.samples) / load.seconds if rec.samples else 0.0,
-        "errors": sum(rec.errors.values()),
-        "errors_by_category": dict(rec.errors),
-        "error_examples": rec.examples,
-        "latency_ms": latency_table(rec),
+        **_requests(load),
         "status_poll_interval_s": poll_interval_s,
         "ready_on_database_clock_s": _stats(ready_on_database_clock(load.walked)),
-        "cpu_s": load.cpu_s,
     }
 
 
-def _task_times(runs: list[TaskRun], load_study: Any) -> dict[str, Any]:
-    """The personalize tasks the workers logged: the first of each (it loads the model), then the
-    sequential participants' and the load test's."""
+def _human_summary(args: argparse.Namespace, phase: Phase) -> dict[str, Any]:
+    """The human mode: the pages' latency against GOAL, last pick -> ready."""
+    found = _requests(phase)
+    pages = next(row for row in found["latency_ms"] if row["kind"] == ALL_PAGES)
+    goal = {
+        **GOAL,
+        "found": {"page_p95_ms": pages["p95_ms"], "page_p99_ms": pages["p99_ms"], "errors": found["errors"]},
+    }
+    goal["met"] = (
+        pages["p95_ms"] < GOAL["page_p95_ms"]
+        and pages["p99_ms"] < GOAL["page_p99_ms"]
+        and not found["errors"]
+    )
+    ready = [w.ready_s for w in phase.walked if w.ready_s is not None]
+    return {
+        "participants": args.participants,
+        "arrival_s": args.arrival_s,
+        "arrivals": f"uniform at random over {args.arrival_s:g} s, seed {args.seed}",
+        "think_time": human_pacing(args).describe(),
+        **found,
+        "status_poll_interval_s": args.poll_interval,
+        "last_pick_to_ready_s": {
+            f"status endpoint (polled every {args.poll_interval:g} s)": _stats(ready),
+            "database clock": _stats(ready_on_database_clock(phase.walked)),
+        },
+        "goal": goal,
+    }
+
+
+def _stress_summary(phase: Phase) -> dict[str, Any]:
+    """The stress levels of one server, and its capacity: the requests per second at the last level
+    whose pages' p95 was under STRESS_P95_LIMIT_S."""
+    levels = [_level(phase.recorder, *window) for window in phase.levels]
+    capacity = _capacity(levels)
+    found = _requests(phase)
+    return {
+        "levels": levels,
+        "capacity": {
+            "requests_per_s": capacity["requests_per_s"] if capacity else 0.0,
+            "pages_per_s": capacity["pages_per_s"] if capacity else 0.0,
+            "participants_at_once": capacity["participants_at_once"] if capacity else 0,
+            # False: the levels ran out first, so the capacity is at least this.
+            "p95_limit_passed": any(row["page_p95_ms"] >= 1000 * STRESS_P95_LIMIT_S for row in levels),
+        },
+        "participants_walked": len(phase.walked),
+        **{k: found[k] for k in ("completed", "errors", "errors_by_category", "error_examples", "cpu_s")},
+        "ready_on_database_clock_s": _stats(ready_on_database_clock(phase.walked)),
+    }
+
+
+def _level(rec: Recorder, concurrency: int, start: float, end: float) -> dict[str, Any]:
+    """One stress level: the requests sent in its window, their rate and the pages' latency."""
+    sent = samples_sent_between(rec, start, end)
+    pages = [s.seconds for s in sent if s.kind != STATUS_POLL]
+    by_kind = {row["kind"]: row for row in latency_table(sent)}
+    # A page's own request, not its replays (a double-click's second POST, a stale one: the same view).
+    page_kinds = [k for k in by_kind if k not in ("all requests", ALL_PAGES, STATUS_POLL) and ")" not in k]
+    slowest = max(page_kinds, key=lambda k: by_kind[k]["p95_ms"], default="")
+    return {
+        "participants_at_once": concurrency,
+        "seconds": end - start,
+        "requests": len(sent),
+        "requests_per_s": len(sent) / (end - start),
+        "pages_per_s": len(pages) / (end - start),
+        **{f"page_p{q}_ms": 1000 * percentile(pages, q) for q in (50, 95, 99)},
+        "slowest_page": slowest,
+        "slowest_page_p95_ms": by_kind[slowest]["p95_ms"] if slowest else float("nan"),
+    }
+
+
+def slowest_page(phase: Phase) -> str:
+    """The page kind with the highest p95 at the stress phase's capacity (its first level if none was
+    under the limit)."""
+    levels = [_level(phase.recorder, *window) for window in phase.levels]
+    at = _capacity(levels) or (levels[0] if levels else {"slowest_page": ""})
+    return str(at["slowest_page"])
+
+
+def _capacity(levels: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The last level before the first whose pages' p95 passed the limit (None: the first did)."""
+    under = None
+    for row in levels:
+        if row["page_p95_ms"] >= 1000 * STRESS_P95_LIMIT_S:
+            break
+        under = row
+    return under
+
+
+def _task_times(runs: list[TaskRun], measured_studies: list[Any]) -> dict[str, Any]:
+    """The personalize tasks the workers logged: the first of each (it loads the model), then those of
+    the first study's participants (warm-up, sequential) and of the measured phases'."""
     from studyapp.models import Participant
 
-    load_ids = set(Participant.objects.filter(study=load_study).values_list("id", flat=True))
+    measured_ids = set(Participant.objects.filter(study__in=measured_studies).values_list("id", flat=True))
     timed = [r for r in runs if not (r.skipped or r.first)]
     return {
         "finished": len(runs),
         "skipped_as_already_done": sum(r.skipped for r in runs),
         "per_worker": dict(Counter(f"worker {r.worker}" for r in runs)),
         "first_per_worker_incl_model_load": [r.seconds for r in runs if r.first],
-        "sequential": _stats([r.seconds for r in timed if r.participant_id not in load_ids]),
-        "load test": _stats([r.seconds for r in timed if r.participant_id in load_ids]),
+        "warm-up and sequential": _stats([r.seconds for r in timed if r.participant_id not in measured_ids]),
+        "measured": _stats([r.seconds for r in timed if r.participant_id in measured_ids]),
     }
-
-
-def _ms(seconds: float) -> str:
-    return f"{1000 * seconds:,.0f}"
-
-
-def _print_load(load: dict[str, Any]) -> None:
-    print(
-        f"(b) load test: {load['participants']} participants at once, {load['completed']} completed in "
-        f"{load['seconds']:.1f} s; {load['requests']:,} requests, {load['requests_per_s']:.1f} req/s, "
-        f"{load['errors']} errors"
-    )
-    print()
-    print("| requests | count | p50 (ms) | p95 (ms) | p99 (ms) | max (ms) |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for row in load["latency_ms"]:
-        cells = " | ".join(f"{row[k]:,.0f}" for k in ("p50_ms", "p95_ms", "p99_ms", "max_ms"))
-        print(f"| {row['kind']} | {row['count']:,} | {cells} |")
-    print()
-    print(
-        f"errors: {load['errors_by_category'] or 'none'} (5xx, connection errors, any 4xx, wrong page, timeout)"
-    )
-    for example in load["error_examples"]:
-        print(f"  {example}")
-    for line, count in load["server_log_exceptions"].items():
-        print(f"  the server's log: {count} x {line}")
-    r = load["ready_on_database_clock_s"]
-    print(
-        f"ready under load (database clock): p50 {r['p50']:.1f} s, p95 {r['p95']:.1f} s, max {r['max']:.1f} s "
-        f"(status polled every {load['status_poll_interval_s']:g} s, as the page does)"
-    )
-    cpu = ", ".join(f"{k} {v:.0f} s" for k, v in load["cpu_s"].items())
-    print(f"CPU time during the load test ({load['seconds']:.0f} s wall): {cpu}")
-
-
-def print_report(summary: dict[str, Any]) -> None:
-    ready, load, tasks = summary["ready_latency_s"], summary["load"], summary["personalize_tasks_s"]
-    print()
-    print(
-        f"(a) from the last pick's response to responses ready: {ready['participants']} participants one "
-        f"after another ({ready['errors']} errors)"
-    )
-    print()
-    print("| measured by | n | p50 (ms) | p95 (ms) | min (ms) | max (ms) |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for label, s in ready.items():
-        if isinstance(s, dict):
-            cells = " | ".join(_ms(s[k]) for k in ("p50", "p95", "min", "max"))
-            print(f"| {label} | {s['n']} | {cells} |")
-    print()
-    if load["participants"]:
-        _print_load(load)
-    else:
-        print("(b) load test: none (--participants 0)")
-    first = ", ".join(f"{s:.1f} s" for s in tasks["first_per_worker_incl_model_load"])
-    print(
-        f"personalize tasks (worker logs): {tasks['finished']} finished, "
-        f"{tasks['skipped_as_already_done']} skipped as already done; each worker's first (loads the "
-        f"model) {first}; then p50/p95 {tasks['sequential']['p50']:.2f}/{tasks['sequential']['p95']:.2f} s "
-        f"sequential, {tasks['load test']['p50']:.2f}/{tasks['load test']['p95']:.2f} s under load"
-    )
-    print()
-    print("| database rows | expected | acknowledged by the site | found |")
-    print("|---|---:|---:|---:|")
-    for phase, check in summary["database"].items():
-        for key, want in check["expected"].items():
-            print(f"| {phase}: {key} | {want:,} | {check['acknowledged'][key]:,} | {check['found'][key]:,} |")
-    print()
-    print(f"load average at the end: {summary['machine']['load_average_at_end']:.2f}")
-    print("PASS: no error, every judgment stored once" if summary["ok"] else "FAIL: see the errors above")

@@ -4,13 +4,18 @@ did from their logs."""
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 COMPLETION_CODE = "BENCH-DONE"
+REPO = Path(__file__).resolve().parents[1]
 
 
 def database_drop(url: str, *, create: bool = False) -> None:
@@ -136,3 +141,76 @@ def personalize_runs(workers: list[Any]) -> list[TaskRun]:
         for n, match in enumerate(TASK_DONE.finditer(worker.log.read_text(errors="replace"))):
             runs.append(TaskRun(i, int(match[2]), float(match[1]), match[3] == "True", n == 0))
     return runs
+
+
+# The web server under test and the workers' core
+
+SERVERS = ("daphne", "production")
+PRODUCTION_LISTENING = re.compile(r"Listening at: http://([\d.]+:\d+)")
+PRODUCTION_WORKER_UP = re.compile(r"Application startup complete\.")
+
+
+def static_collect(static_root: Path) -> None:
+    """The static files gathered (hashed, compressed) into `static_root`, as `./run serve` does first."""
+    argv = [sys.executable, "manage.py", "collectstatic", "--noinput", "-v", "0"]
+    env = {**os.environ, "STATIC_ROOT": str(static_root), "STATIC_COLLECTED": "true"}
+    subprocess.run(argv, cwd=REPO, env=env, check=True)
+
+
+def server_start(kind: str, log_dir: Path, *, web_workers: int, static_root: Path, timeout_s: float) -> Any:
+    """The web server `kind` on a free loopback port, once it answers: "daphne", one process as the demo
+    site serves it (studyapp.demo_site.server_start), or "production", `python -m studyapp.serving` as
+    `./run serve` starts it (gunicorn, `web_workers` uvicorn worker processes, the static files collected
+    into `static_root` by `static_collect`), once every worker is up. Returns the server (a
+    studyapp.demo_site.Child, stopped with its `stop`) and its URL."""
+    from studyapp import demo_site
+
+    if kind == "daphne":
+        server = demo_site.server_start(log_dir, host="127.0.0.1", port=0)
+        return server, f"http://{server.wait_for(demo_site.SERVER_LISTENING, timeout_s)[1]}"
+    env = {**os.environ, "WEB_BIND": "127.0.0.1:0", "WEB_WORKERS": str(web_workers)}
+    env |= {"STATIC_ROOT": str(static_root), "STATIC_COLLECTED": "true"}
+    log = log_dir / "server-production.log"
+    with log.open("wb") as out:  # a process group of its own, as demo_site starts its children
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "studyapp.serving"],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            process_group=0,
+        )
+    server = demo_site.Child("production server", proc, log)
+    url = f"http://{server.wait_for(PRODUCTION_LISTENING, timeout_s)[1]}"
+    deadline = time.monotonic() + timeout_s
+    while len(PRODUCTION_WORKER_UP.findall(log.read_text(errors="replace"))) < web_workers:
+        if time.monotonic() > deadline or proc.poll() is not None:
+            server.stop()
+            raise RuntimeError(f"the production server's workers did not start:\n{server.log_tail()}")
+        time.sleep(0.1)
+    return server, url
+
+
+def server_pids(server: Any) -> list[int]:
+    """The server's processes: daphne's one, or gunicorn's master and its workers."""
+    pid = server.proc.pid
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    return [pid, *(int(c) for c in children.read_text().split())] if children.exists() else [pid]
+
+
+def generation_core() -> int:
+    """The one core the workers are pinned to (a GPU host elsewhere stands behind them): core 1, or the
+    last this process may use."""
+    allowed = sorted(os.sched_getaffinity(0))
+    return 1 if 1 in allowed else allowed[-1]
+
+
+def workers_start_pinned(log_dir: Path, count: int, core: int) -> list[Any]:
+    """`workers_start`, every worker process (and each thread it makes) on `core` alone: the affinity is
+    set on this thread for the spawn, which the children inherit, and given back."""
+    saved = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {core})
+    try:
+        return workers_start(log_dir, count)
+    finally:
+        os.sched_setaffinity(0, saved)
