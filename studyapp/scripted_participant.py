@@ -27,6 +27,8 @@ SIDES = (LEFT, RIGHT)
 # The waiting page's script polls every 3 s; the demo's check polls faster so that the wait it reports is
 # the worker's time, not the polling interval's.
 POLL_INTERVAL_S = 0.2
+# How long the participant's client keeps an idle connection (below the servers' 5 s keep-alive).
+IDLE_CONNECTION_S = 3.0
 
 
 class CheckFailed(Exception):
@@ -212,7 +214,11 @@ class ScriptedParticipant:
         self.say = say
         self.walked = Walk(recruitment_id)
         self._last_pick = (0.0, 0.0)  # when the last pick's POST was sent, and when it was answered
-        self.client = httpx.AsyncClient(base_url=base_url, timeout=request_timeout_s)
+        # Idle connections are dropped before the server drops them (uvicorn and daphne after 5 s), so a
+        # form sent after a pause never goes out on a connection the server is closing at that moment: a
+        # browser sends such a request again by itself, httpx does not.
+        limits = httpx.Limits(keepalive_expiry=IDLE_CONNECTION_S)
+        self.client = httpx.AsyncClient(base_url=base_url, timeout=request_timeout_s, limits=limits)
 
     async def walk(self) -> Walk:
         """Take the study from the entry link to the completion page, then close the client; CheckFailed
@@ -403,9 +409,15 @@ class ScriptedParticipant:
         assert not isinstance(first, BaseException)
         if not first.is_redirect:
             raise CheckFailed(f"POST {name} was answered with its form: {page_error(first.text)}")
-        if double:
+        if double and not self._moved_on_between(first, outcomes[1]):
             self.expect_redirect(outcomes[1], f"{name} double-click", first.headers["location"])
         return first
+
+    def _moved_on_between(self, first: httpx.Response, second: Any) -> bool:
+        """A double-clicked last pick whose responses were ready between its two answers: one went to
+        the waiting page, the other to the first rating, where the waiting page itself goes next."""
+        locations = {r.headers.get("location") for r in (first, second) if getattr(r, "is_redirect", False)}
+        return locations == {f"{self.root}waiting/", f"{self.root}rate/1/"}
 
     def expect_redirect(self, response: Any, what: str, location: str) -> None:
         if not response.is_redirect or response.headers["location"] != location:
