@@ -132,7 +132,7 @@ MODES: dict[str, tuple[Measure, tuple[str, str]]] = {
 }
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args() -> argparse.Namespace:  # long: one add_argument per option, each with its help
     from studyapp.serving import web_server_from_env
 
     parser = argparse.ArgumentParser(
@@ -283,10 +283,9 @@ def run(
 
     log_dir.mkdir(parents=True, exist_ok=True)
     core = None if args.mode == "burst" else generation_core()
+    pinned = core is not None
     workers = (
-        workers_start(log_dir, args.workers)
-        if core is None
-        else workers_start_pinned(log_dir, args.workers, core)
+        workers_start_pinned(log_dir, args.workers, core) if pinned else workers_start(log_dir, args.workers)
     )
     setup = setup_described(args, settings, fspo, base, core)
     by_server: dict[str, dict[str, Phase]] = {}
@@ -295,26 +294,12 @@ def run(
     try:
         for worker in workers:
             worker.wait_for(WORKER_READY, START_TIMEOUT_S)
-        for key, value in setup.items():
-            print(f"  {key:<34} {value}")
+        print("\n".join(f"  {key:<34} {value}" for key, value in setup.items()))
         for kind in args.servers:
-            server, url = server_start(
-                kind,
-                log_dir,
-                web_workers=args.web_workers,
-                static_root=tmp / "static",
-                timeout_s=START_TIMEOUT_S,
+            slugs_of_kind = (first_slug, f"{measured_slug}-{kind}")
+            by_server[kind], exceptions[kind] = measure_on(
+                kind, args, measure, slugs_of_kind, workers, log_dir, tmp
             )
-            try:
-                print(f"{kind} server at {url}")
-                pids = {f"server ({kind}) process {i}": pid for i, pid in enumerate(server_pids(server))}
-                pids |= {f"worker {i}": worker.proc.pid for i, worker in enumerate(workers)}
-                by_server[kind] = asyncio.run(
-                    measure(args, url, (first_slug, f"{measured_slug}-{kind}"), pids)
-                )
-            finally:
-                server.stop()
-            exceptions[kind] = server_exceptions(server.log)
         if args.mode == "stress" and args.profile_participants:
             profile = profile_slowest(args, by_server[args.servers[0]]["stress"], log_dir)
     finally:
@@ -330,6 +315,30 @@ def run(
         summary["database"]["profile"] = check = database_check(studies[PROFILE_SLUG], walked, settings)
         summary["ok"] = summary["ok"] and check["ok"] and not profile[0]["errors"]
     return summary
+
+
+def measure_on(
+    kind: str,
+    args: argparse.Namespace,
+    measure: Any,
+    slugs: tuple[str, str],
+    workers: list[Any],
+    log_dir: Path,
+    tmp: Path,
+) -> tuple[dict[str, Phase], dict[str, int]]:
+    """Start the `kind` server, measure on it, stop it: the phases measured, and the exceptions its log
+    shows."""
+    server, url = server_start(
+        kind, log_dir, web_workers=args.web_workers, static_root=tmp / "static", timeout_s=START_TIMEOUT_S
+    )
+    try:
+        print(f"{kind} server at {url}")
+        pids = {f"server ({kind}) process {i}": pid for i, pid in enumerate(server_pids(server))}
+        pids |= {f"worker {i}": worker.proc.pid for i, worker in enumerate(workers)}
+        phases = asyncio.run(measure(args, url, slugs, pids))
+    finally:
+        server.stop()
+    return phases, server_exceptions(server.log)
 
 
 def profile_slowest(
