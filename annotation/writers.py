@@ -215,3 +215,67 @@ def _pool_delete(study: Study) -> None:
             "replaced; add to it instead."
         )
     Question.objects.filter(study=study).delete()
+
+
+# A judgment imported from elsewhere has no strength: the middle of the scale stands in for it.
+IMPORTED_STRENGTH = 3
+
+
+@dataclass(frozen=True)
+class ImportedRating:
+    """A judgment made outside the site (an imported crowd): the question, each side's arm and response
+    text, the side chosen, or "" for a tie, and the judgment it repeats (an index in the same list)."""
+
+    question_id: int
+    left_arm_id: int
+    left_text: str
+    right_arm_id: int
+    right_text: str
+    choice: str  # Side, or "" for a tie
+    repeat_of: int | None = None
+
+
+def imported_ratings_create(
+    *, participant: Participant, ratings: Sequence[ImportedRating], answered_at: datetime
+) -> int:
+    """Store judgments made outside the site as the participant's rows: each arm's response to each
+    question (one GeneratedResponse), an A/B item per judgment at its position in `ratings`, and a Rating
+    (strength IMPORTED_STRENGTH, no timing) on each item that chose a side. A tie stays an item shown and
+    never rated: a Rating always has a side. Returns how many ratings were written."""
+    texts = {(r.left_arm_id, r.question_id): r.left_text for r in ratings}
+    texts |= {(r.right_arm_id, r.question_id): r.right_text for r in ratings}
+    ids = generated_responses_create(
+        participant=participant,
+        responses=[NewResponse(arm_id=a, question_id=q, text=t) for (a, q), t in texts.items()],
+    )
+
+    def item(position: int, r: ImportedRating, original: RatingItem | None = None) -> RatingItem:
+        return RatingItem(
+            participant=participant,
+            position=position,
+            question_id=r.question_id,
+            left_id=ids[r.left_arm_id, r.question_id],
+            right_id=ids[r.right_arm_id, r.question_id],
+            is_repeat=original is not None,
+            repeat_of=original,
+        )
+
+    # Originals first: a repeat points at its original's row.
+    items = {
+        i: row
+        for i, row in zip(
+            [i for i, r in enumerate(ratings) if r.repeat_of is None],
+            RatingItem.objects.bulk_create(item(i, r) for i, r in enumerate(ratings) if r.repeat_of is None),
+            strict=True,
+        )
+    }
+    repeats = [(i, r.repeat_of) for i, r in enumerate(ratings) if r.repeat_of is not None]
+    made = RatingItem.objects.bulk_create(item(i, ratings[i], items[of]) for i, of in repeats)
+    items |= dict(zip([i for i, _ in repeats], made, strict=True))
+    decided = [
+        Rating(item=items[i], choice=r.choice, strength=IMPORTED_STRENGTH, answered_at=answered_at)
+        for i, r in enumerate(ratings)
+        if r.choice
+    ]
+    Rating.objects.bulk_create(decided)
+    return len(decided)

@@ -36,6 +36,7 @@ from .synth.storage import (
     QUESTIONS_SCHEMA,
     DatasetError,
     DatasetWriter,
+    load_dataset,
     responses_schema,
     users_schema,
 )
@@ -463,3 +464,74 @@ def import_llmfao(source: str | Path, out_dir: str | Path, *, overwrite: bool = 
         writer.abort()
         raise
     return report
+
+
+# --- an imported dataset read back, for loading into a study on the site --------------------------------
+
+
+@dataclass(frozen=True)
+class CrowdJudgment:
+    """One crowd judgment of an imported dataset: the worker, the prompt, the responses shown left and
+    right, the winner (left, right or tie), and the judgment it repeats (its index in ``judgments``)."""
+
+    worker: int
+    question_id: int
+    left_id: int
+    right_id: int
+    winner: str
+    repeat_of: int | None
+
+
+@dataclass(frozen=True)
+class ImportedCrowd:
+    """An imported LLMFAO dataset as plain rows: prompts (id -> (topic, text)), responses (id -> (model
+    name, prompt id, text)), the judgments in the dataset's order, and the manifest's license, attribution
+    and source hashes (``fingerprint``: one hash over them, the same for the same source files)."""
+
+    prompts: dict[int, tuple[str, str]]
+    responses: dict[int, tuple[str, int, str]]
+    judgments: list[CrowdJudgment]
+    license: str
+    attribution: str
+    fingerprint: str
+
+
+def read_imported(path: str | Path) -> ImportedCrowd:
+    """The dataset `fspo data import llmfao` wrote at `path`; LLMFAOError when it is not one."""
+    ds = load_dataset(path)
+    manifest = ds.manifest
+    if manifest.get("backend") != BACKEND or not manifest.get("attribution"):
+        raise LLMFAOError(
+            f"{path}: not an imported LLMFAO dataset (backend {manifest.get('backend')!r}); "
+            "make one with fspo data import llmfao"
+        )
+    questions = ds.table("questions", columns=["question_id", "topic", "text"]).to_pylist()
+    responses = ds.table("responses", columns=["response_id", "model_name", "question_id", "text"])
+    prefs = ds.table(
+        "preferences",
+        columns=["pair_id", "user_id", "question_id", "left_id", "right_id", "winner", "repeat_of"],
+    ).to_pylist()
+    index = {int(p["pair_id"]): i for i, p in enumerate(prefs)}
+    judgments = [
+        CrowdJudgment(
+            worker=int(p["user_id"]),
+            question_id=int(p["question_id"]),
+            left_id=int(p["left_id"]),
+            right_id=int(p["right_id"]),
+            winner=str(p["winner"]),
+            repeat_of=None if p["repeat_of"] is None else index[int(p["repeat_of"])],
+        )
+        for p in prefs
+    ]
+    sources = json.dumps(manifest.get("source_files", {}), sort_keys=True)
+    return ImportedCrowd(
+        prompts={int(q["question_id"]): (str(q["topic"]), str(q["text"])) for q in questions},
+        responses={
+            int(r["response_id"]): (str(r["model_name"]), int(r["question_id"]), str(r["text"]))
+            for r in responses.to_pylist()
+        },
+        judgments=judgments,
+        license=str(manifest.get("license", "")),
+        attribution=str(manifest["attribution"]),
+        fingerprint=hashlib.sha256(sources.encode()).hexdigest(),
+    )

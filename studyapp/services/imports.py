@@ -1,0 +1,182 @@
+"""Judgments made outside the site loaded into a study, so the analysis page, the exports and their plots
+run on them unchanged: the LLMFAO crowd (modeling.llmfao).
+
+The mapping: the study's arms are the models (method no_context, checkpoint ``imported:llmfao:<model>``);
+a comparison for every pair of models the crowd judged at least `min_pair_judgments` times (the arm is the
+first by name); the evaluation questions are the prompts; a participant per worker, completed, marked
+imported (recruitment study id ``llmfao``, session ``imported``), with no quota place and no consent; their
+responses are the models' answers, an A/B item per judgment with its sides as shown, and a rating on each
+item that chose a side. A tie has no rating (a Rating always has a side): it stays an item shown and never
+rated, so the participant's ratings_done counts their decisive judgments and n_ratings all of them.
+"""
+
+from collections import Counter
+from dataclasses import dataclass
+from itertools import groupby
+
+from django.core.exceptions import ValidationError
+from django.db import transaction
+from django.utils import timezone
+
+from annotation.models import Question, Side
+from annotation.pool import PoolRow
+from annotation.writers import ImportedRating, imported_ratings_create, question_pool_import
+from modeling.llmfao import CrowdJudgment, ImportedCrowd
+from studyapp.models import Participant, Study
+from studyapp.pseudonyms import recruitment_id_hash
+
+from .studies import ArmSpec, study_create
+
+IMPORTED_STUDY_ID = "llmfao"  # Participant.recruitment_study_id of an imported worker
+IMPORTED_SESSION = "imported"  # and their recruitment_session_id: how an imported participant is told apart
+FINGERPRINT = "Source fingerprint: "  # the line of the study's description that names its source files
+CONSENT = (
+    "Imported judgments: these workers took part in LLMFAO's crowdsourcing, not on this site; "
+    "there is no consent page and no quota place."
+)
+DEFAULT_MIN_PAIR_JUDGMENTS = 20
+
+
+@dataclass(frozen=True)
+class CrowdStudyImported:
+    """What crowd_study_import did: the study, and whether it was created now (False: it was there)."""
+
+    study: Study
+    created: bool
+    participants: int = 0
+    items: int = 0
+    ratings: int = 0
+    ties: int = 0
+
+
+def crowd_description(crowd: ImportedCrowd) -> str:
+    """The study's description (its instructions_text, exported in the study table): the attribution,
+    the license and the fingerprint of the source files."""
+    return (
+        f"Imported crowd judgments, not collected on this site. {crowd.attribution}\n"
+        f"License: {crowd.license}. A tie is an A/B item without a rating; imported ratings have "
+        "strength 3 (LLMFAO records none) and no timing.\n"
+        f"{FINGERPRINT}{crowd.fingerprint}"
+    )
+
+
+def _arm_name(crowd: ImportedCrowd, response_id: int) -> str:
+    return crowd.responses[response_id][0]
+
+
+def _comparisons(crowd: ImportedCrowd, min_pair_judgments: int) -> list[tuple[str, str]]:
+    counts = Counter(
+        tuple(sorted((_arm_name(crowd, j.left_id), _arm_name(crowd, j.right_id)))) for j in crowd.judgments
+    )
+    return [(a, b) for (a, b), n in sorted(counts.items()) if n >= min_pair_judgments]
+
+
+def _study_fields(crowd: ImportedCrowd, slug: str, title: str) -> dict[str, object]:
+    return {
+        "slug": slug,
+        "title": title,
+        "domain": "llmfao",
+        "instruction": "Imported: each model answered the prompt as given (no FSPO instruction).",
+        "n_pairs": 1,
+        "n_eval_questions": len(crowd.prompts),
+        "consistency_repeats": 0,
+        "attention_checks": 0,
+        "attention_failures_allowed": 0,
+        "quota": len({j.worker for j in crowd.judgments}),
+        "consent_text": CONSENT,
+        "instructions_text": crowd_description(crowd),
+        "completion_code": "imported",
+        "is_open": False,
+    }
+
+
+def _existing(slug: str, crowd: ImportedCrowd) -> CrowdStudyImported | None:
+    study = Study.objects.filter(slug=slug).first()
+    if study is None:
+        return None
+    if study.domain == "llmfao" and f"{FINGERPRINT}{crowd.fingerprint}" in study.instructions_text:
+        return CrowdStudyImported(study=study, created=False)
+    raise ValidationError(
+        f"A study '{slug}' exists already and was not imported from these files: nothing was written "
+        "(choose another --study, or delete that study first)."
+    )
+
+
+def _ratings(
+    crowd: ImportedCrowd,
+    judgments: list[tuple[int, CrowdJudgment]],
+    arms: dict[str, int],
+    questions: dict[int, int],
+) -> list[ImportedRating]:
+    position = {index: i for i, (index, _) in enumerate(judgments)}
+    choice = {"left": Side.LEFT, "right": Side.RIGHT, "tie": ""}
+    return [
+        ImportedRating(
+            question_id=questions[j.question_id],
+            left_arm_id=arms[_arm_name(crowd, j.left_id)],
+            left_text=crowd.responses[j.left_id][2],
+            right_arm_id=arms[_arm_name(crowd, j.right_id)],
+            right_text=crowd.responses[j.right_id][2],
+            choice=choice[j.winner],
+            repeat_of=None if j.repeat_of is None else position[j.repeat_of],
+        )
+        for _, j in judgments
+    ]
+
+
+def crowd_study_import(
+    *,
+    crowd: ImportedCrowd,
+    slug: str,
+    title: str = "LLMFAO crowd (imported)",
+    min_pair_judgments: int = DEFAULT_MIN_PAIR_JUDGMENTS,
+) -> CrowdStudyImported:
+    """Load an imported crowd (modeling.llmfao.read_imported) into a new, closed study `slug`, in one
+    transaction (the mapping is in this module's docstring). Importing the same files into the same slug
+    again changes nothing (created False); a slug taken by any other study raises ValidationError, and so
+    does anything the study's own checks refuse: nothing is written then."""
+    with transaction.atomic():
+        existing = _existing(slug, crowd)
+        if existing is not None:
+            return existing
+        models = sorted({name for name, _, _ in crowd.responses.values()})
+        study = study_create(
+            fields=_study_fields(crowd, slug, title),
+            arms=[ArmSpec(name=m, method="no_context", checkpoint=f"imported:llmfao:{m}") for m in models],
+            comparisons=_comparisons(crowd, min_pair_judgments),
+        )
+        rows = [
+            PoolRow(kind=Question.Use.EVALUATION, question=text, topic=topic, source_id=str(qid))
+            for qid, (topic, text) in sorted(crowd.prompts.items())
+        ]
+        question_pool_import(study=study, rows=rows)
+        questions = {int(q.source_id): q.pk for q in Question.objects.filter(study=study)}
+        arms = {arm.name: arm.pk for arm in study.arms.all()}
+        now = timezone.now()
+        items = ratings = 0
+        by_worker = sorted(enumerate(crowd.judgments), key=lambda ij: (ij[1].worker, ij[0]))
+        for worker, group in groupby(by_worker, key=lambda ij: ij[1].worker):
+            judgments = list(group)
+            decided = sum(j.winner != "tie" for _, j in judgments)
+            participant = Participant.objects.create(
+                study=study,
+                recruitment_id_hash=recruitment_id_hash(f"{IMPORTED_STUDY_ID}-worker-{worker}"),
+                recruitment_study_id=IMPORTED_STUDY_ID,
+                recruitment_session_id=IMPORTED_SESSION,
+                state=Participant.State.COMPLETED,
+                n_ratings=len(judgments),
+                ratings_done=decided,
+                finished_at=now,
+            )
+            ratings += imported_ratings_create(
+                participant=participant, ratings=_ratings(crowd, judgments, arms, questions), answered_at=now
+            )
+            items += len(judgments)
+        return CrowdStudyImported(
+            study=study,
+            created=True,
+            participants=study.participants.count(),
+            items=items,
+            ratings=ratings,
+            ties=items - ratings,
+        )

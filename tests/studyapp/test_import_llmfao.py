@@ -1,0 +1,126 @@
+"""`manage.py import_llmfao`: a slice of the shared LLMFAO data (../shared/data/llmfao, or $FSPO_LLMFAO_DIR)
+loaded into a study as imported judgments; the analysis page and the exports run on it unchanged."""
+
+from io import StringIO
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from django.core.management import CommandError, call_command
+from django.test import Client
+from django.urls import reverse
+
+from annotation.models import GeneratedResponse, Rating, RatingItem
+from modeling.llmfao import ATTRIBUTION, CROWD_FILE, ENV_DIR, default_source, import_llmfao
+from studyapp.models import Participant, Study
+from tests.factories import make_coordinator, make_study
+from tests.modeling.test_llmfao import small_copy
+from tests.support import coordinator_browser
+
+pytestmark = pytest.mark.django_db
+ROWS = 120  # a seeded sample of the crowd's judgments: several workers, ties and decisive ones
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    source = default_source()
+    if not (source / CROWD_FILE).is_file():
+        pytest.fail(f"the LLMFAO data is missing at {source}: set {ENV_DIR} to the folder that holds it")
+    folder = tmp_path_factory.mktemp("llmfao-site")
+    out = folder / "data"
+    import_llmfao(small_copy(source, folder / "source", rows=ROWS), out)
+    return out
+
+
+def crowd(dataset: Path) -> pd.DataFrame:
+    return pd.read_parquet(dataset / "preferences.parquet")
+
+
+def run(dataset: Path, slug: str = "llmfao-crowd", **options: object) -> str:
+    out = StringIO()
+    call_command("import_llmfao", str(dataset), study=slug, stdout=out, **options)
+    return out.getvalue()
+
+
+def counts() -> tuple[int, ...]:
+    return (
+        Study.objects.count(),
+        Participant.objects.count(),
+        GeneratedResponse.objects.count(),
+        RatingItem.objects.count(),
+        Rating.objects.count(),
+    )
+
+
+def test_every_worker_becomes_a_completed_imported_participant_and_every_judgment_an_item(
+    dataset: Path,
+) -> None:
+    prefs = crowd(dataset)
+
+    run(dataset, min_pair_judgments=1)
+
+    study = Study.objects.get(slug="llmfao-crowd")
+    participants = study.participants.all()
+    assert participants.count() == prefs["user_id"].nunique()
+    assert {(p.state, p.place, p.consented_at, p.recruitment_session_id) for p in participants} == {
+        ("completed", None, None, "imported")
+    }
+    assert RatingItem.objects.filter(participant__study=study).count() == len(prefs)
+    assert Rating.objects.filter(item__participant__study=study).count() == int((~prefs["tie"]).sum())
+    assert study.arms.count() == pd.read_parquet(dataset / "responses.parquet")["model_name"].nunique()
+    assert study.comparisons.exists() and not study.is_open
+
+
+def test_a_rating_keeps_the_side_the_worker_chose(dataset: Path) -> None:
+    prefs = crowd(dataset)
+    run(dataset)
+    decided = prefs[~prefs["tie"]]
+    chosen = sorted(decided["winner"].value_counts().items())
+    stored = Rating.objects.values_list("choice", flat=True)
+    assert sorted(pd.Series(list(stored)).value_counts().items()) == chosen
+
+
+def test_importing_the_same_files_again_changes_nothing(dataset: Path) -> None:
+    run(dataset)
+    before = counts()
+
+    out = run(dataset)
+
+    assert "nothing changed" in out
+    assert counts() == before
+
+
+def test_a_slug_another_study_holds_is_refused_and_nothing_is_written(dataset: Path) -> None:
+    make_study(slug="taken")
+    before = counts()
+
+    with pytest.raises(CommandError, match="exists already"):
+        run(dataset, slug="taken")
+
+    assert counts() == before
+
+
+def test_a_folder_that_is_not_an_llmfao_import_is_refused_and_nothing_is_written(tmp_path: Path) -> None:
+    before = counts()
+
+    with pytest.raises(CommandError, match="nothing was written"):
+        run(tmp_path / "missing")
+
+    assert counts() == before
+
+
+def test_the_analysis_page_and_the_study_export_show_the_attribution(dataset: Path) -> None:
+    run(dataset)
+    client: Client = coordinator_browser(make_coordinator())
+
+    page = client.get(reverse("studio-study-analysis", kwargs={"slug": "llmfao-crowd"}))
+    export = client.get(
+        reverse("api-study-export-table", kwargs={"slug": "llmfao-crowd", "table": "study", "fmt": "csv"})
+    )
+    judgments = client.get(
+        reverse("api-study-export-table", kwargs={"slug": "llmfao-crowd", "table": "judgments", "fmt": "csv"})
+    )
+
+    assert page.status_code == 200 and export.status_code == 200 and judgments.status_code == 200
+    assert ATTRIBUTION.split(",")[0] in page.content.decode()
+    assert ATTRIBUTION.split(",")[0] in b"".join(export.streaming_content).decode()
