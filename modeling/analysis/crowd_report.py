@@ -64,7 +64,7 @@ def _agreement_lines(a: CrowdAnalysis) -> list[str]:
 def _judge_lines(a: CrowdAnalysis) -> list[str]:
     v = a.verdicts
     lines = [
-        "## The crowd against the GPT judges",
+        "## The crowd against the judges",
         "",
         "The crowd's verdict on a pair is the label with the most votes (each worker's first judgment); "
         f"when the two responses share the most votes the crowd is split and its verdict is tie. Verdicts: "
@@ -79,6 +79,12 @@ def _judge_lines(a: CrowdAnalysis) -> list[str]:
             f"| {j.judge} | {j.pairs:,} | {_num(j.kappa)}{_ci(j.kappa_ci)} | {_pct(j.agreement, j.agreement_ci)} "
             f"| {j.decisive_pairs:,} | {_pct(j.decisive_agreement, j.decisive_agreement_ci)} | {j.judge_ties} |"
         )
+    if any(j.judge.startswith("llm:") for j in a.judges):
+        lines += [
+            "",
+            "An `llm:` judge is the project's own (modeling.judges.LLMJudge, as `fspo eval --judge` runs it): "
+            "asked in both orders on a seeded sample of pairs, shown no user description.",
+        ]
     return [*lines, ""]
 
 

@@ -255,7 +255,9 @@ def crowd_agreement_plot(result: CrowdAnalysis) -> bytes | None:
     for i, (_, value, ci, color) in enumerate(rows):
         ax.barh(i, value, color=color, alpha=0.35, edgecolor=color)
         if ci is not None:
-            ax.errorbar(value, i, xerr=[[value - ci[0]], [ci[1] - value]], color=color, capsize=3, lw=1.2)
+            # A percentile interval on few pairs may leave out the estimate itself: no negative bar.
+            low, high = max(0.0, value - ci[0]), max(0.0, ci[1] - value)
+            ax.errorbar(value, i, xerr=[[low], [high]], color=color, capsize=3, lw=1.2)
         ax.text(max(value, ci[1] if ci else value) + 0.015, i, f"{value:.2f}", va="center", fontsize=8.5)
     ax.set_yticks(range(len(rows)), [r[0] for r in rows])
     ax.set_ylim(len(rows) - 0.5, -0.6)
@@ -274,7 +276,8 @@ def crowd_ranking_plot(result: Ranking) -> bytes | None:
     )
     y = np.arange(len(result.models))
     crowd = np.array(result.crowd)
-    err = [crowd - np.array(result.crowd_low), np.array(result.crowd_high) - crowd]
+    # Percentile intervals on few judgments may leave out the estimate itself: no negative bar.
+    err = np.clip([crowd - np.array(result.crowd_low), np.array(result.crowd_high) - crowd], 0, None)
     left.errorbar(crowd, y, xerr=err, fmt="o", ms=3, color=ACCENT, ecolor=ACCENT_SOFT, lw=1)
     left.set_yticks(y, result.models, fontsize=6.5)
     left.set_ylim(len(y) - 0.5, -0.5)

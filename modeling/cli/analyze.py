@@ -197,7 +197,31 @@ def analyze_crowd_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-baselines", action="store_true", help="skip the few-shot prediction baselines (no LLM)"
     )
+    p.add_argument(
+        "--judge",
+        help="also run the project's LLM judge (modeling.judges, both orders) on a seeded sample of pairs "
+        "against the crowd: a known model's name (fspo models list), a model directory or http://.../v1#name",
+    )
+    p.add_argument("--judge-pairs", type=int, default=100, help="pairs the --judge is asked about")
     return p
+
+
+def _crowd_llm_judge(args: argparse.Namespace, data: Any, analysis: Any) -> None:
+    """The --judge on --judge-pairs pairs, added to the analysis's judges (the rankings stay the GPT
+    judges': a sample is too sparse for a Bradley-Terry fit)."""
+    from ..analysis.crowd_judge import crowd_texts, llm_judge_agreement, llm_judge_rows
+    from ..judges import LLMJudge
+    from ..llm import backend_from_spec
+    from ..models import REGISTRY, pull
+
+    spec = str(pull(args.judge)) if args.judge in REGISTRY else args.judge
+    judge = LLMJudge(backend_from_spec(spec))
+    judge.name = f"llm:{args.judge}"
+    questions, responses = crowd_texts(args.dataset)
+    rows = llm_judge_rows(
+        data, judge, questions=questions, responses=responses, pairs=args.judge_pairs, seed=args.seed
+    )
+    analysis.judges.append(llm_judge_agreement(data, rows, seed=args.seed, resamples=args.resamples))
 
 
 def cmd_analyze_crowd(argv: list[str]) -> int:
@@ -211,6 +235,8 @@ def cmd_analyze_crowd(argv: list[str]) -> int:
         from ..analysis.crowd_baselines import few_shot_baselines
 
         analysis.baselines = few_shot_baselines(data, seed=args.seed, resamples=args.resamples)
+    if args.judge:
+        _crowd_llm_judge(args, data, analysis)
     written = write_crowd_report(analysis, args.out)
     table = Table(title=f"The crowd in {args.dataset}", title_justify="left")
     for col in ("analysis", "result"):
