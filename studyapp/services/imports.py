@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from itertools import groupby
 
 from django.core.exceptions import ValidationError
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from annotation.models import Question, Side
@@ -124,6 +124,31 @@ def _ratings(
     ]
 
 
+def _workers_create(*, study: Study, crowd: ImportedCrowd) -> int:
+    """A completed, imported participant per worker with their rows; returns how many ratings."""
+    questions = {int(q.source_id): q.pk for q in Question.objects.filter(study=study)}
+    arms = {arm.name: arm.pk for arm in study.arms.all()}
+    now = timezone.now()
+    ratings = 0
+    by_worker = sorted(enumerate(crowd.judgments), key=lambda ij: (ij[1].worker, ij[0]))
+    for worker, group in groupby(by_worker, key=lambda ij: ij[1].worker):
+        judgments = list(group)
+        participant = Participant.objects.create(
+            study=study,
+            recruitment_id_hash=recruitment_id_hash(f"{IMPORTED_STUDY_ID}-worker-{worker}"),
+            recruitment_study_id=IMPORTED_STUDY_ID,
+            recruitment_session_id=IMPORTED_SESSION,
+            state=Participant.State.COMPLETED,
+            n_ratings=len(judgments),
+            ratings_done=sum(j.winner != "tie" for _, j in judgments),
+            finished_at=now,
+        )
+        ratings += imported_ratings_create(
+            participant=participant, ratings=_ratings(crowd, judgments, arms, questions), answered_at=now
+        )
+    return ratings
+
+
 def crowd_study_import(
     *,
     crowd: ImportedCrowd,
@@ -140,38 +165,25 @@ def crowd_study_import(
         if existing is not None:
             return existing
         models = sorted({name for name, _, _ in crowd.responses.values()})
-        study = study_create(
-            fields=_study_fields(crowd, slug, title),
-            arms=[ArmSpec(name=m, method="no_context", checkpoint=f"imported:llmfao:{m}") for m in models],
-            comparisons=_comparisons(crowd, min_pair_judgments),
-        )
+        try:
+            study = study_create(
+                fields=_study_fields(crowd, slug, title),
+                arms=[
+                    ArmSpec(name=m, method="no_context", checkpoint=f"imported:llmfao:{m}") for m in models
+                ],
+                comparisons=_comparisons(crowd, min_pair_judgments),
+            )
+        except IntegrityError:  # another import created the slug between the check above and this insert
+            raise ValidationError(
+                f"A study '{slug}' was created by another import at the same time: nothing was written."
+            ) from None
         rows = [
             PoolRow(kind=Question.Use.EVALUATION, question=text, topic=topic, source_id=str(qid))
             for qid, (topic, text) in sorted(crowd.prompts.items())
         ]
         question_pool_import(study=study, rows=rows)
-        questions = {int(q.source_id): q.pk for q in Question.objects.filter(study=study)}
-        arms = {arm.name: arm.pk for arm in study.arms.all()}
-        now = timezone.now()
-        items = ratings = 0
-        by_worker = sorted(enumerate(crowd.judgments), key=lambda ij: (ij[1].worker, ij[0]))
-        for worker, group in groupby(by_worker, key=lambda ij: ij[1].worker):
-            judgments = list(group)
-            decided = sum(j.winner != "tie" for _, j in judgments)
-            participant = Participant.objects.create(
-                study=study,
-                recruitment_id_hash=recruitment_id_hash(f"{IMPORTED_STUDY_ID}-worker-{worker}"),
-                recruitment_study_id=IMPORTED_STUDY_ID,
-                recruitment_session_id=IMPORTED_SESSION,
-                state=Participant.State.COMPLETED,
-                n_ratings=len(judgments),
-                ratings_done=decided,
-                finished_at=now,
-            )
-            ratings += imported_ratings_create(
-                participant=participant, ratings=_ratings(crowd, judgments, arms, questions), answered_at=now
-            )
-            items += len(judgments)
+        ratings = _workers_create(study=study, crowd=crowd)
+        items = len(crowd.judgments)
         return CrowdStudyImported(
             study=study,
             created=True,
