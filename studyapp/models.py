@@ -87,8 +87,17 @@ class Study(models.Model):
         verbose_name_plural = "studies"
         ordering = ["-created_at"]
 
+    # Domains of studies whose judgments were imported, not collected here (studyapp.services.imports):
+    # their description (instructions_text) carries the source's attribution into every export.
+    IMPORTED_DOMAINS = ("llmfao",)
+
     def __str__(self) -> str:
         return self.title or self.slug
+
+    @property
+    def is_imported(self) -> bool:
+        """Whether the study holds judgments imported from elsewhere (nobody takes it on this site)."""
+        return self.domain in self.IMPORTED_DOMAINS
 
     def clean(self) -> None:
         if self.attention_failures_allowed > self.attention_checks:

@@ -187,7 +187,7 @@ def export_study(
         }
         if progress is not None:
             progress(table, rows)
-    manifest = {
+    manifest: dict[str, Any] = {
         "schema_version": EXPORT_SCHEMA_VERSION,
         "study": study.slug,
         "exported_at": _json_value(options.exported_at),
@@ -197,6 +197,8 @@ def export_study(
         "summary": summary.to_json(),
         "tables": written,
     }
+    if study.is_imported:  # the source's attribution travels with its data
+        manifest["imported_from"] = study.instructions_text
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return ExportResult(out_dir, manifest)
 

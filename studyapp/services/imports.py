@@ -75,7 +75,7 @@ def _study_fields(crowd: ImportedCrowd, slug: str, title: str) -> dict[str, obje
     return {
         "slug": slug,
         "title": title,
-        "domain": "llmfao",
+        "domain": Study.IMPORTED_DOMAINS[0],
         "instruction": "Imported: each model answered the prompt as given (no FSPO instruction).",
         "n_pairs": 1,
         "n_eval_questions": len(crowd.prompts),
@@ -94,7 +94,7 @@ def _existing(slug: str, crowd: ImportedCrowd) -> CrowdStudyImported | None:
     study = Study.objects.filter(slug=slug).first()
     if study is None:
         return None
-    if study.domain == "llmfao" and f"{FINGERPRINT}{crowd.fingerprint}" in study.instructions_text:
+    if study.is_imported and f"{FINGERPRINT}{crowd.fingerprint}" in study.instructions_text:
         return CrowdStudyImported(study=study, created=False)
     raise ValidationError(
         f"A study '{slug}' exists already and was not imported from these files: nothing was written "

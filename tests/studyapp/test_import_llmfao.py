@@ -1,6 +1,7 @@
 """`manage.py import_llmfao`: a slice of the shared LLMFAO data (../shared/data/llmfao, or $FSPO_LLMFAO_DIR)
 loaded into a study as imported judgments; the analysis page and the exports run on it unchanged."""
 
+import json
 from io import StringIO
 from pathlib import Path
 
@@ -124,3 +125,15 @@ def test_the_analysis_page_and_the_study_export_show_the_attribution(dataset: Pa
     assert page.status_code == 200 and export.status_code == 200 and judgments.status_code == 200
     assert ATTRIBUTION.split(",")[0] in page.content.decode()
     assert ATTRIBUTION.split(",")[0] in b"".join(export.streaming_content).decode()
+
+
+def test_an_export_of_the_study_carries_the_attribution_in_its_manifest(
+    dataset: Path, tmp_path: Path
+) -> None:
+    run(dataset)
+
+    call_command("export", "llmfao-crowd", format="csv", out=tmp_path / "export", stdout=StringIO())
+
+    manifest = json.loads((tmp_path / "export" / "manifest.json").read_text())
+    assert manifest["imported_from"] == Study.objects.get(slug="llmfao-crowd").instructions_text
+    assert ATTRIBUTION in manifest["imported_from"]
