@@ -43,7 +43,7 @@ class Ranks:
     accelerator: Any = None
 
     @classmethod
-    def start(cls, device: str | None, batch_size: int) -> Ranks:
+    def start(cls, device: str, batch_size: int) -> Ranks:
         """One process: no accelerator. Several: an ``Accelerator`` (gloo on CPU, NCCL on GPUs), once
         the batch is checked to split evenly over them."""
         world = launched_processes()

@@ -36,10 +36,11 @@ def train(
 
     ``device``: where the model trains (default: cuda when visible, else cpu); not part of the config,
     so a run started on one device resumes on another."""
+    device = device or default_device()
     ranks = Ranks.start(device, cfg.batch_size)
     if not ranks.is_main:  # progress and logs from the main process only
         progress, log = None, None
-    run = setup_run(cfg, ranks.device(device or default_device()), progress, ranks)
+    run = setup_run(cfg, ranks.device(device), progress, ranks)
     if not run.history:
         run.history.append({"step": 0, **run.evaluate()})
     elif log:  # a killed run going on: the log says from where
