@@ -28,11 +28,17 @@ def train_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(argv: list[str]) -> int:
+    """One stage; under ``accelerate launch`` or ``torchrun`` every process runs this, and only the main
+    one shows the progress bar and prints."""
     from ..train import TrainConfig, train
+    from ..train.distributed import is_main_process
 
     args = train_parser().parse_args(argv)
     fields = json.loads(args.config.read_text()) if args.config else {}
     cfg = TrainConfig(**{**fields, **given_fields(args, TrainConfig)})
+    if not is_main_process():
+        train(cfg, device=args.device)
+        return 0
     with progress_bar(f"train {cfg.stage}") as update:
         result = train(cfg, progress=update, device=args.device)
     final = result.metrics["final"]

@@ -57,6 +57,22 @@ def _sft_loss(model: Any, examples: list[Example], cfg: TrainConfig, pad_id: int
     return out.loss, int(att.sum())
 
 
+def _sft_targets(examples: list[Example], cfg: TrainConfig) -> int:
+    """How many tokens ``_sft_loss`` averages over (the supervised ones, after the next-token shift): a
+    shard's share of its batch's, which weighs the shard's loss under several processes."""
+    if cfg.stage != "pretrain" and all(ex.prompt_labels is None for ex in examples):
+        return sum(len(ex.chosen) + (len(ex.rejected) if cfg.sft_include_rejected else 0) for ex in examples)
+    n = 0
+    for ex in examples:
+        for t in [ex.chosen] + ([ex.rejected] if cfg.sft_include_rejected else []):
+            if cfg.stage == "pretrain":
+                n += len(ex.prompt) + len(t) - 1
+            else:
+                labels = (ex.prompt_labels or [-100] * len(ex.prompt)) + t
+                n += sum(label != -100 for label in labels[1:])
+    return n
+
+
 def _pair_logps(
     model: Any, examples: list[Example], cfg: TrainConfig, pad_id: int
 ) -> tuple[torch.Tensor, torch.Tensor, int]:

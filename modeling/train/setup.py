@@ -16,6 +16,7 @@ import torch
 from ..data import EpisodeSource, build_cot_prompt, cot_target
 from .checkpoints import RESUME_DIR, check_model_dir, load_checkpoint_manifest, load_model, read_resume_state
 from .config import MANIFEST, Progress, TrainConfig
+from .distributed import Ranks
 from .examples import Example, _examples, _ptx_config, held_out_examples, prompt_limit
 from .objectives import _reference_logps, evaluate_held_out
 
@@ -49,6 +50,9 @@ class Run:
     sched: torch.optim.lr_scheduler.LambdaLR
     eval_batches: list[list[Example]]
     eval_ref: torch.Tensor | None
+    ranks: Ranks = field(default_factory=Ranks)
+    # The model the steps call: ``model`` itself, or under several processes its DDP wrapper.
+    net: Any = None
     start_step: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     cut: dict[str, int] = field(default_factory=lambda: {"prompts_cut": 0, "shots_cut": 0})
@@ -57,9 +61,11 @@ class Run:
         return evaluate_held_out(self.model, self.eval_batches, self.eval_ref, self.cfg, self.pad_id)
 
 
-def setup_run(cfg: TrainConfig, device: str, progress: Progress | None) -> Run:
+def setup_run(  # long: the run's parts in the order they depend on each other, read top to bottom
+    cfg: TrainConfig, device: str, progress: Progress | None, ranks: Ranks | None = None
+) -> Run:
     """Open the data, build or load the model (or the killed run's), compute the reference log-probs
-    (IPO / DPO) and make the optimizer, restoring a resumed run's state and RNG."""
+    (IPO / DPO; ``ranks`` share them out) and make the optimizer, restoring a resumed run's state and RNG."""
     from ..llm import context_length
 
     if cfg.init is not None:  # bad input changes nothing: refused before the run folder exists
@@ -69,7 +75,9 @@ def setup_run(cfg: TrainConfig, device: str, progress: Progress | None) -> Run:
     src, eval_src, aux_terms = open_sources(cfg)
     torch.manual_seed(cfg.seed)
     state = read_resume_state(out_dir, cfg)
-    model, tok, init_manifest = start_model(cfg, src, out_dir, device, resume=state is not None)
+    ranks = ranks or Ranks()
+    with ranks.main_first():  # the tiny model's tokenizer is written to out_dir
+        model, tok, init_manifest = start_model(cfg, src, out_dir, device, resume=state is not None)
     prepare_model(model, cfg)
     limit = prompt_limit(cfg, context_length(model))
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -80,7 +88,9 @@ def setup_run(cfg: TrainConfig, device: str, progress: Progress | None) -> Run:
             ref_all = state["ref"]
         else:
             batches = [_examples(src, tok, cfg, s, limit=limit) for s in range(cfg.steps)]
-            ref_all = _reference_logps(model, batches, cfg, pad_id, progress)
+            ref_all = ranks.reference_logps(
+                lambda bs: _reference_logps(model, bs, cfg, pad_id, progress), batches
+            )
     params, opt, sched = make_optimizer(model, cfg)
     if state is not None:
         opt.load_state_dict(state["optimizer"])
@@ -94,7 +104,9 @@ def setup_run(cfg: TrainConfig, device: str, progress: Progress | None) -> Run:
         eval_ref = (
             state["eval_ref"]
             if state is not None
-            else _reference_logps(model, eval_batches, cfg, pad_id, None)
+            else ranks.reference_logps(
+                lambda bs: _reference_logps(model, bs, cfg, pad_id, None), eval_batches
+            )
         )
     run = Run(
         cfg=cfg,
@@ -112,6 +124,8 @@ def setup_run(cfg: TrainConfig, device: str, progress: Progress | None) -> Run:
         sched=sched,
         eval_batches=eval_batches,
         eval_ref=eval_ref,
+        ranks=ranks,
+        net=ranks.prepare(model),
     )
     if state is not None:
         run.start_step, run.history = state["step"], state["history"]
