@@ -65,3 +65,6 @@ urlpatterns = [
         name="api-study-export-table",
     ),
 ]
+
+# A database lost outside a view (e.g. as the session is saved) answers the 503 page too.
+handler500 = "studyapp.middleware.server_error"
