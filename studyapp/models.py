@@ -16,6 +16,12 @@ from django.db.models import F, Q
 from django.utils import timezone
 
 
+def stale_work_cutoff(now: datetime | None = None) -> datetime:
+    """A generation or job whose last heartbeat is older than this has lost its worker:
+    settings.STALE_WORK_AFTER_S before `now` (by default, now)."""
+    return (now or timezone.now()) - timedelta(seconds=settings.STALE_WORK_AFTER_S)
+
+
 class Study(models.Model):
     """One human study: what participants see, how many judgments they make, and what they are paid with.
 
@@ -308,8 +314,7 @@ class Participant(models.Model):
             return False
         if self.generation == self.Generation.FAILED or self.generation_is_stuck():
             return True
-        long_ago = timezone.now() - timedelta(seconds=settings.STALE_WORK_AFTER_S)
-        return self.generation == self.Generation.QUEUED and self.updated_at < long_ago
+        return self.generation == self.Generation.QUEUED and self.updated_at < stale_work_cutoff()
 
     @property
     def generation_is_delayed(self) -> bool:
@@ -331,7 +336,7 @@ class Participant(models.Model):
             return unsent and (self.generation_is_delayed or self.updated_at < now - self.UNSENT_GRACE)
         if self.generation != self.Generation.RUNNING:
             return False
-        stale = stale or now - timedelta(seconds=settings.STALE_WORK_AFTER_S)
+        stale = stale or stale_work_cutoff(now)
         return self.generation_heartbeat_at is None or self.generation_heartbeat_at < stale
 
 
@@ -382,6 +387,11 @@ class Job(models.Model):
 
     def __str__(self) -> str:
         return f"{self.get_kind_display()} {self.id} ({self.status})"
+
+    def is_lost(self, *, stale: datetime | None = None) -> bool:
+        """Running with no heartbeat since `stale` (by default stale_work_cutoff()): its worker is gone."""
+        stale = stale or stale_work_cutoff()
+        return self.status == self.Status.RUNNING and (self.heartbeat_at is None or self.heartbeat_at < stale)
 
     @property
     def name(self) -> str:

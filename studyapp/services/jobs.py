@@ -6,12 +6,11 @@ import json
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import asdict
-from datetime import datetime, timedelta
+from datetime import datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.validators import validate_slug
 from django.db import transaction
@@ -25,7 +24,7 @@ from studyapp.datastore import (
     relative_to_root,
     resolve_in_data_root,
 )
-from studyapp.models import Job, Study
+from studyapp.models import Job, Study, stale_work_cutoff
 from studyapp.realtime import notify_job_on_commit
 from studyapp.selectors import job_status
 
@@ -230,7 +229,7 @@ def job_start(*, job_id: str, celery_task_id: str = "") -> Job | None:
     resumes from its last checkpoint)."""
     with transaction.atomic():
         job = _job_change(job_id)
-        if job is None or job.is_finished or (job.status == Job.Status.RUNNING and not _job_is_lost(job)):
+        if job is None or job.is_finished or (job.status == Job.Status.RUNNING and not job.is_lost()):
             return None
         again = job.status == Job.Status.RUNNING or job.started_at is not None
         now = timezone.now()
@@ -238,11 +237,6 @@ def job_start(*, job_id: str, celery_task_id: str = "") -> Job | None:
         job.celery_task_id = celery_task_id or job.celery_task_id
         _job_save(job, "started again (its worker was lost)" if again else "started")
         return job
-
-
-def _job_is_lost(job: Job, stale: datetime | None = None) -> bool:
-    stale = stale or timezone.now() - timedelta(seconds=settings.STALE_WORK_AFTER_S)
-    return job.heartbeat_at is None or job.heartbeat_at < stale
 
 
 def job_heartbeat(*, job_id: str) -> None:
@@ -254,13 +248,13 @@ def jobs_recover(*, now: datetime | None = None) -> int:
     """The stale-work sweeper's part for jobs: a running job with no heartbeat for
     settings.STALE_WORK_AFTER_S lost its worker; it is queued again (its page says so) and the next
     worker starts it again, a training run resuming from its checkpoint-last. Returns how many."""
-    stale = (now or timezone.now()) - timedelta(seconds=settings.STALE_WORK_AFTER_S)
+    stale = stale_work_cutoff(now)
     lost = Job.objects.filter(status=Job.Status.RUNNING, heartbeat_at__lt=stale).values_list("pk", flat=True)
     requeued = 0
     for job_id in lost:
         with transaction.atomic():
             job = _job_change(str(job_id))
-            if job is None or job.status != Job.Status.RUNNING or not _job_is_lost(job, stale):
+            if job is None or not job.is_lost(stale=stale):
                 continue
             job.status, job.celery_task_id = Job.Status.QUEUED, str(uuid.uuid4())
             quiet = int((timezone.now() - job.heartbeat_at).total_seconds()) if job.heartbeat_at else 0

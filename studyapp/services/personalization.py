@@ -22,10 +22,9 @@ Only a queued generation is started (participant_generation_start), and response
 import logging
 import random
 from collections.abc import Callable, Sequence
-from datetime import datetime, timedelta
+from datetime import datetime
 from functools import partial
 
-from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.db.models import Case, F, Q, TextField, Value, When
@@ -34,7 +33,7 @@ from django.utils import timezone
 from annotation.plan import comparison_pairs, rating_items_plan
 from annotation.writers import NewResponse, generated_responses_create, rating_items_create
 from studyapp import queue
-from studyapp.models import Participant
+from studyapp.models import Participant, stale_work_cutoff
 from studyapp.realtime import notify_participant_changed_on_commit
 from studyapp.selectors import participant_for_update
 
@@ -154,7 +153,7 @@ def generations_recover(*, now: datetime | None = None) -> dict[str, int]:
     a queued one never handed to the broker (for longer than a few seconds) is sent. Each participant is
     checked again under their lock. Returns how many of each."""
     now = now or timezone.now()
-    stale = now - timedelta(seconds=settings.STALE_WORK_AFTER_S)
+    stale = stale_work_cutoff(now)
     waiting = Participant.objects.filter(state=State.WAITING)
     lost = waiting.filter(generation=Generation.RUNNING, generation_heartbeat_at__lt=stale)
     unsent = waiting.filter(
