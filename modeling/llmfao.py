@@ -111,12 +111,18 @@ class ImportReport:
         return asdict(self)
 
 
+# Where this workplace keeps the shared data, for a clone that does not sit beside it (CI's clean clone).
+WORKPLACE_SHARED = Path("/work/shared/data/llmfao")
+
+
 def default_source() -> Path:
-    """The LLMFAO folder: ``$FSPO_LLMFAO_DIR``, else ``shared/data/llmfao`` beside the repository."""
+    """The LLMFAO folder: ``$FSPO_LLMFAO_DIR``, else ``shared/data/llmfao`` beside the repository, else
+    the workplace's shared folder (WORKPLACE_SHARED) when the clone is elsewhere."""
     env = os.environ.get(ENV_DIR)
     if env:
         return Path(env)
-    return Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "llmfao"
+    beside = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "llmfao"
+    return beside if beside.is_dir() or not WORKPLACE_SHARED.is_dir() else WORKPLACE_SHARED
 
 
 def _listed(items: list[str]) -> str:
