@@ -330,7 +330,9 @@ def _task_times(runs: list[TaskRun], measured_studies: list[Any]) -> dict[str, A
     timed = [r for r in runs if not (r.skipped or r.first)]
     return {
         "finished": len(runs),
-        "skipped_as_already_done": sum(r.skipped for r in runs),
+        # A participant a batch took has its own task skip; any other skip is a duplicate.
+        "generated_in_batches": sum(r.batched for r in runs),
+        "skipped_as_already_done": sum(r.skipped for r in runs) - sum(r.batched for r in runs),
         "per_worker": dict(Counter(f"worker {r.worker}" for r in runs)),
         "first_per_worker_incl_model_load": [r.seconds for r in runs if r.first],
         "warm-up and sequential": _stats([r.seconds for r in timed if r.participant_id not in measured_ids]),

@@ -121,7 +121,7 @@ def workers_start(log_dir: Path, count: int) -> list[Any]:
 
 TASK_DONE = re.compile(
     r"Task worker\.tasks\.personalize\[[^\]]+\] succeeded in ([\d.]+)s: .*'participant_id': (\d+)"
-    r".*'skipped': (True|False)"
+    r".*'skipped': (True|False)(?:, 'batched': (\d+))?"
 )
 
 
@@ -130,8 +130,9 @@ class TaskRun:
     worker: int
     participant_id: int
     seconds: float
-    skipped: bool  # nothing to do: the participant's responses were already stored
+    skipped: bool  # nothing to do: the participant's responses were stored, or are in another's batch
     first: bool  # the worker's first task, which loads the model
+    batched: int = 0  # the other participants it generated in its batch (their own tasks skip)
 
 
 def personalize_runs(workers: list[Any]) -> list[TaskRun]:
@@ -139,7 +140,8 @@ def personalize_runs(workers: list[Any]) -> list[TaskRun]:
     runs = []
     for i, worker in enumerate(workers):
         for n, match in enumerate(TASK_DONE.finditer(worker.log.read_text(errors="replace"))):
-            runs.append(TaskRun(i, int(match[2]), float(match[1]), match[3] == "True", n == 0))
+            batched = int(match[4] or 0)
+            runs.append(TaskRun(i, int(match[2]), float(match[1]), match[3] == "True", n == 0, batched))
     return runs
 
 

@@ -277,6 +277,12 @@ CELERY_BEAT_SCHEDULE = {
 PERSONALIZE_MAX_RETRIES = env_int("PERSONALIZE_MAX_RETRIES", 2)
 PERSONALIZE_RETRY_DELAY_S = env_int("PERSONALIZE_RETRY_DELAY_S", 10)
 PERSONALIZE_TIME_LIMIT_S = env_int("PERSONALIZE_TIME_LIMIT_S", 600)
+# A personalize task also generates, in the same batch, up to this many participants in all of its study
+# who wait at the moment it starts (services.participant_generations_claim): a GPU host serves many at
+# once. 1: one participant per task. The time limits above cover the whole batch.
+PERSONALIZE_BATCH_MAX = env_int("PERSONALIZE_BATCH_MAX", 8)
+if PERSONALIZE_BATCH_MAX < 1:
+    raise ImproperlyConfigured("PERSONALIZE_BATCH_MAX must be at least 1")
 # Where a worker runs local checkpoints (hf:/dir or a bare directory): "cuda" on a GPU host.
 GENERATION_DEVICE = env_str("GENERATION_DEVICE", "cpu")
 GENERATION_DTYPE = env_str("GENERATION_DTYPE", "float32")

@@ -11,7 +11,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -34,10 +34,12 @@ from studyapp.services import (
     job_succeed,
     jobs_recover,
     participant_generation_fail,
-    participant_generation_heartbeat,
+    participant_generation_requeue,
     participant_generation_retry_later,
     participant_generation_sent,
     participant_generation_start,
+    participant_generations_claim,
+    participant_generations_heartbeat,
     participants_expire,
     responses_store,
 )
@@ -225,26 +227,30 @@ def generation_backend(spec: str) -> Any:
     return backend_from_spec(parsed, **(local if parsed.is_local else {}))
 
 
-def generate_responses(request: PersonalizationRequest) -> list[NewResponse]:
-    """Every arm's response to each question of the request, through one modeling entry point.
+def generate_responses(requests: Sequence[PersonalizationRequest]) -> dict[int, list[NewResponse]]:
+    """Every arm's response to each question of each request (one participant's), by participant id,
+    through one modeling entry point.
 
-    Arms that share a checkpoint and decoding go to the model in one call: batched, with the
-    participant's few-shot prefix computed once (a no-context arm's episodes simply have no shots)."""
+    Every arm of every participant that shares a checkpoint and decoding goes to the model in one call:
+    batched across participants, each participant's few-shot prefix computed once (a no-context arm's
+    episodes simply have no shots). Logs how many participants went in how many calls."""
     from modeling.infer import generate_for_episodes
 
-    groups: dict[tuple[str, bool], list[ArmEpisodes]] = {}
-    for arm in request.arms:
-        groups.setdefault((arm.checkpoint, arm.cot), []).append(arm)
-    n = len(request.question_ids)
-    responses = []
-    for (checkpoint, cot), arms in groups.items():
-        episodes = [e for arm in arms for e in arm.episodes]
+    groups: dict[tuple[str, bool, int], list[tuple[PersonalizationRequest, ArmEpisodes]]] = {}
+    for request in requests:
+        for arm in request.arms:
+            groups.setdefault((arm.checkpoint, arm.cot, request.max_new_tokens), []).append((request, arm))
+    responses: dict[int, list[NewResponse]] = {r.participant_id: [] for r in requests}
+    for (checkpoint, cot, max_new_tokens), work in groups.items():
+        episodes = [e for _, arm in work for e in arm.episodes]
         generations = generate_for_episodes(
-            generation_backend(checkpoint), episodes, cot=cot, max_new_tokens=request.max_new_tokens
+            generation_backend(checkpoint), episodes, cot=cot, max_new_tokens=max_new_tokens
         )
-        for k, arm in enumerate(arms):
-            for question_id, g in zip(request.question_ids, generations[k * n : (k + 1) * n], strict=True):
-                responses.append(
+        start = 0
+        for request, arm in work:
+            n = len(request.question_ids)
+            for question_id, g in zip(request.question_ids, generations[start : start + n], strict=True):
+                responses[request.participant_id].append(
                     NewResponse(
                         arm_id=arm.arm_id,
                         question_id=question_id,
@@ -255,7 +261,25 @@ def generate_responses(request: PersonalizationRequest) -> list[NewResponse]:
                         finish_reason=g.finish_reason,
                     )
                 )
+            start += n
+    logger.info("personalize batch: participants %s, %d generation call(s)", sorted(responses), len(groups))
     return responses
+
+
+def _store_claimed(
+    requests: Sequence[PersonalizationRequest], responses: dict[int, list[NewResponse]]
+) -> int:
+    """Store the responses of the participants a batch claimed; one whose store fails is queued again on
+    its own (the others are stored all the same). Returns how many were stored."""
+    stored = 0
+    for request in requests:
+        pid = request.participant_id
+        try:
+            stored += responses_store(participant_id=pid, responses=responses[pid])
+        except Exception as exc:
+            logger.warning("participant %s: storing the batch's responses failed", pid, exc_info=True)
+            participant_generation_requeue(participant_id=pid, error=f"retrying alone after: {exc!r}")
+    return stored
 
 
 @shared_task(
@@ -268,20 +292,35 @@ def generate_responses(request: PersonalizationRequest) -> list[NewResponse]:
 )
 def personalize(self: Task, participant_id: int) -> dict[str, Any]:
     """Generate every arm's responses to a participant's evaluation questions from their picks, store
-    them with the participant's A/B items, and tell their waiting page.
+    them with the participant's A/B items, and tell their waiting page; with them, in one batch, the
+    study's other participants who wait at this moment (services.participant_generations_claim, up to
+    settings.PERSONALIZE_BATCH_MAX in all).
 
-    Idempotent: a participant who already has responses (or is gone) is skipped, so a redelivered or
-    duplicate task does nothing. A failure is retried with back-off; the last one marks the participant's
-    generation failed (they see a message, coordinators the error) and is raised."""
+    Idempotent: a participant who already has responses, is being generated (in another batch), or is
+    gone is skipped, so a redelivered or duplicate task, or the task of a participant a batch took, does
+    nothing. A failure is retried with back-off; the last one marks the participant's generation failed
+    (they see a message, coordinators the error) and is raised. The participants a failed batch claimed
+    are queued again, each with a task of its own."""
     request = personalization_request(participant_id=participant_id)
     if request is None or not participant_generation_start(participant_id=participant_id):
         return {"participant_id": participant_id, "stored": 0, "skipped": True}
+    claimed = participant_generations_claim(
+        participant_id=participant_id, limit=settings.PERSONALIZE_BATCH_MAX - 1
+    )
+    if claimed:
+        logger.info("personalize(%s): generating %s with it, in one batch", participant_id, claimed)
+    others = [r for pid in claimed if (r := personalization_request(participant_id=pid)) is not None]
     try:
-        with heartbeat(functools.partial(participant_generation_heartbeat, participant_id=participant_id)):
-            responses = generate_responses(request)
-        stored = responses_store(participant_id=participant_id, responses=responses)
+        with heartbeat(
+            functools.partial(participant_generations_heartbeat, participant_ids=[participant_id, *claimed])
+        ):
+            responses = generate_responses([request, *others])
+        batched = _store_claimed(others, responses)
+        stored = responses_store(participant_id=participant_id, responses=responses[participant_id])
     except Exception as exc:
         error = f"{type(exc).__name__}: {exc}"
+        for pid in claimed:  # a stored one has moved on and is left as it is
+            participant_generation_requeue(participant_id=pid, error=f"retrying alone after: {error}")
         if self.request.retries >= self.max_retries:
             participant_generation_fail(participant_id=participant_id, error=error)
             raise
@@ -292,8 +331,9 @@ def personalize(self: Task, participant_id: int) -> dict[str, Any]:
         raise retry from exc
     return {
         "participant_id": participant_id,
-        "stored": len(responses) if stored else 0,
+        "stored": len(responses[participant_id]) if stored else 0,
         "skipped": not stored,
+        "batched": batched,
     }
 
 

@@ -12,11 +12,18 @@ left waiting on work that is not happening:
   stays queued but unsent, their page says it is delayed, and the stale-work sweeper (generations_recover,
   run by beat) sends it once the broker is back;
 - the worker died while generating (SIGKILL, a lost host): a running generation beats every few seconds
-  (participant_generation_heartbeat); one silent for settings.STALE_WORK_AFTER_S is queued again by the
+  (participant_generations_heartbeat); one silent for settings.STALE_WORK_AFTER_S is queued again by the
   sweeper, and the next free worker takes it;
 - either way a coordinator can also retry it at once (Participant.may_retry_generation).
 Only a queued generation is started (participant_generation_start), and responses are stored once
 (responses_store), so a redelivered or duplicate task never writes a second set.
+
+A worker that starts a participant's generation also claims the study's other participants waiting at that
+moment (participant_generations_claim, up to settings.PERSONALIZE_BATCH_MAX in all) and generates them in
+one batch: their generations run, beat and are stored exactly as if their own tasks had started them, and
+those tasks, when delivered, find them running or ready and skip. A batch that fails puts each claimed
+participant back in the queue with a task of its own (participant_generation_requeue); a participant whose
+generation has failed once generates alone from then on, so one bad request spoils no other batch.
 """
 
 import logging
@@ -47,12 +54,14 @@ __all__ = [
     "NewResponse",
     "generations_recover",
     "participant_generation_fail",
-    "participant_generation_heartbeat",
     "participant_generation_queue",
+    "participant_generation_requeue",
     "participant_generation_retry",
     "participant_generation_retry_later",
     "participant_generation_sent",
     "participant_generation_start",
+    "participant_generations_claim",
+    "participant_generations_heartbeat",
     "personalize_enqueue",
     "responses_store",
 ]
@@ -125,11 +134,52 @@ def participant_generation_start(*, participant_id: int) -> bool:
         return True
 
 
-def participant_generation_heartbeat(*, participant_id: int) -> None:
-    """The worker writing the participant's responses is alive (every settings.HEARTBEAT_INTERVAL_S)."""
-    Participant.objects.filter(pk=participant_id, generation=Generation.RUNNING).update(
+def participant_generations_claim(*, participant_id: int, limit: int) -> list[int]:
+    """Start, in the same batch as the participant whose generation a worker has just started, up to
+    `limit` other participants of their study who wait at this moment (queued, oldest first); returns
+    their ids. Only a first attempt is batched: none when the participant's own generation has failed
+    before (it carries an error), and never one that has. Rows another worker is claiming are skipped
+    (SKIP LOCKED), so two GPU workers never claim the same participant, nor wait on each other."""
+    if limit < 1:
+        return []
+    with transaction.atomic():
+        lead = participant_for_update(participant_id=participant_id)
+        if lead is None or lead.generation != Generation.RUNNING or lead.generation_error:
+            return []
+        waiting = (
+            Participant.objects.select_for_update(skip_locked=True, of=("self",))
+            .filter(study_id=lead.study_id, state=State.WAITING, generation=Generation.QUEUED)
+            .filter(generation_error="")
+            .exclude(pk=lead.pk)
+            .order_by("updated_at", "pk")
+        )
+        claimed = list(waiting[:limit])
+        for participant in claimed:
+            participant.generation, participant.generation_heartbeat_at = Generation.RUNNING, timezone.now()
+            participant.save(update_fields=["generation", "generation_heartbeat_at", "updated_at"])
+            notify_participant_changed_on_commit(participant)
+        return [p.pk for p in claimed]
+
+
+def participant_generations_heartbeat(*, participant_ids: Sequence[int]) -> None:
+    """The worker writing these participants' responses (one generation, or a batch) is alive (every
+    settings.HEARTBEAT_INTERVAL_S)."""
+    Participant.objects.filter(pk__in=list(participant_ids), generation=Generation.RUNNING).update(
         generation_heartbeat_at=timezone.now()
     )
+
+
+def participant_generation_requeue(*, participant_id: int, error: str) -> bool:
+    """A batch the participant was claimed into failed: their running generation is queued again, with
+    a task of its own enqueued on commit (their first one may already have been delivered and skipped),
+    and `error` kept, so it generates alone (participant_generations_claim). A generation that has moved
+    on (stored, or the participant withdrew) is left as it is; returns whether it was queued again."""
+    with transaction.atomic():
+        participant = participant_for_update(participant_id=participant_id)
+        if participant is None or participant.generation != Generation.RUNNING:
+            return False
+        _generation_queue_again(participant, error)
+        return True
 
 
 def participant_generation_retry_later(*, participant_id: int, error: str) -> None:
@@ -176,11 +226,17 @@ def _generation_requeue(participant_id: int, stale: datetime, why: str) -> int:
         if participant is None or not participant.generation_is_stuck(stale=stale):
             return 0
         logger.warning("participant %s: generation queued again (%s)", participant_id, why)
-        participant_generation_queue(participant)
-        participant.generation_error = f"queued again: {why}"
-        participant.save(update_fields=[*GENERATION_QUEUE_FIELDS, "generation_error", "updated_at"])
-        notify_participant_changed_on_commit(participant)
+        _generation_queue_again(participant, f"queued again: {why}")
         return 1
+
+
+def _generation_queue_again(participant: Participant, error: str) -> None:
+    """Queue the locked participant's generation again (personalize enqueued on commit), with `error`;
+    their page is told."""
+    participant_generation_queue(participant)
+    participant.generation_error = error
+    participant.save(update_fields=[*GENERATION_QUEUE_FIELDS, "generation_error", "updated_at"])
+    notify_participant_changed_on_commit(participant)
 
 
 def participant_generation_fail(*, participant_id: int, error: str) -> None:

@@ -18,18 +18,22 @@ from studyapp.services import (
     jobs_recover,
     participant_consent,
     participant_generation_fail,
-    participant_generation_heartbeat,
+    participant_generation_requeue,
     participant_generation_retry,
     participant_generation_start,
+    participant_generations_claim,
+    participant_generations_heartbeat,
     participant_mark_returned,
     participant_withdraw,
     participants_expire,
     personalize_enqueue,
     recruitment_id_hash,
+    responses_store,
     study_update,
     survey_record,
 )
 from tests.factories import (
+    fake_responses,
     make_job,
     make_participant,
     make_study,
@@ -398,11 +402,108 @@ def test_a_heartbeat_keeps_a_running_generation_from_the_sweeper(settings) -> No
     settings.STALE_WORK_AFTER_S = 30
     participant = running_generation(beat_seconds_ago=31)
 
-    participant_generation_heartbeat(participant_id=participant.pk)
+    participant_generations_heartbeat(participant_ids=[participant.pk])
 
     assert generations_recover() == {"requeued": 0, "sent": 0}
     participant.refresh_from_db()
     assert participant.generation == Generation.RUNNING
+
+
+# ---------------------------------------------------------------------------------------------------
+# Batches: a worker that starts one participant's generation takes the study's others who wait with it
+
+
+def started(participant: Participant) -> Participant:
+    assert participant_generation_start(participant_id=participant.pk)
+    participant.refresh_from_db()
+    return participant
+
+
+@pytest.mark.django_db
+def test_a_started_generation_claims_the_studys_first_attempts_waiting_oldest_first_up_to_the_limit() -> None:
+    study = make_study()
+    lead, first, second, third = (participant_waiting(study) for _ in range(4))
+    failed_before = participant_waiting(study)
+    Participant.objects.filter(pk=failed_before.pk).update(generation_error="retrying after: OSError")
+    elsewhere = participant_waiting(make_study())
+    started(lead)
+
+    assert participant_generations_claim(participant_id=lead.pk, limit=2) == [first.pk, second.pk]
+    assert participant_generations_claim(participant_id=lead.pk, limit=5) == [third.pk]
+    assert participant_generations_claim(participant_id=lead.pk, limit=5) == []
+
+    for participant in (first, second, third):
+        participant.refresh_from_db()
+        assert participant.generation == Generation.RUNNING
+        assert participant.generation_heartbeat_at is not None
+        assert not participant_generation_start(participant_id=participant.pk)  # their own task skips
+    for participant in (failed_before, elsewhere):
+        participant.refresh_from_db()
+        assert participant.generation == Generation.QUEUED
+
+
+@pytest.mark.django_db
+def test_a_generation_that_failed_before_or_a_limit_of_zero_claims_nobody() -> None:
+    study = make_study()
+    lead, other = participant_waiting(study), participant_waiting(study)
+    started(lead)
+
+    assert participant_generations_claim(participant_id=lead.pk, limit=0) == []
+    Participant.objects.filter(pk=lead.pk).update(generation_error="retrying after: OSError")
+    assert participant_generations_claim(participant_id=lead.pk, limit=5) == []
+    assert participant_generations_claim(participant_id=other.pk, limit=5) == []  # not started
+
+    other.refresh_from_db()
+    assert other.generation == Generation.QUEUED
+
+
+@pytest.mark.django_db
+def test_a_failed_batch_queues_each_claimed_participant_again_with_a_task_of_its_own(
+    django_capture_on_commit_callbacks,
+) -> None:
+    study = make_study()
+    lead, claimed, stored = (participant_waiting(study) for _ in range(3))
+    started(lead)
+    assert participant_generations_claim(participant_id=lead.pk, limit=2) == [claimed.pk, stored.pk]
+    responses_store(participant_id=stored.pk, responses=fake_responses(stored))
+
+    with django_capture_on_commit_callbacks() as callbacks:
+        assert participant_generation_requeue(participant_id=claimed.pk, error="retrying alone after: X")
+        assert not participant_generation_requeue(participant_id=stored.pk, error="retrying alone after: X")
+
+    claimed.refresh_from_db(), stored.refresh_from_db()
+    assert (claimed.generation, claimed.generation_error) == (Generation.QUEUED, "retrying alone after: X")
+    assert stored.generation == Generation.READY
+    assert enqueued(callbacks) == [(claimed.pk,)]
+    # It generates alone from now on: no other batch claims it, and its own start claims nobody.
+    other_lead = started(participant_waiting(study))
+    assert participant_generations_claim(participant_id=other_lead.pk, limit=5) == []
+    started(claimed)
+    assert participant_generations_claim(participant_id=claimed.pk, limit=5) == []
+
+
+@pytest.mark.django_db
+def test_the_sweeper_queues_again_every_participant_of_a_batch_whose_worker_died(
+    settings, django_capture_on_commit_callbacks
+) -> None:
+    settings.STALE_WORK_AFTER_S = 30
+    study = make_study()
+    lead, *others = (participant_waiting(study) for _ in range(3))
+    started(lead)
+    assert participant_generations_claim(participant_id=lead.pk, limit=2) == [p.pk for p in others]
+    batch = [lead.pk, *(p.pk for p in others)]
+    participant_generations_heartbeat(participant_ids=batch)
+    assert generations_recover() == {"requeued": 0, "sent": 0}  # alive: the batch beats for everyone
+    silent = timezone.now() - timedelta(seconds=31)
+    Participant.objects.filter(pk__in=batch).update(generation_heartbeat_at=silent)
+
+    with django_capture_on_commit_callbacks() as callbacks:
+        assert generations_recover() == {"requeued": 3, "sent": 0}
+
+    assert sorted(enqueued(callbacks)) == sorted((pk,) for pk in batch)
+    assert set(Participant.objects.filter(pk__in=batch).values_list("generation", flat=True)) == {
+        Generation.QUEUED
+    }
 
 
 @pytest.mark.django_db

@@ -7,6 +7,7 @@ import pytest
 import redis
 from asgiref.sync import sync_to_async
 from channels_redis.core import RedisChannelLayer
+from django.db import transaction
 from django.utils import timezone
 
 from annotation.models import GeneratedResponse, RatingItem
@@ -217,3 +218,56 @@ def test_a_coordinator_can_retry_a_generation_the_broker_never_took(
     participant = wait_for(tasks_go_to_the_worker, participant, lambda p: p.state == State.RATING)
     assert (participant.generation, participant.generation_error) == (Generation.READY, "")
     assert GeneratedResponse.objects.filter(participant=participant).count() == 2 * 2
+
+
+def waiting_at_once(study: Study, count: int) -> list[Participant]:
+    """`count` participants of `study` whose last picks commit together: every one's generation is queued
+    before the first task reaches the worker."""
+    with transaction.atomic():
+        return [participant_waiting(study) for _ in range(count)]
+
+
+def test_participants_waiting_at_once_are_generated_in_one_batch_each_once(
+    tasks_go_to_the_worker: RunningWorker, tiny_checkpoint
+) -> None:
+    study = make_study(checkpoint=str(tiny_checkpoint))
+    participants = waiting_at_once(study, 3)
+
+    for participant in participants:
+        wait_for(tasks_go_to_the_worker, participant, lambda p: p.state == State.RATING)
+
+    ids = [p.pk for p in participants]
+    log = tasks_go_to_the_worker.log.read_text()
+    # The first task took the two others, and both arms (one checkpoint) went in one model call.
+    assert f"personalize({ids[0]}): generating {ids[1:]} with it, in one batch" in log
+    assert f"personalize batch: participants {ids}, 1 generation call(s)" in log
+    for participant in participants:
+        responses = GeneratedResponse.objects.filter(participant=participant)
+        assert responses.count() == 2 * 2  # arms x evaluation questions, stored once
+        assert all(r.new_tokens > 0 for r in responses)
+        assert RatingItem.objects.filter(participant=participant).count() == participant.n_ratings == 4
+    # Their own tasks came afterwards and found nothing to do.
+    wait_until_logged = time.monotonic() + 60
+    while log.count("'skipped': True") < 2 and time.monotonic() < wait_until_logged:
+        time.sleep(0.2)
+        log = tasks_go_to_the_worker.log.read_text()
+    for pk in ids[1:]:
+        assert f"{{'participant_id': {pk}, 'stored': 0, 'skipped': True}}" in log
+
+
+def test_a_failed_batch_leaves_nobody_waiting_and_stores_nothing(
+    tasks_go_to_the_worker: RunningWorker,
+) -> None:
+    participants = waiting_at_once(make_study(checkpoint="/nonexistent/checkpoint"), 2)
+
+    for participant in participants:
+        wait_for(tasks_go_to_the_worker, participant, lambda p: p.generation == Generation.FAILED)
+
+    lead, claimed = participants
+    assert f"personalize({lead.pk}): generating [{claimed.pk}] with it, in one batch" in (
+        tasks_go_to_the_worker.log.read_text()
+    )
+    for participant in participants:
+        assert participant.state == State.WAITING
+        assert "/nonexistent/checkpoint" in participant.generation_error
+        assert not GeneratedResponse.objects.filter(participant=participant).exists()
