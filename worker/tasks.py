@@ -219,12 +219,17 @@ def evaluate_arms(self: Task, job_id: str) -> dict[str, Any]:
 def generation_backend(spec: str) -> Any:
     """The personalization back end of a checkpoint spec, loaded once per worker process and reused for
     every participant (a GPU worker keeps its arms' weights resident; the least recently used of more
-    than four is dropped)."""
+    than four is dropped). vLLM specs (``vllm:DIR``) of one base share one engine, each adapter a LoRA
+    request on it (``modeling.infer.vllm_engine``)."""
     from modeling.infer import ModelSpec, backend_from_spec
 
     parsed = ModelSpec.parse(spec)
-    local = {"device": settings.GENERATION_DEVICE, "dtype": settings.GENERATION_DTYPE}
-    return backend_from_spec(parsed, **(local if parsed.is_local else {}))
+    options: dict[str, Any] = {}
+    if parsed.is_local:
+        options = {"device": settings.GENERATION_DEVICE, "dtype": settings.GENERATION_DTYPE}
+    elif parsed.kind == "vllm":  # the process's one engine per base model; vLLM places it on the GPU
+        options = {"dtype": settings.GENERATION_DTYPE}
+    return backend_from_spec(parsed, **options)
 
 
 def generate_responses(requests: Sequence[PersonalizationRequest]) -> dict[int, list[NewResponse]]:

@@ -9,13 +9,14 @@ OpenAI-compatible server or vLLM.
   (``prefix_cache``: that cache and the decode loop);
 - ``backends``: ``PersonalizationBackend`` and its local, OpenAI-compatible and vLLM implementations,
   ``checkpoint_chat_template``, ``backend_from_spec`` (a spec parsed by ``modeling.llm.ModelSpec``,
-  re-exported here) and ``generate_for_episodes``.
+  re-exported here) and ``generate_for_episodes``;
+- ``vllm_engine``: the one vLLM engine per base model in a process, its adapters' LoRA requests, and
+  ``engine_requests`` (users' questions as the engine's inputs: the pure part, runs without vLLM).
 """
 
 from ..llm import ModelSpec
 from .backends import (
     COT_DESCRIPTION_TOKENS,
-    VLLM_MISSING,
     LocalBackend,
     OpenAICompletionsBackend,
     PersonalizationBackend,
@@ -27,10 +28,12 @@ from .backends import (
 from .decoding import generate_for_users, generate_personalized
 from .fitting import fit_to_context
 from .generation import Generation, GenerationStats, UserQuestions, finish_generation, question_seed
+from .vllm_engine import VLLM_MISSING, EngineRequest, engine_requests, vllm_engine
 
 __all__ = [
     "COT_DESCRIPTION_TOKENS",
     "VLLM_MISSING",
+    "EngineRequest",
     "Generation",
     "GenerationStats",
     "LocalBackend",
@@ -41,10 +44,12 @@ __all__ = [
     "VLLMBackend",
     "backend_from_spec",
     "checkpoint_chat_template",
+    "engine_requests",
     "finish_generation",
     "fit_to_context",
     "generate_for_episodes",
     "generate_for_users",
     "generate_personalized",
     "question_seed",
+    "vllm_engine",
 ]

@@ -4,7 +4,8 @@
   through the local engine (``modeling.infer.decoding``);
 - ``OpenAICompletionsBackend``: an OpenAI-compatible ``/v1/completions`` endpoint (vLLM's server, or
   ``fspo serve-model``) given the same prompt as text; an adapter is picked by its served name;
-- ``VLLMBackend``: vLLM's offline engine with automatic prefix caching (GPU hosts only).
+- ``VLLMBackend``: vLLM's offline engine with automatic prefix caching, one engine per base model in a
+  process and each adapter a LoRA request on it (``modeling.infer.vllm_engine``; GPU hosts only).
 
 Every back end encodes a prompt as training did (``modeling.llm.fspo_prompt_ids``): plain Markdown, or
 wrapped in the model's chat template when the checkpoint's ``fspo.json`` says it was trained so
@@ -35,7 +36,6 @@ from ..llm import (
     model_and_adapter_dirs,
 )
 from .decoding import generate_for_users
-from .fitting import fit_to_context
 from .generation import (
     Generation,
     GenerationStats,
@@ -45,6 +45,7 @@ from .generation import (
     finish_generation,
     question_seed,
 )
+from .vllm_engine import adapter_rank, engine_options, engine_requests, vllm_engine
 
 
 @dataclass(frozen=True)
@@ -386,83 +387,76 @@ class OpenAICompletionsBackend(PersonalizationBackend):
         return _regroup(users, flat)
 
 
-VLLM_MISSING = "vLLM is not installed: pip install 'fspo-studies[vllm]' on a GPU host"
-
-
 class VLLMBackend(PersonalizationBackend):
-    """vLLM's offline engine (``vllm.LLM``) with automatic prefix caching, so a user's shared few-shot
-    prefix is computed once across their questions. Prompts go in as token ids encoded exactly as
-    locally (``fspo_prompt_ids``, chat-wrapped when the checkpoint says so), with the earliest shots
-    cut from a prompt too long for the engine's ``max_model_len``; ``adapter`` is a peft LoRA
-    directory (checked against the base as locally) served through ``LoRARequest``, which vLLM applies
-    unmerged in batched kernels. Generation stops at the model's EOS tokens (vLLM reads them from its
-    generation config and tokenizer, as ``stop_token_ids`` does)."""
+    """vLLM's offline engine on a base model, with or without one of its LoRA adapters.
+
+    The engine is the process's one for that base (``vllm_engine``: made by the first back end that
+    asks, shared by all after), so the arms of a study that share a base load it once; ``adapter``, a
+    peft LoRA directory checked against the base as locally, goes with each call as its ``LoRARequest``,
+    which vLLM applies unmerged in batched kernels. Automatic prefix caching is on: a user's few-shot
+    prefix, which comes first in every FSPO prompt, is computed once across their questions. Prompts go
+    in as token ids encoded exactly as locally (``fspo_prompt_ids``, chat-wrapped when the checkpoint
+    says so), with the earliest shots cut from a prompt too long for the engine's ``max_model_len``
+    (``engine_requests``). Generation stops at the model's EOS tokens (vLLM reads them from its generation
+    config and tokenizer). ``engine_kwargs`` go to ``vllm.LLM`` over ``ENGINE_DEFAULTS``."""
 
     def __init__(
-        self,
-        model_dir: str | Path,
-        *,
-        adapter: str | Path | None = None,
-        enable_lora: bool = False,
-        **engine_kwargs: Any,
+        self, model_dir: str | Path, *, adapter: str | Path | None = None, **engine_kwargs: Any
     ) -> None:
-        try:
-            import vllm
-        except ImportError:
-            raise LLMError(VLLM_MISSING) from None
         model_dir = Path(model_dir)
         adapter = Path(adapter) if adapter is not None else None
         self.chat_template = _check_dirs(model_dir, adapter)
-        self._lora = None
+        options = engine_options(**engine_kwargs)
         if adapter is not None:
-            from vllm.lora.request import LoRARequest
-
-            enable_lora = True
-            self._lora = LoRARequest(adapter.name, 1, str(adapter))
-        engine_kwargs.setdefault("enable_prefix_caching", True)
-        self.llm = vllm.LLM(model=str(model_dir), enable_lora=enable_lora, **engine_kwargs)
-        self.tokenizer = self.llm.get_tokenizer()
+            if not options["enable_lora"]:
+                raise ValueError("an adapter needs enable_lora")
+            if (rank := adapter_rank(adapter)) > options["max_lora_rank"]:
+                raise LLMError(
+                    f"cannot load adapter {adapter}: its rank {rank} is above the engine's max_lora_rank "
+                    f"{options['max_lora_rank']} (pass max_lora_rank={rank} or more)"
+                )
+        self.engine = vllm_engine(model_dir, **options)
+        self.adapter = adapter
+        self.tokenizer = self.engine.llm.get_tokenizer()
         self.name = f"vllm:{model_dir}" + (f"+{adapter}" if adapter is not None else "")
 
     def _generate(self, users: Sequence[UserQuestions], decoding: Decoding) -> list[list[Generation]]:
         from vllm import SamplingParams
 
-        limit = getattr(getattr(self.llm.llm_engine, "model_config", None), "max_model_len", None)
-        fitted = fit_to_context(
+        limit = getattr(getattr(self.engine.llm.llm_engine, "model_config", None), "max_model_len", None)
+        requests, fitted = engine_requests(
             users,
             lambda text: fspo_prompt_ids(self.tokenizer, text, chat_template=self.chat_template),
-            limit if isinstance(limit, int) else None,
-            decoding.max_new_tokens,
+            max_model_len=limit if isinstance(limit, int) else None,
             cot=decoding.cot,
+            max_new_tokens=decoding.max_new_tokens,
+            temperature=decoding.temperature,
+            top_p=decoding.top_p,
+            seed=decoding.seed,
         )
-        inputs = [{"prompt_token_ids": ids} for ids in fitted.ids]
-        params, descriptions = [], []
-        for user in fitted.users:
-            for q in user.questions:
-                params.append(
-                    SamplingParams(
-                        n=1,
-                        temperature=decoding.temperature,
-                        top_p=decoding.top_p,
-                        max_tokens=decoding.max_new_tokens,
-                        seed=question_seed(decoding.seed, q),
-                    )
-                )
-                descriptions.append(user.description)
-        outputs = self.llm.generate(inputs, params, lora_request=self._lora, use_tqdm=False)
+        inputs = [{"prompt_token_ids": r.prompt_token_ids} for r in requests]
+        params = [
+            SamplingParams(
+                n=1, temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens, seed=r.seed
+            )
+            for r in requests
+        ]
+        with self.engine.lock:
+            lora = self.engine.lora_request(self.adapter)
+            outputs = self.engine.llm.generate(inputs, params, lora_request=lora, use_tqdm=False)
         flat = []
-        for item, out, d, cut in zip(inputs, outputs, descriptions, fitted.shots_cut, strict=True):
+        for r, out in zip(requests, outputs, strict=True):
             choice = out.outputs[0]
             flat.append(
                 finish_generation(
                     choice.text,
                     cot=decoding.cot,
-                    description=d,
-                    prompt_tokens=len(item["prompt_token_ids"]),
+                    description=r.description,
+                    prompt_tokens=len(r.prompt_token_ids),
                     new_tokens=len(choice.token_ids),
                     cached_tokens=int(getattr(out, "num_cached_tokens", 0) or 0),
                     finish_reason=choice.finish_reason or "stop",
-                    shots_cut=cut,
+                    shots_cut=r.shots_cut,
                 )
             )
         return fitted.restore(flat, users)
