@@ -167,6 +167,13 @@ def test_it_rejects_a_boolean_it_cannot_read() -> None:
     assert "DEBUG='maybe' is not a boolean" in proc.stderr
 
 
+def test_it_refuses_a_personalization_batch_of_fewer_than_one_participant() -> None:
+    proc = run_settings(PERSONALIZE_BATCH_MAX="0")
+
+    assert proc.returncode != 0
+    assert "PERSONALIZE_BATCH_MAX must be at least 1" in proc.stderr
+
+
 def test_it_routes_model_tasks_to_the_gpu_queue_and_the_rest_to_cpu() -> None:
     from studyapp.celery import app
 
