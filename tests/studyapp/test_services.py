@@ -426,6 +426,8 @@ def test_a_started_generation_claims_the_studys_first_attempts_waiting_oldest_fi
     failed_before = participant_waiting(study)
     Participant.objects.filter(pk=failed_before.pk).update(generation_error="retrying after: OSError")
     elsewhere = participant_waiting(make_study())
+    # The broker has not taken the second one's task yet: still a first attempt.
+    Participant.objects.filter(pk=second.pk).update(generation_error=f"{Participant.NOT_SENT}refused")
     started(lead)
 
     assert participant_generations_claim(participant_id=lead.pk, limit=2) == [first.pk, second.pk]

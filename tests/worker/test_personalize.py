@@ -7,10 +7,10 @@ import pytest
 import redis
 from asgiref.sync import sync_to_async
 from channels_redis.core import RedisChannelLayer
-from django.db import transaction
 from django.utils import timezone
 
-from annotation.models import GeneratedResponse, RatingItem
+from annotation.models import GeneratedResponse, Question, RatingItem
+from annotation.selectors import evaluation_questions_for
 from studyapp.models import Arm, Participant, Study
 from studyapp.realtime import participant_group
 from studyapp.services import generations_recover
@@ -220,54 +220,98 @@ def test_a_coordinator_can_retry_a_generation_the_broker_never_took(
     assert GeneratedResponse.objects.filter(participant=participant).count() == 2 * 2
 
 
-def waiting_at_once(study: Study, count: int) -> list[Participant]:
-    """`count` participants of `study` whose last picks commit together: every one's generation is queued
-    before the first task reaches the worker."""
-    with transaction.atomic():
-        return [participant_waiting(study) for _ in range(count)]
+def last_pick_unsent(participant: Participant) -> None:
+    """Their last pick, made while the broker refused every connection: queued, their own task not sent
+    (so nothing but the worker touches their row until the sweeper's next run)."""
+    with tasks_sent_through(unreachable_broker_app()):
+        pick(participant, participant.n_picks - 1)
+
+
+def one_pick_short(study: Study) -> Participant:
+    participant = participant_at_elicitation(study)
+    for position in range(participant.n_picks - 1):
+        pick(participant, position)
+    return participant
+
+
+def waiting_with_others(study: Study, others: int) -> tuple[Participant, list[Participant]]:
+    """A participant whose last pick sends their task, and `others` of the study who are already
+    waiting, queued, when it starts."""
+    waiting = [one_pick_short(study) for _ in range(others)]
+    for participant in waiting:
+        last_pick_unsent(participant)
+    return participant_waiting(study), waiting
 
 
 def test_participants_waiting_at_once_are_generated_in_one_batch_each_once(
     tasks_go_to_the_worker: RunningWorker, tiny_checkpoint
 ) -> None:
     study = make_study(checkpoint=str(tiny_checkpoint))
-    participants = waiting_at_once(study, 3)
+    lead, others = waiting_with_others(study, 2)
 
-    for participant in participants:
+    for participant in (lead, *others):
         wait_for(tasks_go_to_the_worker, participant, lambda p: p.state == State.RATING)
 
-    ids = [p.pk for p in participants]
     log = tasks_go_to_the_worker.log.read_text()
-    # The first task took the two others, and both arms (one checkpoint) went in one model call.
-    assert f"personalize({ids[0]}): generating {ids[1:]} with it, in one batch" in log
-    assert f"personalize batch: participants {ids}, 1 generation call(s)" in log
-    for participant in participants:
+    # The lead's task took the two others, and both arms (one checkpoint) went in one model call.
+    assert f"personalize({lead.pk}): generating {[p.pk for p in others]} with it, in one batch" in log
+    assert (
+        f"personalize batch: participants {sorted([lead.pk, *(p.pk for p in others)])}, 1 generation call(s)"
+        in log
+    )
+    for participant in (lead, *others):
+        assert (participant.generation, participant.generation_error) == (Generation.READY, "")
         responses = GeneratedResponse.objects.filter(participant=participant)
         assert responses.count() == 2 * 2  # arms x evaluation questions, stored once
         assert all(r.new_tokens > 0 for r in responses)
         assert RatingItem.objects.filter(participant=participant).count() == participant.n_ratings == 4
-    # Their own tasks came afterwards and found nothing to do.
-    wait_until_logged = time.monotonic() + 60
-    while log.count("'skipped': True") < 2 and time.monotonic() < wait_until_logged:
-        time.sleep(0.2)
-        log = tasks_go_to_the_worker.log.read_text()
-    for pk in ids[1:]:
-        assert f"{{'participant_id': {pk}, 'stored': 0, 'skipped': True}}" in log
+    # Their own tasks, never sent, are not sent now: there is nothing left to do for them.
+    assert generations_recover(now=timezone.now() + timedelta(seconds=10)) == {"requeued": 0, "sent": 0}
 
 
 def test_a_failed_batch_leaves_nobody_waiting_and_stores_nothing(
     tasks_go_to_the_worker: RunningWorker,
 ) -> None:
-    participants = waiting_at_once(make_study(checkpoint="/nonexistent/checkpoint"), 2)
+    lead, (claimed,) = waiting_with_others(make_study(checkpoint="/nonexistent/checkpoint"), 1)
 
-    for participant in participants:
-        wait_for(tasks_go_to_the_worker, participant, lambda p: p.generation == Generation.FAILED)
-
-    lead, claimed = participants
-    assert f"personalize({lead.pk}): generating [{claimed.pk}] with it, in one batch" in (
-        tasks_go_to_the_worker.log.read_text()
-    )
-    for participant in participants:
+    for participant in (lead, claimed):
+        participant = wait_for(
+            tasks_go_to_the_worker, participant, lambda p: p.generation == Generation.FAILED
+        )
         assert participant.state == State.WAITING
         assert "/nonexistent/checkpoint" in participant.generation_error
         assert not GeneratedResponse.objects.filter(participant=participant).exists()
+    log = tasks_go_to_the_worker.log.read_text()
+    assert f"personalize({lead.pk}): generating [{claimed.pk}] with it, in one batch" in log
+
+
+def test_one_participants_failure_in_a_batch_is_never_the_others(
+    tasks_go_to_the_worker: RunningWorker, tiny_checkpoint
+) -> None:
+    # One of the study's two evaluation questions is too long for the model's context (2,048 positions):
+    # a participant asked it cannot be generated; one asked the other can.
+    study = make_study(checkpoint=str(tiny_checkpoint), n_eval_questions=1)
+    too_long = Question.objects.filter(study=study, use=Question.Use.EVALUATION).first()
+    assert too_long is not None
+    too_long.text = "Which answer do you prefer, said user seven? " * 400
+    too_long.save()
+    asked: dict[bool, list[Participant]] = {True: [], False: []}
+    while not (asked[True] and len(asked[False]) >= 2):
+        participant = one_pick_short(study)
+        asked[evaluation_questions_for(participant=participant)[0].pk == too_long.pk].append(participant)
+    bad, good = asked[True][0], asked[False][:2]
+    for participant in good:
+        last_pick_unsent(participant)
+    pick(bad, bad.n_picks - 1)  # their task starts the batch and takes the two others
+
+    for participant in good:
+        wait_for(tasks_go_to_the_worker, participant, lambda p: p.state == State.RATING)
+    bad = wait_for(tasks_go_to_the_worker, bad, lambda p: p.generation == Generation.FAILED)
+
+    log = tasks_go_to_the_worker.log.read_text()
+    assert f"personalize({bad.pk}): generating {[p.pk for p in good]} with it, in one batch" in log
+    assert "exceeds the model's context" in bad.generation_error
+    assert not GeneratedResponse.objects.filter(participant=bad).exists()
+    for participant in good:  # queued again on their own after the batch failed, then generated once
+        assert (participant.generation, participant.generation_error) == (Generation.READY, "")
+        assert GeneratedResponse.objects.filter(participant=participant).count() == 2 * 1
