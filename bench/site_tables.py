@@ -173,7 +173,8 @@ def print_report(summary: dict[str, Any]) -> None:
     seq, measured = tasks["warm-up and sequential"], tasks["measured"]
     print(
         f"personalize tasks (worker logs): {tasks['finished']} finished, "
-        f"{tasks['skipped_as_already_done']} skipped as already done; each worker's first (loads the "
+        f"{tasks['skipped_as_already_done']} skipped as already done, "
+        f"{tasks['generated_in_batches']} participants generated in another's batch; each worker's first (loads the "
         f"model) {first}; then p50/p95 {seq['p50']:.2f}/{seq['p95']:.2f} s warm-up and sequential, "
         f"{measured['p50']:.2f}/{measured['p95']:.2f} s measured"
     )
