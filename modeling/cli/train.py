@@ -17,7 +17,9 @@ def train_parser() -> argparse.ArgumentParser:
     from ..train import TrainConfig
 
     p = argparse.ArgumentParser(
-        prog="fspo train", description="One FSPO training stage (pretrain | sft | ipo | dpo)."
+        prog="fspo train",
+        description="One FSPO training stage (pretrain | sft | ipo | dpo). "
+        "`fspo train memory --config FILE` estimates the memory per GPU a config needs.",
     )
     config_flags(p, TrainConfig)
     p.add_argument(
