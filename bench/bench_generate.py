@@ -107,7 +107,14 @@ def _rss_kb(field: str) -> int:
 
 
 def child(
-    mode: str, model_dir: Path, adapter: Path | None, workload_path: Path, new_tokens: int, threads: int
+    mode: str,
+    model_dir: Path,
+    adapter: Path | None,
+    workload_path: Path,
+    new_tokens: int,
+    threads: int,
+    device: str = "cpu",
+    dtype: str = "float32",
 ) -> None:
     """One measurement: load, warm up, reset the RSS high-water mark, generate, print JSON."""
     import torch
@@ -123,13 +130,8 @@ def child(
         UserQuestions(tuple(Pair(*s) for s in u["shots"]), tuple(u["questions"]), u["instruction"])
         for u in json.loads(workload_path.read_text())
     ]
-    backend = LocalBackend(
-        model_dir,
-        adapter=adapter,
-        reuse_prefix=mode != "plain",
-        merge_adapter=mode != "reuse-unmerged",
-        batch_size=8,
-    )
+    reuse = {"reuse_prefix": mode != "plain", "merge_adapter": mode != "reuse-unmerged"}
+    backend = LocalBackend(model_dir, adapter=adapter, batch_size=8, device=device, dtype=dtype, **reuse)
     backend.generate(users[0].shots[:1], ["Warm up."], instruction=users[0].instruction, max_new_tokens=2)
     try:  # reset VmHWM so the peak below is this run's own (Linux >= 4.0)
         Path("/proc/self/clear_refs").write_text("5")
@@ -164,7 +166,10 @@ def child(
 def main() -> None:
     args = _parser().parse_args()
     if args.child:
-        child(args.child, args.model_dir, args.adapter, args.workload, args.new_tokens, args.threads)
+        child(
+            *(args.child, args.model_dir, args.adapter, args.workload, args.new_tokens, args.threads),
+            *(args.device, args.dtype),
+        )
         return
 
     command = "./run bench generate " + " ".join(shlex.quote(a) for a in sys.argv[1:])
@@ -213,6 +218,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--shots", type=int, default=8)
     parser.add_argument("--questions", type=int, default=8, help="questions per user")
     parser.add_argument("--lora", action="store_true", help="a random LoRA adapter: merged vs unmerged too")
+    parser.add_argument("--device", default="cpu", help="where the model generates (cpu, cuda)")
+    parser.add_argument("--dtype", default="float32", help="the weights' dtype (float32, bfloat16)")
     parser.add_argument("--child", choices=sorted(LABELS), help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--adapter", type=Path, help=argparse.SUPPRESS)
@@ -246,6 +253,7 @@ def measure(
                 str(args.new_tokens),
                 "--threads",
                 str(args.threads),
+                *("--device", args.device, "--dtype", args.dtype),
             ]
             if adapter is not None:
                 cmd += ["--adapter", str(adapter)]

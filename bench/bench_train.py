@@ -81,6 +81,22 @@ LR = 1e-4
 BETA = 0.01
 LORA_R, LORA_ALPHA = 16, 32
 KINDS = ("ours", "trl", "trl_pre")
+# Where and how both sides train: float32 on the CPU, no checkpointing, here; bench/bench_gpu.py sets a
+# GPU profile (bfloat16, gradient checkpointing, 8k prompts) with ``use_profile`` before ``one``.
+PROFILE: dict[str, Any] = {"dtype": "float32", "gradient_checkpointing": False, "max_prompt_tokens": 4096}
+
+
+def use_profile(**settings: Any) -> None:
+    """Train both sides with these ``PROFILE`` settings (and on the GPU when the dtype is bfloat16)."""
+    unknown = set(settings) - set(PROFILE)
+    assert not unknown, unknown
+    PROFILE.update(settings)
+
+
+def _on_cpu() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()
 
 
 def _env() -> None:
@@ -145,6 +161,9 @@ def train_config(work: Path, init: Path, lora: bool, shots: int, steps: int, bat
         eval_episodes=1,  # one held-out pair: the two evaluations (untimed) cost little on a real model
         save_every=steps + 1,  # no intermediate checkpoint inside the loop
         seed=0,
+        dtype=PROFILE["dtype"],
+        gradient_checkpointing=PROFILE["gradient_checkpointing"],
+        max_prompt_tokens=PROFILE["max_prompt_tokens"],
     )
 
 
@@ -230,7 +249,7 @@ def run_trl(
     def load():
         import torch
 
-        return AutoModelForCausalLM.from_pretrained(init, dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(init, dtype=getattr(torch, PROFILE["dtype"]))
 
     model = load()
     ref_model = None
@@ -339,9 +358,10 @@ def _dpo_config(work: Path, shots: int, steps: int, batch: int, precompute: bool
         max_grad_norm=1.0,
         max_length=None,  # no truncation: the same tokens as ours
         precompute_ref_log_probs=precompute,
-        gradient_checkpointing=False,  # DPOConfig's default is True; ours does not checkpoint
-        bf16=False,  # DPOConfig's default is bf16; compare in float32
-        use_cpu=True,
+        # DPOConfig's default is True; ours checkpoints only in the GPU profile
+        gradient_checkpointing=PROFILE["gradient_checkpointing"],
+        bf16=PROFILE["dtype"] == "bfloat16",  # DPOConfig's default is bf16; the CPU profile is float32
+        use_cpu=_on_cpu(),
         report_to=[],
         logging_steps=steps,  # one log, after the last step (outside the timed window)
         save_strategy="no",
@@ -398,7 +418,8 @@ def one(
     _env()
     import torch
 
-    torch.set_num_threads(THREADS)
+    if _on_cpu():
+        torch.set_num_threads(THREADS)
     import datasets  # noqa: F401 - imports are not part of anything timed
     import transformers  # noqa: F401
 
@@ -424,6 +445,7 @@ def one(
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         rss_after_imports_mb=base_rss / 1024,
         torch_threads=torch.get_num_threads(),
+        peak_gpu_mb=torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
     )
     return res
 

@@ -11,7 +11,7 @@ from .data import cmd_data
 from .evaluate import _print_eval, cmd_eval, cmd_probe
 from .models import cmd_models
 from .synth import _stats_parser, _synth_parser, cmd_stats, cmd_synth, stats_table
-from .train import cmd_paper_table, cmd_train, train_parser
+from .train import cmd_paper_table, cmd_train, cmd_train_memory, train_parser
 from .ui import console, out, progress_bar, quiet_library_progress_bars
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "cmd_stats",
     "cmd_synth",
     "cmd_train",
+    "cmd_train_memory",
     "console",
     "main",
     "out",
@@ -47,6 +48,7 @@ commands:
   models        get a real pretrained model ready: fspo models pull smollm2-135m | convert FILE.gguf
   serve-model   serve a local model over an OpenAI-compatible API (fspo serve-model --help)
   train         one FSPO training stage: pretrain | sft (Pref-FT) | ipo | dpo (fspo train --help)
+  train memory  the memory per GPU a training config needs (fspo train memory --help)
   eval          win rates of checkpoints against a baseline on held-out synthetic users
   paper-table   train every arm of the paper's comparison, then evaluate them
   probe         does a checkpoint read the user's shots? (own vs another user's vs no shots)

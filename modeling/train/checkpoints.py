@@ -80,12 +80,20 @@ def load_model(
     return model.to(device), tokenizer
 
 
-def _save(model: Any, tok: Any, path: Path, cfg: TrainConfig, extra: dict[str, Any]) -> None:
-    """Write a checkpoint atomically: into path.tmp, then rename over path."""
+def _save(
+    model: Any,
+    tok: Any,
+    path: Path,
+    cfg: TrainConfig,
+    extra: dict[str, Any],
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Write a checkpoint atomically: into path.tmp, then rename over path. ``state_dict``: the weights
+    to write when the model's own are not whole (a sharded model's, gathered: ``Ranks.full_state``)."""
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     tok.save_pretrained(tmp)
     for name, payload in extra.get("files", {}).items():
         torch.save(payload, tmp / name)
@@ -111,10 +119,17 @@ def read_resume_state(out_dir: Path, cfg: TrainConfig) -> dict[str, Any] | None:
     return torch.load(last / RESUME_STATE, weights_only=False)
 
 
-def publish(model: Any, tok: Any, out_dir: Path, cfg: TrainConfig, extra: dict[str, Any]) -> None:
+def publish(
+    model: Any,
+    tok: Any,
+    out_dir: Path,
+    cfg: TrainConfig,
+    extra: dict[str, Any],
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> None:
     """The finished run's checkpoint is ``out_dir`` itself: written to ``out_dir/model``, its files moved
     up (the manifest last), then the resume state and the trained tokenizer's folder dropped."""
-    _save(model, tok, out_dir / "model", cfg, extra)
+    _save(model, tok, out_dir / "model", cfg, extra, state_dict)
     final = out_dir / "model"
     (out_dir / MANIFEST).unlink(missing_ok=True)
     for f in sorted(final.iterdir(), key=lambda f: f.name == MANIFEST):  # the manifest last

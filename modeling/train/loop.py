@@ -121,13 +121,16 @@ def _backward(run: Run, examples: list[Example], step: int) -> tuple[float, int,
 
 def _save_resume_point(run: Run, done: int) -> None:
     """``checkpoint-last``: the model and everything a killed run needs to go on as if it had not been
-    (written by the main process; the others wait for it)."""
+    (written by the main process; the others wait for it). Sharded, every process first takes part in
+    gathering the weights and the optimizer state."""
+    weights = run.ranks.full_state(run.model)
+    optimizer = run.ranks.optimizer_state(run.model, run.opt)
     if not run.ranks.is_main:
         run.ranks.wait()
         return
     state = {
         "step": done,
-        "optimizer": run.opt.state_dict(),
+        "optimizer": optimizer,
         "scheduler": run.sched.state_dict(),
         "torch_rng": torch.get_rng_state(),
         "history": run.history,
@@ -135,7 +138,7 @@ def _save_resume_point(run: Run, done: int) -> None:
         "ref": run.ref_all,
         "eval_ref": run.eval_ref,
     }
-    _save(run.model, run.tok, run.out_dir / RESUME_DIR, run.cfg, {"files": {RESUME_STATE: state}})
+    _save(run.model, run.tok, run.out_dir / RESUME_DIR, run.cfg, {"files": {RESUME_STATE: state}}, weights)
     run.ranks.wait()
 
 
@@ -162,7 +165,8 @@ def _publish(run: Run) -> dict[str, Any]:
         "metrics": metrics,
         "tokenizer": getattr(tok, "name_or_path", None) or "trained-from-dataset",
     }
+    weights = run.ranks.full_state(run.model)  # sharded: gathered by every process
     if run.ranks.is_main:  # one writer; the others wait for the checkpoint to exist
-        publish(run.model, tok, run.out_dir, cfg, extra)
+        publish(run.model, tok, run.out_dir, cfg, extra, weights)
     run.ranks.wait()
     return metrics

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 
 from .config import Progress, TrainConfig
+from .distributed import Ranks
 from .examples import Example
 
 
@@ -133,23 +133,27 @@ def evaluate_held_out(
     ref: torch.Tensor | None,
     cfg: TrainConfig,
     pad_id: int,
+    ranks: Ranks | None = None,
 ) -> dict[str, float]:
-    """The stage's loss on the held-out users' batches (and, for IPO / DPO, how often the policy's
-    margin beats the reference's), weighed by batch size; the model is left in train mode."""
+    """The stage's loss on the held-out users' batches (the mean of the batches' losses; for IPO / DPO
+    weighed by batch size, with how often the policy's margin beats the reference's); the model is left
+    in train mode. Under several processes each scores its share of the batches (``Ranks.share``) and
+    the sums are gathered: every process gets the whole evaluation."""
+    ranks = ranks or Ranks()
+    loss_sum = acc_sum = 0.0
     model.eval()
     with torch.no_grad():
-        if cfg.preference:
-            assert ref is not None
-            n = sum(map(len, batches))
-            vals, accs = [], []
-            for b, ex in enumerate(batches):
+        for b, counted in ranks.share(len(batches)):
+            ex = batches[b]
+            if cfg.preference:
+                assert ref is not None
                 loss, m, _ = _pref_loss(model, ex, ref[b, : len(ex)], cfg, pad_id)
-                vals.append(float(loss) * len(ex))
-                accs.append(m["pref_accuracy"] * len(ex))
-            res = {"eval_loss": sum(vals) / n, "eval_pref_accuracy": sum(accs) / n}
-        else:
-            res = {
-                "eval_loss": float(np.mean([float(_sft_loss(model, ex, cfg, pad_id)[0]) for ex in batches]))
-            }
+                loss_sum += counted * float(loss) * len(ex)
+                acc_sum += counted * m["pref_accuracy"] * len(ex)
+            else:
+                loss_sum += counted * float(_sft_loss(model, ex, cfg, pad_id)[0])
     model.train()
-    return res
+    if not cfg.preference:
+        return {"eval_loss": ranks.sum(loss_sum) / len(batches)}
+    n = sum(map(len, batches))
+    return {"eval_loss": ranks.sum(loss_sum) / n, "eval_pref_accuracy": ranks.sum(acc_sum) / n}

@@ -58,7 +58,9 @@ class Run:
     cut: dict[str, int] = field(default_factory=lambda: {"prompts_cut": 0, "shots_cut": 0})
 
     def evaluate(self) -> dict[str, float]:
-        return evaluate_held_out(self.model, self.eval_batches, self.eval_ref, self.cfg, self.pad_id)
+        return evaluate_held_out(
+            self.model, self.eval_batches, self.eval_ref, self.cfg, self.pad_id, self.ranks
+        )
 
 
 def setup_run(  # long: the run's parts in the order they depend on each other, read top to bottom
@@ -91,11 +93,6 @@ def setup_run(  # long: the run's parts in the order they depend on each other, 
             ref_all = ranks.reference_logps(
                 lambda bs: _reference_logps(model, bs, cfg, pad_id, progress), batches
             )
-    params, opt, sched = make_optimizer(model, cfg)
-    if state is not None:
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
     examples = held_out_examples(eval_src, tok, cfg, limit)
     eval_batches = [examples[i : i + cfg.batch_size] for i in range(0, len(examples), cfg.batch_size)]
     # The held-out pairs' reference log-probs, also once (a resumed run reads them back).
@@ -108,6 +105,14 @@ def setup_run(  # long: the run's parts in the order they depend on each other, 
                 lambda bs: _reference_logps(model, bs, cfg, pad_id, None), eval_batches
             )
         )
+    # After the reference log-probs (the whole model on each process) and before the optimizer: sharding
+    # replaces the parameters with sharded ones.
+    net = ranks.prepare(model)
+    params, opt, sched = make_optimizer(model, cfg)
+    if state is not None:
+        ranks.load_optimizer_state(model, opt, state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
     run = Run(
         cfg=cfg,
         out_dir=out_dir,
@@ -125,7 +130,7 @@ def setup_run(  # long: the run's parts in the order they depend on each other, 
         eval_batches=eval_batches,
         eval_ref=eval_ref,
         ranks=ranks,
-        net=ranks.prepare(model),
+        net=net,
     )
     if state is not None:
         run.start_step, run.history = state["step"], state["history"]
