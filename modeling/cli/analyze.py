@@ -8,7 +8,7 @@ from typing import Any
 
 from rich.table import Table
 
-from .ui import out
+from .ui import out, progress_bar
 
 
 def _pct(v: float | None) -> str:
@@ -203,7 +203,41 @@ def analyze_crowd_parser() -> argparse.ArgumentParser:
         "against the crowd: a known model's name (fspo models list), a model directory or http://.../v1#name",
     )
     p.add_argument("--judge-pairs", type=int, default=100, help="pairs the --judge is asked about")
+    p.add_argument(
+        "--model-arms",
+        metavar="CHECKPOINT",
+        help="also run the few-shot table's model rows: this FSPO (IPO) stage's implicit reward with the "
+        "worker's own and another worker's shots, and the base model's log-prob (its reference and base "
+        "are read from its fspo.json), on a bounded seeded sample (the --model-* flags)",
+    )
+    p.add_argument("--model-workers", type=int, default=12, help="workers sampled for the model rows")
+    p.add_argument("--model-folds", type=int, default=1, help="held-out prompts per sampled worker")
+    p.add_argument(
+        "--model-targets", type=int, default=4, help="held-out judgments per held-out prompt, at most"
+    )
+    p.add_argument(
+        "--model-response-tokens", type=int, default=48, help="every response cut to this many tokens"
+    )
     return p
+
+
+def _crowd_model_rows(args: argparse.Namespace, data: Any, analysis: Any) -> None:
+    from ..analysis.crowd_models import model_arms_from_checkpoint, model_rows
+
+    arms = model_arms_from_checkpoint(args.model_arms)
+    with progress_bar("model rows") as update:
+        analysis.models = model_rows(
+            data,
+            args.dataset,
+            arms,
+            seed=args.seed,
+            workers=args.model_workers,
+            folds=args.model_folds,
+            targets=args.model_targets,
+            response_tokens=args.model_response_tokens,
+            resamples=args.resamples,
+            progress=update,
+        )
 
 
 def _crowd_llm_judge(args: argparse.Namespace, data: Any, analysis: Any) -> None:
@@ -237,6 +271,8 @@ def cmd_analyze_crowd(argv: list[str]) -> int:
         analysis.baselines = few_shot_baselines(data, seed=args.seed, resamples=args.resamples)
     if args.judge:
         _crowd_llm_judge(args, data, analysis)
+    if args.model_arms:
+        _crowd_model_rows(args, data, analysis)
     written = write_crowd_report(analysis, args.out)
     table = Table(title=f"The crowd in {args.dataset}", title_justify="left")
     for col in ("analysis", "result"):
