@@ -118,7 +118,7 @@ def analyze_parser() -> argparse.ArgumentParser:
         "page): win rates per arm pair, synthetic-to-real transfer, consistency, shot-count sensitivity, "
         "distribution shift, user-description quality. Writes report.md, analysis.json and PNG plots.",
     )
-    p.add_argument("export_dir", type=Path, help="an export folder (schema fspo-study-export-1)")
+    p.add_argument("export_dir", type=Path, help="an export folder (schema fspo-study-export-2)")
     p.add_argument("--synthetic-eval", type=Path, help="an fspo eval results.json (or its run folder)")
     p.add_argument(
         "--synthetic-dataset",
