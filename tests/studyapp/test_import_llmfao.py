@@ -17,7 +17,7 @@ from modeling.analysis import ExclusionRules, human_win_rates, load_export, sele
 from modeling.analysis.winrates import counted_ratings
 from modeling.llmfao import ATTRIBUTION, CROWD_FILE, ENV_DIR, default_source, import_llmfao
 from studyapp.models import Participant, Study
-from tests.factories import make_coordinator, make_study
+from tests.factories import make_analyst, make_coordinator, make_study
 from tests.modeling.test_llmfao import small_copy
 from tests.support import coordinator_browser
 
@@ -170,3 +170,42 @@ def test_the_exported_judgments_hold_the_ties_marked_and_no_win_rate_counts_them
         (w.arm, w.baseline, w.n, w.wins) for w in human_win_rates(without, selection).rows
     ]
 
+
+def test_the_studio_button_imports_the_crowd_in_one_click(
+    dataset: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(ENV_DIR, str(dataset.parent / "source"))
+    client: Client = coordinator_browser(make_coordinator())
+    assert reverse("studio-import-llmfao") in client.get(reverse("studio-home")).content.decode()
+
+    page = client.post(reverse("studio-import-llmfao"), follow=True)
+
+    study = Study.objects.get(slug="llmfao-crowd")
+    assert page.redirect_chain[-1][0] == reverse("studio-study", kwargs={"slug": study.slug})
+    assert f"{crowd(dataset)['user_id'].nunique()} workers, {ROWS} judgments" in page.content.decode()
+    assert study.participants.count() == crowd(dataset)["user_id"].nunique()
+    again = client.post(reverse("studio-import-llmfao"), follow=True)
+    assert "holds this import already" in again.content.decode() and Study.objects.count() == 1
+
+
+def test_the_studio_button_says_clearly_when_the_data_is_not_found(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(ENV_DIR, str(tmp_path / "nowhere"))
+    client: Client = coordinator_browser(make_coordinator())
+
+    page = client.post(reverse("studio-import-llmfao"), follow=True)
+
+    assert page.redirect_chain[-1][0] == reverse("studio-home")
+    text = page.content.decode()
+    assert "could not be imported" in text and "no such folder" in text and "Nothing was written" in text
+    assert not Study.objects.exists()
+
+
+def test_an_analyst_cannot_import_and_sees_no_button(dataset: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(ENV_DIR, str(dataset.parent / "source"))
+    analyst: Client = coordinator_browser(make_analyst())
+
+    assert reverse("studio-import-llmfao") not in analyst.get(reverse("studio-home")).content.decode()
+    assert analyst.post(reverse("studio-import-llmfao")).status_code == 403
+    assert not Study.objects.exists()
