@@ -64,12 +64,13 @@ RESPONSE_TOKENS = 48
 
 @dataclass(frozen=True)
 class ModelArms:
-    """The three models of the rows: the FSPO policy, its reference, the base; beta of the FSPO stage."""
+    """The three models of the rows: the FSPO policy, its reference, the base; beta of the FSPO stage.
+    Without a policy (None: no FSPO checkpoint at hand) only the base model's row is run."""
 
-    policy: str
-    reference: str
+    policy: str | None
+    reference: str | None
     base: str
-    beta: float
+    beta: float | None
 
 
 def model_arms_from_checkpoint(checkpoint: str | Path) -> ModelArms:
@@ -221,6 +222,8 @@ def row_margins(
 
     logps: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
     plan = [("policy", own), ("policy", other), ("reference", own), ("reference", other), ("base", own)]
+    if arms.policy is None or arms.reference is None or arms.beta is None:
+        plan = plan[-1:]  # the base model's row alone
     for i, (which, episodes) in enumerate(plan):
         path = getattr(arms, which)
         if i == 0 or plan[i - 1][0] != which:
@@ -233,16 +236,17 @@ def row_margins(
     if progress:
         progress(len(plan), len(plan), "scored")
 
+    base_left, base_right = logps["base", "own"]
+    margins = {BASE_OWN: base_left - base_right}
+    if arms.beta is None:
+        return margins
+
     def reward_margin(shots: str) -> np.ndarray:
+        assert arms.beta is not None
         (pl, pr), (rl, rr) = logps["policy", shots], logps["reference", shots]
         return arms.beta * (pl - rl) - arms.beta * (pr - rr)  # r(left) - r(right), r = beta log(pi/ref)
 
-    base_left, base_right = logps["base", "own"]
-    return {
-        FSPO_OWN: reward_margin("own"),
-        FSPO_OTHER: reward_margin("other"),
-        BASE_OWN: base_left - base_right,
-    }
+    return {FSPO_OWN: reward_margin("own"), FSPO_OTHER: reward_margin("other"), **margins}
 
 
 def model_rows(
@@ -291,7 +295,7 @@ def model_rows(
     rows = [
         accuracy_row(name, k, scored.get((name, k), {}), seed=seed, resamples=resamples)
         for k in shots
-        for name in (*BASELINES, *MODEL_ROWS)
+        for name in (*BASELINES, *(r for r in MODEL_ROWS if r in margins))
     ]
     return ModelTable(rows, arms, workers, folds, targets, response_tokens, tuple(shots), seed, resamples)
 
@@ -301,7 +305,12 @@ def model_lines(t: ModelTable) -> list[str]:
     lines = [
         "## Few-shot prediction of a worker: the model rows",
         "",
-        f"FSPO checkpoint {t.arms.policy} (reference {t.arms.reference}, beta {t.arms.beta}); base model "
+        (
+            f"FSPO checkpoint {t.arms.policy} (reference {t.arms.reference}, beta {t.arms.beta}); "
+            if t.arms.policy
+            else "No FSPO checkpoint (the base model's row only); "
+        )
+        + "base model "
         f"{t.arms.base}. Bounded sample (seed {t.seed}): {t.workers} workers, {t.folds} held-out prompt(s) "
         f"each, at most {t.targets} held-out judgments per prompt, every response cut to {t.response_tokens} "
         "tokens; the same folds and shots as the baselines, which are scored here on the same sample. "

@@ -210,6 +210,12 @@ def analyze_crowd_parser() -> argparse.ArgumentParser:
         "worker's own and another worker's shots, and the base model's log-prob (its reference and base "
         "are read from its fspo.json), on a bounded seeded sample (the --model-* flags)",
     )
+    p.add_argument(
+        "--model-base",
+        metavar="MODEL",
+        help="instead of --model-arms, only the base model's row (a model directory or a known name): "
+        "for when no FSPO checkpoint is at hand",
+    )
     p.add_argument("--model-workers", type=int, default=12, help="workers sampled for the model rows")
     p.add_argument("--model-folds", type=int, default=1, help="held-out prompts per sampled worker")
     p.add_argument(
@@ -222,9 +228,14 @@ def analyze_crowd_parser() -> argparse.ArgumentParser:
 
 
 def _crowd_model_rows(args: argparse.Namespace, data: Any, analysis: Any) -> None:
-    from ..analysis.crowd_models import model_arms_from_checkpoint, model_rows
+    from ..analysis.crowd_models import ModelArms, model_arms_from_checkpoint, model_rows
+    from ..models import REGISTRY, pull
 
-    arms = model_arms_from_checkpoint(args.model_arms)
+    if args.model_arms:
+        arms = model_arms_from_checkpoint(args.model_arms)
+    else:
+        base = str(pull(args.model_base)) if args.model_base in REGISTRY else args.model_base
+        arms = ModelArms(policy=None, reference=None, base=base, beta=None)
     with progress_bar("model rows") as update:
         analysis.models = model_rows(
             data,
@@ -262,7 +273,10 @@ def cmd_analyze_crowd(argv: list[str]) -> int:
     from ..analysis.crowd import analyze_crowd, load_crowd
     from ..analysis.crowd_report import write_crowd_report
 
-    args = analyze_crowd_parser().parse_args(argv)
+    parser = analyze_crowd_parser()
+    args = parser.parse_args(argv)
+    if args.model_arms and args.model_base:
+        parser.error("--model-arms and --model-base are alternatives: give one")
     data = load_crowd(args.dataset)
     analysis = analyze_crowd(data, seed=args.seed, resamples=args.resamples)
     if not args.no_baselines:
@@ -271,7 +285,7 @@ def cmd_analyze_crowd(argv: list[str]) -> int:
         analysis.baselines = few_shot_baselines(data, seed=args.seed, resamples=args.resamples)
     if args.judge:
         _crowd_llm_judge(args, data, analysis)
-    if args.model_arms:
+    if args.model_arms or args.model_base:
         _crowd_model_rows(args, data, analysis)
     written = write_crowd_report(analysis, args.out)
     table = Table(title=f"The crowd in {args.dataset}", title_justify="left")

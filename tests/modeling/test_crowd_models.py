@@ -15,6 +15,7 @@ from modeling.analysis.crowd import AnalysisInputError, load_crowd
 from modeling.analysis.crowd_baselines import BASELINES, decisive_judgments, eligible_workers, few_shot_folds
 from modeling.analysis.crowd_judge import crowd_texts
 from modeling.analysis.crowd_models import (
+    BASE_OWN,
     FSPO_OTHER,
     FSPO_OWN,
     MODEL_ROWS,
@@ -134,6 +135,20 @@ def test_the_table_has_every_row_at_every_k_on_the_same_targets(dataset: Path, a
         at_k = [r for r in table.rows if r.shots == k]
         assert len({(r.workers, r.targets) for r in at_k}) == 1 and at_k[0].targets > 0
         assert all(r.accuracy is not None and 0 <= r.accuracy <= 1 for r in at_k)
+
+
+def test_without_an_fspo_checkpoint_only_the_base_models_row_is_run(
+    dataset: Path, tiny_model_dir: Path
+) -> None:
+    arms = ModelArms(policy=None, reference=None, base=str(tiny_model_dir), beta=None)
+
+    table = model_rows(
+        load_crowd(dataset), dataset, arms, shots=(0, 1), response_tokens=8, resamples=20, **BOUNDS
+    )
+
+    assert [(r.shots, r.baseline) for r in table.rows] == [
+        (k, name) for k in (0, 1) for name in (*BASELINES, BASE_OWN)
+    ]
 
 
 def test_a_checkpoint_that_is_not_a_preference_stage_is_a_clear_error(tiny_model_dir: Path) -> None:
