@@ -1,4 +1,4 @@
-"""The study export's tables (`fspo-study-export-1`): each column defined once, here, as a pyarrow schema
+"""The study export's tables (`fspo-study-export-2`; 2 added the judgments of kind tie): each column defined once, here, as a pyarrow schema
 whose fields carry their meaning. annotation.exports writes every format from these and reads them back
 (CSV and JSONL included); modeling.analysis reads the columns it needs with these types; docs/analyst-guide.md
 lists the same columns (a test keeps the two in step). It lives in modeling, which never imports Django,
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-EXPORT_SCHEMA_VERSION = "fspo-study-export-1"
+EXPORT_SCHEMA_VERSION = "fspo-study-export-2"
 FORMATS = ("csv", "jsonl", "parquet")
 MANIFEST = "manifest.json"  # an export folder's index: its schema version and each table's file
 
@@ -51,7 +51,12 @@ JUDGMENTS = _schema(
     _col("participant", pa.string(), PARTICIPANT),
     _col("participant_state", pa.string(), "The participant's state at export time."),
     _col("participant_complete", pa.bool_(), "The participant has completed the study (state completed)."),
-    _col("kind", pa.string(), "pick (an elicitation pick) or rating (a blind A/B rating)."),
+    _col(
+        "kind",
+        pa.string(),
+        "pick (an elicitation pick), rating (a blind A/B rating) or tie (an imported A/B judgment that chose "
+        "neither side: no chosen_side, no arm_won; no win rate counts it).",
+    ),
     _col("position", pa.int32(), "0-based place of the item in the participant's sequence of this kind."),
     _col("question_id", pa.int64(), "The question (pool table); null for an attention check."),
     _col("question_text", pa.string(), "The question as shown (attention checks: their fixed text)."),
@@ -61,7 +66,7 @@ JUDGMENTS = _schema(
     _col("right_response_id", pa.int64(), "Ratings: the response shown on the right (responses table)."),
     _col("left_arm", pa.string(), "Ratings: the arm that wrote the left response."),
     _col("right_arm", pa.string(), "Ratings: the arm that wrote the right response."),
-    _col("chosen_side", pa.string(), "left or right: the side the participant chose."),
+    _col("chosen_side", pa.string(), "left or right: the side the participant chose (null for a tie)."),
     _col("chosen_response_id", pa.int64(), "Ratings: the response chosen (null for attention checks)."),
     _col("chosen_arm", pa.string(), "Ratings: the arm whose response was chosen."),
     _col("arm", pa.string(), "Ratings: the arm of the study comparison this pair belongs to."),
@@ -198,7 +203,7 @@ POOL = _schema(
 TABLES: dict[str, TableSpec] = {
     spec.name: spec
     for spec in (
-        TableSpec("judgments", "One row per elicitation pick or A/B rating.", JUDGMENTS),
+        TableSpec("judgments", "One row per elicitation pick, A/B rating or imported tie.", JUDGMENTS),
         TableSpec("participants", "One row per participant (withdrawn ones excepted).", PARTICIPANTS),
         TableSpec("responses", "One row per generated response (arm x evaluation question).", RESPONSES),
         TableSpec("study", "The study's configuration and counts, one row.", STUDY),

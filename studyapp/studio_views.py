@@ -37,6 +37,7 @@ from studyapp.services import (
     study_create,
     study_update,
 )
+from studyapp.services.imports import llmfao_study_import
 from studyapp.studio_forms import JOB_FORMS, JobForm, StudyEditor
 
 RECENT_JOBS = 25
@@ -155,6 +156,27 @@ def dashboard(request: HttpRequest, slug: str) -> HttpResponse:
         },
     }
     return render(request, "studio/dashboard.html", context)
+
+
+@coordinator_required
+@require_POST
+def import_llmfao(request: HttpRequest) -> HttpResponse:
+    """One click: the LLMFAO crowd (the shared files, or $FSPO_LLMFAO_DIR) into the study llmfao-crowd as
+    imported judgments (about 20 s on the whole crowd, in the request: it is shorter than a job's start)."""
+    try:
+        done = llmfao_study_import()
+    except ValidationError as exc:
+        messages.error(request, " ".join(exc.messages))
+        return redirect("studio-home")
+    if done.created:
+        messages.success(
+            request,
+            f"Imported the LLMFAO crowd: {done.participants} workers, {done.items} judgments "
+            f"({done.ratings} ratings, {done.ties} ties).",
+        )
+    else:
+        messages.info(request, f"The study {done.study.slug} holds this import already: nothing changed.")
+    return redirect("studio-study", slug=done.study.slug)
 
 
 def _study_participant(slug: str, token: str) -> Participant:

@@ -31,6 +31,7 @@ urlpatterns = [
     path("studio/logout/", auth_views.LogoutView.as_view(), name="studio-logout"),
     path("studio/", studio.home, name="studio-home"),
     path("studio/studies/new/", studio.new_study, name="studio-study-new"),
+    path("studio/imports/llmfao/", studio.import_llmfao, name="studio-import-llmfao"),
     path("studio/studies/<slug:slug>/", studio.dashboard, name="studio-study"),
     path("studio/studies/<slug:slug>/edit/", studio.edit_study, name="studio-study-edit"),
     path(

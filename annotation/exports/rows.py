@@ -20,6 +20,7 @@ from ..models import (
     GeneratedResponse,
     Question,
     Rating,
+    RatingItem,
     Side,
 )
 from .episodes import episode_pages
@@ -76,6 +77,24 @@ RATING_FIELDS = (
     "item__shown_at",
     "answered_at",
 )
+
+
+# An imported study's A/B items without a rating: the judgments that were ties (studyapp.services.imports;
+# a rating always has a side). In a study run here an unrated item is one not answered yet: no row.
+TIE_FIELDS = (
+    "participant_id",
+    "position",
+    "question_id",
+    "question__text",
+    "left_id",
+    "right_id",
+    "left__arm_id",
+    "right__arm_id",
+    "is_repeat",
+    "repeat_of__position",
+    "shown_at",
+)
+POSITION = 4  # of a judgments row: who (3 columns), kind, position
 
 
 def _chosen(choice: str, left: int, right: int) -> int:
@@ -145,6 +164,30 @@ def _rating_row(
     )
 
 
+def _tie_row(
+    who: Who, r: Row, arms: dict[int, ArmInfo], comparison_of: dict[frozenset[int], tuple[int, int]]
+) -> Row:
+    """An imported tie: kind "tie", the pair and its arms as shown, no side chosen, no winner."""
+    _, position, question_id, question_text, left_id, right_id, left_arm_id, right_arm_id, *rest = r
+    is_repeat, repeat_of_position, shown = rest
+    comparison = comparison_of.get(frozenset((left_arm_id, right_arm_id)))
+    arm, baseline = (arms[comparison[0]].name, arms[comparison[1]].name) if comparison else (None, None)
+    return (
+        *(who.pseudonym, who.state, who.complete, "tie", position, question_id, question_text, None, None),
+        *(left_id, right_id, arms[left_arm_id].name, arms[right_arm_id].name, None, None, None),
+        *(arm, baseline, None, None, None, is_repeat, repeat_of_position, None),
+        *(False, None, None, None, shown, None),
+    )
+
+
+def _ties(study: Study) -> QuerySet[Any]:
+    return (
+        RatingItem.objects.filter(participant__study=study, is_attention_check=False, rating__isnull=True)
+        .order_by("participant_id", "position")
+        .values_list(*TIE_FIELDS)
+    )
+
+
 def _picks(study: Study, fields: Sequence[str]) -> QuerySet[Any]:
     return (
         ElicitationPick.objects.filter(item__participant__study=study)
@@ -163,14 +206,18 @@ def _ratings(study: Study, fields: Sequence[str], **only: Any) -> QuerySet[Any]:
 
 def judgment_pages(study: Study, options: ExportOptions) -> Iterator[list[Row]]:
     """The judgments table: per participant (in id order), their picks then their ratings, each in the
-    order they were shown."""
+    order they were shown; in an imported study its ties too, among the ratings in their places."""
     arms, comparison_of = study_arms(study), comparisons_by_arms(study)
     kinds = {"picks": _picks(study, PICK_FIELDS), "ratings": _ratings(study, RATING_FIELDS)}
+    if study.is_imported:
+        kinds["ties"] = _ties(study)
     for page in participant_pages(study, chunk_size=options.chunk_size, rows=kinds):
         rows: list[Row] = []
         for m in page:
             rows += [_pick_row(m.who, r) for r in m.rows["picks"]]
-            rows += [_rating_row(m.who, r, arms, comparison_of) for r in m.rows["ratings"]]
+            rated = [_rating_row(m.who, r, arms, comparison_of) for r in m.rows["ratings"]]
+            tied = [_tie_row(m.who, r, arms, comparison_of) for r in m.rows.get("ties", [])]
+            rows += sorted(rated + tied, key=lambda row: row[POSITION]) if tied else rated
         yield rows
 
 

@@ -2,7 +2,7 @@
 pair, synthetic-to-real transfer, consistency, shot-count sensitivity, distribution shift and
 user-description quality, with their plots and a report.
 
-Plain pandas/numpy/scipy on the study export's tables (schema `fspo-study-export-1`): `load_export` reads
+Plain pandas/numpy/scipy on the study export's tables (schema `fspo-study-export-2`): `load_export` reads
 an export folder, `study_data_from_tables` takes the same tables built in memory, `analyze` runs every
 analysis under declared exclusion rules, and `write_report` writes report.md, analysis.json and the PNGs.
 Each result says which rules it applied and, when the data is too thin, why a number is missing.

@@ -389,6 +389,7 @@ class CrowdAnalysis:
     attribution: str | None
     license: str | None
     baselines: Any = None  # the few-shot baselines (modeling.analysis.crowd_baselines), when run
+    models: Any = None  # the few-shot table's model rows (modeling.analysis.crowd_models), when run
     notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:

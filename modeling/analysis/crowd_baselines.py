@@ -1,6 +1,5 @@
-"""Few-shot prediction of a real worker's judgments by the two baselines that need no LLM (issue 20's
-table; the model-based rows — FSPO on the real base, another worker's shots, the base model — are not
-here yet).
+"""Few-shot prediction of a real worker's judgments: the held-out splits (``few_shot_folds``, shared with
+the model-based rows of ``modeling.analysis.crowd_models``) and the two baselines that need no LLM.
 
 For each worker with at least MIN_DECISIVE non-tie judgments and each shot count k, every prompt the worker
 judged is held out in turn (leave one prompt out): k shots are drawn, seeded, from the worker's non-tie
@@ -20,6 +19,7 @@ Accuracy pools a worker's folds; its 95% interval is the project's participant b
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -52,7 +52,7 @@ class FewShotBaselines:
     resamples: int
 
 
-def _decisive(data: CrowdData) -> pd.DataFrame:
+def decisive_judgments(data: CrowdData) -> pd.DataFrame:
     """Every first, non-tie judgment, with the crowd's other-worker votes and the two sides' features."""
     first = first_judgments(data)
     votes = first[first["label"] != "tie"].pivot_table(
@@ -70,8 +70,11 @@ def _decisive(data: CrowdData) -> pd.DataFrame:
     chose_left = (d["label"] == "lo").to_numpy() == lo_is_left.to_numpy()
     return pd.DataFrame(
         {
+            "judgment": d["judgment"].to_numpy(),
             "worker": d["worker"].to_numpy(),
             "prompt": d["question_id"].to_numpy(),
+            "left_id": d["left_id"].to_numpy(),
+            "right_id": d["right_id"].to_numpy(),
             "chose_left": chose_left,
             "longer_side": np.sign(left_len - right_len),  # +1 left longer, -1 right, 0 same
             "crowd_correct": np.where(crowd == 0.5, 0.5, (crowd == 1.0) == (d["label"] == "lo").to_numpy()),
@@ -93,43 +96,79 @@ def _prior_correct(shots: pd.DataFrame, targets: pd.DataFrame) -> np.ndarray:
     return np.where(np.isclose(lean, 0.0), 0.5, (np.sign(lean) == truth).astype(float))
 
 
-def _worker_scores(rows: pd.DataFrame, k: int, rng: np.random.Generator) -> tuple[float, float, float, int]:
-    """(crowd correct, prior correct, targets, folds) of one worker at k shots, over held-out prompts."""
-    crowd = prior = n = 0.0
-    folds = 0
-    for prompt in sorted(rows["prompt"].unique()):
-        targets = rows[rows["prompt"] == prompt]
-        pool = rows[rows["prompt"] != prompt]
-        if len(pool) < k:
-            continue
-        shots = pool.iloc[rng.choice(len(pool), size=k, replace=False)] if k else pool.iloc[:0]
-        crowd += float(targets["crowd_correct"].sum())
-        prior += float(_prior_correct(shots, targets).sum())
-        n += len(targets)
-        folds += 1
-    return crowd, prior, n, folds
+@dataclass(frozen=True)
+class Fold:
+    """One held-out split: a worker's non-tie judgments on one prompt (``targets``) predicted from ``k``
+    of their non-tie judgments on other prompts (``shots``); both are index labels of the
+    ``decisive_judgments`` frame."""
+
+    worker: Any
+    k: int
+    prompt: int
+    shots: tuple[Any, ...]
+    targets: tuple[Any, ...]
+
+
+def few_shot_folds(decisive: pd.DataFrame, workers: list[Any], k: int, *, seed: int = SEED) -> list[Fold]:
+    """Every worker's leave-one-prompt-out folds at k shots, in worker then prompt order. The shots are
+    drawn from one generator seeded (seed, k), so the folds at a k are the same for every predictor
+    (the baselines here, the model rows of crowd_models); a prompt whose worker has fewer than k
+    judgments elsewhere is no fold."""
+    rng = np.random.default_rng([seed, k])
+    folds = []
+    for w in workers:
+        rows = decisive[decisive["worker"] == w]
+        for prompt in sorted(rows["prompt"].unique()):
+            targets = rows[rows["prompt"] == prompt]
+            pool = rows[rows["prompt"] != prompt]
+            if len(pool) < k:
+                continue
+            shots = pool.iloc[rng.choice(len(pool), size=k, replace=False)] if k else pool.iloc[:0]
+            folds.append(Fold(w, k, int(prompt), tuple(shots.index), tuple(targets.index)))
+    return folds
+
+
+def eligible_workers(decisive: pd.DataFrame) -> list[Any]:
+    """Workers with at least MIN_DECISIVE non-tie judgments, sorted."""
+    counts = decisive.groupby("worker").size()
+    return sorted(counts[counts >= MIN_DECISIVE].index)
+
+
+def baseline_correct(decisive: pd.DataFrame, fold: Fold) -> dict[str, np.ndarray]:
+    """Each baseline's score (1, 0 or 1/2) on each of the fold's targets, by baseline name."""
+    targets = decisive.loc[list(fold.targets)]
+    return {
+        BASELINES[0]: targets["crowd_correct"].to_numpy(dtype=float),
+        BASELINES[1]: _prior_correct(decisive.loc[list(fold.shots)], targets),
+    }
+
+
+def accuracy_row(
+    name: str, k: int, per_worker: dict[Any, list[float]], *, seed: int, resamples: int
+) -> BaselineRow:
+    """A table row: accuracy pooled over the workers' scored targets, with the workers' bootstrap
+    interval (``per_worker``: each worker's scores, 1, 0 or 1/2 per target)."""
+    scored = [(sum(v), len(v)) for v in per_worker.values() if v]
+    sums = np.array([s for s, _ in scored], dtype=float)
+    counts = np.array([n for _, n in scored], dtype=float)
+    acc = float(sums.sum() / counts.sum()) if len(scored) else None
+    ci = participant_bootstrap(sums, counts, seed=seed, resamples=resamples) if len(scored) >= 2 else None
+    return BaselineRow(name, k, len(scored), int(counts.sum()), acc, ci)
 
 
 def few_shot_baselines(
     data: CrowdData, *, shots: tuple[int, ...] = SHOTS, seed: int = SEED, resamples: int = 1000
 ) -> FewShotBaselines:
     """Accuracy of the crowd-majority and position/length-prior baselines at each shot count (above)."""
-    decisive = _decisive(data)
-    counts = decisive.groupby("worker").size()
-    eligible = sorted(counts[counts >= MIN_DECISIVE].index)
+    decisive = decisive_judgments(data)
+    eligible = eligible_workers(decisive)
     rows = []
     for k in shots:
-        rng = np.random.default_rng([seed, k])
-        scores = np.array(
-            [_worker_scores(decisive[decisive["worker"] == w], k, rng) for w in eligible], dtype=float
-        ).reshape(-1, 4)
-        scored = scores[scores[:, 2] > 0]
-        for i, name in enumerate(BASELINES):
-            acc = float(scored[:, i].sum() / scored[:, 2].sum()) if len(scored) else None
-            ci = None
-            if len(scored) >= 2:
-                ci = participant_bootstrap(scored[:, i], scored[:, 2], seed=seed, resamples=resamples)
-            rows.append(BaselineRow(name, k, len(scored), int(scored[:, 2].sum()), acc, ci))
+        scores: dict[str, dict[Any, list[float]]] = {name: {} for name in BASELINES}
+        for fold in few_shot_folds(decisive, eligible, k, seed=seed):
+            for name, correct in baseline_correct(decisive, fold).items():
+                scores[name].setdefault(fold.worker, []).extend(correct.tolist())
+        rows += [accuracy_row(name, k, scores[name], seed=seed, resamples=resamples) for name in BASELINES]
     return FewShotBaselines(rows, len(eligible), MIN_DECISIVE, tuple(shots), seed, resamples)
 
 

@@ -132,6 +132,10 @@ def crowd_report_markdown(a: CrowdAnalysis, figures: set[str]) -> str:
         from .crowd_baselines import baseline_lines
 
         lines += baseline_lines(a.baselines)
+    if a.models is not None:
+        from .crowd_models import model_lines
+
+        lines += model_lines(a.models)
     lines += [f"![{name}]({name})" for name in sorted(figures)]
     if a.attribution:
         lines += ["", "## Attribution", "", f"{a.attribution} License: {a.license}.", ""]

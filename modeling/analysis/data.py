@@ -1,4 +1,4 @@
-"""A study's data as the analyses read it: the export tables (schema `fspo-study-export-1`, written by
+"""A study's data as the analyses read it: the export tables (schema `fspo-study-export-2`, written by
 annotation.exports) as typed pandas DataFrames.
 
 Two ways in, one result: `load_export(folder)` reads an export folder (CSV, JSONL or Parquet, as its

@@ -8,7 +8,7 @@ from typing import Any
 
 from rich.table import Table
 
-from .ui import out
+from .ui import out, progress_bar
 
 
 def _pct(v: float | None) -> str:
@@ -118,7 +118,7 @@ def analyze_parser() -> argparse.ArgumentParser:
         "page): win rates per arm pair, synthetic-to-real transfer, consistency, shot-count sensitivity, "
         "distribution shift, user-description quality. Writes report.md, analysis.json and PNG plots.",
     )
-    p.add_argument("export_dir", type=Path, help="an export folder (schema fspo-study-export-1)")
+    p.add_argument("export_dir", type=Path, help="an export folder (schema fspo-study-export-2)")
     p.add_argument("--synthetic-eval", type=Path, help="an fspo eval results.json (or its run folder)")
     p.add_argument(
         "--synthetic-dataset",
@@ -203,7 +203,52 @@ def analyze_crowd_parser() -> argparse.ArgumentParser:
         "against the crowd: a known model's name (fspo models list), a model directory or http://.../v1#name",
     )
     p.add_argument("--judge-pairs", type=int, default=100, help="pairs the --judge is asked about")
+    p.add_argument(
+        "--model-arms",
+        metavar="CHECKPOINT",
+        help="also run the few-shot table's model rows: this FSPO (IPO) stage's implicit reward with the "
+        "worker's own and another worker's shots, and the base model's log-prob (its reference and base "
+        "are read from its fspo.json), on a bounded seeded sample (the --model-* flags)",
+    )
+    p.add_argument(
+        "--model-base",
+        metavar="MODEL",
+        help="instead of --model-arms, only the base model's row (a model directory or a known name): "
+        "for when no FSPO checkpoint is at hand",
+    )
+    p.add_argument("--model-workers", type=int, default=12, help="workers sampled for the model rows")
+    p.add_argument("--model-folds", type=int, default=1, help="held-out prompts per sampled worker")
+    p.add_argument(
+        "--model-targets", type=int, default=4, help="held-out judgments per held-out prompt, at most"
+    )
+    p.add_argument(
+        "--model-response-tokens", type=int, default=48, help="every response cut to this many tokens"
+    )
     return p
+
+
+def _crowd_model_rows(args: argparse.Namespace, data: Any, analysis: Any) -> None:
+    from ..analysis.crowd_models import ModelArms, model_arms_from_checkpoint, model_rows
+    from ..models import REGISTRY, pull
+
+    if args.model_arms:
+        arms = model_arms_from_checkpoint(args.model_arms)
+    else:
+        base = str(pull(args.model_base)) if args.model_base in REGISTRY else args.model_base
+        arms = ModelArms(policy=None, reference=None, base=base, beta=None)
+    with progress_bar("model rows") as update:
+        analysis.models = model_rows(
+            data,
+            args.dataset,
+            arms,
+            seed=args.seed,
+            workers=args.model_workers,
+            folds=args.model_folds,
+            targets=args.model_targets,
+            response_tokens=args.model_response_tokens,
+            resamples=args.resamples,
+            progress=update,
+        )
 
 
 def _crowd_llm_judge(args: argparse.Namespace, data: Any, analysis: Any) -> None:
@@ -228,7 +273,10 @@ def cmd_analyze_crowd(argv: list[str]) -> int:
     from ..analysis.crowd import analyze_crowd, load_crowd
     from ..analysis.crowd_report import write_crowd_report
 
-    args = analyze_crowd_parser().parse_args(argv)
+    parser = analyze_crowd_parser()
+    args = parser.parse_args(argv)
+    if args.model_arms and args.model_base:
+        parser.error("--model-arms and --model-base are alternatives: give one")
     data = load_crowd(args.dataset)
     analysis = analyze_crowd(data, seed=args.seed, resamples=args.resamples)
     if not args.no_baselines:
@@ -237,6 +285,8 @@ def cmd_analyze_crowd(argv: list[str]) -> int:
         analysis.baselines = few_shot_baselines(data, seed=args.seed, resamples=args.resamples)
     if args.judge:
         _crowd_llm_judge(args, data, analysis)
+    if args.model_arms or args.model_base:
+        _crowd_model_rows(args, data, analysis)
     written = write_crowd_report(analysis, args.out)
     table = Table(title=f"The crowd in {args.dataset}", title_justify="left")
     for col in ("analysis", "result"):

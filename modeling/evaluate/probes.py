@@ -42,10 +42,7 @@ def shot_sensitivity(
     model_dir: str | Path, dataset: str | Path, *, episodes: int = 96, shots: int = 4, seed: int = 0
 ) -> ShotSensitivity:
     """Score held-out pairs under own / another user's / no shots (see :class:`ShotSensitivity`)."""
-    import torch
-
-    from ..losses import packed_pair_logps
-    from ..train import TrainConfig, load_model, tokenize_episode
+    from ..train import TrainConfig, load_model
 
     if episodes < 2:
         raise ValueError("shot sensitivity needs at least 2 episodes (one user's shots go to another)")
@@ -57,22 +54,10 @@ def shot_sensitivity(
     borrowed = [dataclasses.replace(e, shots=o.shots) for e, o in zip(eps, eps[1:] + eps[:1], strict=True)]
     bare = [dataclasses.replace(e, shots=()) for e in eps]
     cfg = TrainConfig(dataset=str(dataset), out_dir="unused", init=str(model_dir))
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
 
     def margins(batch: list[Episode]) -> np.ndarray:
-        out: list[float] = []
-        for i in range(0, len(batch), 8):
-            ex = [tokenize_episode(tok, e, cfg) for e in batch[i : i + 8]]
-            with torch.no_grad():
-                c, r, _ = packed_pair_logps(
-                    model,
-                    [x.prompt for x in ex],
-                    [x.chosen for x in ex],
-                    [x.rejected for x in ex],
-                    pad_id=pad,
-                )
-            out += (c - r).double().cpu().tolist()
-        return np.asarray(out)
+        chosen, rejected = pair_logps(model, tok, batch, cfg)
+        return chosen - rejected
 
     own, other, none = margins(eps), margins(borrowed), margins(bare)
     gain = own - other
@@ -87,6 +72,38 @@ def shot_sensitivity(
         margin_gain=float(gain.mean()),
         margin_gain_ci=(float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))),
     )
+
+
+def pair_logps(
+    model: Any, tok: Any, episodes: Sequence[Episode], cfg: Any, *, rows_per_call: int = 8
+) -> tuple[np.ndarray, np.ndarray]:
+    """Summed log-probs of each episode's target ``chosen`` and ``rejected`` given its prompt (shots and
+    question, tokenized as training does under ``cfg``, a TrainConfig), as two float64 arrays.
+
+    Consecutive episodes whose prompts are the same tokens (one user's shots and question, several
+    response pairs) are one group of ``modeling.losses.packed_group_logps``: the prompt is encoded once
+    for all of them. ``rows_per_call`` groups go through the model per forward."""
+    import torch
+
+    from ..losses import packed_group_logps
+    from ..train import tokenize_episode
+
+    groups: list[list[tuple[list[int], list[int], list[int]]]] = []
+    for ep in episodes:
+        x = tokenize_episode(tok, ep, cfg)
+        if groups and groups[-1][0][0] == x.prompt:
+            groups[-1].append((x.prompt, x.chosen, x.rejected))
+        else:
+            groups.append([(x.prompt, x.chosen, x.rejected)])
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    chosen: list[float] = []
+    rejected: list[float] = []
+    for i in range(0, len(groups), rows_per_call):
+        with torch.no_grad():
+            c, r, _ = packed_group_logps(model, groups[i : i + rows_per_call], pad_id=pad)
+        chosen += c.double().cpu().tolist()
+        rejected += r.double().cpu().tolist()
+    return np.asarray(chosen), np.asarray(rejected)
 
 
 @dataclass

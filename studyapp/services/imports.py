@@ -10,9 +10,11 @@ item that chose a side. A tie has no rating (a Rating always has a side): it sta
 rated, so the participant's ratings_done counts their decisive judgments and n_ratings all of them.
 """
 
+import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from itertools import groupby
+from pathlib import Path
 
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
@@ -21,7 +23,8 @@ from django.utils import timezone
 from annotation.models import Question, Side
 from annotation.pool import PoolRow
 from annotation.writers import ImportedRating, imported_ratings_create, question_pool_import
-from modeling.llmfao import CrowdJudgment, ImportedCrowd
+from modeling.llmfao import CrowdJudgment, ImportedCrowd, default_source, import_llmfao, read_imported
+from modeling.synth.storage import DatasetError
 from studyapp.models import Participant, Study
 from studyapp.pseudonyms import recruitment_id_hash
 
@@ -35,6 +38,7 @@ CONSENT = (
     "there is no consent page and no quota place."
 )
 DEFAULT_MIN_PAIR_JUDGMENTS = 20
+LLMFAO_SLUG = "llmfao-crowd"  # the study the studio's one-click import makes
 
 
 @dataclass(frozen=True)
@@ -192,3 +196,21 @@ def crowd_study_import(
             ratings=ratings,
             ties=items - ratings,
         )
+
+
+def llmfao_study_import(*, source: Path | None = None, slug: str = LLMFAO_SLUG) -> CrowdStudyImported:
+    """The studio's one click: the LLMFAO source files (``source``, default modeling.llmfao.default_source:
+    $FSPO_LLMFAO_DIR or the shared folder) converted (``fspo data import llmfao``, into a temporary folder)
+    and loaded into the study `slug` by crowd_study_import, with its defaults. ValidationError, with
+    nothing written, when the files are not found or not LLMFAO's, or the slug is another study's."""
+    folder = source if source is not None else default_source()
+    try:
+        with tempfile.TemporaryDirectory(prefix="llmfao-") as tmp:
+            import_llmfao(folder, Path(tmp) / "llmfao")
+            crowd = read_imported(Path(tmp) / "llmfao")
+    except DatasetError as e:
+        raise ValidationError(
+            f"The LLMFAO data could not be imported: {e}. Put the LLMFAO files there, or set "
+            "FSPO_LLMFAO_DIR to the folder that holds them. Nothing was written."
+        ) from None
+    return crowd_study_import(crowd=crowd, slug=slug)

@@ -607,8 +607,8 @@ def test_fspo_analyze_writes_the_report_its_numbers_and_the_plots(sim: Sim, tmp_
     ("break_it", "message"),
     [
         (lambda d: (d / "manifest.json").unlink() or (d / "judgments.csv").unlink(), "no judgments table"),
-        (lambda d: (d / "manifest.json").write_text('{"schema_version": "fspo-study-export-2"}'),
-         "an export of schema 'fspo-study-export-2'; these analyses read fspo-study-export-1"),
+        (lambda d: (d / "manifest.json").write_text('{"schema_version": "fspo-study-export-9"}'),
+         "an export of schema 'fspo-study-export-9'; these analyses read fspo-study-export-2"),
         (lambda d: (d / "judgments.csv").write_text('"participant","kind"\n"p-1","rating"\n'),
          "judgments.csv has no column 'participant_state'"),
         (lambda d: (d / "participants.csv").write_bytes(b'\xff\xfe"participant",\n'), "cannot read participants.csv"),

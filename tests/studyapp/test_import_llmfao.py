@@ -2,6 +2,7 @@
 loaded into a study as imported judgments; the analysis page and the exports run on it unchanged."""
 
 import json
+from dataclasses import replace
 from io import StringIO
 from pathlib import Path
 
@@ -12,9 +13,11 @@ from django.test import Client
 from django.urls import reverse
 
 from annotation.models import GeneratedResponse, Rating, RatingItem
+from modeling.analysis import ExclusionRules, human_win_rates, load_export, select_participants
+from modeling.analysis.winrates import counted_ratings
 from modeling.llmfao import ATTRIBUTION, CROWD_FILE, ENV_DIR, default_source, import_llmfao
 from studyapp.models import Participant, Study
-from tests.factories import make_coordinator, make_study
+from tests.factories import make_analyst, make_coordinator, make_study
 from tests.modeling.test_llmfao import small_copy
 from tests.support import coordinator_browser
 
@@ -137,3 +140,72 @@ def test_an_export_of_the_study_carries_the_attribution_in_its_manifest(
     manifest = json.loads((tmp_path / "export" / "manifest.json").read_text())
     assert manifest["imported_from"] == Study.objects.get(slug="llmfao-crowd").instructions_text
     assert ATTRIBUTION in manifest["imported_from"]
+
+
+def test_the_exported_judgments_hold_the_ties_marked_and_no_win_rate_counts_them(
+    dataset: Path, tmp_path: Path
+) -> None:
+    prefs = crowd(dataset)
+    run(dataset, min_pair_judgments=1)
+    call_command("export", "llmfao-crowd", format="csv", out=tmp_path / "export", stdout=StringIO())
+
+    data = load_export(tmp_path / "export")
+    j = data.judgments
+    ties = j[j["kind"] == "tie"]
+    assert len(ties) == int(prefs["tie"].sum()) > 0
+    assert len(j[j["kind"] == "rating"]) == int((~prefs["tie"]).sum())
+    assert (
+        ties["chosen_side"].isna().all() and ties["arm_won"].isna().all() and ties["chosen_arm"].isna().all()
+    )
+    assert ties[["left_response_id", "right_response_id", "left_arm", "right_arm"]].notna().all().all()
+    # Each worker's ratings and ties are their A/B items, in place: positions 0..n-1 with none missing.
+    for _, mine in j.groupby("participant"):
+        assert sorted(mine["position"]) == list(range(len(mine)))
+
+    selection = select_participants(data, ExclusionRules())
+    counted, _ = counted_ratings(data, selection)
+    without = replace(data, judgments=j[j["kind"] != "tie"].reset_index(drop=True))
+    assert set(counted["kind"]) == {"rating"} and len(counted) > 0
+    assert [(w.arm, w.baseline, w.n, w.wins) for w in human_win_rates(data, selection).rows] == [
+        (w.arm, w.baseline, w.n, w.wins) for w in human_win_rates(without, selection).rows
+    ]
+
+
+def test_the_studio_button_imports_the_crowd_in_one_click(
+    dataset: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(ENV_DIR, str(dataset.parent / "source"))
+    client: Client = coordinator_browser(make_coordinator())
+    assert reverse("studio-import-llmfao") in client.get(reverse("studio-home")).content.decode()
+
+    page = client.post(reverse("studio-import-llmfao"), follow=True)
+
+    study = Study.objects.get(slug="llmfao-crowd")
+    assert page.redirect_chain[-1][0] == reverse("studio-study", kwargs={"slug": study.slug})
+    assert f"{crowd(dataset)['user_id'].nunique()} workers, {ROWS} judgments" in page.content.decode()
+    assert study.participants.count() == crowd(dataset)["user_id"].nunique()
+    again = client.post(reverse("studio-import-llmfao"), follow=True)
+    assert "holds this import already" in again.content.decode() and Study.objects.count() == 1
+
+
+def test_the_studio_button_says_clearly_when_the_data_is_not_found(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(ENV_DIR, str(tmp_path / "nowhere"))
+    client: Client = coordinator_browser(make_coordinator())
+
+    page = client.post(reverse("studio-import-llmfao"), follow=True)
+
+    assert page.redirect_chain[-1][0] == reverse("studio-home")
+    text = page.content.decode()
+    assert "could not be imported" in text and "no such folder" in text and "Nothing was written" in text
+    assert not Study.objects.exists()
+
+
+def test_an_analyst_cannot_import_and_sees_no_button(dataset: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(ENV_DIR, str(dataset.parent / "source"))
+    analyst: Client = coordinator_browser(make_analyst())
+
+    assert reverse("studio-import-llmfao") not in analyst.get(reverse("studio-home")).content.decode()
+    assert analyst.post(reverse("studio-import-llmfao")).status_code == 403
+    assert not Study.objects.exists()
