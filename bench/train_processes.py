@@ -1,10 +1,11 @@
-"""1 vs 2 CPU processes on the same IPO run (global batch 4): training pairs/s, timed inside the loop.
+"""1 vs 2 CPU processes (data parallel and sharded) on the same IPO run (global batch 4): training pairs/s,
+timed inside the loop.
 
     python bench/train_processes.py [--steps 24] [--workdir DIR]
 
 Builds a procedural ELIX dataset and a tiny base (the demo's shape), then runs ``fspo train``'s IPO stage
 in this process and under ``accelerate launch --config_file docs/configs/accelerate/cpu-2proc.yaml``
-(each process half the cores' threads). The clock runs from the end of the loop's 4th step to its last,
+(DDP) and ``cpu-2proc-fsdp.yaml`` (FSDP2), each process half the cores' threads. The clock runs from the end of the loop's 4th step to its last,
 read from the main process's progress callback (the processes step in lockstep), so start-up, the
 reference precompute and evaluation are outside it.
 """
@@ -68,7 +69,7 @@ def main() -> None:
     config.update(eval_every=args.steps, save_every=10_000, eval_episodes=4)
     cores = os.cpu_count() or 2
     torch_threads = {"OMP_NUM_THREADS": str(cores)}
-    for old in ("one", "two"):
+    for old in ("one", "two", "two-fsdp"):
         shutil.rmtree(work / old, ignore_errors=True)
     one = work / "one"
     subprocess.run(
@@ -76,20 +77,23 @@ def main() -> None:
         env={**os.environ, **torch_threads},
         check=True,
     )
-    two = work / "two"
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
-    launch += [
-        str(REPO / "docs/configs/accelerate/cpu-2proc.yaml"),
-        "--num_cpu_threads_per_process",
-        str(max(1, cores // 2)),
-    ]
-    subprocess.run([*launch, __file__, "--worker", _job(work, config, two)], check=True, cwd=REPO)
-    r1 = json.loads((one / "bench.json").read_text())["pairs_per_s"]
-    r2 = json.loads((two / "bench.json").read_text())["pairs_per_s"]
+    for name, launch_config in (("two", "cpu-2proc.yaml"), ("two-fsdp", "cpu-2proc-fsdp.yaml")):
+        launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
+        launch += [
+            str(REPO / "docs/configs/accelerate" / launch_config),
+            "--num_cpu_threads_per_process",
+            str(max(1, cores // 2)),
+        ]
+        job = _job(work, config, work / name)
+        subprocess.run([*launch, __file__, "--worker", job], check=True, cwd=REPO)
+    r1, r2, r3 = (
+        json.loads((work / n / "bench.json").read_text())["pairs_per_s"] for n in ("one", "two", "two-fsdp")
+    )
     load = os.getloadavg()[0]
     print(f"IPO, tiny 128x4 model, 4 shots, global batch 4, {args.steps - WARM} timed steps, {cores} cores")
-    print(f"1 process:   {r1:.2f} pairs/s")
-    print(f"2 processes: {r2:.2f} pairs/s ({r2 / r1:.2f}x); load average {load:.2f}")
+    print(f"1 process:          {r1:.2f} pairs/s")
+    print(f"2 processes (DDP):  {r2:.2f} pairs/s ({r2 / r1:.2f}x)")
+    print(f"2 processes (FSDP): {r3:.2f} pairs/s ({r3 / r1:.2f}x); load average {load:.2f}")
 
 
 def _job(work: Path, config: dict, out: Path) -> str:
