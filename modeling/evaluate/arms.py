@@ -255,7 +255,7 @@ def _table_row(
         row["mean_oracle_score"] = float(
             np.mean(
                 [
-                    judge.text_score(int(e.user_id), e.meta.get("topic", ""), t)  # type: ignore[arg-type]
+                    judge.text_score(int(e.user_id), e.meta.get("topic", ""), t, e.question)  # type: ignore[arg-type]
                     for e, t in zip(eps, texts[arm.name], strict=True)
                 ]
             )
