@@ -183,3 +183,28 @@ def test_a_bad_structure_mix_is_refused_with_its_reason():
         SynthConfig(held_out_structures=["noisy"])
     with pytest.raises(ValueError, match="non-negative with a positive sum"):
         SynthConfig(structures={"weighted": -1.0, "noisy": 1.0})
+
+
+def test_the_scalar_labeler_matches_the_vectorized_one_for_every_structure():
+    dom = load_domain("roleplay")
+    rng = np.random.default_rng(4)
+    n, cfg = 600, world.JudgeConfig(noise=0.1, position_bias=0.8)
+    users = world.sample_users(dom, rng, n, 0, structures=MIX)
+    kind = rng.integers(0, 2, n)
+    flipped = rng.random(n) < users.flip
+    va = np.stack([rng.integers(0, k, n) for k in dom.trait_sizes], axis=1)
+    vb = np.stack([rng.integers(0, k, n) for k in dom.trait_sizes], axis=1)
+    first, second = world.peaks(users.structure, users.pref, users.second, kind)
+    w = users.weight * users.stated
+    margin = world.utility(dom, first, w, va, second) - world.utility(dom, first, w, vb, second)
+    a_wins, consistent = world.label_both_orders(
+        np.where(flipped, -margin, margin), np.random.default_rng(9), cfg
+    )
+    draws = np.random.default_rng(9).random((2, n))
+    for i in range(n):
+        got = world.label_pair(
+            dom, first[i], users.weight[i], users.stated[i], va[i], vb[i], draws[:, i], cfg,
+            second=second[i], flipped=bool(flipped[i]),
+        )  # fmt: skip
+        assert got == (bool(a_wins[i]), bool(consistent[i]))
+    assert set(np.unique(users.structure)) == set(range(len(world.STRUCTURES)))
