@@ -146,9 +146,8 @@ def _stats_parser() -> argparse.ArgumentParser:
     return p
 
 
-def cmd_synth(argv: list[str]) -> int:
-    args = _synth_parser().parse_args(argv)
-    out_dir = args.out or Path("data") / f"{Path(args.domain).stem}-{args.users}x{args.pairs_per_user}"
+def _synth_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``SynthConfig`` fields the flags set (a structure mix only for the procedural world)."""
     options = dict(
         domain=args.domain,
         users=args.users,
@@ -165,6 +164,13 @@ def cmd_synth(argv: list[str]) -> int:
                 "--structures and --held-out-structures apply to the procedural world, not --llm"
             )
         options.update(structures=args.structures, held_out_structures=args.held_out_structures)
+    return options
+
+
+def cmd_synth(argv: list[str]) -> int:
+    args = _synth_parser().parse_args(argv)
+    out_dir = args.out or Path("data") / f"{Path(args.domain).stem}-{args.users}x{args.pairs_per_user}"
+    options = _synth_options(args)
     from ..synth import SynthConfig, load_domain
     from ..synth.llm_pipeline import STAGE_FIELDS, LLMStages
 
