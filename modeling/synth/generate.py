@@ -268,7 +268,11 @@ def _label_block(
     valid = ~(resp.values[ra] == resp.values[rb]).all(axis=-1)
     va, vb = resp.values[ra], resp.values[rb]  # [n, C, T]
     # A noisy user's own flips, one per candidate: the same answer in both orders of the judge.
-    sign = 1.0 if cfg.structures is None else np.where(rng.random(cq.shape) < users.flip[:, None], -1.0, 1.0)
+    sign = (
+        np.ones(cq.shape)
+        if cfg.structures is None
+        else np.where(rng.random(cq.shape) < users.flip[:, None], -1.0, 1.0)
+    )
 
     def margins(stated: np.ndarray) -> np.ndarray:
         w = (users.weight * stated)[:, None, :]
@@ -302,7 +306,8 @@ def _label_block(
         "question_id": cq[rows, cols],
         "chosen": np.where(aw, ra[rows, cols], rb[rows, cols]),
         "rejected": np.where(aw, rb[rows, cols], ra[rows, cols]),
-        "margin": np.where(aw, final, -final),
+        # The oracle's margin, not the user's answer: a noisy user's flipped pair has a negative one.
+        "margin": np.where(aw, final, -final) * sign[rows, cols],
         "repeat_agree": repeat_agree,
         "round": label_round[rows, cols],
     }
