@@ -27,6 +27,34 @@ every checkpoint and checked when one is loaded:
     <description>
     ## Preferred Response
     <response>                   (the model's continuation; the target)
+
+How this differs from the paper's format (FSPO, arXiv 2502.19312, as issue 21 reads it; the FSPO
+reference code's prompt builder was not among the stored sources, so these are the issue's four points).
+The format is kept as it is: changing any of them changes ``PROMPT_FORMAT_VERSION`` and every trained
+checkpoint.
+
+1. Headers. The paper writes a space before each header's newline (``"## Question \n"``); here a header
+   ends at its last word (``"## Question\n"``). Same for every ``#``/``##`` line. A tokenizer may merge
+   the space differently, but the header is in the prompt, not scored, so it changes no loss.
+2. The task line. The paper's task section has its own instruction sentence; here it is ``TASK_LEAD``
+   followed by the domain's ``task`` (only the task when there are no shots). Prompt text only: no loss
+   term scores it.
+3. Where ``## Preferred Response`` sits. The paper ends the prompt with the target question and starts
+   *both* completions (chosen and rejected) with ``## Preferred Response``; here the prompt ends with
+   it (``RESPONSE_HEADER``) and the completions are the bare responses. With summed log-probs
+   (FSPO/IPO as the reference code sums them) the header's log-prob is the same in chosen and rejected
+   and cancels in the margin, but not (a) with averaged log-probs (``average=True`` in
+   ``modeling.losses``, TRL's IPO): there the header's tokens are in both means with different
+   denominators (the two responses' lengths), which shrinks the margin and weights it by length; nor
+   (b) in Pref-FT (the SFT stage), where the paper's model is also trained to write the header, and a
+   model trained here never is (at generation the prompt supplies it). This is the difference that can
+   change training; to measure it, train the same recipe twice, once with the header moved into the
+   completions' scored tokens, and compare the shot sweep and win rates over the same seeds (one
+   training per seed is not enough: two trainings of one recipe differ by as much as the arms, issue 21).
+4. Ends. The paper's prompt ends with a trailing newline after the question and is tokenized without a
+   BOS; here the document BOS of ``modeling.llm.document_bos_id`` is prepended (or the chat template's)
+   and each completion ends with EOS (``modeling.train.examples``). A BOS changes what the first tokens
+   are conditioned on, not which tokens are scored.
 """
 
 from __future__ import annotations

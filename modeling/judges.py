@@ -41,42 +41,32 @@ class Judge(Protocol):
 
 
 class OracleJudge:
-    """Exact: the procedural oracle's score of each text for the user's stated preferences."""
+    """Exact: the procedural oracle's score of each text for the user's stated preferences, under the
+    user's preference structure (a topical user's liking depends on the comparison's question)."""
 
     name = "oracle"
 
     def __init__(self, dataset: Any) -> None:
         from .synth import load_dataset, load_domain
+        from .synth.world import user_preferences
 
         ds = load_dataset(dataset) if not hasattr(dataset, "manifest") else dataset
         self.domain = load_domain(ds.manifest.get("domain_source", ds.domain))
         users = ds.table("users").to_pandas().set_index("user_id")
-        self.prefs: dict[int, tuple[list[int], list[float]]] = {}
-        for t in self.domain.traits:  # validate once that the dataset matches the domain file
-            if f"pref_{t.name}" not in users.columns:
-                raise ValueError(
-                    f"{ds.path}: users table has no pref_{t.name}; the dataset is not of domain {self.domain.name}"
-                )
-        names = {t.name: [v.name for v in t.values] for t in self.domain.traits}
-        for uid, row in users.iterrows():
-            pref = [names[t.name].index(row[f"pref_{t.name}"]) for t in self.domain.traits]
-            weight = [
-                float(row[f"weight_{t.name}"]) * bool(row[f"stated_{t.name}"]) for t in self.domain.traits
-            ]
-            self.prefs[int(uid)] = (pref, weight)
+        try:  # validates once that the dataset matches the domain file
+            self.prefs = user_preferences(self.domain, users)
+        except ValueError as e:
+            raise ValueError(f"{ds.path}: {e}") from None
 
-    def text_score(self, user_id: int, topic: str, text: str) -> float:
-        from .synth.world import score_text
-
-        pref, weight = self.prefs[int(user_id)]
-        return score_text(self.domain, pref, weight, topic, text)
+    def text_score(self, user_id: int, topic: str, text: str, question: str = "") -> float:
+        return self.prefs[int(user_id)].score(self.domain, question, topic, text)
 
     def score(self, comparisons: Sequence[Comparison]) -> list[float]:
         out = []
         for c in comparisons:
             a, b = (
-                self.text_score(int(c.user_id), c.topic, c.first),
-                self.text_score(int(c.user_id), c.topic, c.second),
+                self.text_score(int(c.user_id), c.topic, c.first, c.question),
+                self.text_score(int(c.user_id), c.topic, c.second, c.question),
             )
             out.append(1.0 if a > b + 1e-9 else 0.0 if b > a + 1e-9 else 0.5)
         return out

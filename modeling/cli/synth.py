@@ -52,6 +52,21 @@ def _synth_parser() -> argparse.ArgumentParser:
     p.add_argument("--responses-per-question", type=int, default=16)
     p.add_argument("--max-rounds", type=int, default=3, help="iterative persona improvement rounds")
     p.add_argument(
+        "--structures",
+        type=_structure_mix,
+        default=None,
+        metavar="NAME=WEIGHT,...",
+        help="draw users' preference structures from this mix, e.g. weighted=2,topical=1,bimodal=1,noisy=1 "
+        "(default: every user weighted, as before structures existed)",
+    )
+    p.add_argument(
+        "--held-out-structures",
+        type=lambda text: [s.strip() for s in text.split(",") if s.strip()],
+        default=[],
+        metavar="NAME,...",
+        help="structures whose users are all held-out test users (never trained on)",
+    )
+    p.add_argument(
         "--llm",
         default=None,
         metavar="SPEC",
@@ -61,6 +76,18 @@ def _synth_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     return p
+
+
+def _structure_mix(text: str) -> dict[str, float]:
+    """``weighted=2,topical=1`` -> {"weighted": 2.0, "topical": 1.0} (argparse reports a bad one)."""
+    mix = {}
+    for item in text.split(","):
+        name, eq, weight = item.partition("=")
+        try:
+            mix[name.strip()] = float(weight) if eq else 1.0
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{item!r}: expected NAME=WEIGHT with a number") from None
+    return mix
 
 
 def _llm_stage_flags(p: argparse.ArgumentParser) -> None:
@@ -119,9 +146,8 @@ def _stats_parser() -> argparse.ArgumentParser:
     return p
 
 
-def cmd_synth(argv: list[str]) -> int:
-    args = _synth_parser().parse_args(argv)
-    out_dir = args.out or Path("data") / f"{Path(args.domain).stem}-{args.users}x{args.pairs_per_user}"
+def _synth_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``SynthConfig`` fields the flags set (a structure mix only for the procedural world)."""
     options = dict(
         domain=args.domain,
         users=args.users,
@@ -132,6 +158,19 @@ def cmd_synth(argv: list[str]) -> int:
         responses_per_question=args.responses_per_question,
         max_rounds=args.max_rounds,
     )
+    if args.structures is not None or args.held_out_structures:
+        if args.llm:
+            raise ValueError(
+                "--structures and --held-out-structures apply to the procedural world, not --llm"
+            )
+        options.update(structures=args.structures, held_out_structures=args.held_out_structures)
+    return options
+
+
+def cmd_synth(argv: list[str]) -> int:
+    args = _synth_parser().parse_args(argv)
+    out_dir = args.out or Path("data") / f"{Path(args.domain).stem}-{args.users}x{args.pairs_per_user}"
+    options = _synth_options(args)
     from ..synth import SynthConfig, load_domain
     from ..synth.llm_pipeline import STAGE_FIELDS, LLMStages
 

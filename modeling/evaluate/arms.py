@@ -58,6 +58,9 @@ class EvalResult:
     shot_sweep: list[dict[str, Any]] = field(default_factory=list)
     # Pairs of arms judged against each other directly (their answers to the same episodes).
     head_to_head: list[dict[str, Any]] = field(default_factory=list)
+    # Each arm's win rate against the baseline on the users of each preference structure (datasets made
+    # with a structure mix only): the table's own comparisons, grouped.
+    by_structure: list[dict[str, Any]] = field(default_factory=list)
 
     def row(self, name: str) -> dict[str, Any]:
         return next(r for r in self.table if r["arm"] == name)
@@ -155,7 +158,11 @@ def evaluate(
     report = _Progress(progress, total=len(arms) + len(shot_sweep))
     decode = {"max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed}
     texts, cuts = _generate_arms(arms, eps, decode, report)
-    table = [_table_row(arm, baseline, judge, eps, texts, cuts[arm.name], seed) for arm in arms]
+    scores = {
+        a.name: _compare(judge, eps, texts[a.name], texts[baseline]) for a in arms if a.name != baseline
+    }
+    table = [_table_row(arm, baseline, judge, eps, texts, cuts[arm.name], seed, scores) for arm in arms]
+    by_structure = _by_structure(scores, *_structures(dataset, eps), seed=seed)
     sweep: list[dict[str, Any]] = []
     if shot_sweep:
         sweep_of = next(a for a in arms if a.name == sweep_arm)
@@ -165,7 +172,9 @@ def evaluate(
         for a, b in head_to_head
     ]
     report(report.total, "done")
-    result = EvalResult(out_dir=out, table=table, shot_sweep=sweep, head_to_head=h2h)
+    result = EvalResult(
+        out_dir=out, table=table, shot_sweep=sweep, head_to_head=h2h, by_structure=by_structure
+    )
     meta = {
         "dataset": str(dataset),
         "episodes": len(eps),
@@ -178,6 +187,37 @@ def evaluate(
     }
     _write_run(out, eps, texts, result, meta)
     return result
+
+
+def _structures(dataset: Any, eps: Sequence[Episode]) -> tuple[list[str] | None, list[str]]:
+    """The preference structure of each episode's user, or None where the dataset has no structure
+    mix; and the dataset's held-out structures (no training user has them)."""
+    from ..synth import load_dataset
+
+    ds = load_dataset(dataset) if not hasattr(dataset, "manifest") else dataset
+    users = ds.table("users").to_pandas()
+    if "structure" not in users.columns:
+        return None, []
+    of = dict(zip(users.user_id.astype(int), users.structure, strict=True))
+    held = list(ds.manifest.get("config", {}).get("held_out_structures") or [])
+    return [of[int(e.user_id)] for e in eps], held  # type: ignore[arg-type]
+
+
+def _by_structure(
+    scores: dict[str, list[float]], structures: list[str] | None, held_out: list[str], *, seed: int
+) -> list[dict[str, Any]]:
+    """Per arm and structure (in ``STRUCTURES`` order), the win rate of that structure's comparisons."""
+    if structures is None:
+        return []
+    from ..synth.world import STRUCTURES
+
+    rows = []
+    for arm, arm_scores in scores.items():
+        for name in (s for s in STRUCTURES if s in structures):
+            mine = [x for x, s in zip(arm_scores, structures, strict=True) if s == name]
+            wr = win_rate(mine, over="comparisons", seed=seed)
+            rows.append({"arm": arm, "structure": name, "held_out": name in held_out, **wr.to_dict()})
+    return rows
 
 
 def _check_arms(
@@ -242,20 +282,22 @@ def _table_row(
     texts: dict[str, list[str]],
     cuts: dict[str, int],
     seed: int,
+    scores: dict[str, list[float]],
 ) -> dict[str, Any]:
-    """The arm's row of the table: its win rate against the baseline (the baseline's own row is 50% by
-    definition), its shot cuts and, with the oracle judge, the oracle's mean score of its answers."""
+    """The arm's row of the table: its win rate against the baseline (from ``scores``, its judged
+    comparisons; the baseline's own row is 50% by definition), its shot cuts and, with the oracle
+    judge, the oracle's mean score of its answers."""
     row: dict[str, Any] = {"arm": arm.name, "model": arm.model, "context": arm.context, "cot": arm.cot}
     if arm.name == baseline:
         row.update(win_rate=0.5, ci_low=0.5, ci_high=0.5, n=len(eps), p_value=None, baseline=True)
     else:
-        row.update(_judged(judge, eps, texts[arm.name], texts[baseline], seed).to_dict())
+        row.update(win_rate(scores[arm.name], over="comparisons", seed=seed).to_dict())
     row.update(cuts)
     if isinstance(judge, OracleJudge):
         row["mean_oracle_score"] = float(
             np.mean(
                 [
-                    judge.text_score(int(e.user_id), e.meta.get("topic", ""), t)  # type: ignore[arg-type]
+                    judge.text_score(int(e.user_id), e.meta.get("topic", ""), t, e.question)  # type: ignore[arg-type]
                     for e, t in zip(eps, texts[arm.name], strict=True)
                 ]
             )

@@ -32,6 +32,7 @@ def _write_run(
         "table": result.table,
         "shot_sweep": result.shot_sweep,
         "head_to_head": result.head_to_head,
+        "by_structure": result.by_structure,
     }
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "report.md").write_text(report_markdown(result, meta))
@@ -87,10 +88,33 @@ def report_markdown(result: EvalResult, meta: dict[str, Any]) -> str:
             f"{100 * r['ci_low']:.1f}–{100 * r['ci_high']:.1f} | {r['p_value']:.3g} | {int(r['ties'])} |"
             for r in result.head_to_head
         ]
+    lines += _structure_lines(result.by_structure)
     lines += ["", "![win rates](win_rates.png)"] + (
         ["", "![shot sweep](shot_sweep.png)"] if result.shot_sweep else []
     )
     return "\n".join(lines) + "\n"
+
+
+def _structure_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """The per-structure section of the report (none for a dataset without a structure mix)."""
+    if not rows:
+        return []
+    lines = [
+        "",
+        "## Per preference structure",
+        "",
+        "The comparisons above, grouped by the structure of the episode's user (held out: no training "
+        "user has it).",
+        "",
+        "| arm | structure | held out | episodes | win rate | 95% CI | p |",
+        "|---|---|---|---:|---:|---|---:|",
+    ]
+    lines += [
+        f"| {r['arm']} | {r['structure']} | {'yes' if r['held_out'] else ''} | {int(r['n'])} | "
+        f"{100 * r['win_rate']:.1f}% | {100 * r['ci_low']:.1f}–{100 * r['ci_high']:.1f} | {r['p_value']:.3g} |"
+        for r in rows
+    ]
+    return lines
 
 
 def _plots(result: EvalResult, baseline: str, out: Path) -> None:

@@ -42,6 +42,10 @@ class SynthConfig:
     responses_per_question: size of each question's response pool.
     test_user_frac / test_topic_frac: held-out users and held-out question topics.
     max_rounds: iterative persona improvement rounds (0 disables refinement).
+    structures: a mix of preference structures (``world.STRUCTURES``) by weight, e.g.
+        {"weighted": 2, "topical": 1, "bimodal": 1, "noisy": 1}; None (the default): every user is
+        ``weighted``, and the dataset is what it was before structures existed.
+    held_out_structures: structures whose users are all held-out (test) users, never trained on.
     """
 
     domain: str = "elix"
@@ -55,6 +59,8 @@ class SynthConfig:
     test_topic_frac: float = 0.1
     max_rounds: int = 3
     judge: world.JudgeConfig = field(default_factory=world.JudgeConfig)
+    structures: dict[str, float] | None = None
+    held_out_structures: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if isinstance(self.judge, dict):
@@ -75,11 +81,21 @@ class SynthConfig:
                 problems.append(f"{name} must be in [0, 1)")
         if self.max_rounds < 0:
             problems.append("max_rounds must be >= 0")
+        try:
+            world.check_structures(self.structures, self.held_out_structures)
+        except ValueError as e:
+            problems.append(str(e))
         if problems:
             raise ValueError("invalid synth config: " + "; ".join(problems))
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if self.structures is None and not self.held_out_structures:
+            del (
+                d["structures"],
+                d["held_out_structures"],
+            )  # manifests of datasets without a mix stay as they were
+        return d
 
 
 @dataclass
@@ -194,12 +210,15 @@ def _run(cfg: SynthConfig, dom: Domain, writer: DatasetWriter, progress: Progres
     )
     total = cfg.users * cfg.pairs_per_user
     next_pair = 0
-    u_schema = users_schema(dom.attribute_names, trait_names)
+    u_schema = users_schema(dom.attribute_names, trait_names, structures=cfg.structures is not None)
     for block, start in enumerate(range(0, cfg.users, BLOCK_USERS)):
         n = min(BLOCK_USERS, cfg.users - start)
         brng = np.random.default_rng([cfg.seed, 2, block])
         users, pairs = _label_block(cfg, dom, qs, resp, users_rng=brng, n=n, start=start, quality=q)
         is_test = brng.random(n) < cfg.test_user_frac
+        if cfg.held_out_structures:
+            held = [world.STRUCTURES.index(s) for s in cfg.held_out_structures]
+            is_test |= np.isin(users.structure, held)
         writer.write("users", users_table(dom, users, is_test, u_schema))
         rows = pairs["user_row"]
         next_pair += write_preferences(
@@ -244,15 +263,20 @@ def _label_block(
     """Sample a block of users, draw candidate pairs, label them (with refinement), keep the first
     ``pairs_per_user`` consistent ones per user."""
     rng = users_rng
-    users = world.sample_users(dom, rng, n, start)
+    users = world.sample_users(dom, rng, n, start, cfg.structures)
     cq, ra, rb = _candidate_pairs(cfg, resp, rng, n, len(qs.text))
     valid = ~(resp.values[ra] == resp.values[rb]).all(axis=-1)
     va, vb = resp.values[ra], resp.values[rb]  # [n, C, T]
+    # A noisy user's own flips, one per candidate: the same answer in both orders of the judge.
+    sign = (
+        np.ones(cq.shape)
+        if cfg.structures is None
+        else np.where(rng.random(cq.shape) < users.flip[:, None], -1.0, 1.0)
+    )
 
     def margins(stated: np.ndarray) -> np.ndarray:
         w = (users.weight * stated)[:, None, :]
-        p = users.pref[:, None, :]
-        return world.utility(dom, p, w, va) - world.utility(dom, p, w, vb)
+        return sign * _margin(dom, users, w, qs.kind[cq], va, vb, mixed=cfg.structures is not None)
 
     a_wins, consistent, label_round = _label_candidates(cfg, users, va, vb, valid, margins, rng, quality)
     quality.candidates += int(valid.sum())
@@ -275,17 +299,39 @@ def _label_block(
     quality.repeat_agree += int(repeat_agree.sum())
 
     # Transitivity: three responses of one of the user's questions, all three pairs asked both ways.
-    _check_transitivity(cfg, dom, users, resp, cq[:, 0], rng, quality)
+    _check_transitivity(cfg, dom, users, resp, cq[:, 0], qs.kind[cq[:, 0]], rng, quality)
     _count_users(quality, users)
     return users, {
         "user_row": rows,
         "question_id": cq[rows, cols],
         "chosen": np.where(aw, ra[rows, cols], rb[rows, cols]),
         "rejected": np.where(aw, rb[rows, cols], ra[rows, cols]),
-        "margin": np.where(aw, final, -final),
+        # The oracle's margin, not the user's answer: a noisy user's flipped pair has a negative one.
+        "margin": np.where(aw, final, -final) * sign[rows, cols],
         "repeat_agree": repeat_agree,
         "round": label_round[rows, cols],
     }
+
+
+def _margin(
+    dom: Domain,
+    users: world.Users,
+    w: np.ndarray,
+    kind: np.ndarray,
+    va: np.ndarray,
+    vb: np.ndarray,
+    *,
+    mixed: bool,
+) -> np.ndarray:
+    """utility(a) - utility(b) for each user's pairs [n, C] on questions of ``kind`` [n, C]; without a
+    structure mix, the plain one-peak utility (the same floats as before structures existed)."""
+    if not mixed:
+        p = users.pref[:, None, :]
+        return world.utility(dom, p, w, va) - world.utility(dom, p, w, vb)
+    first, second = world.peaks(
+        users.structure[:, None], users.pref[:, None, :], users.second[:, None, :], kind
+    )
+    return world.utility(dom, first, w, va, second) - world.utility(dom, first, w, vb, second)
 
 
 def _candidate_pairs(
@@ -381,6 +427,7 @@ def _check_transitivity(
     users: world.Users,
     resp: world.Responses,
     question: np.ndarray,
+    kind: np.ndarray,
     rng: np.random.Generator,
     quality: _Quality,
 ) -> None:
@@ -396,7 +443,11 @@ def _check_transitivity(
         | (vals[:, 0] == vals[:, 2]).all(-1)
     )
     w = (users.weight * users.stated)[:, None, :]
-    u = world.utility(dom, users.pref[:, None, :], w, vals)  # [n, 3]
+    if cfg.structures is None:
+        u = world.utility(dom, users.pref[:, None, :], w, vals)  # [n, 3]
+    else:
+        first, second = world.peaks(users.structure, users.pref, users.second, kind)
+        u = world.utility(dom, first[:, None, :], w, vals, second[:, None, :])
     wins = []
     ok = distinct.copy()
     for x, y in ((0, 1), (1, 2), (2, 0)):
@@ -405,7 +456,8 @@ def _check_transitivity(
             wins.append(a)
             ok &= a == c
         else:
-            a, c = world.label_both_orders(u[:, x] - u[:, y], rng, cfg.judge)
+            sign = 1.0 if cfg.structures is None else np.where(rng.random(n) < users.flip, -1.0, 1.0)
+            a, c = world.label_both_orders(sign * (u[:, x] - u[:, y]), rng, cfg.judge)
             wins.append(a)
             ok &= c
     cyclic = (wins[0] & wins[1] & wins[2]) | (~wins[0] & ~wins[1] & ~wins[2])
@@ -515,4 +567,10 @@ def users_table(
         cols[f"weight_{trait.name}"] = pa.array(users.weight[:, t].astype(np.float32))
         cols[f"stated_{trait.name}"] = pa.array(users.stated[:, t])
         cols[f"stated_initial_{trait.name}"] = pa.array(users.stated_initial[:, t])
+    if "structure" in schema.names:  # only datasets made with a structure mix carry these
+        cols["structure"] = pa.array(np.asarray(world.STRUCTURES, dtype=object)[users.structure].tolist())
+        cols["flip_rate"] = pa.array(users.flip.astype(np.float32))
+        for t, trait in enumerate(dom.traits):
+            names = np.asarray([v.name for v in trait.values], dtype=object)
+            cols[f"second_{trait.name}"] = pa.array(names[users.second[:, t]].tolist(), pa.string())
     return pa.table(cols, schema=schema)

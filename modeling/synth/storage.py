@@ -38,7 +38,9 @@ class DatasetError(ValueError):
     """A dataset directory is missing, incomplete, corrupt or of another format (one-line message)."""
 
 
-def users_schema(attributes: list[str], traits: list[str]) -> pa.Schema:
+def users_schema(attributes: list[str], traits: list[str], *, structures: bool = False) -> pa.Schema:
+    """The users table's columns; ``structures``: a dataset made with a structure mix also has each
+    user's ``structure``, ``flip_rate`` and ``second_<trait>`` (see docs/data-format.md)."""
     fields = [
         pa.field("user_id", pa.int64()),
         pa.field("split", pa.string()),
@@ -54,6 +56,9 @@ def users_schema(attributes: list[str], traits: list[str]) -> pa.Schema:
             pa.field(f"stated_{t}", pa.bool_()),
             pa.field(f"stated_initial_{t}", pa.bool_()),
         ]
+    if structures:
+        fields += [pa.field("structure", pa.string()), pa.field("flip_rate", pa.float32())]
+        fields += [pa.field(f"second_{t}", pa.string()) for t in traits]
     return pa.schema(fields)
 
 

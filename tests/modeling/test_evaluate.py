@@ -65,6 +65,7 @@ def test_it_writes_the_comparison_table_report_and_plots(setup, tmp_path):
         assert 0 <= r["win_rate"] <= 1 and r["ci_low"] <= r["win_rate"] <= r["ci_high"]
         assert "mean_oracle_score" in r
     assert [r["shots"] for r in result.shot_sweep] == [0, 2]
+    assert result.by_structure == []  # a dataset without a structure mix
     # Head to head reuses the answers: against the baseline it is the table's own comparison, the
     # reverse order scores the complement, and an arm with the baseline's answers ties throughout.
     fewshot_vs_base, base_vs_fewshot, same_vs_base = result.head_to_head
@@ -215,3 +216,46 @@ def test_a_cot_arm_gets_a_description_budget_on_top_of_the_response_budget(setup
     cot = generate_arm(Arm("cot", base, cot=True), eps, max_new_tokens=8, backend=backend)
     assert budgets == [8, 8 + COT_DESCRIPTION_TOKENS]
     assert len(plain) == len(cot) == 2
+
+
+def test_it_reports_each_arm_per_preference_structure_of_the_users(setup, tmp_path):
+    from modeling.judges import OracleJudge
+    from modeling.synth import generate_dataset, load_dataset
+
+    _, base = setup
+    mix = {"weighted": 1, "topical": 1, "bimodal": 1, "noisy": 1}
+    ds = generate_dataset(
+        out_dir=tmp_path / "mix", domain="elix", users=300, pairs_per_user=8, seed=1,
+        structures=mix, held_out_structures=["bimodal"],
+    ).path  # fmt: skip
+    arms = [Arm("base", str(base), "none"), Arm("few-shot", str(base))]
+    result = evaluate(
+        ds, arms, baseline="base", out_dir=tmp_path / "run", episodes=16, shots=2, max_new_tokens=8
+    )
+    rows = result.by_structure
+    assert {r["arm"] for r in rows} == {"few-shot"}
+    assert sum(r["n"] for r in rows) == 16
+    assert [r["held_out"] for r in rows] == [r["structure"] == "bimodal" for r in rows]
+    # Each row is the oracle's verdicts on that structure's episodes, recomputed from the saved answers.
+    users = load_dataset(ds).table("users").to_pandas().set_index("user_id")
+    judge = OracleJudge(ds)
+    gens = [json.loads(line) for line in (tmp_path / "run" / "generations.jsonl").read_text().splitlines()]
+    topics = dict(
+        zip(
+            load_dataset(ds).table("questions").to_pandas().text,
+            load_dataset(ds).table("questions").to_pandas().topic,
+            strict=True,
+        )
+    )
+    for r in rows:
+        mine = [g for g in gens if users.structure[g["user_id"]] == r["structure"]]
+        wins = []
+        for g in mine:
+            a = judge.text_score(g["user_id"], topics[g["question"]], g["few-shot"], g["question"])
+            b = judge.text_score(g["user_id"], topics[g["question"]], g["base"], g["question"])
+            wins.append(1.0 if a > b + 1e-9 else 0.0 if b > a + 1e-9 else 0.5)
+        assert r["n"] == len(mine) and r["win_rate"] == pytest.approx(sum(wins) / len(wins))
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["by_structure"] == json.loads(
+        json.dumps(rows)
+    )
+    assert "## Per preference structure" in (tmp_path / "run" / "report.md").read_text()

@@ -62,3 +62,16 @@ def test_bad_input_gets_one_line_and_exit_code_2(tmp_path):
 
     proc = fspo("synth", "--users", "0")
     assert proc.returncode == 2 and "users must be >= 1" in proc.stderr
+
+
+def test_it_draws_users_from_a_structure_mix_and_refuses_an_unknown_structure(tmp_path):
+    out = tmp_path / "mix"
+    args = ("synth", "--users", "200", "--pairs-per-user", "3", "--out", str(out))
+    proc = fspo(*args, "--structures", "weighted=2,bimodal=1,topical=1", "--held-out-structures", "bimodal")
+    assert proc.returncode == 0, proc.stderr
+    users = load_dataset(out).table("users").to_pandas()
+    assert set(users.structure) == {"weighted", "bimodal", "topical"}
+    assert (users[users.structure == "bimodal"].split == "test").all()
+    proc = fspo(*args, "--overwrite", "--structures", "weighted=1,zigzag=1")
+    assert proc.returncode == 2 and "unknown preference structures ['zigzag']" in proc.stderr
+    assert "Traceback" not in proc.stderr
