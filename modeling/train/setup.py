@@ -89,10 +89,14 @@ def setup_run(  # long: the run's parts in the order they depend on each other, 
         if state is not None:
             ref_all = state["ref"]
         else:
-            batches = [_examples(src, tok, cfg, s, limit=limit) for s in range(cfg.steps)]
+            # Each distinct batch once: an overfit run cycles over its first K (examples._step_draw).
+            distinct = min(cfg.steps, cfg.overfit_batches) if cfg.overfit_batches else cfg.steps
+            batches = [_examples(src, tok, cfg, s, limit=limit) for s in range(distinct)]
             ref_all = ranks.reference_logps(
                 lambda bs: _reference_logps(model, bs, cfg, pad_id, progress), batches
             )
+            if distinct < cfg.steps:
+                ref_all = ref_all[torch.arange(cfg.steps) % distinct]
     examples = held_out_examples(eval_src, tok, cfg, limit)
     eval_batches = [examples[i : i + cfg.batch_size] for i in range(0, len(examples), cfg.batch_size)]
     # The held-out pairs' reference log-probs, also once (a resumed run reads them back).
