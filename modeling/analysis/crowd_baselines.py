@@ -181,7 +181,8 @@ def baseline_lines(b: FewShotBaselines) -> list[str]:
         "judged is held out in turn; k shots are drawn (seeded) from their non-tie judgments on other "
         "prompts; their non-tie judgments on the held-out prompt are predicted (a prediction that cannot "
         f"choose counts half). 95% intervals: bootstrap over workers ({b.resamples:,} resamples, seed "
-        f"{b.seed}). The model-based rows (FSPO, another worker's shots, the base model) are not run yet.",
+        f"{b.seed}). The model rows (FSPO, another worker's shots, the base model) are in the next section "
+        "when run (--model-arms).",
         "",
         "| baseline | k | workers | held-out judgments | accuracy [95% CI] |",
         "| --- | ---: | ---: | ---: | ---: |",
