@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 EXPORT_SCHEMA_VERSION = "fspo-study-export-2"
+# The versions an analysis reads: 1 has the same columns and no judgments of kind tie, so it reads as 2.
+READABLE_SCHEMA_VERSIONS = (EXPORT_SCHEMA_VERSION, "fspo-study-export-1")
 FORMATS = ("csv", "jsonl", "parquet")
 MANIFEST = "manifest.json"  # an export folder's index: its schema version and each table's file
 

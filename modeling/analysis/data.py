@@ -26,7 +26,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
-from ..export_schema import EXPORT_SCHEMA_VERSION, MANIFEST
+from ..export_schema import EXPORT_SCHEMA_VERSION, MANIFEST, READABLE_SCHEMA_VERSIONS
 from ..export_schema import TABLES as EXPORT_TABLES
 
 # Where a folder has no manifest, each table is looked for in this order.
@@ -139,9 +139,9 @@ def study_data_from_tables(tables: Mapping[str, pa.Table], *, source: str = "dat
     if len(study) != 1:
         raise AnalysisInputError(f"the study table has {len(study)} rows, not one")
     version = study[0]["schema_version"]
-    if version != EXPORT_SCHEMA_VERSION:
+    if version not in READABLE_SCHEMA_VERSIONS:
         raise AnalysisInputError(
-            f"the export is of schema {version!r}; these analyses read {EXPORT_SCHEMA_VERSION}"
+            f"the export is of schema {version!r}; these analyses read {' and '.join(READABLE_SCHEMA_VERSIONS)}"
         )
     for key in ("arms", "comparisons"):
         try:
@@ -263,9 +263,9 @@ def load_export(folder: str | Path) -> StudyData:
         if not isinstance(manifest, dict):
             raise AnalysisInputError(f"{folder / MANIFEST}: not a JSON object")
         version = manifest.get("schema_version")
-        if version != EXPORT_SCHEMA_VERSION:
+        if version not in READABLE_SCHEMA_VERSIONS:
             raise AnalysisInputError(
-                f"{folder} is an export of schema {version!r}; these analyses read {EXPORT_SCHEMA_VERSION}"
+                f"{folder} is an export of schema {version!r}; these analyses read {' and '.join(READABLE_SCHEMA_VERSIONS)}"
             )
     tables = {}
     for table in TABLES:

@@ -205,6 +205,28 @@ def test_an_export_in_every_format_analyses_to_the_numbers_of_the_database(sim: 
         assert got == expected, fmt
 
 
+def test_an_export_of_schema_1_still_analyses_to_the_same_numbers(sim: Sim, tmp_path: Path) -> None:
+    """Schema 2 added judgments of kind tie; a schema-1 export (no ties) has the same columns and reads."""
+    folder = tmp_path / "export-1"
+    folder.mkdir()
+    for f in sim.exports["csv"].iterdir():
+        text = f.read_text().replace(EXPORT_SCHEMA_VERSION, "fspo-study-export-1")
+        (folder / f.name).write_text(text)
+    assert "fspo-study-export-1" in (folder / "manifest.json").read_text()
+
+    synthetic = synthetic_inputs(
+        domain="roleplay", evaluation=read_synthetic_eval(sim.results_json), dataset=sim.dataset
+    )
+    got = analyze(load_export(folder), options=OPTIONS, synthetic=synthetic).to_json()
+
+    expected = sim.loaded["csv"].to_json()
+    assert got.pop("source") == f"export {folder}"
+    del expected["source"]
+    study, expected_study = got.pop("study"), expected.pop("study")
+    assert got == expected
+    assert {k for k in study if study[k] != expected_study[k]} == {"schema_version"}
+
+
 # ---------------------------------------------------------------------------------------------------
 # Exclusions
 
@@ -608,7 +630,7 @@ def test_fspo_analyze_writes_the_report_its_numbers_and_the_plots(sim: Sim, tmp_
     [
         (lambda d: (d / "manifest.json").unlink() or (d / "judgments.csv").unlink(), "no judgments table"),
         (lambda d: (d / "manifest.json").write_text('{"schema_version": "fspo-study-export-9"}'),
-         "an export of schema 'fspo-study-export-9'; these analyses read fspo-study-export-2"),
+         "an export of schema 'fspo-study-export-9'; these analyses read fspo-study-export-2 and fspo-study-export-1"),
         (lambda d: (d / "judgments.csv").write_text('"participant","kind"\n"p-1","rating"\n'),
          "judgments.csv has no column 'participant_state'"),
         (lambda d: (d / "participants.csv").write_bytes(b'\xff\xfe"participant",\n'), "cannot read participants.csv"),
