@@ -18,6 +18,7 @@ Accuracy pools a worker's folds; its 95% interval is the project's participant b
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -184,11 +185,19 @@ def baseline_lines(b: FewShotBaselines) -> list[str]:
         f"{b.seed}). The model rows (FSPO, another worker's shots, the base model) are in the next section "
         "when run (--model-arms).",
         "",
-        "| baseline | k | workers | held-out judgments | accuracy [95% CI] |",
+    ]
+    return [*lines, *accuracy_table(b.rows, "baseline"), ""]
+
+
+def accuracy_table(rows: Sequence[Any], first: str) -> list[str]:
+    """The Markdown table of few-shot accuracy rows (``accuracy_row``'s), headed `first` | k | ...; the
+    baselines' and the model rows' (crowd_models) alike."""
+    lines = [
+        f"| {first} | k | workers | held-out judgments | accuracy [95% CI] |",
         "| --- | ---: | ---: | ---: | ---: |",
     ]
-    for r in b.rows:
+    for r in rows:
         acc = "—" if r.accuracy is None else f"{100 * r.accuracy:.1f}%"
         ci = "" if r.ci is None else f" [{100 * r.ci[0]:.1f}, {100 * r.ci[1]:.1f}]"
         lines.append(f"| {r.baseline} | {r.shots} | {r.workers} | {r.targets:,} | {acc}{ci} |")
-    return [*lines, ""]
+    return lines

@@ -42,6 +42,7 @@ from .crowd_baselines import (
     BaselineRow,
     Fold,
     accuracy_row,
+    accuracy_table,
     baseline_correct,
     decisive_judgments,
     eligible_workers,
@@ -316,11 +317,5 @@ def model_lines(t: ModelTable) -> list[str]:
         "tokens; the same folds and shots as the baselines, which are scored here on the same sample. "
         f"95% intervals: bootstrap over workers ({t.resamples:,} resamples).",
         "",
-        "| predictor | k | workers | held-out judgments | accuracy [95% CI] |",
-        "| --- | ---: | ---: | ---: | ---: |",
     ]
-    for r in t.rows:
-        acc = "—" if r.accuracy is None else f"{100 * r.accuracy:.1f}%"
-        ci = "" if r.ci is None else f" [{100 * r.ci[0]:.1f}, {100 * r.ci[1]:.1f}]"
-        lines.append(f"| {r.baseline} | {r.shots} | {r.workers} | {r.targets:,} | {acc}{ci} |")
-    return [*lines, ""]
+    return [*lines, *accuracy_table(t.rows, "predictor"), ""]
