@@ -291,7 +291,8 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _check_files(source: Path) -> None:
+def check_source_files(source: Path) -> None:
+    """LLMFAOError, naming the folder and what it lacks, when `source` is not a folder of LLMFAO's files."""
     if not source.is_dir():
         raise LLMFAOError(
             f"{source}: no such folder (the LLMFAO files; set {ENV_DIR} or pass the folder that holds them)"
@@ -306,7 +307,7 @@ def read_llmfao(source: str | Path) -> tuple[ImportReport, dict[str, pa.Table]]:
     """Read and check the LLMFAO folder; its tables in the dataset format, and what was read. Raises
     LLMFAOError (nothing to write) on files that do not belong together."""
     source = Path(source)
-    _check_files(source)
+    check_source_files(source)
     report = ImportReport(source=str(source))
     ref = _read_reference(source)
     crowd = _read_rows(source / CROWD_FILE, ref, report, crowd=True)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .crowd import CrowdAnalysis
+from .crowd import CrowdAnalysis, Ranking
 from .plots import crowd_agreement_plot, crowd_ranking_plot
 from .report import _clean, write_files
 
@@ -88,13 +91,19 @@ def _judge_lines(a: CrowdAnalysis) -> list[str]:
     return [*lines, ""]
 
 
-def _ranking_lines(a: CrowdAnalysis) -> list[str]:
-    r = a.ranking
-    judges = list(r.judges)
+def judge_ranks(r: Ranking) -> dict[str, dict[str, int]]:
+    """Each judge's rank (1 = best) of each model, from its own Bradley-Terry scores."""
     rank = {}
     for judge, scores in r.judges.items():
         order = sorted(range(len(r.models)), key=lambda i: -scores[i])
         rank[judge] = {r.models[i]: place + 1 for place, i in enumerate(order)}
+    return rank
+
+
+def _ranking_lines(a: CrowdAnalysis) -> list[str]:
+    r = a.ranking
+    judges = list(r.judges)
+    rank = judge_ranks(r)
     lines = [
         "## Bradley–Terry ranking of the models",
         "",
@@ -160,3 +169,50 @@ def crowd_report_files(a: CrowdAnalysis) -> dict[str, bytes]:
 def write_crowd_report(a: CrowdAnalysis, out_dir: str | Path) -> list[Path]:
     """Write report.md, crowd.json and the PNG plots into `out_dir` (created if needed)."""
     return write_files(crowd_report_files(a), out_dir)
+
+
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass(frozen=True)
+class CrowdReportRun:
+    """What crowd_report_from_source wrote: the analysis and the files, in `out_dir`."""
+
+    analysis: CrowdAnalysis
+    out_dir: Path
+    files: list[Path]
+
+
+def crowd_report_from_source(
+    source: str | Path,
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    resamples: int = 1000,
+    baselines: bool = True,
+    progress: Progress | None = None,
+) -> CrowdReportRun:
+    """The LLMFAO folder `source` imported (modeling.llmfao, into a temporary folder) and analysed as
+    `fspo data import llmfao` then `fspo analyze crowd` (no LLM judge, no model rows) do: report.md,
+    crowd.json and the plots written into `out_dir`. `progress(done, total, stage)` after each step.
+    LLMFAOError (a DatasetError) when `source` is not LLMFAO's files."""
+    from ..llmfao import import_llmfao
+    from .crowd import analyze_crowd, load_crowd
+
+    report = progress or (lambda done, total, stage: None)
+    total = 4 if baselines else 3
+    with tempfile.TemporaryDirectory(prefix="llmfao-") as tmp:
+        report(0, total, "importing the LLMFAO files")
+        import_llmfao(source, Path(tmp) / "llmfao")
+        data = load_crowd(Path(tmp) / "llmfao")
+    report(1, total, "agreement, judges and rankings")
+    analysis = analyze_crowd(data, seed=seed, resamples=resamples)
+    if baselines:
+        from .crowd_baselines import few_shot_baselines
+
+        report(2, total, "few-shot baselines")
+        analysis.baselines = few_shot_baselines(data, seed=seed, resamples=resamples)
+    report(total - 1, total, "writing the report")
+    files = write_crowd_report(analysis, out_dir)
+    report(total, total, "done")
+    return CrowdReportRun(analysis=analysis, out_dir=Path(out_dir), files=files)
