@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from django import forms
+from django.contrib import messages
 from django.core.exceptions import ValidationError
 from django.http import HttpRequest, HttpResponse
-from django.shortcuts import get_object_or_404, render
-from django.views.decorators.http import require_GET
+from django.shortcuts import get_object_or_404, redirect, render
+from django.views.decorators.http import require_GET, require_POST
 
 from annotation.analysis import study_analysis
 from annotation.exports import EXPORT_SCHEMA_VERSION, NothingToExport
@@ -33,7 +34,7 @@ from modeling.analysis import (
     synthetic_inputs,
 )
 from modeling.synth import DatasetError
-from studyapp.coordinators import studio_viewer_required
+from studyapp.coordinators import coordinator_required, is_coordinator, studio_viewer_required
 from studyapp.datastore import (
     OUTPUT_FOLDERS,
     data_root,
@@ -42,6 +43,8 @@ from studyapp.datastore import (
     resolve_in_data_root,
 )
 from studyapp.models import Study
+from studyapp.selectors import study_crowd_report
+from studyapp.services.imports import crowd_report_launch
 from studyapp.studio_forms import datalist_input
 
 
@@ -162,6 +165,8 @@ def analysis_page(request: HttpRequest, slug: str) -> HttpResponse:
         "evaluations": evaluations_available(),
         "datasets": datasets_available(domain=study.domain),
         "query": request.GET.urlencode(),
+        "crowd": study_crowd_report(study=study) if study.is_imported else None,
+        "can_launch": is_coordinator(request.user),
     }
     try:
         analysis = _analysis(study, form)
@@ -197,3 +202,17 @@ def analysis_download(request: HttpRequest, slug: str) -> HttpResponse:
     response = HttpResponse(buffer.getvalue(), content_type="application/zip")
     response["Content-Disposition"] = f'attachment; filename="{study.slug}-analysis.zip"'
     return response
+
+
+@coordinator_required
+@require_POST
+def crowd_report_compute(request: HttpRequest, slug: str) -> HttpResponse:
+    """The imported study's crowd report as a background job (services.imports.crowd_report_launch); its
+    job page follows it, and the analysis page shows the report once it has succeeded."""
+    study = get_object_or_404(Study, slug=slug)
+    try:
+        job = crowd_report_launch(study=study, created_by=request.user)
+    except ValidationError as exc:
+        messages.error(request, " ".join(exc.messages))
+        return redirect("studio-study-analysis", slug=study.slug)
+    return redirect("studio-job", job_id=job.pk)

@@ -11,7 +11,12 @@ from django.core.exceptions import ValidationError
 from modeling.synth.storage import MANIFEST as DATASET_MANIFEST  # present once a dataset is complete
 
 # Where each kind of job writes its output, under the data folder.
-OUTPUT_FOLDERS = {"synth": "datasets", "train": "checkpoints", "evaluate": "evaluations"}
+OUTPUT_FOLDERS = {
+    "synth": "datasets",
+    "train": "checkpoints",
+    "evaluate": "evaluations",
+    "crowd_report": "crowd-reports",
+}
 # modeling.train.MANIFEST, present once a checkpoint is complete (not imported: modeling.train loads torch).
 CHECKPOINT_MANIFEST = "fspo.json"
 

@@ -341,7 +341,8 @@ class Participant(models.Model):
 
 
 class Job(models.Model):
-    """A coordinator's background job (synthetic generation, training, evaluation) and its progress.
+    """A coordinator's background job (synthetic generation, training, evaluation, an imported crowd's
+    report) and its progress.
 
     `params` are the validated inputs the worker runs with (studyapp.services.job_launch); `output_dir` is
     where the job writes (a dataset, a checkpoint, or an evaluation run with its report.md and plots);
@@ -352,6 +353,7 @@ class Job(models.Model):
         SYNTH = "synth", "synthetic generation"
         TRAIN = "train", "training"
         EVALUATE = "evaluate", "evaluation"
+        CROWD_REPORT = "crowd_report", "crowd report"
 
     class Status(models.TextChoices):
         QUEUED = "queued"

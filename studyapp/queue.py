@@ -14,6 +14,7 @@ PERSONALIZE = f"{TASKS_MODULE}.personalize"
 SYNTH_GENERATE = f"{TASKS_MODULE}.synth_generate"
 TRAIN_CHECKPOINT = f"{TASKS_MODULE}.train_checkpoint"
 EVALUATE_ARMS = f"{TASKS_MODULE}.evaluate_arms"
+CROWD_REPORT = f"{TASKS_MODULE}.crowd_report"
 EXPIRE_PARTICIPANTS = f"{TASKS_MODULE}.expire_participants"
 SWEEP_STALE_WORK = f"{TASKS_MODULE}.sweep_stale_work"
 
@@ -24,6 +25,7 @@ TASK_QUEUES: dict[str, str] = {
     TRAIN_CHECKPOINT: GPU,
     EVALUATE_ARMS: GPU,
     SYNTH_GENERATE: CPU,
+    CROWD_REPORT: CPU,
     EXPIRE_PARTICIPANTS: CPU,
     SWEEP_STALE_WORK: CPU,
 }

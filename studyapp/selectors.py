@@ -1,8 +1,10 @@
 """Reads about studies, participants and jobs (writes are in services.py)."""
 
+import json
 import statistics
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from django.db.models import BooleanField, Count, ExpressionWrapper, F, Q, QuerySet
@@ -398,4 +400,62 @@ def study_evaluation_draft(*, study: Study) -> EvaluationDraft:
             "shots": study.n_pairs,
         },
         left_out=left_out,
+    )
+
+
+@dataclass(frozen=True)
+class CrowdReport:
+    """An imported study's crowd report as its analysis page shows it: its latest crowd_report job
+    (`latest`, any status) and the report of its latest that succeeded (`shown`), read from that job's
+    crowd.json: the crowd against each judge, the Bradley-Terry ranking with each judge's rank beside the
+    crowd's, and the plots' file names in the job's folder."""
+
+    latest: Job | None
+    shown: Job | None = None
+    judges: list[dict[str, Any]] = field(default_factory=list)
+    judge_names: list[str] = field(default_factory=list)
+    ranking: list[dict[str, Any]] = field(default_factory=list)
+    spearman: dict[str, float | None] = field(default_factory=dict)
+    judgments: int = 0
+    plots: list[str] = field(default_factory=list)
+    message: str = ""
+
+
+def study_crowd_report(*, study: Study) -> CrowdReport:
+    """The study's crowd report (above); a message instead of tables when the succeeded job's crowd.json
+    is gone or unreadable."""
+    from modeling.analysis.crowd import Ranking
+    from modeling.analysis.crowd_report import CROWD_JSON, judge_ranks
+
+    jobs = study.jobs.filter(kind=Job.Kind.CROWD_REPORT).order_by("-created_at")
+    latest, shown = jobs.first(), jobs.filter(status=Job.Status.SUCCEEDED).first()
+    if shown is None:
+        return CrowdReport(latest=latest)
+    folder = Path(shown.output_dir)
+    try:
+        data = json.loads((folder / CROWD_JSON).read_text())
+        ranking = Ranking(**data["ranking"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        where = relative_to_root(folder / CROWD_JSON)
+        return CrowdReport(latest=latest, shown=shown, message=f"{where} cannot be read ({exc}).")
+    ranks = judge_ranks(ranking)
+    rows = [
+        {
+            "rank": i + 1,
+            "model": model,
+            "score": ranking.crowd[i],
+            "ci": (ranking.crowd_low[i], ranking.crowd_high[i]),
+            "judge_ranks": [ranks[judge][model] for judge in ranking.judges],
+        }
+        for i, model in enumerate(ranking.models)
+    ]
+    return CrowdReport(
+        latest=latest,
+        shown=shown,
+        judges=data["judges"],
+        judge_names=list(ranking.judges),
+        ranking=rows,
+        spearman=ranking.spearman,
+        judgments=ranking.judgments,
+        plots=sorted(p.name for p in folder.glob("*.png")),
     )

@@ -274,7 +274,7 @@ def _job_results(job: Job) -> dict[str, Any]:
     if job.status != Job.Status.SUCCEEDED or not job.result:
         return {}
     out = Path(job.output_dir)
-    if job.kind == Job.Kind.EVALUATE:
+    if job.kind in (Job.Kind.EVALUATE, Job.Kind.CROWD_REPORT):
         report = out / "report.md"
         blocks = report_blocks(report.read_text()) if report.is_file() else []
         for_page = []

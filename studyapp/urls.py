@@ -54,6 +54,11 @@ urlpatterns = [
         analyses.analysis_download,
         name="studio-study-analysis-download",
     ),
+    path(
+        "studio/studies/<slug:slug>/analysis/crowd-report/",
+        analyses.crowd_report_compute,
+        name="studio-study-crowd-report",
+    ),
     path("studio/jobs/new/<slug:kind>/", studio.new_job, name="studio-job-new"),
     path("studio/jobs/<uuid:job_id>/", studio.job_page, name="studio-job"),
     path("studio/jobs/<uuid:job_id>/status.json", studio.job_status_json, name="studio-job-status"),

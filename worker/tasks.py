@@ -215,6 +215,36 @@ def evaluate_arms(self: Task, job_id: str) -> dict[str, Any]:
     return run_job(self, job_id, work)
 
 
+@shared_task(name=queue.CROWD_REPORT, bind=True, acks_late=True)
+def crowd_report(self: Task, job_id: str) -> dict[str, Any]:
+    """An imported crowd's report (modeling.analysis.crowd_report.crowd_report_from_source: the LLMFAO
+    files analysed as `fspo analyze crowd` does, without an LLM) into the job's output folder; the result
+    is the judges' kappas and the rankings' Spearman rho, and the folder holds report.md, crowd.json and
+    the plots."""
+
+    def work(job: Job, progress: ProgressCallback) -> dict[str, Any]:
+        from modeling.analysis.crowd_report import crowd_report_from_source
+
+        p = job.params
+        run = crowd_report_from_source(
+            p["source"],
+            job.output_dir,
+            seed=p["seed"],
+            resamples=p["resamples"],
+            baselines=p["baselines"],
+            progress=progress,
+        )
+        a = run.analysis
+        return {
+            "kappa": {j.judge: j.kappa for j in a.judges},
+            "spearman": a.ranking.spearman,
+            "judgments": a.judgments,
+            "report": str(run.out_dir / "report.md"),
+        }
+
+    return run_job(self, job_id, work)
+
+
 @functools.lru_cache(maxsize=4)
 def generation_backend(spec: str) -> Any:
     """The personalization back end of a checkpoint spec, loaded once per worker process and reused for

@@ -91,11 +91,15 @@ def _judge_lines(a: CrowdAnalysis) -> list[str]:
     return [*lines, ""]
 
 
+def _score(v: float | None) -> float:
+    return float("-inf") if v is None or v != v else v  # a model the judge never saw (NaN) ranks last
+
+
 def judge_ranks(r: Ranking) -> dict[str, dict[str, int]]:
     """Each judge's rank (1 = best) of each model, from its own Bradley-Terry scores."""
     rank = {}
     for judge, scores in r.judges.items():
-        order = sorted(range(len(r.models)), key=lambda i: -scores[i])
+        order = sorted(range(len(r.models)), key=lambda i: -_score(scores[i]))
         rank[judge] = {r.models[i]: place + 1 for place, i in enumerate(order)}
     return rank
 

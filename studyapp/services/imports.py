@@ -15,6 +15,7 @@ from collections import Counter
 from dataclasses import dataclass
 from itertools import groupby
 from pathlib import Path
+from typing import Any
 
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
@@ -25,9 +26,11 @@ from annotation.pool import PoolRow
 from annotation.writers import ImportedRating, imported_ratings_create, question_pool_import
 from modeling.llmfao import CrowdJudgment, ImportedCrowd, default_source, import_llmfao, read_imported
 from modeling.synth.storage import DatasetError
-from studyapp.models import Participant, Study
+from studyapp.datastore import output_name_free
+from studyapp.models import Job, Participant, Study
 from studyapp.pseudonyms import recruitment_id_hash
 
+from .jobs import ACTIVE_JOB_STATES, job_launch
 from .studies import ArmSpec, study_create
 
 IMPORTED_STUDY_ID = "llmfao"  # Participant.recruitment_study_id of an imported worker
@@ -214,3 +217,23 @@ def llmfao_study_import(*, source: Path | None = None, slug: str = LLMFAO_SLUG) 
             "FSPO_LLMFAO_DIR to the folder that holds them. Nothing was written."
         ) from None
     return crowd_study_import(crowd=crowd, slug=slug)
+
+
+def crowd_report_launch(*, study: Study, created_by: Any = None) -> Job:
+    """The imported study's crowd report as a job (kind crowd_report, on the CPU queue): the LLMFAO files
+    (the import's source) analysed as `fspo analyze crowd` does, no LLM judge and no model rows, into
+    crowd-reports/<slug>[-N] of the data folder. A crowd report of the study already queued or running is
+    returned instead of a second one. ValidationError for a study that is not imported, or when the
+    LLMFAO files are not found (job_launch checks them)."""
+    if not study.is_imported:
+        raise ValidationError(f"{study.title} holds no imported crowd: there is no crowd report to compute.")
+    with transaction.atomic():
+        active = study.jobs.select_for_update().filter(
+            kind=Job.Kind.CROWD_REPORT, status__in=ACTIVE_JOB_STATES
+        )
+        if (running := active.first()) is not None:
+            return running
+        name = output_name_free(Job.Kind.CROWD_REPORT, study.slug)
+        return job_launch(
+            kind=Job.Kind.CROWD_REPORT, params={"name": name}, study=study, created_by=created_by
+        )

@@ -1,4 +1,4 @@
-"""Coordinators' jobs (synthetic generation, training, evaluation): launched from the studio, run by the
+"""Coordinators' jobs (synthetic generation, training, evaluation, an imported crowd's report): launched from the studio, run by the
 worker (worker/tasks.py), which reports through the job_* services here. Every change to a job tells its
 page (realtime.notify_job) once the transaction commits."""
 
@@ -33,12 +33,14 @@ JOB_TASKS: dict[str, str] = {
     Job.Kind.SYNTH: queue.SYNTH_GENERATE,
     Job.Kind.TRAIN: queue.TRAIN_CHECKPOINT,
     Job.Kind.EVALUATE: queue.EVALUATE_ARMS,
+    Job.Kind.CROWD_REPORT: queue.CROWD_REPORT,
 }
 # A file whose presence means the job's output is complete (it is written last).
 JOB_OUTPUT_MARKERS: dict[str, str] = {
     Job.Kind.SYNTH: DATASET_MANIFEST,
     Job.Kind.TRAIN: CHECKPOINT_MANIFEST,
     Job.Kind.EVALUATE: "report.md",
+    Job.Kind.CROWD_REPORT: "report.md",
 }
 ACTIVE_JOB_STATES = (Job.Status.QUEUED, Job.Status.RUNNING)
 
@@ -200,10 +202,35 @@ def _evaluate_params(params: Mapping[str, Any], output_dir: Path) -> dict[str, A
     }
 
 
+def _crowd_report_params(params: Mapping[str, Any], output_dir: Path) -> dict[str, Any]:
+    """source (the LLMFAO folder; by default modeling.llmfao.default_source: $FSPO_LLMFAO_DIR or the
+    shared folder), seed, resamples, baselines (the few-shot baselines too; no LLM either way)."""
+    from modeling.llmfao import LLMFAOError, check_source_files, default_source
+
+    source = Path(str(params.get("source") or default_source()))
+    try:
+        check_source_files(source)
+    except LLMFAOError as exc:
+        raise ValidationError(
+            f"The LLMFAO data was not found: {exc}. Put the LLMFAO files there, or set FSPO_LLMFAO_DIR "
+            "to the folder that holds them."
+        ) from None
+    seed, resamples = params.get("seed", 0), params.get("resamples", 1000)
+    if not isinstance(seed, int) or not isinstance(resamples, int) or resamples < 1:
+        raise ValidationError("The seed must be a whole number and resamples a positive one.")
+    return {
+        "source": str(source),
+        "seed": seed,
+        "resamples": resamples,
+        "baselines": bool(params.get("baselines", True)),
+    }
+
+
 JOB_PARAMS: dict[str, Callable[[Mapping[str, Any], Path], dict[str, Any]]] = {
     Job.Kind.SYNTH: _synth_params,
     Job.Kind.TRAIN: _train_params,
     Job.Kind.EVALUATE: _evaluate_params,
+    Job.Kind.CROWD_REPORT: _crowd_report_params,
 }
 
 

@@ -40,6 +40,14 @@ def num3(x: float) -> str:
 
 
 @register.filter
+def num3_range(pair: Any) -> str:
+    """An interval of a statistic with three decimals ("0.148 – 0.192"), or "—"."""
+    if not pair or pair[0] is None:
+        return "—"
+    return f"{num3(pair[0])} – {num3(pair[1])}"
+
+
+@register.filter
 def in_data_folder(value: Any) -> str:
     """Text naming files of the studio's data folder, with those paths relative to it (as typed)."""
     return str(value).replace(f"{data_root()}/", "")
