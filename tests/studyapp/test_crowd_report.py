@@ -8,33 +8,24 @@ import pytest
 from django.test import Client
 from django.urls import reverse
 
-from modeling.llmfao import CROWD_FILE, ENV_DIR, default_source
+from modeling.llmfao import ENV_DIR
 from studyapp.models import Job
 from studyapp.services.imports import LLMFAO_SLUG, llmfao_study_import
 from tests.factories import make_analyst, make_coordinator, make_study
-from tests.modeling.test_llmfao import small_copy
 from tests.support import coordinator_browser
 from worker.tasks import crowd_report
 
 pytestmark = pytest.mark.django_db
-ROWS = 120  # a seeded sample of the crowd's judgments, as the import's tests use
-
-
-@pytest.fixture(scope="module")
-def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    full = default_source()
-    if not (full / CROWD_FILE).is_file():
-        pytest.fail(f"the LLMFAO data is missing at {full}: set {ENV_DIR} to the folder that holds it")
-    return small_copy(full, tmp_path_factory.mktemp("crowd-report") / "source", rows=ROWS)
+ROWS = 120  # the judgments in the llmfao_slice fixture (tests/conftest.py)
 
 
 @pytest.fixture
-def imported(source: Path, settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def imported(llmfao_slice: Path, settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """The slice imported into llmfao-crowd, the LLMFAO files found at it, the data folder a temporary one."""
     settings.STUDIO_DATA_DIR = str(tmp_path)
-    monkeypatch.setenv(ENV_DIR, str(source))
-    llmfao_study_import(source=source)
-    return source
+    monkeypatch.setenv(ENV_DIR, str(llmfao_slice))
+    llmfao_study_import(source=llmfao_slice)
+    return llmfao_slice
 
 
 def compute(client: Client, slug: str = LLMFAO_SLUG):
