@@ -167,12 +167,13 @@ def broker_unreachable() -> Iterator[Celery]:
 
 @pytest.fixture(scope="session")
 def llmfao_slice(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """LLMFAO's files with a seeded sample of 120 of the crowd's judgments (several workers, ties and
-    decisive ones) and the judges' rows of them, from the shared data."""
+    """LLMFAO's files with the crowd's judgments between the 6 most judged models (269 judgments by 68
+    workers, ties and decisive ones: enough for a Bradley-Terry ranking) and the judges' rows of them, from
+    the shared data."""
     from modeling.llmfao import CROWD_FILE, ENV_DIR, default_source
     from tests.modeling.test_llmfao import small_copy
 
     full = default_source()
     if not (full / CROWD_FILE).is_file():
         pytest.fail(f"the LLMFAO data is missing at {full}: set {ENV_DIR} to the folder that holds it")
-    return small_copy(full, tmp_path_factory.mktemp("llmfao-slice") / "source", rows=120)
+    return small_copy(full, tmp_path_factory.mktemp("llmfao-slice") / "source", models=6)

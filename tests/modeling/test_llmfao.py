@@ -47,13 +47,22 @@ def crowd(imported: Path) -> CrowdData:
     return load_crowd(imported)
 
 
-def small_copy(source: Path, dest: Path, rows: int = 40) -> Path:
-    """The reference files as they are, the crowd's first `rows` judgments and the judges' rows of them."""
+def small_copy(source: Path, dest: Path, rows: int = 40, *, models: int | None = None) -> Path:
+    """The reference files as they are, the crowd's first `rows` judgments (a seeded sample from 100 on)
+    and the judges' rows of them. With `models`, instead every judgment between two of the `models` most
+    judged models: a slice whose Bradley-Terry fit is not degenerate (a sample of the 59 models is too
+    sparse a graph: every score collapses to the solver's floor)."""
     dest.mkdir()
     for name in ("prompts.jsonl", "models.jsonl", "results.jsonl"):
         shutil.copy(source / name, dest / name)
     crowd = pd.read_csv(source / CROWD_FILE)
-    crowd = crowd.head(rows) if rows < 100 else crowd.sample(rows, random_state=0).sort_index()
+    if models is not None:
+        top = pd.concat([crowd["model_x"], crowd["model_y"]]).value_counts().index[:models]
+        crowd = crowd[crowd["model_x"].isin(top) & crowd["model_y"].isin(top)]
+    elif rows < 100:
+        crowd = crowd.head(rows)
+    else:
+        crowd = crowd.sample(rows, random_state=0).sort_index()
     crowd.to_csv(dest / CROWD_FILE, index=False)
     for name in JUDGE_FILES.values():
         judged = pd.read_csv(source / name)

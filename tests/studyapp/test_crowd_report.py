@@ -2,6 +2,8 @@
 LLMFAO files analysed as `fspo analyze crowd` does), and once it has run the page shows the crowd against
 the GPT judges and the Bradley-Terry ranking beside theirs, with the plots. On a slice of the shared data."""
 
+import json
+import re
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,7 @@ from tests.support import coordinator_browser
 from worker.tasks import crowd_report
 
 pytestmark = pytest.mark.django_db
-ROWS = 120  # the judgments in the llmfao_slice fixture (tests/conftest.py)
+JUDGMENTS = 269  # in the llmfao_slice fixture (tests/conftest.py): those between the 6 most judged models
 
 
 @pytest.fixture
@@ -36,6 +38,15 @@ def analysis_page(client: Client) -> str:
     response = client.get(reverse("studio-study-analysis", kwargs={"slug": LLMFAO_SLUG}))
     assert response.status_code == 200
     return response.content.decode()
+
+
+def row_of(page: str, model: str) -> str:
+    return page[page.index(f'<tr data-model="{model}">') :].split("</tr>")[0]
+
+
+def ranks(page: str, model: str) -> list[str]:
+    """The model's row of the ranking table: its crowd rank and each judge's rank."""
+    return re.findall(r'<td class="num">(\d+)</td>', row_of(page, model))
 
 
 def test_the_button_queues_a_crowd_report_job_of_the_llmfao_files(imported: Path, tmp_path: Path) -> None:
@@ -108,12 +119,18 @@ def test_once_the_job_has_run_the_page_shows_the_judges_kappa_the_ranking_and_th
 
     job.refresh_from_db()
     assert job.status == Job.Status.SUCCEEDED, job.error
-    assert set(job.result["kappa"]) == {"gpt-4", "gpt-3.5"} and job.result["judgments"] == ROWS
+    assert set(job.result["kappa"]) == {"gpt-4", "gpt-3.5"} and job.result["judgments"] == JUDGMENTS
     page = analysis_page(client)
     kappa = f"{job.result['kappa']['gpt-4']:.3f}".replace("-", "−")
     assert 'data-judge="gpt-4"' in page, page[page.find('id="crowd-report"') :][:3000]
     assert f'data-value="kappa">{kappa}<' in page
-    assert 'id="crowd-ranking-table"' in page and "gpt-4 rank" in page
+    ranking = json.loads((Path(job.output_dir) / "crowd.json").read_text())["ranking"]
+    best, score = ranking["models"][0], ranking["crowd"][0]
+    gpt4_best = ranking["models"][max(range(6), key=lambda i: ranking["judges"]["gpt-4"][i])]
+    assert len(set(ranking["crowd"])) == 6  # a real fit: six different scores
+    assert ranks(page, best)[0] == "1" and f"{score:.2f}" in row_of(page, best)
+    assert ranks(page, gpt4_best)[1] == "1"  # crowd rank, then the gpt-4 rank, then the gpt-3.5 rank
+    assert f"gpt-4 <strong>{job.result['spearman']['gpt-4']:.3f}</strong>" in page
     for name in ("crowd-agreement.png", "crowd-ranking.png"):
         url = reverse("studio-job-file", kwargs={"job_id": job.pk, "name": name})
         assert url in page
