@@ -170,10 +170,7 @@ def llmfao_slice(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """LLMFAO's files with the crowd's judgments between the 6 most judged models (269 judgments by 68
     workers, ties and decisive ones: enough for a Bradley-Terry ranking) and the judges' rows of them, from
     the shared data."""
-    from modeling.llmfao import CROWD_FILE, ENV_DIR, default_source
-    from tests.modeling.test_llmfao import small_copy
+    from tests.modeling.test_llmfao import shared_source, small_copy
 
-    full = default_source()
-    if not (full / CROWD_FILE).is_file():
-        pytest.fail(f"the LLMFAO data is missing at {full}: set {ENV_DIR} to the folder that holds it")
+    full = shared_source()
     return small_copy(full, tmp_path_factory.mktemp("llmfao-slice") / "source", models=6)

@@ -11,17 +11,15 @@ from modeling.analysis.crowd_judge import crowd_texts, llm_judge_agreement, llm_
 from modeling.cli import main
 from modeling.judges import LLMJudge
 from modeling.llm import backend_from_spec
-from modeling.llmfao import CROWD_FILE, ENV_DIR, default_source, import_llmfao
-from tests.modeling.test_llmfao import small_copy
+from modeling.llmfao import import_llmfao
+from tests.modeling.test_llmfao import shared_source, small_copy
 
 PAIRS = 5
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    source = default_source()
-    if not (source / CROWD_FILE).is_file():
-        pytest.fail(f"the LLMFAO data is missing at {source}: set {ENV_DIR} to the folder that holds it")
+    source = shared_source()
     root = tmp_path_factory.mktemp("crowd-judge")
     out = root / "data"
     import_llmfao(small_copy(source, root / "source", rows=40), out)

@@ -29,8 +29,9 @@ from modeling.analysis.crowd_models import (
 )
 from modeling.cli import main
 from modeling.data import PROMPT_FORMAT_VERSION
-from modeling.llmfao import CROWD_FILE, ENV_DIR, JUDGE_FILES, default_source, import_llmfao
+from modeling.llmfao import CROWD_FILE, JUDGE_FILES, import_llmfao
 from modeling.train import MANIFEST
+from tests.modeling.test_llmfao import shared_source
 
 SHOTS = (0, 1, 2)
 BOUNDS = {"workers": 3, "folds": 1, "targets": 2}
@@ -39,9 +40,7 @@ BOUNDS = {"workers": 3, "folds": 1, "targets": 2}
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The three workers with the most non-tie judgments, all their judgments, imported."""
-    source = default_source()
-    if not (source / CROWD_FILE).is_file():
-        pytest.fail(f"the LLMFAO data is missing at {source}: set {ENV_DIR} to the folder that holds it")
+    source = shared_source()
     root = tmp_path_factory.mktemp("crowd-models")
     copy = root / "source"
     copy.mkdir()

@@ -28,11 +28,17 @@ SOURCE = default_source()
 RESAMPLES = 40  # enough to check the intervals are there and ordered; the CLI's default is 1,000
 
 
+def shared_source() -> Path:
+    """The shared LLMFAO folder (default_source), or the test fails saying where it looked."""
+    source = default_source()
+    if not (source / CROWD_FILE).is_file():
+        pytest.fail(f"the LLMFAO data is missing at {source}: set {ENV_DIR} to the folder that holds it")
+    return source
+
+
 @pytest.fixture(scope="module")
 def source() -> Path:
-    if not (SOURCE / CROWD_FILE).is_file():
-        pytest.fail(f"the LLMFAO data is missing at {SOURCE}: set {ENV_DIR} to the folder that holds it")
-    return SOURCE
+    return shared_source()
 
 
 @pytest.fixture(scope="module")

@@ -15,10 +15,10 @@ from django.urls import reverse
 from annotation.models import GeneratedResponse, Rating, RatingItem
 from modeling.analysis import ExclusionRules, human_win_rates, load_export, select_participants
 from modeling.analysis.winrates import counted_ratings
-from modeling.llmfao import ATTRIBUTION, CROWD_FILE, ENV_DIR, default_source, import_llmfao
+from modeling.llmfao import ATTRIBUTION, ENV_DIR, import_llmfao
 from studyapp.models import Participant, Study
 from tests.factories import make_analyst, make_coordinator, make_study
-from tests.modeling.test_llmfao import small_copy
+from tests.modeling.test_llmfao import shared_source, small_copy
 from tests.support import coordinator_browser
 
 pytestmark = pytest.mark.django_db
@@ -27,9 +27,7 @@ ROWS = 120  # a seeded sample of the crowd's judgments: several workers, ties an
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    source = default_source()
-    if not (source / CROWD_FILE).is_file():
-        pytest.fail(f"the LLMFAO data is missing at {source}: set {ENV_DIR} to the folder that holds it")
+    source = shared_source()
     folder = tmp_path_factory.mktemp("llmfao-site")
     out = folder / "data"
     import_llmfao(small_copy(source, folder / "source", rows=ROWS), out)
